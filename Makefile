@@ -1,0 +1,39 @@
+# kn-ray: two commands do all the set-up on a fresh machine.
+#   make demo   install, fetch the embedded model, run the demo job
+#   make test   install, fetch the embedded model, run the tests
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install model test test-fast demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch pulls gigabytes of CUDA wheels
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+model: install
+	$(BIN)/kn-ray fetch smollm2
+
+test: install model
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: install model
+	$(BIN)/kn-ray run jobs/demo.yaml
+
+bench: install model
+	$(BIN)/kn-ray bench --model smollm2 --model bert-base-random --prompts 8
+
+clean:
+	rm -rf $(VENV) out build *.egg-info

@@ -1,0 +1,13 @@
+"""The engine: models and attribution. Pure torch/transformers; never imports ray."""
+
+from .adapters import ADAPTERS, Adapter, UnsupportedArchitecture, adapter_for, supported_model_types, value_matrix
+from .attribution import Attribution, Attributor
+from .encoding import SkipPrompt
+from .loading import LoadedModel, best_device, load_model
+from .riemann import METHODS, riemann
+
+__all__ = [
+    "ADAPTERS", "Adapter", "Attribution", "Attributor", "LoadedModel", "METHODS", "SkipPrompt",
+    "UnsupportedArchitecture", "adapter_for", "best_device", "load_model", "riemann",
+    "supported_model_types", "value_matrix",
+]

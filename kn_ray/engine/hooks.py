@@ -1,0 +1,86 @@
+"""Forward hooks that read and rewrite a model in place, each scoped by a context manager.
+
+They work on any family through its Adapter: block inputs (the residual stream), FFN
+output-projection inputs (the neurons) and LM-head inputs (the predicting positions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .adapters import Adapter
+
+
+def _first_arg(args: tuple, kwargs: dict, name: str = "hidden_states") -> torch.Tensor:
+    return args[0] if args else kwargs[name]
+
+
+def _with_first_arg(args: tuple, kwargs: dict, value: torch.Tensor, name: str = "hidden_states"):
+    if args:
+        return (value, *args[1:]), kwargs
+    return args, {**kwargs, name: value}
+
+
+@contextlib.contextmanager
+def pre_hooks(modules: list[nn.Module], fn: Callable) -> Iterator[None]:
+    """Register `fn(index, args, kwargs) -> (args, kwargs) | None` as a pre-hook on each module."""
+    handles = [
+        module.register_forward_pre_hook(lambda _m, a, k, i=i: fn(i, a, k), with_kwargs=True)
+        for i, module in enumerate(modules)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def gather_head_input(model: nn.Module, adapter: Adapter, cols: torch.Tensor):
+    """Feed the LM head only the predicting columns `cols` [R, K] (saves V x d per skipped position)."""
+
+    def fn(_i, args, kwargs):
+        hidden = _first_arg(args, kwargs)
+        index = cols.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1])
+        return _with_first_arg(args, kwargs, hidden.gather(1, index))
+
+    return pre_hooks([adapter.head_module(model)], fn)
+
+
+def edit_neurons(model: nn.Module, adapter: Adapter, layer: int, edit: Callable[[torch.Tensor], torch.Tensor]):
+    """Rewrite the input of `layer`'s FFN output projection with `edit(inputs) -> inputs`."""
+
+    def fn(_i, args, kwargs):
+        return _with_first_arg(args, kwargs, edit(_first_arg(args, kwargs)))
+
+    return pre_hooks([adapter.ffn_out_module(model, layer)], fn)
+
+
+class _Passthrough(nn.Module):
+    """Stands in for a block whose output is already known: returns its input unchanged."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+@contextlib.contextmanager
+def start_at_layer(model: nn.Module, adapter: Adapter, layer: int, hidden: torch.Tensor) -> Iterator[None]:
+    """Run the model from block `layer` on, with `hidden` as that block's input.
+
+    Blocks below are swapped for pass-throughs (their outputs are the cached clean states, so
+    computing them again would be waste); layer indices, masks and caches keep their meaning.
+    """
+    blocks = adapter.blocks(model)
+    originals = [blocks[i] for i in range(layer)]
+    skip = _Passthrough()
+    try:
+        for i in range(layer):
+            blocks[i] = skip
+        with pre_hooks([blocks[layer]], lambda _i, a, k: _with_first_arg(a, k, hidden)):
+            yield
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block

@@ -1,0 +1,75 @@
+"""An independent, straightforward integrated-gradients reference (float64).
+
+One prompt, one layer, one step at a time: a full forward of the unpadded sequence with
+the target position's FFN activation replaced by alpha * a, then a backward pass. It
+shares no code with the engine (module paths are spelled out here, not read from adapters).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+FFN_OUT = {
+    "bert": lambda m, l: m.bert.encoder.layer[l].output.dense,
+    "roberta": lambda m, l: m.roberta.encoder.layer[l].output.dense,
+    "gpt2": lambda m, l: m.transformer.h[l].mlp.c_proj,
+    "gpt_neox": lambda m, l: m.gpt_neox.layers[l].mlp.dense_4h_to_h,
+    "llama": lambda m, l: m.model.layers[l].mlp.down_proj,
+    "mistral": lambda m, l: m.model.layers[l].mlp.down_proj,
+    "qwen2": lambda m, l: m.model.layers[l].mlp.down_proj,
+    "gemma": lambda m, l: m.model.layers[l].mlp.down_proj,
+}
+
+
+def float64(model):
+    return copy.deepcopy(model).double()
+
+
+def reference_ig(model64, family, tokenizer, prompt, target, layer, alphas, weights, masked):
+    """(scores [neurons], P(x), P(layer zeroed)) for one prompt and layer."""
+    if masked:
+        ids = tokenizer(prompt.replace("[MASK]", tokenizer.mask_token))["input_ids"]
+        target_pos = ids.index(tokenizer.mask_token_id)
+        gold = tokenizer(target, add_special_tokens=False)["input_ids"]
+        pred_pos = [target_pos]
+    else:
+        p_ids = tokenizer(prompt)["input_ids"]
+        gold = tokenizer(prompt + target)["input_ids"][len(p_ids):]
+        ids = p_ids + gold[:-1]
+        target_pos = len(p_ids) - 1
+        pred_pos = [target_pos + k for k in range(len(gold))]
+    input_ids = torch.tensor([ids])
+    module = FFN_OUT[family](model64, layer)
+    state = {}
+
+    def hook(_m, args):
+        h = args[0].clone()
+        state.setdefault("a", h[0, target_pos].detach().clone())
+        if "x" in state:
+            h[0, target_pos] = state["x"]
+        return (h,)
+
+    def prob():
+        logits = model64(input_ids=input_ids).logits[0]
+        logp = torch.log_softmax(logits, -1)
+        return torch.exp(sum(logp[p, g] for p, g in zip(pred_pos, gold)))
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            p_clean = prob()
+        a = state["a"]
+        total = torch.zeros_like(a)
+        for alpha, w in zip(alphas.tolist(), weights.tolist()):
+            x = (alpha * a).clone().requires_grad_(True)
+            state["x"] = x
+            (g,) = torch.autograd.grad(prob(), x)
+            total += w * g
+        state["x"] = torch.zeros_like(a)
+        with torch.no_grad():
+            p_zero = prob()
+    finally:
+        handle.remove()
+    return (a * total).numpy(), float(p_clean), float(p_zero)
