@@ -1,0 +1,1 @@
+"""One module per `kn-ray` subcommand (discovered automatically by the CLI)."""
