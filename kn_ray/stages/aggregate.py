@@ -1,0 +1,213 @@
+"""Knowledge neurons per fact and per relation from the stored attribution rows.
+
+Follows the authors' `2_get_kn.py` (Dai et al., ACL 2022):
+
+* coarse neurons of a prompt: score >= t x the prompt's max score (t = 0.2);
+* knowledge neurons of a fact: coarse neurons of at least max(p x n, 3) of the fact's n
+  usable prompts (p = 0.7; `count >= p * n` with no rounding, so p is a plain share);
+* adaptive p (optional): per relation, p moves by 0.05 (up if the mean number of knowledge
+  neurons per fact exceeds 5, down if below 2), at most 6 evaluations;
+* relation neurons: knowledge neurons of at least 10% of the relation's facts;
+* the activation baseline repeats all of it on raw activations with t = 0.5.
+
+Everything runs as DuckDB SQL over the Parquet globs with a memory limit, so group-bys
+spill to disk instead of holding the rows in memory.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from kn_ray.stages import schemas
+from kn_ray.stages.duck import connect, sql_path, write_query
+from kn_ray.stages.rundir import RunDir, atomic_directory, write_json_atomic
+
+EPS = 1e-9  # `count >= share * n` is meant in decimals: 0.6 * 10 must admit a count of 6
+ADAPTIVE_STEP = 0.05
+ADAPTIVE_EVALUATIONS = 6
+ADAPTIVE_TARGET = (2.0, 5.0)  # mean knowledge neurons per fact the authors aimed for
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    table: str  # input folder
+    column: str  # value column
+
+
+METHODS = (Method("ig", "neurons", "score"), Method("activation", "activations", "activation"))
+
+
+@dataclass
+class AggregateParams:
+    t: float = 0.2  # coarse threshold, share of the prompt's max score
+    activation_t: float = 0.5  # the same for the activation baseline
+    p: float = 0.7  # share of a fact's usable prompts a knowledge neuron must be coarse in
+    min_prompts: int = 3  # ... and at least this many prompts
+    adaptive: bool = False
+    relation_share: float = 0.1  # share of a relation's facts a relation neuron must have
+    memory_limit: str = "1GB"
+    threads: int | None = None
+    methods: tuple[str, ...] = field(default=("ig", "activation"))
+
+    def threshold(self, method: str) -> float:
+        return self.t if method == "ig" else self.activation_t
+
+    def validate(self, run: RunDir) -> None:
+        for method in self.methods:
+            t, keep = self.threshold(method), run.keep_ratio(method)
+            if not keep - EPS <= t <= 1:
+                flag = "--t" if method == "ig" else "--activation-t"
+                raise ValueError(f"{flag} {t}: must lie in [{keep}, 1]; rows below {keep} x the prompt's max "
+                                 f"were not stored by the attribute stage ({method})")
+        if not 0 < self.p <= 1 or not 0 < self.relation_share <= 1:
+            raise ValueError("p and relation share must lie in (0, 1]")
+        if self.min_prompts < 1:
+            raise ValueError("min_prompts must be at least 1")
+
+
+def aggregate(out, params: AggregateParams | None = None) -> dict:
+    """Write knowledge_neurons/, relation_neurons/ and aggregate.json under `out`; returns the summary."""
+    params = params or AggregateParams()
+    run = RunDir(out)
+    run.glob("prompts")
+    methods = [m for m in METHODS if m.name in params.methods and (m.name == "ig" or run.has(m.table))]
+    run.glob("neurons")
+    params.validate(run)
+    started = time.perf_counter()
+    temp_dir = run.path / f".aggregate-spill-{int(time.time() * 1000)}"
+    try:
+        con = connect(params.memory_limit, params.threads, temp_dir)
+        summary = _aggregate(con, run, methods, params)
+        con.close()
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    write_json_atomic(run.path / "aggregate.json", summary)
+    return summary
+
+
+def _aggregate(con, run: RunDir, methods: list[Method], params: AggregateParams) -> dict:
+    _load_facts(con, run)
+    summary = {"parameters": _parameters(run, methods, params), "p_per_relation": {}, "counts": _fact_counts(con, params)}
+    kn_queries = []
+    for method in methods:
+        summary["counts"][method.name] = _load_candidates(con, run, method, params)
+        chosen = choose_p(con, method.name, params)
+        summary["p_per_relation"][method.name] = chosen
+        con.register(f"p_{method.name}", pd.DataFrame({"relation": list(chosen), "p": [c["p"] for c in chosen.values()]}))
+        kn_queries.append(_knowledge_neurons_sql(method.name))
+    con.execute("CREATE TEMP TABLE kn AS " + " UNION ALL ".join(kn_queries))
+    with atomic_directory(run.table_dir("knowledge_neurons")) as tmp:
+        write_query(con, "SELECT * FROM kn ORDER BY method, relation, fact_id, layer, neuron",
+                    schemas.KNOWLEDGE_NEURONS, tmp)
+    with atomic_directory(run.table_dir("relation_neurons")) as tmp:
+        write_query(con, _relation_neurons_sql(params), schemas.RELATION_NEURONS, tmp)
+    for method in methods:
+        summary["counts"][method.name].update(_output_counts(con, method.name, params))
+    return summary
+
+
+def _parameters(run: RunDir, methods: list[Method], params: AggregateParams) -> dict:
+    chosen = {k: v for k, v in asdict(params).items() if k not in ("memory_limit", "threads", "methods")}
+    return {**chosen, "methods": [m.name for m in methods], "keep_ratio": {m.name: run.keep_ratio(m.name) for m in methods},
+            "adaptive_step": ADAPTIVE_STEP, "adaptive_evaluations": ADAPTIVE_EVALUATIONS,
+            "adaptive_target": list(ADAPTIVE_TARGET)}
+
+
+def _load_facts(con, run: RunDir) -> None:
+    """Usable prompts (status 'ok'), facts with their usable prompt count, relations with their fact count."""
+    prompts = f"read_parquet({sql_path(run.glob('prompts'))})"
+    duplicated = con.execute(f"SELECT count(*) - count(DISTINCT prompt_id) FROM {prompts}").fetchone()[0]
+    if duplicated:
+        raise ValueError(f"{run.table_dir('prompts')}: {duplicated} repeated prompt_id rows (a shard written twice?)")
+    con.execute(f"CREATE TEMP TABLE usable AS SELECT prompt_id, fact_id, relation FROM {prompts} WHERE status = 'ok'")
+    con.execute("CREATE TEMP TABLE facts AS SELECT fact_id, any_value(relation) AS relation, count(*) AS n_usable "
+                "FROM usable GROUP BY fact_id")
+    con.execute("CREATE TEMP TABLE relations AS SELECT relation, count(*) AS n_facts FROM facts GROUP BY relation")
+
+
+def _fact_counts(con, params: AggregateParams) -> dict:
+    row = con.execute("SELECT (SELECT count(*) FROM usable), count(*), count(*) FILTER (WHERE n_usable < ?), "
+                      "count(DISTINCT relation) FROM facts", [params.min_prompts]).fetchone()
+    return dict(zip(["usable_prompts", "facts", "facts_below_min_prompts", "relations"], row))
+
+
+def _load_candidates(con, run: RunDir, method: Method, params: AggregateParams) -> dict:
+    """Per (fact, neuron): usable prompts where it was coarse and its mean value there, kept
+    only if that count reaches min_prompts (no p can admit the others)."""
+    rows = f"read_parquet({sql_path(run.glob(method.table))})"
+    con.execute(f"CREATE TEMP TABLE max_{method.name} AS SELECT r.prompt_id, max(r.{method.column}) AS top "
+                f"FROM {rows} r SEMI JOIN usable u ON r.prompt_id = u.prompt_id GROUP BY r.prompt_id")
+    con.execute(f"""
+        CREATE TEMP TABLE cand_{method.name} AS
+        SELECT r.fact_id, r.layer, r.neuron, count(*) AS n_prompts, avg(r.{method.column}) AS mean_value
+        FROM {rows} r JOIN max_{method.name} m ON r.prompt_id = m.prompt_id
+        WHERE r.{method.column} >= ? * m.top
+        GROUP BY r.fact_id, r.layer, r.neuron
+        HAVING count(*) >= ?""", [params.threshold(method.name), params.min_prompts])
+    missing = con.execute(f"SELECT (SELECT count(*) FROM usable) - (SELECT count(*) FROM max_{method.name})").fetchone()[0]
+    return {"usable_prompts_without_rows": missing}
+
+
+def _knowledge_neurons_sql(method: str) -> str:
+    """Candidates reaching p x the fact's usable prompts, p taken per relation from table p_<method>."""
+    return f"""
+        SELECT c.fact_id, f.relation, c.layer, c.neuron, c.n_prompts, c.n_prompts / f.n_usable AS share,
+               c.mean_value AS mean_score, '{method}' AS method
+        FROM cand_{method} c JOIN facts f ON c.fact_id = f.fact_id JOIN p_{method} p ON f.relation = p.relation
+        WHERE c.n_prompts >= p.p * f.n_usable - {EPS}"""
+
+
+def _mean_per_fact(con, method: str, p: dict[str, float]) -> dict[str, float]:
+    """Mean knowledge neurons per fact of each relation under per-relation p (facts with a usable prompt)."""
+    con.register(f"p_{method}", pd.DataFrame({"relation": list(p), "p": list(p.values())}))
+    rows = con.execute(f"""
+        SELECT r.relation, coalesce(k.n, 0) / r.n_facts
+        FROM relations r LEFT JOIN (SELECT relation, count(*) AS n FROM ({_knowledge_neurons_sql(method)}) GROUP BY relation) k
+        ON r.relation = k.relation""").fetchall()
+    return dict(rows)
+
+
+def choose_p(con, method: str, params: AggregateParams) -> dict[str, dict]:
+    """p per relation: params.p, or with --adaptive the authors' search (see module docstring)."""
+    relations = [r for (r,) in con.execute("SELECT relation FROM relations ORDER BY relation").fetchall()]
+    p = {relation: params.p for relation in relations}
+    chosen: dict[str, dict] = {}
+    for evaluation in range(1, (ADAPTIVE_EVALUATIONS if params.adaptive else 1) + 1):
+        means = _mean_per_fact(con, method, p)
+        for relation in [r for r in relations if r not in chosen]:
+            step = _adaptive_step(means[relation])
+            next_p = round(p[relation] + step, 6)
+            if not params.adaptive or step == 0 or evaluation == ADAPTIVE_EVALUATIONS or not 0 < next_p <= 1:
+                chosen[relation] = {"p": p[relation], "mean_per_fact": means[relation], "evaluations": evaluation,
+                                    "in_target": step == 0}
+            else:
+                p[relation] = next_p
+    return {relation: chosen[relation] for relation in relations}
+
+
+def _adaptive_step(mean_per_fact: float) -> float:
+    low, high = ADAPTIVE_TARGET
+    return ADAPTIVE_STEP if mean_per_fact > high else -ADAPTIVE_STEP if mean_per_fact < low else 0.0
+
+
+def _relation_neurons_sql(params: AggregateParams) -> str:
+    return f"""
+        SELECT k.relation, k.layer, k.neuron, count(*) AS n_facts, count(*) / any_value(r.n_facts) AS share, k.method
+        FROM kn k JOIN relations r ON k.relation = r.relation
+        GROUP BY k.method, k.relation, k.layer, k.neuron
+        HAVING count(*) >= {params.relation_share} * any_value(r.n_facts) - {EPS}
+        ORDER BY k.method, k.relation, k.layer, k.neuron"""
+
+
+def _output_counts(con, method: str, params: AggregateParams) -> dict:
+    kn, facts_with = con.execute("SELECT count(*), count(DISTINCT fact_id) FROM kn WHERE method = ?", [method]).fetchone()
+    relation = con.execute(f"SELECT count(*) FROM ({_relation_neurons_sql(params)}) WHERE method = ?", [method]).fetchone()[0]
+    return {"knowledge_neurons": kn, "facts_with_knowledge_neurons": facts_with, "relation_neurons": relation}
+

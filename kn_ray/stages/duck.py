@@ -1,0 +1,61 @@
+"""DuckDB with bounded memory, and streaming query results into Parquet part files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROWS_PER_PART = 1_000_000
+BATCH_ROWS = 131_072
+
+
+def connect(memory_limit: str = "1GB", threads: int | None = None, temp_dir: Path | None = None):
+    """An in-memory DuckDB whose joins and group-bys spill to `temp_dir` beyond `memory_limit`."""
+    con = duckdb.connect(config={"memory_limit": memory_limit, "threads": threads or os.cpu_count() or 1,
+                                 "preserve_insertion_order": False})
+    if temp_dir is not None:
+        con.execute("SET temp_directory = ?", [str(temp_dir)])
+    return con
+
+
+def sql_path(path: str | Path) -> str:
+    """A file path or glob as a SQL string literal."""
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def write_query(con, query: str, schema: pa.Schema, directory: Path, rows_per_part: int = ROWS_PER_PART) -> int:
+    """Stream a query's rows into `directory/part-NNNNN.parquet` files cast to `schema`; returns rows."""
+    relation = con.sql(query)
+    # duckdb >= 1.4 names it to_arrow_reader; earlier releases fetch_arrow_reader
+    reader = (getattr(relation, "to_arrow_reader", None) or relation.fetch_arrow_reader)(BATCH_ROWS)
+    written, part, writer = 0, 0, None
+    for batch in reader:
+        if writer is None or writer.rows >= rows_per_part:
+            if writer is not None:
+                writer.close()
+            writer = _PartWriter(directory / f"part-{part:05d}.parquet", schema)
+            part += 1
+        writer.write(pa.Table.from_batches([batch]).select(schema.names).cast(schema))
+        written += batch.num_rows
+    if writer is None:  # an empty result is still a readable table
+        pq.write_table(schema.empty_table(), directory / "part-00000.parquet")
+    else:
+        writer.close()
+    return written
+
+
+class _PartWriter:
+    def __init__(self, file: Path, schema: pa.Schema):
+        self._writer = pq.ParquetWriter(file, schema)
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        self._writer.write_table(table)
+        self.rows += table.num_rows
+
+    def close(self) -> None:
+        self._writer.close()
