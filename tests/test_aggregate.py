@@ -1,0 +1,228 @@
+"""kn-ray aggregate: each rule on hand-built runs, then an independent pandas computation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from kn_ray.interfaces.cli import main as cli
+from kn_ray.stages import schemas
+from kn_ray.stages.aggregate import AggregateParams, aggregate
+from kn_ray.stages.synthetic import SyntheticSpec, write_synthetic_run, write_tables
+
+KEYS = ["method", "fact_id", "layer", "neuron"]
+
+
+def build(tmp_path, facts, activations=None, config=None):
+    """facts: {fact_id: (relation, [per usable prompt {(layer, neuron): score}], n_skipped)}."""
+    prompts, rows = [], []
+    for fact_id, (relation, usable, skipped) in facts.items():
+        for k, scores in enumerate(usable + [{(9, 9): 1.0, (2, 2): 0.9}] * skipped):
+            prompt_id = f"{fact_id}/{k}"
+            status = "ok" if k < len(usable) else "skipped"
+            prompts.append({"prompt_id": prompt_id, "fact_id": fact_id, "relation": relation, "status": status,
+                            "error": None if status == "ok" else "too long", "seconds": 1.0})
+            rows += [{"prompt_id": prompt_id, "fact_id": fact_id, "relation": relation, "layer": layer,
+                      "neuron": neuron, "score": score} for (layer, neuron), score in scores.items()]
+    return write_tables(tmp_path, pd.DataFrame(prompts), pd.DataFrame(rows), activations, config=config)
+
+
+def knowledge_neurons(out, method="ig") -> pd.DataFrame:
+    frame = pq.read_table(out / "knowledge_neurons").to_pandas()
+    return frame[frame.method == method].sort_values(KEYS).reset_index(drop=True)
+
+
+def neuron_set(frame, fact_id=None) -> set:
+    frame = frame if fact_id is None else frame[frame.fact_id == fact_id]
+    return set(zip(frame.layer, frame.neuron))
+
+
+MAX = {(5, 1): 1.0}  # every prompt's max
+
+
+def test_coarse_threshold_and_sharing_rule(tmp_path):
+    fact_a = [MAX | {(3, 7): 0.2, (2, 2): 0.5}, MAX | {(3, 7): 0.2, (2, 2): 0.5},
+              MAX | {(3, 7): 0.2}, MAX | {(3, 7): 0.15}]
+    out = build(tmp_path, {
+        "A": ("R1", fact_a, 1),  # the skipped prompt's (2, 2) row must not count
+        "B": ("R1", [MAX, MAX], 0),  # 2 usable prompts: below the floor of 3
+        "C": ("R1", [MAX | {(4, 4): 0.9, (4, 5): 0.9}] * 6 + [MAX | {(4, 4): 0.9}] + [MAX] * 3, 0),
+    })
+    summary = aggregate(out, AggregateParams(methods=("ig",)))
+    kn = knowledge_neurons(out)
+    # A: (5,1) in 4/4; (3,7) at exactly 0.2 x max in 3/4 >= 2.8 (>=, as the authors); (2,2) 2/4
+    assert neuron_set(kn, "A") == {(5, 1), (3, 7)}
+    assert neuron_set(kn, "B") == set()
+    # C: 10 usable prompts, 7 >= 0.7 x 10 admits (4,4); 6 does not admit (4,5)
+    assert neuron_set(kn, "C") == {(5, 1), (4, 4)}
+    row = kn[(kn.fact_id == "A") & (kn.layer == 3)].iloc[0]
+    assert (row.n_prompts, row.share) == (3, 0.75)
+    assert row.mean_score == pytest.approx(0.2)
+    assert summary["counts"]["facts_below_min_prompts"] == 1
+    assert summary["counts"]["ig"]["facts_with_knowledge_neurons"] == 2
+
+    aggregate(out, AggregateParams(t=0.25, methods=("ig",)))
+    assert neuron_set(knowledge_neurons(out), "A") == {(5, 1)}
+    aggregate(out, AggregateParams(p=0.5, min_prompts=2, methods=("ig",)))
+    kn = knowledge_neurons(out)
+    assert neuron_set(kn, "A") == {(5, 1), (3, 7), (2, 2)} and neuron_set(kn, "B") == {(5, 1)}
+
+
+def test_min_prompts_floor_wins_over_small_p(tmp_path):
+    out = build(tmp_path, {"A": ("R1", [MAX | {(1, 1): 0.5}] * 2 + [MAX] * 8, 0)})
+    aggregate(out, AggregateParams(p=0.1, methods=("ig",)))  # 0.1 x 10 = 1, but the floor is 3
+    assert neuron_set(knowledge_neurons(out)) == {(5, 1)}
+
+
+def test_threshold_below_keep_ratio_is_refused(tmp_path):
+    out = build(tmp_path, {"A": ("R1", [MAX] * 3, 0)}, config={"keep": {"score_ratio": 0.2}})
+    with pytest.raises(ValueError, match="were not stored"):
+        aggregate(out, AggregateParams(t=0.15, methods=("ig",)))
+    aggregate(out, AggregateParams(t=0.2, methods=("ig",)))
+    out2 = build(tmp_path / "default", {"A": ("R1", [MAX] * 3, 0)})
+    with pytest.raises(ValueError, match=r"\[0.1, 1\]"):
+        aggregate(out2, AggregateParams(t=0.05, methods=("ig",)))
+
+
+def _fact_with_counts(counts: dict, n_prompts: int = 20) -> list[dict]:
+    """n_prompts usable prompts where neuron (1, i) is coarse in counts[i] of them."""
+    return [MAX | {(1, i): 0.5 for i, c in counts.items() if k < c} for k in range(n_prompts)]
+
+
+def test_adaptive_p_per_relation(tmp_path):
+    out = build(tmp_path, {
+        # 1 + 4 at 14/20: 5 at p=0.7 ... plus (1,9) at 20/20 -> 6 > 5; p=0.75 keeps 2
+        "HIGH": ("R_high", _fact_with_counts({1: 14, 2: 14, 3: 14, 4: 14, 9: 20}), 0),
+        # (5,1) alone at p=0.7 -> 1 < 2; p=0.65 admits two at 13/20
+        "LOW": ("R_low", _fact_with_counts({1: 13, 2: 13}), 0),
+        # only (5,1), never reaches 2: six evaluations, p = 0.7 - 5 x 0.05
+        "NEVER": ("R_never", _fact_with_counts({}), 0),
+    })
+    summary = aggregate(out, AggregateParams(adaptive=True, methods=("ig",)))
+    chosen = summary["p_per_relation"]["ig"]
+    assert chosen["R_high"] == {"p": 0.75, "mean_per_fact": 2.0, "evaluations": 2, "in_target": True}
+    assert chosen["R_low"] == {"p": 0.65, "mean_per_fact": 3.0, "evaluations": 2, "in_target": True}
+    assert chosen["R_never"] == {"p": 0.45, "mean_per_fact": 1.0, "evaluations": 6, "in_target": False}
+    kn = knowledge_neurons(out)
+    assert neuron_set(kn, "HIGH") == {(5, 1), (1, 9)} and len(neuron_set(kn, "LOW")) == 3
+
+    fixed = aggregate(out, AggregateParams(methods=("ig",)))["p_per_relation"]["ig"]
+    assert {c["p"] for c in fixed.values()} == {0.7} and fixed["R_high"]["mean_per_fact"] == 6.0
+
+
+def test_relation_neurons_at_ten_percent(tmp_path):
+    facts = {}
+    for i in range(20):  # (7,7) is a knowledge neuron of 2/20 facts, (8,8) of 1/20
+        extra = {(7, 7): 0.5} if i < 2 else {(8, 8): 0.5} if i == 2 else {}
+        facts[f"F{i}"] = ("R1", [MAX | extra] * 3, 0)
+    facts["EMPTY"] = ("R1", [], 2)  # no usable prompt: not one of the relation's facts
+    out = build(tmp_path, facts)
+    aggregate(out, AggregateParams(methods=("ig",)))
+    relation = pq.read_table(out / "relation_neurons").to_pandas().sort_values(["layer", "neuron"])
+    assert list(zip(relation.layer, relation.neuron, relation.n_facts)) == [(5, 1, 20), (7, 7, 2)]
+    assert relation.share.tolist() == [1.0, 0.1]
+
+
+def test_activation_baseline(tmp_path):
+    acts = []
+    for k in range(4):  # stored rows are >= 0.5 x the max of 4.0
+        for (layer, neuron), value in {(0, 3): 4.0, (1, 1): 2.0 + k * 0.1, (2, 2): 2.2 if k < 2 else 3.0}.items():
+            acts.append({"prompt_id": f"A/{k}", "fact_id": "A", "relation": "R1", "layer": layer, "neuron": neuron,
+                         "activation": value})
+    out = build(tmp_path, {"A": ("R1", [MAX] * 4, 0)}, activations=pd.DataFrame(acts))
+    aggregate(out)
+    act = knowledge_neurons(out, "activation")
+    assert neuron_set(act) == {(0, 3), (1, 1), (2, 2)}
+    assert act.set_index(["layer", "neuron"]).mean_score[(1, 1)] == pytest.approx(2.15)
+    assert neuron_set(knowledge_neurons(out, "ig")) == {(5, 1)}
+    aggregate(out, AggregateParams(activation_t=0.6))  # 0.6 x 4 = 2.4: (1,1) never, (2,2) in 2/4
+    assert neuron_set(knowledge_neurons(out, "activation")) == {(0, 3)}
+    with pytest.raises(ValueError, match="activation"):
+        aggregate(out, AggregateParams(activation_t=0.4))
+
+
+def test_repeated_prompt_rows_are_refused(tmp_path):
+    out = build(tmp_path, {"A": ("R1", [MAX] * 3, 0)})
+    prompts = pq.read_table(out / "prompts")
+    pq.write_table(prompts, out / "prompts" / "part-00001.parquet")
+    with pytest.raises(ValueError, match="repeated prompt_id"):
+        aggregate(out)
+
+
+def reference(out, method: str, column: str, table: str, t: float, p: float = 0.7, floor: int = 3):
+    """The rules in plain pandas, whole tables in memory."""
+    prompts = pd.read_parquet(out / "prompts")
+    usable = prompts[prompts.status == "ok"]
+    n_usable = usable.groupby("fact_id").size()
+    rows = pd.read_parquet(out / table)
+    rows = rows[rows.prompt_id.isin(usable.prompt_id)]
+    coarse = rows[rows[column] >= t * rows.groupby("prompt_id")[column].transform("max")]
+    grouped = coarse.groupby(["fact_id", "relation", "layer", "neuron"])[column].agg(["size", "mean"]).reset_index()
+    grouped["usable"] = n_usable.loc[grouped.fact_id].to_numpy()
+    kn = grouped[(grouped["size"] >= floor) & (grouped["size"] >= p * grouped.usable - 1e-9)]
+    kn = kn.assign(method=method, n_prompts=kn["size"], share=kn["size"] / kn.usable, mean_score=kn["mean"])
+    n_facts = usable.drop_duplicates("fact_id").groupby("relation").size()
+    rel = kn.groupby(["relation", "layer", "neuron"]).size().rename("n_facts").reset_index()
+    rel = rel[rel.n_facts >= 0.1 * n_facts.loc[rel.relation].to_numpy() - 1e-9]
+    return kn.sort_values(KEYS).reset_index(drop=True), rel.assign(method=method)
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_run(out, SyntheticSpec(facts=400, relations=5, facts_per_part=90, seed=3))
+    return out
+
+
+def test_streamed_equals_pandas_reference(synthetic_run):
+    aggregate(synthetic_run, AggregateParams(memory_limit="64MB", threads=2))
+    relation = pq.read_table(synthetic_run / "relation_neurons").to_pandas()
+    for method, column, table, t in [("ig", "score", "neurons", 0.2), ("activation", "activation", "activations", 0.5)]:
+        expected, expected_rel = reference(synthetic_run, method, column, table, t)
+        got = knowledge_neurons(synthetic_run, method)
+        assert len(got) > 100
+        pd.testing.assert_frame_equal(got[KEYS + ["relation", "n_prompts"]], expected[KEYS + ["relation", "n_prompts"]],
+                                      check_dtype=False)
+        np.testing.assert_allclose(got.share, expected.share)
+        np.testing.assert_allclose(got.mean_score, expected.mean_score, rtol=1e-5)
+        got_rel = relation[relation.method == method]
+        assert set(zip(got_rel.relation, got_rel.layer, got_rel.neuron, got_rel.n_facts)) == \
+            set(zip(expected_rel.relation, expected_rel.layer, expected_rel.neuron, expected_rel.n_facts))
+
+
+def test_output_schemas_and_atomic_replace(synthetic_run):
+    aggregate(synthetic_run)
+    aggregate(synthetic_run)
+    assert pq.read_schema(next((synthetic_run / "knowledge_neurons").glob("*.parquet"))) == schemas.KNOWLEDGE_NEURONS
+    assert pq.read_schema(next((synthetic_run / "relation_neurons").glob("*.parquet"))) == schemas.RELATION_NEURONS
+    assert not [p.name for p in synthetic_run.iterdir() if p.name.startswith(".")]
+    saved = json.loads((synthetic_run / "aggregate.json").read_text())
+    assert saved["parameters"]["t"] == 0.2 and saved["parameters"]["p"] == 0.7
+
+
+def test_facts_split_across_part_files(synthetic_run, tmp_path):
+    """Re-shard rows so facts straddle part files: the result must not change."""
+    aggregate(synthetic_run)
+    before = knowledge_neurons(synthetic_run)
+    split = tmp_path / "split"
+    for table in ["prompts", "neurons", "activations"]:
+        rows = pq.read_table(synthetic_run / table)
+        (split / table).mkdir(parents=True)
+        for i, start in enumerate(range(0, rows.num_rows, 997)):
+            pq.write_table(rows.slice(start, 997), split / table / f"part-{i:05d}.parquet")
+    (split / "run.json").write_text((synthetic_run / "run.json").read_text())
+    aggregate(split)
+    pd.testing.assert_frame_equal(knowledge_neurons(split), before)
+
+
+def test_cli_errors_and_success(synthetic_run, tmp_path, capsys):
+    assert cli(["aggregate", str(tmp_path / "missing")]) == 2
+    assert "no such output directory" in capsys.readouterr().err
+    assert cli(["aggregate", str(tmp_path)]) == 2
+    assert "prompts: no part-*.parquet" in capsys.readouterr().err
+    assert cli(["aggregate", str(synthetic_run), "--adaptive", "--memory-limit", "128MB"]) == 0
+    assert json.loads(capsys.readouterr().out)["counts"]["ig"]["knowledge_neurons"] > 0
