@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import duckdb
 import pandas as pd
 
 from kn_ray.stages import schemas
@@ -51,7 +52,7 @@ class AggregateParams:
     min_prompts: int = 3  # ... and at least this many prompts
     adaptive: bool = False
     relation_share: float = 0.1  # share of a relation's facts a relation neuron must have
-    memory_limit: str = "1GB"
+    memory_limit: str = "256MB"  # DuckDB's; beyond it joins and group-bys spill to disk
     threads: int | None = None
     methods: tuple[str, ...] = field(default=("ig", "activation"))
 
@@ -85,6 +86,9 @@ def aggregate(out, params: AggregateParams | None = None) -> dict:
         con = connect(params.memory_limit, params.threads, temp_dir)
         summary = _aggregate(con, run, methods, params)
         con.close()
+    except duckdb.OutOfMemoryException as error:
+        reason = str(error).splitlines()[0]
+        raise MemoryError(f"memory limit {params.memory_limit} is too small for this run, raise it ({reason})") from None
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
     summary["seconds"] = round(time.perf_counter() - started, 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 
 def register(sub) -> None:
@@ -17,7 +18,7 @@ def register(sub) -> None:
     p.add_argument("--adaptive", action="store_true", help="tune p per relation to 2..5 knowledge neurons per fact")
     p.add_argument("--relation-share", type=float, default=0.1, help="share of a relation's facts (default 0.1)")
     p.add_argument("--no-activation", action="store_true", help="skip the activation baseline")
-    p.add_argument("--memory-limit", default="1GB", help="DuckDB memory limit; beyond it, work spills to disk (default 1GB)")
+    p.add_argument("--memory-limit", default="256MB", help="DuckDB memory limit; beyond it, work spills to disk (default 256MB)")
     p.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: all cores)")
     p.set_defaults(func=run)
 
@@ -29,6 +30,10 @@ def run(args) -> int:
                              adaptive=args.adaptive, relation_share=args.relation_share,
                              memory_limit=args.memory_limit, threads=args.threads,
                              methods=("ig",) if args.no_activation else ("ig", "activation"))
-    summary = aggregate(args.out, params)
+    try:
+        summary = aggregate(args.out, params)
+    except MemoryError as error:
+        print(f"kn-ray aggregate: error: {error}", file=sys.stderr)
+        return 2
     print(json.dumps({"counts": summary["counts"], "seconds": summary["seconds"]}, indent=2))
     return 0

@@ -1,0 +1,171 @@
+"""The corpus report's numbers as pandas DataFrames, computed by DuckDB over the Parquet tables.
+
+    a = Analytics("OUT")
+    a.layer_histogram()   # knowledge neurons per layer and method
+    a.neurons_per_fact()  # knowledge neurons of each fact (zeros included)
+    a.overlap()           # shared neurons of fact pairs within vs across relations
+    a.run_stats()         # prompts by status, compute time and throughput per relation
+    a.skip_reasons()      # why prompts were skipped or failed
+    a.edit_summary()      # mean relative probability change per edit op, condition, relation
+    a.edit_metrics()      # update / erase metric rows
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from kn_ray.stages.duck import connect, sql_path
+from kn_ray.stages.rundir import RunDir
+
+ALL = "ALL"  # the relation label of corpus-wide rows
+COLUMNS = {
+    "layer_histogram": ["method", "layer", "n_neurons", "share"],
+    "neurons_per_fact": ["method", "fact_id", "relation", "usable_prompts", "n_neurons"],
+    "overlap": ["method", "pairs", "n_facts", "n_pairs", "mean_shared", "mean_jaccard"],
+    "run_stats": ["relation", "facts", "prompts", "ok", "skipped", "error", "compute_seconds",
+                  "ok_per_compute_second", "mean_gold_prob"],
+    "skip_reasons": ["status", "reason", "n_prompts", "example_prompt_id"],
+    "edit_summary": ["op", "condition", "relation", "n", "mean_rel_change", "median_rel_change",
+                     "mean_prob_before", "mean_prob_after"],
+    "edit_metrics": ["op", "condition", "metric", "n", "mean_value"],
+}
+
+
+class Analytics:
+    """Read-only views of one output directory; `kn-ray aggregate` must have run for the neuron views."""
+
+    def __init__(self, out, memory_limit: str = "512MB"):
+        self.run = RunDir(out)
+        self._con = connect(memory_limit)
+
+    def _source(self, table: str) -> str:
+        if table in ("knowledge_neurons", "relation_neurons") and not self.run.has(table):
+            raise FileNotFoundError(f"{self.run.table_dir(table)}: missing; run `kn-ray aggregate {self.run.path}` first")
+        return f"read_parquet({sql_path(self.run.glob(table))}, union_by_name = true)"
+
+    def _frame(self, name: str, query: str, params=None) -> pd.DataFrame:
+        frame = self._con.execute(query, params or []).df()
+        return frame[COLUMNS[name]] if len(frame) else pd.DataFrame(columns=COLUMNS[name])
+
+    def _usable_facts(self) -> str:
+        return (f"SELECT fact_id, any_value(relation) AS relation, count(*) AS usable_prompts "
+                f"FROM {self._source('prompts')} WHERE status = 'ok' GROUP BY fact_id")
+
+    def methods(self) -> list[str]:
+        rows = self._con.execute(f"SELECT DISTINCT method FROM {self._source('knowledge_neurons')}").fetchall()
+        return sorted((m for (m,) in rows), key=lambda m: (m != "ig", m))
+
+    def layer_histogram(self) -> pd.DataFrame:
+        """Knowledge neurons per layer; share is of the method's total (the paper's Figure 3)."""
+        kn = self._source("knowledge_neurons")
+        return self._frame("layer_histogram", f"""
+            WITH layers AS (SELECT range AS layer FROM range((SELECT max(layer) + 1 FROM {kn}))),
+                 methods AS (SELECT DISTINCT method FROM {kn}),
+                 counts AS (SELECT method, layer, count(*) AS n FROM {kn} GROUP BY ALL)
+            SELECT m.method, l.layer, coalesce(c.n, 0) AS n_neurons,
+                   coalesce(c.n, 0) / sum(coalesce(c.n, 0)) OVER (PARTITION BY m.method) AS share
+            FROM methods m CROSS JOIN layers l LEFT JOIN counts c ON c.method = m.method AND c.layer = l.layer
+            ORDER BY m.method, l.layer""")
+
+    def neurons_per_fact(self) -> pd.DataFrame:
+        """Every fact with a usable prompt, per method, with its number of knowledge neurons (0 if none)."""
+        kn = self._source("knowledge_neurons")
+        return self._frame("neurons_per_fact", f"""
+            WITH facts AS ({self._usable_facts()}),
+                 counts AS (SELECT method, fact_id, count(*) AS n FROM {kn} GROUP BY ALL)
+            SELECT m.method, f.fact_id, f.relation, f.usable_prompts, coalesce(c.n, 0) AS n_neurons
+            FROM facts f CROSS JOIN (SELECT DISTINCT method FROM {kn}) m
+            LEFT JOIN counts c ON c.method = m.method AND c.fact_id = f.fact_id
+            ORDER BY m.method, f.relation, f.fact_id""")
+
+    def overlap(self) -> pd.DataFrame:
+        """Mean shared knowledge neurons and mean Jaccard over all pairs of facts that have any,
+        within a relation ('intra') and across relations ('inter'), as the paper's Table 2.
+        Exact: pairs sharing nothing add 0, so only pairs sharing a neuron are materialised."""
+        kn = self._source("knowledge_neurons")
+        return self._frame("overlap", f"""
+            WITH sizes AS (SELECT method, fact_id, any_value(relation) AS relation, count(*) AS k FROM {kn} GROUP BY ALL),
+            shared AS (
+                SELECT a.method, a.fact_id AS f1, b.fact_id AS f2, count(*) AS s
+                FROM {kn} a JOIN {kn} b
+                  ON a.method = b.method AND a.layer = b.layer AND a.neuron = b.neuron AND a.fact_id < b.fact_id
+                GROUP BY ALL),
+            sums AS (
+                SELECT sh.method, CASE WHEN x.relation = y.relation THEN 'intra' ELSE 'inter' END AS pairs,
+                       sum(sh.s) AS shared, sum(sh.s / (x.k + y.k - sh.s)) AS jaccard
+                FROM shared sh JOIN sizes x ON x.method = sh.method AND x.fact_id = sh.f1
+                               JOIN sizes y ON y.method = sh.method AND y.fact_id = sh.f2
+                GROUP BY ALL),
+            per_relation AS (SELECT method, count(*) AS n FROM sizes GROUP BY method, relation),
+            counts AS (
+                SELECT method, sum(n) AS n_facts, sum(n * (n - 1) / 2) AS intra, sum(n) * (sum(n) - 1) / 2 AS total
+                FROM per_relation GROUP BY method),
+            pair_counts AS (
+                SELECT method, n_facts, 'intra' AS pairs, intra AS n_pairs FROM counts
+                UNION ALL SELECT method, n_facts, 'inter', total - intra FROM counts)
+            SELECT p.method, p.pairs, p.n_facts::BIGINT AS n_facts, p.n_pairs::BIGINT AS n_pairs,
+                   coalesce(s.shared, 0) / nullif(p.n_pairs, 0) AS mean_shared,
+                   coalesce(s.jaccard, 0) / nullif(p.n_pairs, 0) AS mean_jaccard
+            FROM pair_counts p LEFT JOIN sums s ON s.method = p.method AND s.pairs = p.pairs
+            ORDER BY p.method, p.pairs DESC""")
+
+    def run_stats(self) -> pd.DataFrame:
+        """Prompts by status per relation plus an 'ALL' row. compute_seconds sums the per-prompt
+        `seconds` (worker time, not wall time); ok_per_compute_second is the throughput from it."""
+        return self._frame("run_stats", f"""
+            SELECT coalesce(relation, '{ALL}') AS relation, count(DISTINCT fact_id) AS facts, count(*) AS prompts,
+                   count(*) FILTER (WHERE status = 'ok') AS ok, count(*) FILTER (WHERE status = 'skipped') AS skipped,
+                   count(*) FILTER (WHERE status = 'error') AS error, sum(seconds) AS compute_seconds,
+                   count(*) FILTER (WHERE status = 'ok') / nullif(sum(seconds), 0) AS ok_per_compute_second,
+                   avg(gold_prob) FILTER (WHERE status = 'ok') AS mean_gold_prob
+            FROM {self._source('prompts')}
+            GROUP BY ROLLUP (relation)
+            ORDER BY relation IS NULL DESC, relation""")
+
+    def skip_reasons(self) -> pd.DataFrame:
+        return self._frame("skip_reasons", f"""
+            SELECT status, coalesce(error, '(no reason given)') AS reason, count(*) AS n_prompts,
+                   min(prompt_id) AS example_prompt_id
+            FROM {self._source('prompts')} WHERE status <> 'ok'
+            GROUP BY ALL ORDER BY n_prompts DESC, status, reason""")
+
+    def has_edits(self) -> bool:
+        return self.run.has("edits")
+
+    def _edit_columns(self) -> set[str]:
+        rows = self._con.execute(f"DESCRIBE SELECT * FROM {self._source('edits')}").fetchall()
+        return {row[0] for row in rows}
+
+    def edit_summary(self) -> pd.DataFrame:
+        """Mean relative change of the gold probability per (op, condition), per relation and 'ALL'."""
+        if not self.has_edits():
+            return pd.DataFrame(columns=COLUMNS["edit_summary"])
+        return self._frame("edit_summary", f"""
+            SELECT op, condition, coalesce(relation, '{ALL}') AS relation, count(*) AS n,
+                   avg(rel_change) AS mean_rel_change, median(rel_change) AS median_rel_change,
+                   avg(prob_before) AS mean_prob_before, avg(prob_after) AS mean_prob_after
+            FROM {self._source('edits')} WHERE rel_change IS NOT NULL
+            GROUP BY GROUPING SETS ((op, condition, relation), (op, condition))
+            ORDER BY op, condition, relation IS NULL DESC, relation""")
+
+    def edit_metrics(self) -> pd.DataFrame:
+        """Mean of each update / erase metric per (op, condition); rows with a metric name."""
+        if not self.has_edits() or not {"metric", "value"} <= self._edit_columns():
+            return pd.DataFrame(columns=COLUMNS["edit_metrics"])
+        return self._frame("edit_metrics", f"""
+            SELECT op, condition, metric, count(value) AS n, avg(value) AS mean_value
+            FROM {self._source('edits')} WHERE metric IS NOT NULL
+            GROUP BY ALL ORDER BY op, metric, condition""")
+
+    def context(self) -> dict:
+        """What the figures came from: model, corpus slice and aggregation thresholds."""
+        stats = self.run_stats()
+        total = stats[stats.relation == ALL].iloc[0] if len(stats) else None
+        parameters = self.run.aggregate_config.get("parameters", {})
+        return {"model": self.run.model_label, "input": self.run.input_label,
+                "relations": int(len(stats) - 1) if total is not None else 0,
+                "facts": int(total.facts) if total is not None else 0,
+                "usable_prompts": int(total.ok) if total is not None else 0, "parameters": parameters}
+
+    def close(self) -> None:
+        self._con.close()
