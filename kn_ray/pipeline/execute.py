@@ -1,0 +1,205 @@
+"""Running a plan on Ray: a pool of model-holding actors fed shards by the driver.
+
+* One actor per GPU (`num_gpus=1`) when the cluster has GPUs, else N CPU actors; each loads
+  the model once. Ray restarts a crashed actor (`max_restarts`); the driver never lets Ray
+  retry a shard behind its back (`max_task_retries=0`) but resubmits it itself, to any live
+  actor, and counts attempts: after `max_attempts` failures the shard is marked failed.
+* After any failure the actor is pinged (`info()`): a restarted actor answers once its model
+  is loaded again and gets work again; a permanently dead one is dropped from the pool.
+* Actors return Arrow tables; only the driver writes files (no shared filesystem needed,
+  and exactly-once is decided in one place: a shard's marker is written after its parts).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass, field
+
+if not os.environ.get("RAY_ADDRESS"):
+    # A local cluster binds to loopback only: with clusters "disabled", Ray resolves its node
+    # address to 127.0.0.1 instead of the machine's public IP (read when ray is imported).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import ray  # noqa: E402
+from ray.exceptions import RayActorError, RayError, RayTaskError  # noqa: E402
+
+from . import faults  # noqa: E402
+from .options import RunOptions  # noqa: E402
+from .plan import Shard  # noqa: E402
+from .store import Store  # noqa: E402
+from .worker import ShardComputer  # noqa: E402
+
+RemoteShardComputer = ray.remote(ShardComputer)
+
+
+@dataclass
+class DispatchResult:
+    written: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # shard name -> last error
+    retries: int = 0
+    actors_lost: int = 0
+    prompts: int = 0  # prompts in the shards written now
+
+
+def connect(min_cpus: float = 0) -> bool:
+    """Join $RAY_ADDRESS, or start a local loopback-only Ray; True if this call started it."""
+    if ray.is_initialized():
+        return False
+    kwargs = dict(log_to_driver=False, logging_level="WARNING")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(min_cpus + 0.999)), include_dashboard=False, **kwargs)
+    return True
+
+
+def actor_resources(options: RunOptions) -> tuple[int, dict]:
+    """(number of actors, Ray options for each)."""
+    res = options.resources
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    gpus = res.gpus_per_worker if res.gpus_per_worker is not None else (1 if cluster_gpus >= 1 else 0)
+    count = res.workers or (max(1, int(cluster_gpus // gpus)) if gpus else 1)
+    opts = dict(num_cpus=res.cpus_per_worker, num_gpus=gpus, max_restarts=res.max_restarts, max_task_retries=0)
+    if os.environ.get(faults.ENV):
+        opts["runtime_env"] = {"env_vars": {faults.ENV: os.environ[faults.ENV]}}
+    return count, opts
+
+
+class WorkerPool:
+    """Actors, their in-flight counts, and which are waiting on a health ping."""
+
+    def __init__(self, options: RunOptions):
+        count, opts = actor_resources(options)
+        threads = None if opts["num_gpus"] else max(1, int(opts["num_cpus"]))
+        self.limit = options.resources.in_flight
+        self.actors = [
+            RemoteShardComputer.options(**opts).remote(
+                options.model, precision=options.precision, batch_prompts=options.batch_prompts,
+                revision=options.revision, allow_pickle=options.allow_pickle,
+                trust_remote_code=options.trust_remote_code, threads=threads)
+            for _ in range(count)
+        ]
+        self.load = {a: 0 for a in self.actors}
+        self.pings = {a.info.remote(): a for a in self.actors}  # ref -> actor not yet known healthy
+        self.info: dict | None = None
+
+    def model_info(self) -> dict:
+        """The model as the first healthy actor loaded it; raises if no actor can load it."""
+        error = None
+        while self.info is None:
+            if not self.pings:
+                raise RuntimeError(f"no worker could load the model: {error}")
+            [ref], _ = ray.wait(list(self.pings), num_returns=1)
+            error = self.answer(ref) or error
+        return self.info
+
+    def answer(self, ref) -> str | None:
+        """Handle a ping reply: the actor is healthy again, or dropped; returns an error text."""
+        actor = self.pings.pop(ref)
+        try:
+            info = ray.get(ref)
+        except RayError as error:
+            self.drop(actor)
+            return _short(error)
+        if self.info is None:
+            self.info = info
+        elif (info["revision"], info["precision"]) != (self.info["revision"], self.info["precision"]):
+            self.drop(actor)
+            return f"worker loaded revision {info['revision']} at {info['precision']}, not {self.info['revision']}"
+        self.load[actor] = 0
+        return None
+
+    def failed(self, actor) -> bool:
+        """A call died with its actor: ping it before giving it more work (a dead actor fails the
+        ping and is dropped). False if the actor was already being checked."""
+        if actor not in self.load:
+            return False
+        del self.load[actor]
+        self.pings[actor.info.remote()] = actor
+        return True
+
+    def drop(self, actor) -> None:
+        self.load.pop(actor, None)
+        ray.kill(actor, no_restart=True)
+
+    def free(self):
+        """The least-busy healthy actor with room for another shard, or None."""
+        ready = [a for a, n in self.load.items() if n < self.limit]
+        return min(ready, key=self.load.get) if ready else None
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.load or self.pings)
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+
+class Dispatcher:
+    """Feeds shards to the pool, writes what comes back, resubmits what fails."""
+
+    def __init__(self, pool: WorkerPool, store: Store, options: RunOptions, metadata: dict, progress=None):
+        self.pool, self.store, self.options, self.metadata = pool, store, options, metadata
+        self.progress = progress
+        self.result = DispatchResult()
+        self.attempts: dict[str, int] = {}
+
+    def run(self, shards: list[Shard]) -> DispatchResult:
+        queue, pending = deque(shards), {}
+        while queue or pending:
+            self._submit(queue, pending)
+            if not pending and not self.pool.pings:
+                for shard in queue:
+                    self.result.failed[shard.name] = "no live workers left"
+                break
+            [ref], _ = ray.wait(list(pending) + list(self.pool.pings), num_returns=1)
+            if ref in self.pool.pings:
+                self.pool.answer(ref)
+            else:
+                self._collect(ref, *pending.pop(ref), queue)
+        return self.result
+
+    def _submit(self, queue: deque, pending: dict) -> None:
+        while queue and (actor := self.pool.free()) is not None:
+            shard = queue.popleft()
+            o = self.options
+            ref = actor.compute.remote(shard.shard_id, list(shard.prompts), o.n_steps, o.method, o.keep)
+            pending[ref] = (shard, actor)
+            self.pool.load[actor] += 1
+
+    def _collect(self, ref, shard: Shard, actor, queue: deque) -> None:
+        try:
+            out = ray.get(ref)
+        except RayError as error:
+            self._retry(shard, actor, error, queue)
+            return
+        if actor in self.pool.load:
+            self.pool.load[actor] -= 1
+        self.store.write_shard(shard.name, out["tables"], dict(self.metadata, shard=shard.shard_id))
+        self.result.written.append(shard.name)
+        self.result.prompts += len(shard)
+        if self.progress is not None:
+            self.progress.update(len(shard))
+
+    def _retry(self, shard: Shard, actor, error: RayError, queue: deque) -> None:
+        if isinstance(error, RayActorError):
+            self.result.actors_lost += self.pool.failed(actor)
+        elif actor in self.pool.load:
+            self.pool.load[actor] -= 1
+        n = self.attempts[shard.name] = self.attempts.get(shard.name, 0) + 1
+        if n >= self.options.resources.max_attempts:
+            self.result.failed[shard.name] = f"failed {n} attempts; last: {_short(error)}"
+            if self.progress is not None:
+                self.progress.update(len(shard))
+        else:
+            self.result.retries += 1
+            queue.appendleft(shard)
+
+
+def _short(error: BaseException) -> str:
+    """One line: a task error's last line (the exception), an actor error's first (what happened)."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
+    return (lines[-1] if isinstance(error, RayTaskError) else lines[0]).strip()[:300]
+

@@ -1,0 +1,97 @@
+"""Everything a pipeline run needs, validated in one place (the CLI and job specs build it)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from .facts import FORMATS, Filters
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class KeepPolicy:
+    """Which neurons get a row: score >= ratio x the prompt's max score (and > 0), or all if dense.
+    Activations: activation >= activation_ratio x the prompt's max activation (and > 0)."""
+
+    ratio: float = 0.1
+    dense: bool = False
+    activation_ratio: float = 0.5
+
+    def check(self) -> None:
+        for name in ("ratio", "activation_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"keep {name} must be in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Actors: one per GPU when the cluster has GPUs (unless `gpus_per_worker` is 0), else
+    `workers` CPU actors of `cpus_per_worker` logical CPUs each."""
+
+    workers: int | None = None  # None: one per GPU, else 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float | None = None  # None: 1 if the cluster has GPUs, else 0
+    in_flight: int = 2  # shards queued per actor, so it never waits for the driver
+    max_attempts: int = 3  # a shard is failed after this many failed attempts
+    max_restarts: int = 4  # Ray restarts of a crashed actor (reloads the model)
+
+    def check(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise ValueError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+        for name in ("in_flight", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_restarts < -1:
+            raise ValueError(f"max_restarts must be >= -1 (-1: unlimited), got {self.max_restarts}")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    model: str
+    facts: str
+    output: str
+    facts_format: str = "auto"
+    filters: Filters = field(default_factory=Filters)
+    n_steps: int = 20
+    method: str = "left"
+    precision: str = "auto"
+    keep: KeepPolicy = field(default_factory=KeepPolicy)
+    shard_size: int = 64
+    batch_prompts: int = 32
+    revision: str | None = None
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    resources: Resources = field(default_factory=Resources)
+    report_facts: int = 3  # facts whose top neurons the end-of-run report shows
+
+    def check(self) -> "RunOptions":
+        from kn_ray.engine.riemann import METHODS
+
+        if self.facts_format not in FORMATS:
+            raise ValueError(f"facts format must be one of {', '.join(FORMATS)}, got {self.facts_format!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("n_steps", "shard_size", "batch_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_facts_per_relation", "max_templates"):
+            value = getattr(self.filters, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.keep.check()
+        self.resources.check()
+        return self
+
+    def attribution(self) -> dict:
+        return dict(n_steps=self.n_steps, method=self.method, precision=self.precision)
+
+    def as_dict(self) -> dict:
+        return {f.name: asdict(v) if hasattr(v, "__dataclass_fields__") else v
+                for f in fields(self) for v in [getattr(self, f.name)]}

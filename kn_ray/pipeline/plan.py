@@ -1,0 +1,52 @@
+"""Deterministic shards: consecutive runs of whole facts, about `shard_size` prompts each.
+
+The prompts arrive sorted (see `build_prompts`), so the same input and options give the
+same shards, which is what makes a re-run resume instead of recompute. A fact's prompts
+never split across shards: a shard is the unit of retry and of exactly-once output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from .prompts import PromptSpec
+
+
+@dataclass(frozen=True)
+class Shard:
+    shard_id: int
+    prompts: tuple[PromptSpec, ...]
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.shard_id:05d}"
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def plan_shards(prompts: list[PromptSpec], shard_size: int) -> list[Shard]:
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    shards, current = [], []
+    for i, spec in enumerate(prompts):
+        current.append(spec)
+        next_fact = prompts[i + 1].fact_id if i + 1 < len(prompts) else None
+        if len(current) >= shard_size and (next_fact != spec.fact_id or not spec.fact_id):
+            shards.append(Shard(len(shards), tuple(current)))
+            current = []
+    if current:
+        shards.append(Shard(len(shards), tuple(current)))
+    return shards
+
+
+def fingerprint(shards: list[Shard]) -> str:
+    """A hash of everything the plan computes: which prompt, which text and target, in which shard."""
+    digest = hashlib.sha256()
+    for shard in shards:
+        for spec in shard.prompts:
+            digest.update("\x1f".join([str(shard.shard_id), spec.prompt_id, spec.prompt, spec.target, spec.status or ""]).encode(
+                "utf-8", "surrogatepass"))
+            digest.update(b"\x1e")
+    return "sha256:" + digest.hexdigest()[:16]

@@ -1,0 +1,63 @@
+"""End-of-run text: the summary, the commonest skip/error reasons, and top neurons per fact."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+
+from .store import Store
+
+_LOCATION = re.compile(r"^\S+:\d+: ")  # 'facts/P17.jsonl:3: ' in front of input errors
+
+
+def summary_text(report) -> str:
+    c = report.counts
+    lines = [
+        f"output      {report.output}",
+        f"prompts     {sum(c.values())}: {c.get('ok', 0)} done, {c.get('skipped', 0)} skipped, {c.get('error', 0)} errors",
+        f"shards      {report.shards}: {report.written} written now, {report.resumed} already done, "
+        f"{len(report.failed)} failed ({report.retries} retries, {report.actors_lost} workers lost)",
+        f"time        {report.seconds:.1f} s; {report.prompts_computed} prompts in {report.dispatch_seconds:.1f} s "
+        f"= {report.throughput:.2f} prompts/s",
+    ]
+    lines += [f"FAILED      {name}: {why}" for name, why in sorted(report.failed.items())]
+    return "\n".join(lines)
+
+
+def reasons_text(store: Store, limit: int = 8) -> str:
+    """The commonest reasons for skipped and error rows, input locations stripped."""
+    rows = store.read("prompts", ["status", "error"], filters=[("status", "!=", "ok")]).to_pandas()
+    if rows.empty:
+        return ""
+    rows["why"] = rows["error"].fillna("").str.replace(_LOCATION, "", regex=True)
+    top = rows.groupby(["status", "why"]).size().sort_values(ascending=False).head(limit)
+    return "\n".join(["not computed (commonest reasons):"] + [f"  {n:6d}  {s:7s}  {why}" for (s, why), n in top.items()])
+
+
+def top_neurons_text(store: Store, n_facts: int = 3, k: int = 5) -> str:
+    """The k neurons kept in most of a fact's prompts (then highest mean score), for the n facts
+    the model knows best (highest mean P(object))."""
+    if n_facts < 1:
+        return ""
+    prompts = store.read("prompts", ["fact_id", "relation", "subject", "object", "gold_prob", "status"],
+                         filters=[("status", "=", "ok")]).to_pandas()
+    if prompts.empty:
+        return ""
+    facts = (prompts.groupby(["fact_id", "relation", "subject", "object"])["gold_prob"].agg(["mean", "size"])
+             .reset_index().sort_values(["mean", "fact_id"], ascending=[False, True]).head(n_facts))
+    neurons = store.read("neurons", ["fact_id", "layer", "neuron", "score"],
+                         filters=[("fact_id", "in", list(facts["fact_id"]))]).to_pandas()
+    blocks = [_fact_block(fact, neurons[neurons["fact_id"] == fact.fact_id], k) for fact in facts.itertuples()]
+    return "\n\n".join(["top neurons (kept in most of the fact's prompts, then by mean score):"] + blocks)
+
+
+def _fact_block(fact, neurons: pd.DataFrame, k: int) -> str:
+    head = f"{fact.subject} -> {fact.object}  [{fact.relation}]  mean P(object) {fact.mean:.3f} over {fact.size} prompts"
+    if neurons.empty:
+        return head + "\n  (no neuron kept)"
+    top = (neurons.groupby(["layer", "neuron"])["score"].agg(["size", "mean"]).reset_index()
+           .sort_values(["size", "mean"], ascending=False).head(k))
+    rows = [f"  {'layer':>5}  {'neuron':>6}  {'prompts':>7}  {'mean score':>10}"]
+    rows += [f"  {r.layer:>5}  {r.neuron:>6}  {f'{r.size}/{fact.size}':>7}  {r.mean:>10.4f}" for r in top.itertuples()]
+    return "\n".join([head] + rows)

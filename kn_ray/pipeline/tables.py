@@ -1,0 +1,82 @@
+"""Attribution results as Arrow tables: the Parquet contract (docs/output-schema.md).
+
+Plain Arrow types only (string, float, int, list<float>): pandas, DuckDB and Spark read
+them without extensions. Score arrays become neuron rows with numpy (`np.nonzero` over the
+[layers, neurons] mask); Python loops run over prompts, never over neurons.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from .options import KeepPolicy
+from .prompts import PromptSpec
+
+PROMPTS = pa.schema([
+    ("prompt_id", pa.string()), ("fact_id", pa.string()), ("relation", pa.string()), ("subject", pa.string()),
+    ("object", pa.string()), ("template", pa.string()), ("prompt", pa.string()), ("target", pa.string()),
+    ("status", pa.string()), ("error", pa.string()), ("gold_prob", pa.float32()), ("top_token", pa.string()),
+    ("top_prob", pa.float32()), ("max_score", pa.float32()), ("completeness", pa.list_(pa.float32())),
+    ("seconds", pa.float32()),
+])
+_NEURON_KEYS = [("prompt_id", pa.string()), ("fact_id", pa.string()), ("relation", pa.string()),
+                ("layer", pa.int16()), ("neuron", pa.int32())]
+NEURONS = pa.schema(_NEURON_KEYS + [("score", pa.float32())])
+ACTIVATIONS = pa.schema(_NEURON_KEYS + [("activation", pa.float32())])
+SCHEMAS = {"prompts": PROMPTS, "neurons": NEURONS, "activations": ACTIVATIONS}
+KINDS = tuple(SCHEMAS)
+
+
+def shard_tables(specs: Sequence[PromptSpec], results: Sequence, keep: KeepPolicy) -> dict[str, pa.Table]:
+    """{kind: table} for one shard; `results[i]` is the engine's Attribution for specs[i], or None
+    for a row decided before the model ran."""
+    ok = [(spec, res) for spec, res in zip(specs, results) if res is not None and res.ok and res.scores is not None]
+    return {
+        "prompts": prompt_table(specs, results),
+        "neurons": neuron_table(ok, "scores", "score", keep.ratio, keep.dense),
+        "activations": neuron_table(ok, "activations", "activation", keep.activation_ratio, False),
+    }
+
+
+def prompt_table(specs: Sequence[PromptSpec], results: Sequence) -> pa.Table:
+    rows = [_prompt_row(spec, res) for spec, res in zip(specs, results)]
+    return pa.Table.from_pylist(rows, schema=PROMPTS)
+
+
+def _prompt_row(spec: PromptSpec, res) -> dict:
+    row = spec.as_dict()
+    if res is None:
+        return row
+    row.update(status=res.status, error=res.reason)
+    if res.ok:
+        row.update(gold_prob=res.gold_prob, top_token=res.top_token, top_prob=res.top_prob, seconds=res.seconds,
+                   max_score=res.max_score,
+                   completeness=None if res.completeness is None else res.completeness.astype(np.float32).tolist())
+    return row
+
+
+def kept(values: np.ndarray, ratio: float, dense: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(layer rows, neuron columns) of the kept entries of a [layers, neurons] array."""
+    if dense:
+        return np.nonzero(np.ones_like(values, dtype=bool))
+    top = values.max() if values.size else 0.0
+    return np.nonzero((values >= ratio * top) & (values > 0))
+
+
+def neuron_table(ok: Sequence[tuple[PromptSpec, object]], attr: str, column: str, ratio: float, dense: bool) -> pa.Table:
+    parts, counts = [], []
+    for _, res in ok:
+        values = getattr(res, attr)
+        rows, cols = kept(values, ratio, dense)
+        parts.append((np.asarray(res.layers, dtype=np.int16)[rows], cols.astype(np.int32), values[rows, cols].astype(np.float32)))
+        counts.append(len(rows))
+    schema = NEURONS if column == "score" else ACTIVATIONS
+    if not parts:
+        return schema.empty_table()
+    layer, neuron, value = (np.concatenate(p) for p in zip(*parts))
+    keys = {name: np.repeat(np.array([getattr(spec, name) for spec, _ in ok], dtype=object), counts)
+            for name in ("prompt_id", "fact_id", "relation")}
+    return pa.table({**keys, "layer": layer, "neuron": neuron, column: value}, schema=schema)

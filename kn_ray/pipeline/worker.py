@@ -1,0 +1,53 @@
+"""Computing one shard: the work of a Ray actor, kept free of Ray so it runs anywhere.
+
+The model is loaded once per worker and reused for every shard; rows decided before the
+model runs (bad records) pass through untouched, the rest go to the engine in one call,
+which turns an unusable or failing prompt into a skipped/error result instead of raising.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+
+from . import faults
+from .options import KeepPolicy
+from .prompts import PromptSpec
+from .tables import shard_tables
+
+
+class ShardComputer:
+    def __init__(self, model: str, *, precision: str = "auto", batch_prompts: int = 32, revision: str | None = None,
+                 allow_pickle: bool = False, trust_remote_code: bool = False, threads: int | None = None):
+        import torch
+
+        from kn_ray.engine import Attributor, load_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        lm = load_model(model, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        self.lm = lm
+        self.attributor = Attributor(lm, precision=precision, max_batch_prompts=batch_prompts)
+
+    def info(self) -> dict:
+        """What the run records about the model, as this worker loaded it."""
+        lm = self.lm
+        return dict(name=lm.name, source=lm.source, revision=lm.revision, masked=lm.adapter.masked,
+                    num_layers=lm.num_layers, num_neurons=lm.num_neurons, precision=self.attributor.precision,
+                    device=str(lm.device))
+
+    def compute(self, shard_id: int, specs: list[PromptSpec], n_steps: int, method: str, keep: KeepPolicy) -> dict:
+        """{'tables': {kind: Arrow table}, 'seconds': wall time} for one shard."""
+        faults.before_shard(shard_id)
+        start = time.perf_counter()
+        todo = [i for i, spec in enumerate(specs) if spec.status is None]
+        results: list = [None] * len(specs)
+        if todo:
+            computed = self.attributor.attribute([specs[i].prompt for i in todo], [specs[i].target for i in todo],
+                                                 n_steps=n_steps, method=method)
+            for i, res in zip(todo, computed):
+                results[i] = res
+        tables: dict[str, pa.Table] = shard_tables(specs, results, keep)
+        faults.after_shard()
+        return dict(tables=tables, seconds=time.perf_counter() - start)
