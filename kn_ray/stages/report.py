@@ -1,0 +1,138 @@
+"""`kn-ray report OUT`: a self-contained HTML corpus report with PNG figures.
+
+Writes OUT/report/index.html (figures embedded as base64) and the same figures as PNG files
+next to it. Edit sections appear once OUT/edits/ exists.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from kn_ray.stages import figures
+from kn_ray.stages.analytics import ALL, Analytics
+from kn_ray.stages.rundir import atomic_directory
+
+EDIT_FIGURE_OPS = ("suppress", "amplify")
+
+
+@dataclass
+class Section:
+    title: str
+    figure: str | None = None  # PNG file name
+    caption: str = ""
+    tables: tuple[pd.DataFrame, ...] = ()
+    note: str = ""
+
+
+def describe(context: dict) -> str:
+    """Model, corpus slice and thresholds, for every caption."""
+    params = context["parameters"]
+    if not params:
+        return f"Model {context['model']}; corpus {context['input']}; no aggregate.json (run `kn-ray aggregate`)."
+    adaptive = " (adaptive per relation)" if params.get("adaptive") else ""
+    return (f"Model {context['model']}; corpus {context['input']}: {context['relations']} relations, "
+            f"{context['facts']} facts, {context['usable_prompts']} usable prompts. Coarse neurons: score >= "
+            f"{params.get('t')} x the prompt's max (ig), activation >= {params.get('activation_t')} x max "
+            f"(activation). Knowledge neurons: coarse in >= max(p x usable prompts, {params.get('min_prompts')}) "
+            f"prompts, p = {params.get('p')}{adaptive}. Relation neurons: >= {params.get('relation_share')} of the "
+            f"relation's facts.")
+
+
+def _sections(analytics: Analytics, context: str, out: Path) -> list[tuple[Section, object]]:
+    """(section, matplotlib figure or None) in report order."""
+    stats, reasons = analytics.run_stats(), analytics.skip_reasons()
+    overlap, per_fact = analytics.overlap(), analytics.neurons_per_fact()
+    per_fact_caption = context + " Facts with a usable prompt; those with fewer than the minimum have none."
+    overlap_caption = context + " All pairs of facts with at least one knowledge neuron."
+    return [
+        (Section("Knowledge neurons per layer", "layers.png", context),
+         figures.layer_histogram(analytics.layer_histogram(), context)),
+        (Section("Knowledge neurons per fact", "per_fact.png", per_fact_caption,
+                 (per_fact.groupby("method").n_neurons.describe().reset_index(),)),
+         figures.neurons_per_fact(per_fact, per_fact_caption)),
+        (Section("Overlap within vs across relations", "overlap.png", overlap_caption, (overlap,)),
+         figures.overlap(overlap, overlap_caption)),
+        (Section("Run statistics", "run.png", context, (stats, reasons)),
+         figures.run_statistics(stats, reasons, context)),
+        (Section("Chosen p per relation", tables=(_chosen_p(analytics),)), None),
+    ] + _edit_sections(analytics, context, out)
+
+
+def _chosen_p(analytics: Analytics) -> pd.DataFrame:
+    chosen = analytics.run.aggregate_config.get("p_per_relation", {})
+    rows = [{"method": method, "relation": relation, **values}
+            for method, per_relation in chosen.items() for relation, values in per_relation.items()]
+    return pd.DataFrame(rows)
+
+
+def _edit_sections(analytics: Analytics, context: str, out: Path) -> list[tuple[Section, object]]:
+    if not analytics.has_edits():
+        return [(Section("Knowledge editing", note=f"No {out / 'edits'} yet: the edit stage writes it; "
+                                                   "this section then shows suppress / amplify effects."), None)]
+    summary = analytics.edit_summary()
+    sections = []
+    for op in EDIT_FIGURE_OPS:
+        if (summary.op == op).any():
+            caption = context + f" Mean relative change (P_after - P_before) / P_before of {op} rows per condition."
+            sections.append((Section(f"{op.capitalize()} knowledge neurons", f"edit_{op}.png", caption,
+                                     (summary[(summary.op == op) & (summary.relation == ALL)],)),
+                             figures.edit_effects(summary, op, caption)))
+    metrics = analytics.edit_metrics()
+    if len(metrics):
+        sections.append((Section("Update and erase metrics", tables=(metrics,)), None))
+    return sections
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _section_html(section: Section, png: bytes | None) -> str:
+    parts = [f"<section><h2>{html.escape(section.title)}</h2>"]
+    if png is not None:
+        data = base64.b64encode(png).decode()
+        parts.append(f'<figure><img alt="{html.escape(section.title)}" src="data:image/png;base64,{data}">'
+                     f"<figcaption>{html.escape(section.caption)} (also {html.escape(section.figure)})</figcaption></figure>")
+    if section.note:
+        parts.append(f'<p class="note">{html.escape(section.note)}</p>')
+    parts += [table.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0) for table in section.tables]
+    return "\n".join(parts) + "</section>"
+
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+img{max-width:100%}figcaption,.note{font-size:.85em;color:#555}table{border-collapse:collapse;font-size:.8em;margin:.8em 0}
+td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}"""
+
+
+def write_report(out, memory_limit: str = "512MB") -> Path:
+    """Write OUT/report/ (index.html and PNGs); returns the path of index.html."""
+    analytics = Analytics(out, memory_limit)
+    try:
+        context = analytics.context()
+        caption = describe(context)
+        sections = _sections(analytics, caption, analytics.run.path)
+    finally:
+        analytics.close()
+    with atomic_directory(analytics.run.table_dir("report")) as tmp:
+        body = []
+        for section, fig in sections:
+            png = _png(fig) if fig is not None else None
+            if png is not None:
+                (tmp / section.figure).write_bytes(png)
+            body.append(_section_html(section, png))
+        title = f"Knowledge neurons of {context['model']} on {context['input']}"
+        (tmp / "index.html").write_text(
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<p>{html.escape(caption)}</p>\n" + "\n".join(body) + "</body></html>\n")
+    return analytics.run.table_dir("report") / "index.html"
