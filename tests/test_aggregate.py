@@ -28,7 +28,7 @@ def build(tmp_path, facts, activations=None, config=None):
                             "error": None if status == "ok" else "too long", "seconds": 1.0})
             rows += [{"prompt_id": prompt_id, "fact_id": fact_id, "relation": relation, "layer": layer,
                       "neuron": neuron, "score": score} for (layer, neuron), score in scores.items()]
-    return write_tables(tmp_path, pd.DataFrame(prompts), pd.DataFrame(rows), activations, config=config)
+    return write_tables(tmp_path, config, prompts=pd.DataFrame(prompts), neurons=pd.DataFrame(rows), activations=activations)
 
 
 def knowledge_neurons(out, method="ig") -> pd.DataFrame:

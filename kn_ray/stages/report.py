@@ -45,7 +45,7 @@ def describe(context: dict) -> str:
             f"relation's facts.")
 
 
-def _sections(analytics: Analytics, context: str, out: Path) -> list[tuple[Section, object]]:
+def build_sections(analytics: Analytics, context: str) -> list[tuple[Section, object]]:
     """(section, matplotlib figure or None) in report order."""
     stats, reasons = analytics.run_stats(), analytics.skip_reasons()
     overlap, per_fact = analytics.overlap(), analytics.neurons_per_fact()
@@ -62,7 +62,7 @@ def _sections(analytics: Analytics, context: str, out: Path) -> list[tuple[Secti
         (Section("Run statistics", "run.png", context, (stats, reasons)),
          figures.run_statistics(stats, reasons, context)),
         (Section("Chosen p per relation", tables=(_chosen_p(analytics),)), None),
-    ] + _edit_sections(analytics, context, out)
+    ] + _edit_sections(analytics, context)
 
 
 def _chosen_p(analytics: Analytics) -> pd.DataFrame:
@@ -72,9 +72,9 @@ def _chosen_p(analytics: Analytics) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _edit_sections(analytics: Analytics, context: str, out: Path) -> list[tuple[Section, object]]:
+def _edit_sections(analytics: Analytics, context: str) -> list[tuple[Section, object]]:
     if not analytics.has_edits():
-        return [(Section("Knowledge editing", note=f"No {out / 'edits'} yet: the edit stage writes it; "
+        return [(Section("Knowledge editing", note=f"No {analytics.run.table_dir('edits')} yet: the edit stage writes it; "
                                                    "this section then shows suppress / amplify effects."), None)]
     summary = analytics.edit_summary()
     sections = []
@@ -120,7 +120,7 @@ def write_report(out, memory_limit: str = "512MB") -> Path:
     try:
         context = analytics.context()
         caption = describe(context)
-        sections = _sections(analytics, caption, analytics.run.path)
+        sections = build_sections(analytics, caption)
     finally:
         analytics.close()
     with atomic_directory(analytics.run.table_dir("report")) as tmp:

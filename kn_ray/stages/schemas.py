@@ -80,3 +80,6 @@ RELATION_NEURONS = pa.schema([
     ("share", pa.float64()),  # n_facts / facts of the relation with a usable prompt
     ("method", pa.string()),
 ])
+
+TABLES = {"prompts": PROMPTS, "neurons": NEURONS, "activations": ACTIVATIONS, "edits": EDITS,
+          "knowledge_neurons": KNOWLEDGE_NEURONS, "relation_neurons": RELATION_NEURONS}

@@ -251,13 +251,13 @@ def _as_table(frame: pd.DataFrame | pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def write_tables(out: str | Path, prompts, neurons=None, activations=None, edits=None, config: dict | None = None) -> Path:
-    """Write hand-built frames as one part file per table (tests build tiny runs with this)."""
+def write_tables(out: str | Path, config: dict | None = None, **frames) -> Path:
+    """Write hand-built frames, keyed by table name (prompts=..., neurons=...), as one part file
+    each, plus run.json; tests build tiny runs with this."""
     out = Path(out)
-    for name, frame, schema in [("prompts", prompts, schemas.PROMPTS), ("neurons", neurons, schemas.NEURONS),
-                                ("activations", activations, schemas.ACTIVATIONS), ("edits", edits, schemas.EDITS)]:
+    for name, frame in frames.items():
         if frame is not None:
-            _write_part(out / name, 0, _as_table(frame, schema))
+            _write_part(out / name, 0, _as_table(frame, schemas.TABLES[name]))
     _write_json(out / "run.json", config if config is not None else {"model": {"name": "hand-built"}})
     return out
 
