@@ -33,6 +33,10 @@ from .worker import ShardComputer  # noqa: E402
 RemoteShardComputer = ray.remote(ShardComputer)
 
 
+class ModelLoadError(ValueError):
+    """No worker could load the model (a wrong name or path, usually)."""
+
+
 @dataclass
 class DispatchResult:
     written: list[str] = field(default_factory=list)
@@ -89,7 +93,7 @@ class WorkerPool:
         error = None
         while self.info is None:
             if not self.pings:
-                raise RuntimeError(f"no worker could load the model: {error}")
+                raise ModelLoadError(f"no worker could load the model: {error}")
             [ref], _ = ray.wait(list(self.pings), num_returns=1)
             error = self.answer(ref) or error
         return self.info

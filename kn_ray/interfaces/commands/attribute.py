@@ -1,0 +1,60 @@
+"""`kn-ray attribute`: find knowledge neurons for a fact set, sharded on Ray, into Parquet."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("attribute", help="attribute facts to FFN neurons on Ray; write Parquet (resumable)",
+                       description="Runs on $RAY_ADDRESS when set, else on a local Ray bound to 127.0.0.1. "
+                                   "Re-running the same command resumes; another configuration on the same "
+                                   "--output is refused.")
+    p.add_argument("--model", required=True, help="hub id, checkpoint dir, .gguf file or embedded name (smollm2)")
+    p.add_argument("--facts", required=True, help="PARAREL-layout dir, JSON Lines file, or builtin:demo")
+    p.add_argument("--output", "-o", required=True, help="output directory")
+    p.add_argument("--format", choices=("auto", "pararel", "jsonl"), help="facts format (default: auto)")
+    p.add_argument("--revision", help="model revision (hub)")
+    p.add_argument("--allow-pickle", action="store_true", default=None, help="allow pickle weights (trusted sources)")
+    p.add_argument("--trust-remote-code", action="store_true", default=None)
+    f = p.add_argument_group("filters")
+    f.add_argument("--relations", help="comma-separated relations to keep (default: all)")
+    f.add_argument("--max-facts-per-relation", type=int)
+    f.add_argument("--max-templates", type=int, help="templates per fact (the first usable ones)")
+    a = p.add_argument_group("attribution")
+    a.add_argument("--n-steps", type=int, help="integration steps (default: 20)")
+    a.add_argument("--method", help="Riemann rule: left (default), right, midpoint, trapezoid")
+    a.add_argument("--precision", help="auto (default), fp32, bf16, fp16")
+    a.add_argument("--batch-prompts", type=int, help="prompts per engine batch (default: 32)")
+    k = p.add_argument_group("kept rows")
+    k.add_argument("--keep-ratio", type=float, help="keep neurons with score >= R x the prompt's max (default: 0.1)")
+    k.add_argument("--dense", action="store_true", default=None, help="keep every neuron's score")
+    k.add_argument("--activation-keep-ratio", type=float, help="keep activations >= R x the prompt's max (default: 0.5)")
+    w = p.add_argument_group("workers")
+    w.add_argument("--workers", type=int, help="actors (default: one per GPU, else 1)")
+    w.add_argument("--cpus-per-worker", type=float, help="logical CPUs per actor (default: 1)")
+    w.add_argument("--gpus-per-worker", type=float, help="GPUs per actor (default: 1 if the cluster has GPUs)")
+    w.add_argument("--shard-size", type=int, help="prompts per shard (default: 64)")
+    w.add_argument("--max-attempts", type=int, help="attempts per shard before it is failed (default: 3)")
+    p.add_argument("--report-facts", type=int, help="facts whose top neurons are printed at the end (default: 3)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def spec_from_args(args) -> dict:
+    """The job-spec mapping the flags describe (unset flags are left to the defaults)."""
+    spec = dict(model=args.model, facts=args.facts, output=args.output, format=args.format, revision=args.revision,
+                allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, shard_size=args.shard_size,
+                report_facts=args.report_facts)
+    spec["filters"] = dict(relations=args.relations.split(",") if args.relations else None,
+                           max_facts_per_relation=args.max_facts_per_relation, max_templates=args.max_templates)
+    spec["attribution"] = dict(n_steps=args.n_steps, method=args.method, precision=args.precision,
+                               batch_prompts=args.batch_prompts)
+    spec["keep"] = dict(ratio=args.keep_ratio, dense=args.dense, activation_ratio=args.activation_keep_ratio)
+    spec["workers"] = dict(count=args.workers, cpus=args.cpus_per_worker, gpus=args.gpus_per_worker,
+                           max_attempts=args.max_attempts)
+    return spec
+
+
+def run(args) -> int:
+    from kn_ray.interfaces.jobs import options_from_spec, run_and_report
+
+    return run_and_report(options_from_spec(spec_from_args(args)), progress=not args.no_progress)
