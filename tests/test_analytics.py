@@ -86,19 +86,35 @@ def test_documented_columns(synthetic):
     assert not a.edit_summary().empty and list(a.edit_metrics().columns) == COLUMNS["edit_metrics"]
 
 
-def test_overlap_equals_brute_force(synthetic):
-    kn = pq.read_table(synthetic / "knowledge_neurons").to_pandas()
-    got = Analytics(synthetic).overlap().set_index(["method", "pairs"])
+def brute_force_overlap(out) -> dict:
+    """{(method, kind): (pairs, mean shared, mean Jaccard)} over every pair of facts with a knowledge neuron."""
+    kn = pq.read_table(out / "knowledge_neurons").to_pandas()
+    result = {}
     for method, frame in kn.groupby("method"):
         sets = {f: (g.relation.iloc[0], set(zip(g.layer, g.neuron))) for f, g in frame.groupby("fact_id")}
         pairs = {"intra": [], "inter": []}
         for (r1, s1), (r2, s2) in itertools.combinations(sets.values(), 2):
             pairs["intra" if r1 == r2 else "inter"].append((len(s1 & s2), len(s1 & s2) / len(s1 | s2)))
         for kind, values in pairs.items():
-            shared, jaccard = np.mean(values, axis=0)
-            row = got.loc[(method, kind)]
-            assert row.n_pairs == len(values)
-            assert row.mean_shared == pytest.approx(shared) and row.mean_jaccard == pytest.approx(jaccard)
+            result[(method, kind)] = (len(values), *np.mean(values, axis=0))
+    return result
+
+
+def test_overlap_equals_brute_force(synthetic):
+    got = Analytics(synthetic).overlap().set_index(["method", "pairs"])
+    for key, (n_pairs, shared, jaccard) in brute_force_overlap(synthetic).items():
+        row = got.loc[key]
+        assert row.n_pairs == row.jaccard_pairs == n_pairs
+        assert row.mean_shared == pytest.approx(shared) and row.mean_jaccard == pytest.approx(jaccard)
+
+
+def test_overlap_sampled_beyond_max_pairs(synthetic):
+    got = Analytics(synthetic).overlap(max_pairs=4000, seed=1).set_index(["method", "pairs"])
+    for key, (n_pairs, shared, jaccard) in brute_force_overlap(synthetic).items():
+        row = got.loc[key]
+        assert row.n_pairs == n_pairs and row.jaccard_pairs == 4000
+        assert row.mean_shared == pytest.approx(shared)  # exact from counts at any size
+        assert row.mean_jaccard == pytest.approx(jaccard, abs=0.01)
 
 
 def test_neuron_views_need_aggregate(tmp_path):

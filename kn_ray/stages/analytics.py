@@ -15,13 +15,14 @@ from __future__ import annotations
 import pandas as pd
 
 from kn_ray.stages.duck import connect, sql_path
+from kn_ray.stages.overlap import MAX_PAIRS, overlap_of
 from kn_ray.stages.rundir import RunDir
 
 ALL = "ALL"  # the relation label of corpus-wide rows
 COLUMNS = {
     "layer_histogram": ["method", "layer", "n_neurons", "share"],
     "neurons_per_fact": ["method", "fact_id", "relation", "usable_prompts", "n_neurons"],
-    "overlap": ["method", "pairs", "n_facts", "n_pairs", "mean_shared", "mean_jaccard"],
+    "overlap": ["method", "pairs", "n_facts", "n_pairs", "mean_shared", "mean_jaccard", "jaccard_pairs"],
     "run_stats": ["relation", "facts", "prompts", "ok", "skipped", "error", "compute_seconds",
                   "ok_per_compute_second", "mean_gold_prob"],
     "skip_reasons": ["status", "reason", "n_prompts", "example_prompt_id"],
@@ -78,36 +79,14 @@ class Analytics:
             LEFT JOIN counts c ON c.method = m.method AND c.fact_id = f.fact_id
             ORDER BY m.method, f.relation, f.fact_id""")
 
-    def overlap(self) -> pd.DataFrame:
-        """Mean shared knowledge neurons and mean Jaccard over all pairs of facts that have any,
-        within a relation ('intra') and across relations ('inter'), as the paper's Table 2.
-        Exact: pairs sharing nothing add 0, so only pairs sharing a neuron are materialised."""
-        kn = self._source("knowledge_neurons")
-        return self._frame("overlap", f"""
-            WITH sizes AS (SELECT method, fact_id, any_value(relation) AS relation, count(*) AS k FROM {kn} GROUP BY ALL),
-            shared AS (
-                SELECT a.method, a.fact_id AS f1, b.fact_id AS f2, count(*) AS s
-                FROM {kn} a JOIN {kn} b
-                  ON a.method = b.method AND a.layer = b.layer AND a.neuron = b.neuron AND a.fact_id < b.fact_id
-                GROUP BY ALL),
-            sums AS (
-                SELECT sh.method, CASE WHEN x.relation = y.relation THEN 'intra' ELSE 'inter' END AS pairs,
-                       sum(sh.s) AS shared, sum(sh.s / (x.k + y.k - sh.s)) AS jaccard
-                FROM shared sh JOIN sizes x ON x.method = sh.method AND x.fact_id = sh.f1
-                               JOIN sizes y ON y.method = sh.method AND y.fact_id = sh.f2
-                GROUP BY ALL),
-            per_relation AS (SELECT method, count(*) AS n FROM sizes GROUP BY method, relation),
-            counts AS (
-                SELECT method, sum(n) AS n_facts, sum(n * (n - 1) / 2) AS intra, sum(n) * (sum(n) - 1) / 2 AS total
-                FROM per_relation GROUP BY method),
-            pair_counts AS (
-                SELECT method, n_facts, 'intra' AS pairs, intra AS n_pairs FROM counts
-                UNION ALL SELECT method, n_facts, 'inter', total - intra FROM counts)
-            SELECT p.method, p.pairs, p.n_facts::BIGINT AS n_facts, p.n_pairs::BIGINT AS n_pairs,
-                   coalesce(s.shared, 0) / nullif(p.n_pairs, 0) AS mean_shared,
-                   coalesce(s.jaccard, 0) / nullif(p.n_pairs, 0) AS mean_jaccard
-            FROM pair_counts p LEFT JOIN sums s ON s.method = p.method AND s.pairs = p.pairs
-            ORDER BY p.method, p.pairs DESC""")
+    def overlap(self, max_pairs: int = MAX_PAIRS, seed: int = 0) -> pd.DataFrame:
+        """Mean shared knowledge neurons (exact) and mean Jaccard (exact up to max_pairs pairs,
+        sampled beyond) of fact pairs within ('intra') vs across ('inter') relations;
+        see kn_ray.stages.overlap."""
+        kn = self._con.execute(f"SELECT method, fact_id, relation, layer, neuron "
+                               f"FROM {self._source('knowledge_neurons')}").df()
+        frames = [overlap_of(group, max_pairs, seed).assign(method=method) for method, group in kn.groupby("method")]
+        return pd.concat(frames, ignore_index=True)[COLUMNS["overlap"]] if frames else pd.DataFrame(columns=COLUMNS["overlap"])
 
     def run_stats(self) -> pd.DataFrame:
         """Prompts by status per relation plus an 'ALL' row. compute_seconds sums the per-prompt
