@@ -3,6 +3,7 @@
 from .adapters import ADAPTERS, Adapter, UnsupportedArchitecture, adapter_for, supported_model_types, value_matrix
 from .attribution import Attribution, Attributor
 from .encoding import SkipPrompt
+from .probe import Prober, Probe
 from .loading import LoadedModel, best_device, load_model
 from .riemann import METHODS, riemann
 

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .encoding import Batch, Encoded, SkipPrompt, collate, encode, max_positions
-from .hooks import edit_neurons, gather_head_input, pre_hooks, start_at_layer, _first_arg
-from .loading import LoadedModel
-from .precision import autocast, resolve_precision
+from .encoding import Batch
+from .hooks import _first_arg, edit_neurons, gather_head_input, pre_hooks, start_at_layer
+from .precision import autocast
 from .riemann import riemann
+from .runner import ModelRunner, chunks, describe, gold_prob, is_oom
 
 
 @dataclass
@@ -82,14 +82,7 @@ class _Clean:
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer prefix keys/values [B, H, start_col, dh]
 
 
-def _is_oom(error: BaseException) -> bool:
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    text = str(error).lower()
-    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-class Attributor:
+class Attributor(ModelRunner):
     """Integrated gradients of the gold object's probability w.r.t. FFN neurons.
 
     >>> attr = Attributor(load_model("smollm2"))
@@ -97,29 +90,7 @@ class Attributor:
     >>> res.top_neurons(5)
     """
 
-    def __init__(
-        self,
-        model: LoadedModel | torch.nn.Module,
-        tokenizer=None,
-        *,
-        precision: str = "auto",
-        max_batch_tokens: int | None = None,
-        max_batch_prompts: int = 32,
-    ):
-        self.lm = model if isinstance(model, LoadedModel) else LoadedModel.from_objects(model, tokenizer)
-        self.model, self.adapter, self.tokenizer = self.lm.model, self.lm.adapter, self.lm.tokenizer
-        self.device = self.lm.device
-        self.precision = resolve_precision(precision, self.device)
-        self.max_batch_tokens = max_batch_tokens or self._default_batch_tokens()
-        self.max_batch_prompts = max_batch_prompts
-        self.max_length = max_positions(self.model.config)
-        self.pad_id = self._pad_id()
-
     # ---- public API -------------------------------------------------------------------
-    def encode(self, prompt: str, target: str) -> Encoded:
-        """Tokenise one (prompt, target); raises SkipPrompt with a reason if it cannot be scored."""
-        return encode(self.tokenizer, prompt, target, masked=self.adapter.masked, max_length=self.max_length)
-
     def attribute(
         self,
         prompts: str | Sequence[str],
@@ -136,26 +107,19 @@ class Attributor:
         Score_i = (a_i - b) * sum_k w_k dP/dx_i at x = b + alpha_k (a - b), the Riemann rule
         `method` over `n_steps` steps; b = `baselines` (the paper: 0).
         """
-        prompts, targets = _as_list(prompts), _as_list(targets)
-        if len(prompts) != len(targets):
-            raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
         alphas, weights = riemann(n_steps, method)
         layers = self._check_layers(layers)
+        prompts, targets, ready, skipped = self._prepare(prompts, targets)
         results: list[Attribution | None] = [None] * len(prompts)
-        ready: list[tuple[int, Encoded]] = []
-        for i, (prompt, target) in enumerate(zip(prompts, targets)):
-            try:
-                ready.append((i, self.encode(prompt, target)))
-            except SkipPrompt as skip:
-                results[i] = Attribution(prompt, target, status="skipped", reason=str(skip))
-        ready.sort(key=lambda item: item[1].length)  # similar lengths pad little
-        for chunk in _chunks(ready, self.max_batch_prompts):
+        for i, reason in skipped.items():
+            results[i] = Attribution(prompts[i], targets[i], status="skipped", reason=reason)
+        for chunk in chunks(ready, self.max_batch_prompts):
             for i, res in self._attribute_safely(chunk, prompts, targets, alphas, weights, layers, baselines):
                 results[i] = res
             if progress:
                 progress(len(chunk))
-        if progress and len(ready) < len(prompts):
-            progress(len(prompts) - len(ready))
+        if progress and skipped:
+            progress(len(skipped))
         return results  # type: ignore[return-value]
 
     # ---- batches ----------------------------------------------------------------------
@@ -167,7 +131,7 @@ class Attributor:
         except Exception as error:  # noqa: BLE001 - isolated and reported per prompt below
             if len(chunk) == 1:
                 i, enc = chunk[0]
-                return [(i, Attribution(prompts[i], targets[i], status="error", reason=_describe(error), target_ids=enc.object_ids))]
+                return [(i, Attribution(prompts[i], targets[i], status="error", reason=describe(error), target_ids=enc.object_ids))]
             return [pair for item in chunk for pair in self._attribute_safely([item], prompts, targets, alphas, weights, layers, baseline)]
         seconds = (time.perf_counter() - start) / len(chunk)
         done = []
@@ -176,7 +140,7 @@ class Attributor:
         return done
 
     def _attribute_batch(self, encs, alphas, weights, layers, baseline) -> list[dict]:
-        batch = collate(encs, masked=self.adapter.masked, pad_id=self.pad_id).to(self.device)
+        batch = self._collate(encs)
         clean = self._clean_pass(batch, set(layers))
         if not bool((alphas == 0).any()):  # P(baseline) for the completeness check: one extra row
             alphas, weights = torch.cat([alphas, alphas.new_zeros(1)]), torch.cat([weights, weights.new_zeros(1)])
@@ -229,18 +193,12 @@ class Attributor:
         ):
             out = model(**self._inputs(batch, rows, 0), use_cache=not adapter.masked)
         logprobs = out.logits.float().log_softmax(-1)
-        gold = _gold_prob(logprobs, batch.gold_ids, batch.gold_valid)
+        gold = gold_prob(logprobs, batch.gold_ids, batch.gold_valid)
         top_prob, top_ids = logprobs[:, 0].exp().max(-1)
         kv = None
         if not adapter.masked and sc > 0:
             kv = [(lay.keys[:, :, :sc], lay.values[:, :, :sc]) for lay in out.past_key_values.layers]
         return _Clean(gold, top_ids, top_prob, hidden_in, acts, kv)
-
-    def _inputs(self, batch: Batch, rows: torch.Tensor, start: int) -> dict:
-        inputs = dict(input_ids=batch.input_ids[rows, start:], attention_mask=batch.attention_mask[rows])
-        if batch.position_ids is not None:
-            inputs["position_ids"] = batch.position_ids[rows, start:]
-        return inputs
 
     # ---- one layer ----------------------------------------------------------------------
     def _integrate(self, batch, clean, layer, alphas, weights, baseline):
@@ -260,7 +218,7 @@ class Attributor:
             try:
                 grads, probs = self._rows(batch, clean, layer, pi, alphas[si].float(), baseline)
             except Exception as error:  # noqa: BLE001
-                if not _is_oom(error) or n_rows == 1:
+                if not is_oom(error) or n_rows == 1:
                     raise
                 self._back_off()
                 continue
@@ -295,7 +253,7 @@ class Attributor:
             gather_head_input(self.model, self.adapter, batch.pred_cols[pi] - sc),
         ):
             logits = self.model(**inputs).logits
-            prob = _gold_prob(logits.float().log_softmax(-1), batch.gold_ids[pi], batch.gold_valid[pi])
+            prob = gold_prob(logits.float().log_softmax(-1), batch.gold_ids[pi], batch.gold_valid[pi])
             (grad,) = torch.autograd.grad(prob.sum(), x)
         return grad.float(), prob.detach()
 
@@ -305,55 +263,3 @@ class Attributor:
 
         data = [(k[pi], v[pi]) if i >= layer else (k[:1], v[:1]) for i, (k, v) in enumerate(kv)]
         return DynamicCache(ddp_cache_data=data, config=self.model.config)
-
-    # ---- sizing -------------------------------------------------------------------------
-    def _default_batch_tokens(self) -> int:
-        """Row-tokens per forward/backward: enough to fill the device, sized to its memory."""
-        if self.device.type != "cuda":
-            return 2048
-        cfg = self.model.config
-        d = getattr(cfg, "hidden_size", 768)
-        per_token = 4 * self.lm.num_layers * (16 * d + 6 * self.lm.num_neurons) + 16 * getattr(cfg, "vocab_size", 50000)
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return int(max(256, min(65536, 0.5 * free / per_token)))
-
-    def _back_off(self) -> None:
-        self.max_batch_tokens = max(1, self.max_batch_tokens // 2)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    def _check_layers(self, layers) -> list[int]:
-        n = self.lm.num_layers
-        if layers is None:
-            return list(range(n))
-        layers = sorted({int(l) for l in layers})
-        bad = [l for l in layers if not 0 <= l < n]
-        if bad or not layers:
-            raise ValueError(f"layers must be a non-empty subset of 0..{n - 1}; got {bad or 'none'}")
-        return layers
-
-    def _pad_id(self) -> int:
-        tok = self.tokenizer
-        for candidate in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, 0):
-            if candidate is not None:
-                return int(candidate)
-        return 0
-
-
-def _gold_prob(logprobs: torch.Tensor, gold: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Teacher-forced probability of the whole object: prod_k P(o_k | prompt, o_<k)."""
-    picked = logprobs.gather(-1, gold[..., None]).squeeze(-1)
-    return (picked * valid).sum(-1).exp()
-
-
-def _as_list(value) -> list[str]:
-    return [value] if isinstance(value, str) else list(value)
-
-
-def _chunks(items: list, size: int):
-    for lo in range(0, len(items), size):
-        yield items[lo : lo + size]
-
-
-def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"[:500]

@@ -1,0 +1,65 @@
+"""Value-slot edits: neuron i of a layer writes column i of the FFN output projection
+(its "value slot") into the residual stream. Updating or erasing a fact edits those columns.
+
+Edits change the loaded model in memory only (never the cached checkpoint); `edited()`
+restores the exact original columns on exit, and `save_model` writes an edited copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from .adapters import value_matrix
+from .loading import LoadedModel
+
+
+def value_slot(lm: LoadedModel, layer: int, neuron: int) -> torch.Tensor:
+    """A writable view of neuron `neuron`'s value slot in `layer`: shape [hidden]."""
+    return value_matrix(lm.adapter.ffn_out_module(lm.model, layer))[:, neuron]
+
+
+def word_embedding(lm: LoadedModel, token_ids: Sequence[int]) -> torch.Tensor:
+    """The input embedding of a word: the mean over its token ids (one id for single-token words)."""
+    table = lm.model.get_input_embeddings().weight
+    return table[torch.as_tensor(list(token_ids), device=table.device)].float().mean(0)
+
+
+@torch.no_grad()
+def add_to_value_slots(lm: LoadedModel, slots: Sequence[tuple[int, int]], delta: torch.Tensor) -> None:
+    """v += delta for every (layer, neuron) in `slots` (delta: [hidden], or [len(slots), hidden])."""
+    delta = delta if delta.dim() == 2 else delta.expand(len(slots), -1)
+    for (layer, neuron), d in zip(slots, delta):
+        slot = value_slot(lm, layer, neuron)
+        slot += d.to(slot.dtype)
+
+
+@torch.no_grad()
+def set_value_slots(lm: LoadedModel, slots: Sequence[tuple[int, int]], value: torch.Tensor | float) -> None:
+    """v = value for every slot (0 erases; a [hidden] vector sets, e.g. the unknown token's embedding)."""
+    for layer, neuron in slots:
+        slot = value_slot(lm, layer, neuron)
+        slot.copy_(torch.as_tensor(value, dtype=slot.dtype, device=slot.device).expand_as(slot))
+
+
+@contextlib.contextmanager
+def edited(lm: LoadedModel, slots: Sequence[tuple[int, int]]) -> Iterator[LoadedModel]:
+    """Within the block, edit `slots` freely; on exit their exact original values come back."""
+    saved = {(layer, neuron): value_slot(lm, layer, neuron).clone() for layer, neuron in set(slots)}
+    try:
+        yield lm
+    finally:
+        with torch.no_grad():
+            for (layer, neuron), original in saved.items():
+                value_slot(lm, layer, neuron).copy_(original)
+
+
+def save_model(lm: LoadedModel, directory: str | Path) -> Path:
+    """Save the (edited) model and tokenizer as a safetensors checkpoint loadable by load_model."""
+    directory = Path(directory)
+    lm.model.save_pretrained(directory, safe_serialization=True)
+    lm.tokenizer.save_pretrained(directory)
+    return directory

@@ -1,0 +1,113 @@
+"""What every engine computation shares: a frozen model, precision, tokenising and batching."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .encoding import Batch, Encoded, SkipPrompt, collate, encode, max_positions
+from .loading import LoadedModel
+from .precision import resolve_precision
+
+
+class ModelRunner:
+    """Holds a LoadedModel and runs batched, padded forward passes over (prompt, target) pairs."""
+
+    def __init__(
+        self,
+        model: LoadedModel | torch.nn.Module,
+        tokenizer=None,
+        *,
+        precision: str = "auto",
+        max_batch_tokens: int | None = None,
+        max_batch_prompts: int = 32,
+    ):
+        self.lm = model if isinstance(model, LoadedModel) else LoadedModel.from_objects(model, tokenizer)
+        self.model, self.adapter, self.tokenizer = self.lm.model, self.lm.adapter, self.lm.tokenizer
+        self.device = self.lm.device
+        self.precision = resolve_precision(precision, self.device)
+        self.max_batch_tokens = max_batch_tokens or self._default_batch_tokens()
+        self.max_batch_prompts = max_batch_prompts
+        self.max_length = max_positions(self.model.config)
+        self.pad_id = next((int(t) for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if t is not None), 0)
+
+    def encode(self, prompt: str, target: str) -> Encoded:
+        """Tokenise one (prompt, target); raises SkipPrompt with a reason if it cannot be scored."""
+        return encode(self.tokenizer, prompt, target, masked=self.adapter.masked, max_length=self.max_length)
+
+    def _prepare(self, prompts, targets) -> tuple[list[str], list[str], list[tuple[int, Encoded]], dict[int, str]]:
+        """Encode all pairs: (prompts, targets, [(index, encoded)] sorted by length, {index: skip reason})."""
+        prompts, targets = _as_list(prompts), _as_list(targets)
+        if len(prompts) != len(targets):
+            raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+        ready, skipped = [], {}
+        for i, (prompt, target) in enumerate(zip(prompts, targets)):
+            try:
+                ready.append((i, self.encode(prompt, target)))
+            except SkipPrompt as skip:
+                skipped[i] = str(skip)
+        ready.sort(key=lambda item: item[1].length)  # similar lengths pad little
+        return prompts, targets, ready, skipped
+
+    def _collate(self, encs: list[Encoded]) -> Batch:
+        return collate(encs, masked=self.adapter.masked, pad_id=self.pad_id).to(self.device)
+
+    def _inputs(self, batch: Batch, rows: torch.Tensor, start: int = 0) -> dict:
+        """Model inputs for `rows` of the batch, from column `start` on (earlier columns come from a cache)."""
+        inputs = dict(input_ids=batch.input_ids[rows, start:], attention_mask=batch.attention_mask[rows])
+        if batch.position_ids is not None:
+            inputs["position_ids"] = batch.position_ids[rows, start:]
+        return inputs
+
+    def _check_layers(self, layers: Sequence[int] | None) -> list[int]:
+        n = self.lm.num_layers
+        if layers is None:
+            return list(range(n))
+        layers = sorted({int(layer) for layer in layers})
+        bad = [layer for layer in layers if not 0 <= layer < n]
+        if bad or not layers:
+            raise ValueError(f"layers must be a non-empty subset of 0..{n - 1}; got {bad or 'none'}")
+        return layers
+
+    def _default_batch_tokens(self) -> int:
+        """Row-tokens per forward/backward: enough to fill the device, sized to its memory."""
+        if self.device.type != "cuda":
+            return 2048
+        cfg = self.model.config
+        d = getattr(cfg, "hidden_size", 768)
+        per_token = 4 * self.lm.num_layers * (16 * d + 6 * self.lm.num_neurons) + 16 * getattr(cfg, "vocab_size", 50000)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return int(max(256, min(65536, 0.5 * free / per_token)))
+
+    def _back_off(self) -> None:
+        """Halve the batch after an out-of-memory error."""
+        self.max_batch_tokens = max(1, self.max_batch_tokens // 2)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def gold_prob(logprobs: torch.Tensor, gold: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced probability of the whole object: prod_k P(o_k | prompt, o_<k)."""
+    picked = logprobs.gather(-1, gold[..., None]).squeeze(-1)
+    return (picked * valid).sum(-1).exp()
+
+
+def is_oom(error: BaseException) -> bool:
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:500]
+
+
+def chunks(items: list, size: int):
+    for lo in range(0, len(items), size):
+        yield items[lo : lo + size]
+
+
+def _as_list(value) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
