@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -76,16 +77,15 @@ def aggregate(out, params: AggregateParams | None = None) -> dict:
     """Write knowledge_neurons/, relation_neurons/ and aggregate.json under `out`; returns the summary."""
     params = params or AggregateParams()
     run = RunDir(out)
-    run.glob("prompts")
+    for required in ("prompts", "neurons"):
+        run.glob(required)  # fails early, naming the missing folder
     methods = [m for m in METHODS if m.name in params.methods and (m.name == "ig" or run.has(m.table))]
-    run.glob("neurons")
     params.validate(run)
     started = time.perf_counter()
-    temp_dir = run.path / f".aggregate-spill-{int(time.time() * 1000)}"
+    temp_dir = run.path / f".aggregate-spill-{uuid.uuid4().hex[:12]}"
     try:
-        con = connect(params.memory_limit, params.threads, temp_dir)
-        summary = _aggregate(con, run, methods, params)
-        con.close()
+        with connect(params.memory_limit, params.threads, temp_dir) as con:
+            summary = _aggregate(con, run, methods, params)
     except duckdb.OutOfMemoryException as error:
         reason = str(error).splitlines()[0]
         raise MemoryError(f"memory limit {params.memory_limit} is too small for this run, raise it ({reason})") from None

@@ -22,8 +22,10 @@ CONDITION_ORDER = ["kn", "activation", "random", "other_relation"]
 
 def _finish(fig, title: str, caption: str):
     fig.suptitle(title, fontsize=12, fontweight="bold")
-    fig.text(0.01, 0.01, textwrap.fill(caption, 130), fontsize=7, color="#444444", va="bottom")
-    fig.tight_layout(rect=(0, 0.09, 1, 0.95))
+    text = textwrap.fill(caption, int(fig.get_figwidth() * 17))
+    fig.text(0.01, 0.01, text, fontsize=7, color="#444444", va="bottom")
+    caption_height = (text.count("\n") + 1) * 9 + 8  # points: 7pt lines with spacing
+    fig.tight_layout(rect=(0, caption_height / (fig.get_figheight() * 72), 1, 0.95))
     return fig
 
 
@@ -39,7 +41,6 @@ def _grouped_bars(ax, frame: pd.DataFrame, x: str, hue: str, y: str, colors: dic
                label=str(column), color=(colors or {}).get(column))
     ax.set_xticks(positions, [str(v) for v in table.index])
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    return table
 
 
 def _methods(frame: pd.DataFrame) -> list[str]:
@@ -112,8 +113,8 @@ def edit_effects(summary: pd.DataFrame, op: str, caption: str):
     """Mean relative change of the gold probability per condition, overall and per relation."""
     frame = summary[summary.op == op].assign(percent=lambda f: f.mean_rel_change * 100)
     relations = [ALL] + sorted(r for r in frame.relation.unique() if r != ALL)
-    conditions = sorted(frame.condition.unique(), key=lambda c: (c not in CONDITION_ORDER,
-                                                                 CONDITION_ORDER.index(c) if c in CONDITION_ORDER else 0, c))
+    present = set(frame.condition)
+    conditions = [c for c in CONDITION_ORDER if c in present] + sorted(present - set(CONDITION_ORDER))
     fig, ax = plt.subplots(figsize=(max(8, len(relations) * 0.6), 4))
     _grouped_bars(ax, frame, "relation", "condition", "percent", x_order=relations, hue_order=conditions)
     ax.axhline(0, color="black", linewidth=0.8)
