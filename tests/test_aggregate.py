@@ -225,4 +225,8 @@ def test_cli_errors_and_success(synthetic_run, tmp_path, capsys):
     assert cli(["aggregate", str(tmp_path)]) == 2
     assert "prompts: no part-*.parquet" in capsys.readouterr().err
     assert cli(["aggregate", str(synthetic_run), "--adaptive", "--memory-limit", "128MB"]) == 0
-    assert json.loads(capsys.readouterr().out)["counts"]["ig"]["knowledge_neurons"] > 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["counts"]["ig"]["knowledge_neurons"] > 0 and set(printed["p_per_relation"]) == {"ig", "activation"}
+    assert cli(["aggregate", str(synthetic_run), "--no-activation"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["p_per_relation"]) == {"ig"}
+    assert set(pq.read_table(synthetic_run / "knowledge_neurons").column("method").to_pylist()) == {"ig"}

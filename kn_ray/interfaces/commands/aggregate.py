@@ -35,5 +35,7 @@ def run(args) -> int:
     except MemoryError as error:
         print(f"kn-ray aggregate: error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps({"counts": summary["counts"], "seconds": summary["seconds"]}, indent=2))
+    chosen_p = {method: {relation: chosen["p"] for relation, chosen in per_relation.items()}
+                for method, per_relation in summary["p_per_relation"].items()}
+    print(json.dumps({"counts": summary["counts"], "p_per_relation": chosen_p, "seconds": summary["seconds"]}, indent=2))
     return 0
