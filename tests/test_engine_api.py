@@ -1,0 +1,137 @@
+"""Engine behaviour around the numbers: probes, edits, errors, loading rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kn_ray.engine import Attributor, LoadedModel, Prober, UnsupportedArchitecture, adapter_for, load_model
+from kn_ray.engine.editing import add_to_value_slots, edited, save_model, set_value_slots, value_slot, word_embedding
+from kn_ray.engine.published import PublishedAttributor
+from tiny_models import tiny_model
+
+
+@pytest.fixture
+def llama(tmp_path):
+    return LoadedModel.from_objects(*tiny_model("llama", tmp_path))
+
+
+def test_published_method_agrees_with_engine(tmp_path):
+    for family, prompt, target in [("gpt2", "rome is located in", " new york"), ("bert", "[MASK] is in italy", "rome")]:
+        model, tok = tiny_model(family, tmp_path)
+        fast = Attributor(model, tok, precision="fp32").attribute([prompt], [target], n_steps=6)[0].scores
+        slow = PublishedAttributor(model, tok, precision="fp32").attribute_one(prompt, target, n_steps=6)
+        assert np.abs(fast - slow).max() <= 1e-4 * np.abs(slow).max()
+
+
+def test_probe_zeroing_a_whole_layer_equals_the_ig_baseline(llama):
+    """Two code paths, one quantity: P with layer l's target activations at zero."""
+    prompts, targets = ["the capital of france is", "the city of"], [" paris", " new york"]
+    res = Attributor(llama, precision="fp32").attribute(prompts, targets, n_steps=2)
+    prober = Prober(llama, precision="fp32")
+    clean = prober.probe(prompts, targets)
+    for layer in range(llama.num_layers):
+        every = [[(layer, i) for i in range(llama.num_neurons)]] * 2
+        zeroed = prober.probe(prompts, targets, neurons=every, factor=0.0)
+        for r, z, c in zip(res, zeroed, clean):
+            assert z.gold_prob == pytest.approx(r.baseline_prob[layer], rel=1e-5)
+            assert c.gold_prob == pytest.approx(r.gold_prob, rel=1e-5)
+
+
+def test_probe_scaling_matches_a_hand_hooked_forward(llama):
+    prompt, target, neurons = "rome is located in", " italy", [(1, 3), (1, 7), (2, 0)]
+    [probe] = Prober(llama, precision="fp32").probe([prompt], [target], neurons=[neurons], factor=2.0)
+    ids = llama.tokenizer(prompt, return_tensors="pt").input_ids
+    gold = llama.tokenizer(prompt + target).input_ids[-1]
+    handles = []
+    for layer in (1, 2):
+        cols = [n for l, n in neurons if l == layer]
+
+        def hook(_m, args, cols=cols):
+            h = args[0].clone()
+            h[0, -1, cols] *= 2.0
+            return (h,)
+
+        handles.append(llama.model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        want = llama.model(ids).logits[0, -1].softmax(-1)[gold].item()
+    for h in handles:
+        h.remove()
+    assert probe.gold_prob == pytest.approx(want, rel=1e-5)
+    assert probe.n_target_tokens == 1 and probe.perplexity == pytest.approx(1 / probe.gold_prob)
+
+
+def test_value_slot_edit_and_inverse_restore_the_weights(llama):
+    before = {k: v.clone() for k, v in llama.model.state_dict().items()}
+    slots = [(0, 1), (2, 5), (2, 6)]
+    delta = word_embedding(llama, [llama.tokenizer.convert_tokens_to_ids("paris")])
+    add_to_value_slots(llama, slots, 8 * delta)
+    assert torch.allclose(value_slot(llama, 2, 5), before["model.layers.2.mlp.down_proj.weight"][:, 5] + 8 * delta)
+    add_to_value_slots(llama, slots, -8 * delta)
+    for key, value in llama.model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6)
+    entry = {k: v.clone() for k, v in llama.model.state_dict().items()}
+    with edited(llama, slots):
+        set_value_slots(llama, slots, 0.0)
+        assert value_slot(llama, 0, 1).abs().sum() == 0
+    for key, value in llama.model.state_dict().items():
+        assert torch.equal(value, entry[key])  # exact restore
+
+
+def test_gpt2_value_slots_are_conv1d_rows(tmp_path):
+    lm = LoadedModel.from_objects(*tiny_model("gpt2", tmp_path))
+    slot = value_slot(lm, 1, 4)
+    assert slot.data_ptr() == lm.model.transformer.h[1].mlp.c_proj.weight[4].data_ptr()
+    assert slot.shape == (lm.model.config.n_embd,)
+
+
+def test_edited_model_saves_and_reloads(llama, tmp_path):
+    set_value_slots(llama, [(1, 2)], 0.5)
+    path = save_model(llama, tmp_path / "edited")
+    again = load_model(str(path), device="cpu")
+    assert torch.equal(value_slot(again, 1, 2), value_slot(llama, 1, 2))
+
+
+def test_unusable_prompts_are_skipped_with_reasons(tmp_path):
+    bert = Attributor(*tiny_model("bert", tmp_path), precision="fp32")
+    res = bert.attribute(["paris is in [MASK] .", "no mask here", "", "[MASK] is [MASK]"], ["new york", "paris", "x", "rome"])
+    assert [r.status for r in res] == ["skipped"] * 4
+    assert "2 tokens" in res[0].reason and "one mask" in res[1].reason and "empty" in res[2].reason
+    llama = Attributor(*tiny_model("llama", tmp_path), precision="fp32")
+    long = " ".join(["the"] * 70)
+    res = llama.attribute([long, "the city of"], [" paris", " rome"], n_steps=2)
+    assert res[0].status == "skipped" and "limit of 64" in res[0].reason
+    assert res[1].ok
+
+
+def test_bad_arguments_are_clear_errors(llama, tmp_path):
+    attr = Attributor(llama, precision="fp32")
+    with pytest.raises(ValueError, match="method must be one of"):
+        attr.attribute(["the city of"], [" rome"], method="simpson")
+    with pytest.raises(ValueError, match="subset of 0..2"):
+        attr.attribute(["the city of"], [" rome"], layers=[3])
+    with pytest.raises(ValueError, match="2 prompts but 1 targets"):
+        attr.attribute(["a", "b"], [" rome"])
+    with pytest.raises(ValueError, match="fp16 autocast is not supported on CPU"):
+        Attributor(llama, precision="fp16")
+    with pytest.raises(UnsupportedArchitecture, match="supported: .*bert.*gpt2.*llama"):
+        adapter_for("t5")
+
+
+def test_pickle_checkpoints_are_refused_unless_allowed(tmp_path):
+    model, tok = tiny_model("gpt2", tmp_path)
+    path = tmp_path / "ckpt"
+    model.config.save_pretrained(path)
+    tok.save_pretrained(path)
+    torch.save(model.state_dict(), path / "pytorch_model.bin")  # a pickle-only checkpoint
+    with pytest.raises(PermissionError, match="--allow-pickle"):
+        load_model(str(path), device="cpu")
+    assert load_model(str(path), device="cpu", allow_pickle=True).num_layers == 3
+
+
+def test_bf16_autocast_runs_and_accumulates_in_fp32(llama):
+    res = Attributor(llama, precision="bf16").attribute(["the city of"], [" rome"], n_steps=4)[0]
+    ref = Attributor(llama, precision="fp32").attribute(["the city of"], [" rome"], n_steps=4)[0]
+    assert res.scores.dtype == np.float32
+    assert np.corrcoef(res.scores.ravel(), ref.scores.ravel())[0, 1] > 0.95

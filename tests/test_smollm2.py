@@ -1,0 +1,53 @@
+"""The embedded real model: it knows easy facts, and its top IG neurons carry them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from kn_ray.engine import Attributor, Prober, load_model
+
+pytestmark = pytest.mark.slow
+
+FACTS = (
+    ["The capital of France is", "The capital of Germany is", "The capital of Japan is"],
+    [" Paris", " Berlin", " Tokyo"],
+)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def fp32_results(smollm2):
+    return Attributor(smollm2, precision="fp32").attribute(*FACTS, n_steps=20)
+
+
+def test_knows_the_capital_of_france(smollm2):
+    [probe] = Prober(smollm2, precision="fp32").probe(["The capital of France is"], [" Paris"])
+    assert probe.gold_prob > 0.5 and probe.top_token == " Paris"
+
+
+def test_top_neurons_matter_more_than_random_ones(smollm2, fp32_results):
+    res = fp32_results[0]
+    top = [(layer, neuron) for layer, neuron, _ in res.top_neurons(5)]
+    rng = np.random.default_rng(0)
+    random = [(layer, int(rng.integers(smollm2.num_neurons))) for layer, _ in top]
+    prober = Prober(smollm2, precision="fp32")
+    prompt, target = FACTS[0][0], FACTS[1][0]
+    [clean] = prober.probe([prompt], [target])
+    [without_top] = prober.probe([prompt], [target], neurons=[top], factor=0.0)
+    [without_random] = prober.probe([prompt], [target], neurons=[random], factor=0.0)
+    assert clean.gold_prob - without_top.gold_prob > clean.gold_prob - without_random.gold_prob
+
+
+def test_bf16_ranks_neurons_like_fp32(smollm2, fp32_results):
+    bf16 = Attributor(smollm2, precision="bf16").attribute(*FACTS, n_steps=20)
+    for a, b in zip(fp32_results, bf16):
+        rho = spearmanr(a.scores.ravel(), b.scores.ravel()).statistic
+        shared = {n[:2] for n in a.top_neurons(10)} & {n[:2] for n in b.top_neurons(10)}
+        assert rho >= 0.98, rho
+        assert len(shared) >= 8, shared
