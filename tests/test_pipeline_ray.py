@@ -1,0 +1,200 @@
+"""The pipeline on a real (local, loopback) Ray: results against the engine, faults, resume, scale."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kn_ray.engine import Attributor, load_model
+from kn_ray.pipeline.driver import run_pipeline
+from kn_ray.pipeline.facts import read_facts
+from kn_ray.pipeline.faults import ENV as FAULTS
+from kn_ray.pipeline.options import KeepPolicy, Resources, RunOptions
+from kn_ray.pipeline.prompts import build_prompts
+from kn_ray.pipeline.store import RunConflict, Store
+from kn_ray.pipeline.tables import kept
+from tests.pipeline_fixtures import PARAREL, pararel_slice, save_tiny_model, texts_of_pararel
+
+pytestmark = pytest.mark.skipif(not PARAREL.is_dir(), reason="PARAREL data not present")
+N_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    data = pararel_slice(root / "pararel", relations=("P17", "P19", "P1412"), facts=4)
+    texts = texts_of_pararel(data)
+    return dict(root=root, data=data, bert=save_tiny_model("bert", texts, root / "bert"),
+                llama=save_tiny_model("llama", texts, root / "llama"))
+
+
+def options(world, out: Path, model="bert", workers=1, facts=None, **kw) -> RunOptions:
+    kw = {"n_steps": N_STEPS, "shard_size": 10, **kw}
+    return RunOptions(model=str(world[model]), facts=str(facts or world["data"]), output=str(out),
+                      resources=Resources(workers=workers, **kw.pop("res", {})), **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(world, ray_local):
+    """An uninterrupted single-worker run, the baseline the fault tests compare to."""
+    out = world["root"] / "reference"
+    report = run_pipeline(options(world, out), progress=False)
+    assert report.ok
+    return out
+
+
+def frames(out: Path) -> dict[str, pd.DataFrame]:
+    store = Store(out)
+    keys = {"prompts": ["prompt_id"], "neurons": ["prompt_id", "layer", "neuron"],
+            "activations": ["prompt_id", "layer", "neuron"]}
+    return {k: store.read(k).to_pandas().sort_values(v).reset_index(drop=True) for k, v in keys.items()}
+
+
+def assert_same_results(a: Path, b: Path) -> None:
+    fa, fb = frames(a), frames(b)
+    for kind in fa:
+        x, y = fa[kind].drop(columns=["seconds"], errors="ignore"), fb[kind].drop(columns=["seconds"], errors="ignore")
+        pd.testing.assert_frame_equal(x, y, check_exact=False, rtol=1e-5, atol=1e-7)
+
+
+def assert_each_prompt_once(out: Path, expected_ids: set[str]) -> None:
+    ids = Store(out).read("prompts", ["prompt_id"]).column("prompt_id").to_pylist()
+    assert len(ids) == len(set(ids)) and set(ids) == expected_ids
+
+
+def planned_ids(world, masked=True) -> set[str]:
+    return {p.prompt_id for p in build_prompts(read_facts(world["data"]), masked=masked).prompts}
+
+
+def test_results_equal_the_engine_run_directly(world, reference):
+    """Every prompt once; status, probabilities and kept neurons as the engine computes them."""
+    specs = build_prompts(read_facts(world["data"]), masked=True).prompts
+    assert_each_prompt_once(reference, {s.prompt_id for s in specs})
+    direct = Attributor(load_model(str(world["bert"]), device="cpu")).attribute(
+        [s.prompt for s in specs], [s.target for s in specs], n_steps=N_STEPS)
+    got = frames(reference)
+    prompts = got["prompts"].set_index("prompt_id")
+    neurons = got["neurons"].groupby("prompt_id")
+    assert (prompts["status"] == "ok").sum() > 10
+    keep = KeepPolicy()
+    for spec, res in zip(specs, direct):
+        row = prompts.loc[spec.prompt_id]
+        assert row["status"] == res.status and (None if pd.isna(row["error"]) else row["error"]) == res.reason
+        if not res.ok:
+            assert spec.prompt_id not in neurons.groups
+            continue
+        assert np.isclose(row["gold_prob"], res.gold_prob, rtol=1e-5)
+        mine = neurons.get_group(spec.prompt_id)
+        want = {(int(res.layers[r]), int(c)) for r, c in zip(*kept(res.scores, keep.ratio, keep.dense))}
+        have = set(zip(mine["layer"].astype(int), mine["neuron"].astype(int)))
+        threshold = keep.ratio * res.scores.max()
+        for layer, neuron in want ^ have:  # only borderline neurons may differ (batching rounding)
+            assert abs(res.scores[layer, neuron] - threshold) < 1e-5 * res.scores.max()
+        for r in mine.itertuples():
+            assert np.isclose(r.score, res.scores[r.layer, r.neuron], rtol=1e-4, atol=1e-7)
+
+
+def test_bad_input_rows_carry_reasons_and_good_facts_are_computed(world, ray_local, tmp_path):
+    from tests.test_facts import BAD_LINES
+
+    long_subject = " ".join(["Paris"] * 80)
+    engine_skips = [
+        (f'{{"id": "multi", "relation": "r", "subject": "France", "object": "Paris France", '
+         f'"templates": ["[X] capital [Y] ."]}}', "it must be one"),
+        (f'{{"id": "long", "relation": "r", "subject": "{long_subject}", "object": "Paris", '
+         f'"templates": ["[X] capital [Y] ."]}}', "over the model's limit"),
+        ('{"id": "nomask", "relation": "r", "subject": "a", "object": "Paris", "prompts": ["no mask here"]}',
+         "exactly one mask token"),
+    ]
+    path = tmp_path / "facts.jsonl"
+    path.write_bytes(b"\n".join([line for line, _ in BAD_LINES] + [line.encode() for line, _ in engine_skips]) + b"\n")
+    world = dict(world, vocab=save_tiny_model("bert", [path.read_text(errors="ignore")], tmp_path / "model"))
+    report = run_pipeline(options(world, tmp_path / "out", model="vocab", facts=path, shard_size=3), progress=False)
+    rows = Store(tmp_path / "out").read("prompts").to_pandas()
+    assert report.ok and len(rows) == report.counts["ok"] + report.counts["skipped"] + report.counts["error"]
+    assert sorted(rows.loc[rows["status"] == "ok", "fact_id"]) == ["ok1", "ok2"]
+    for _, why in BAD_LINES:
+        if why:
+            assert (rows.loc[rows["status"] == "error", "error"].str.contains(why, regex=False)).sum() == 1, why
+    for _, why in engine_skips:
+        assert (rows.loc[rows["status"] == "skipped", "error"].str.contains(why, regex=False)).sum() == 1, why
+
+
+def test_two_actors_give_the_results_of_one(world, ray_local, tmp_path):
+    one = run_pipeline(options(world, tmp_path / "one", model="llama", workers=1), progress=False)
+    two = run_pipeline(options(world, tmp_path / "two", model="llama", workers=2), progress=False)
+    assert one.ok and two.ok and one.counts == two.counts and one.counts.get("ok", 0) > 10
+    assert_each_prompt_once(tmp_path / "two", planned_ids(world, masked=False))
+    assert_same_results(tmp_path / "one", tmp_path / "two")
+
+
+def test_killed_actor_shards_rerun_elsewhere(world, reference, tmp_path, monkeypatch):
+    monkeypatch.setenv(FAULTS, f"exit_once={tmp_path / 'killed'}")
+    report = run_pipeline(options(world, tmp_path / "out", workers=2), progress=False)
+    assert (tmp_path / "killed").exists() and report.actors_lost >= 1 and report.retries >= 1
+    assert report.ok
+    assert_each_prompt_once(tmp_path / "out", planned_ids(world))
+    assert_same_results(reference, tmp_path / "out")
+
+
+def test_failing_shard_is_reported_then_retried_by_a_rerun(world, reference, tmp_path, monkeypatch):
+    from kn_ray.interfaces.jobs import run_and_report
+
+    monkeypatch.setenv(FAULTS, "fail_shard=1")
+    opts = options(world, tmp_path / "out", res=dict(max_attempts=2))
+    assert run_and_report(opts, progress=False) == 1
+    monkeypatch.delenv(FAULTS)
+    report = run_pipeline(opts, progress=False)
+    assert report.ok and report.written == 1 and report.resumed == report.shards - 1
+    assert_same_results(reference, tmp_path / "out")
+
+
+def test_truncated_shard_is_recomputed_and_others_untouched(world, reference, tmp_path):
+    out = tmp_path / "out"
+    assert run_pipeline(options(world, out), progress=False).ok
+    store = Store(out)
+    victim = store.part("neurons", "part-00001")
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("part-*") if "part-00001" not in p.name}
+    report = run_pipeline(options(world, out), progress=False)
+    assert report.written == 1 and report.resumed == report.shards - 1
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    assert_same_results(reference, out)
+
+
+def test_other_configuration_is_refused(world, reference):
+    with pytest.raises(RunConflict, match="n_steps"):
+        run_pipeline(options(world, reference, n_steps=N_STEPS + 1), progress=False)
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_without_touching_finished_shards(world, reference, ray_local, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "kn_ray.interfaces.cli", "attribute", "--model", str(world["bert"]),
+           "--facts", str(world["data"]), "--output", str(out), "--n-steps", str(N_STEPS), "--shard-size", "10",
+           "--workers", "1", "--no-progress"]
+    env = dict(os.environ, RAY_ADDRESS=ray_local, **{FAULTS: "delay=1.5"})
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while len(list((out / "_shards").glob("*.json"))) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = sorted((out / "_shards").glob("*.json"))
+    assert 2 <= len(done) < Store(reference).read_run()["identity"]["plan"]["shards"]
+    names = [p.stem for p in done]
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("part-*") if p.stem in names}
+    report = run_pipeline(options(world, out), progress=False)
+    assert report.ok and report.resumed >= len(names)
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    assert_same_results(reference, out)
