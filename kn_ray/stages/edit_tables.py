@@ -1,0 +1,166 @@
+"""The edits table: its schema, the per-edit metric rows and the per-relation summary.
+
+Prompt rows (one per op, edit, prompt, condition, scope) hold the measurements; metric rows
+(prompt_id null) are derived from them per edit, so every number in the summary traces back
+to prompt rows through the formulas here (docs/experiments.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+ALL = "ALL"
+EDITS = pa.schema([
+    ("op", pa.string()),  # suppress | amplify | update | erase
+    ("relation", pa.string()),  # of the edited fact, or the erased relation
+    ("fact_id", pa.string()),  # the edited fact (null for erase, which edits a relation)
+    ("prompt_id", pa.string()),  # the prompt measured (null on metric rows)
+    ("condition", pa.string()),  # which neurons: kn | activation | random | other_relation
+    ("scope", pa.string()),  # which prompts: target | other_relation | same_relation
+    ("n_neurons", pa.int32()),
+    ("prob_before", pa.float64()),  # P(gold target | prompt), unedited
+    ("prob_after", pa.float64()),  # ... edited
+    ("rel_change", pa.float64()),  # (after - before) / before
+    ("correct_before", pa.bool_()),  # top-1 is the gold target's first token
+    ("correct_after", pa.bool_()),
+    ("ppl_before", pa.float64()),  # exp(-log P(gold) / target tokens)
+    ("ppl_after", pa.float64()),
+    ("new_object", pa.string()),  # update: the object the fact was changed to
+    ("new_prob_before", pa.float64()),  # update, target scope: P(new target | prompt)
+    ("new_prob_after", pa.float64()),
+    ("new_top1_after", pa.bool_()),  # update, target scope: top-1 is the new target's first token
+    ("metric", pa.string()),  # metric rows: name
+    ("value", pa.float64()),  # metric rows: value
+])
+EDIT_KEYS = ["op", "relation", "fact_id", "condition"]
+
+
+def relative_change(before, after) -> np.ndarray:
+    """(after - before) / before, NaN where before is not positive."""
+    before, after = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(before > 0, (after - before) / before, np.nan)
+
+
+def corpus_ppl(ppl: pd.Series) -> float:
+    """exp(mean log perplexity): the perplexity of a set of prompts, as the authors average it."""
+    values = ppl.dropna().astype(float)
+    return float(np.exp(np.log(values).mean())) if len(values) else math.nan
+
+
+def metric_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per edit (op, relation, fact_id, condition) of update / erase prompt rows:
+    `{scope}_accuracy_{before,after}`, `{scope}_ppl_{before,after}`, and for update
+    `success_rate`, `change_rate` (over the prompts the model got right before the edit) and
+    `success_rate_all` (over all the fact's prompts)."""
+    rows = rows[rows.op.isin(["update", "erase"])]
+    if rows.empty:
+        return pd.DataFrame(columns=EDIT_KEYS + ["n_neurons", "metric", "value"])
+    keys = EDIT_KEYS + ["n_neurons"]
+    per_scope = rows.groupby(keys + ["scope"], dropna=False).agg(
+        accuracy_before=("correct_before", "mean"), accuracy_after=("correct_after", "mean"),
+        ppl_before=("ppl_before", corpus_ppl), ppl_after=("ppl_after", corpus_ppl)).reset_index()
+    long = per_scope.melt(id_vars=keys + ["scope"], var_name="measure", value_name="value")
+    long["metric"] = long.scope + "_" + long.measure
+    frames = [long[keys + ["metric", "value"]]]
+    target = rows[(rows.op == "update") & (rows.scope == "target")]
+    if len(target):
+        frames.append(_update_rates(target, keys))
+    return pd.concat(frames, ignore_index=True).sort_values(keys + ["metric"], ignore_index=True)
+
+
+def _update_rates(target: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    known = target.correct_before.astype(bool)
+    frame = target.assign(success=target.new_top1_after.astype(float).where(known),
+                          changed=(~target.correct_after.astype(bool)).astype(float).where(known),
+                          success_all=target.new_top1_after.astype(float))
+    rates = frame.groupby(keys, dropna=False).agg(success_rate=("success", "mean"), change_rate=("changed", "mean"),
+                                                  success_rate_all=("success_all", "mean")).reset_index()
+    return rates.melt(id_vars=keys, var_name="metric", value_name="value")
+
+
+def as_table(frame: pd.DataFrame) -> pa.Table:
+    """The frame in the EDITS schema; absent columns are null."""
+    n = len(frame)
+    columns = [pa.array(frame[f.name].tolist(), type=f.type, from_pandas=True) if f.name in frame
+               else pa.nulls(n, f.type) for f in EDITS]
+    return pa.Table.from_arrays(columns, schema=EDITS)
+
+
+# ---- summary -----------------------------------------------------------------------------------
+def scale_summary(rows: pd.DataFrame) -> pd.DataFrame:
+    """op, condition, relation (ALL = overall), n, mean / median rel_change, mean probabilities."""
+    rows = rows[rows.op.isin(["suppress", "amplify"]) & rows.rel_change.notna()]
+    columns = ["op", "condition", "relation", "n", "mean_rel_change", "median_rel_change",
+               "mean_prob_before", "mean_prob_after"]
+    if rows.empty:
+        return pd.DataFrame(columns=columns)
+    both = pd.concat([rows, rows.assign(relation=ALL)])
+    out = both.groupby(["op", "condition", "relation"]).agg(
+        n=("rel_change", "size"), mean_rel_change=("rel_change", "mean"), median_rel_change=("rel_change", "median"),
+        mean_prob_before=("prob_before", "mean"), mean_prob_after=("prob_after", "mean")).reset_index()
+    return out[columns]
+
+
+def metric_summary(metrics: pd.DataFrame) -> pd.DataFrame:
+    """op, condition, relation (ALL = overall), metric, n_edits, mean: the mean over edits."""
+    columns = ["op", "condition", "relation", "metric", "n_edits", "mean"]
+    if metrics.empty:
+        return pd.DataFrame(columns=columns)
+    both = pd.concat([metrics, metrics.assign(relation=ALL)])
+    out = both.groupby(["op", "condition", "relation", "metric"]).agg(
+        n_edits=("value", "count"), mean=("value", "mean")).reset_index()
+    return out[columns]
+
+
+def summary_dict(scale: pd.DataFrame, metrics: pd.DataFrame) -> dict:
+    """{op: {condition: {relation: {name: value}}}} for summary.json."""
+    out: dict = {}
+    for row in scale.itertuples(index=False):
+        out.setdefault(row.op, {}).setdefault(row.condition, {})[row.relation] = {
+            "n": int(row.n), **{k: _json_number(getattr(row, k)) for k in ("mean_rel_change", "median_rel_change",
+                                                                         "mean_prob_before", "mean_prob_after")}}
+    for row in metrics.itertuples(index=False):
+        cell = out.setdefault(row.op, {}).setdefault(row.condition, {}).setdefault(row.relation, {})
+        cell[row.metric] = _json_number(row.mean)
+        cell["n_edits"] = max(cell.get("n_edits", 0), int(row.n_edits))
+    return out
+
+
+def summary_text(scale: pd.DataFrame, metrics: pd.DataFrame) -> str:
+    """Readable tables: per scaling op, mean relative change (relation x condition); per
+    update / erase, the headline metrics per condition and relation."""
+    parts = []
+    for op, group in scale.groupby("op", sort=False):
+        table = group.pivot(index="relation", columns="condition", values="mean_rel_change")
+        parts.append(f"{op}: mean relative change of P(gold)\n{_ordered(table).to_string(float_format='{:+.3f}'.format)}")
+    for op, group in metrics.groupby("op", sort=False):
+        shown = [m for m in HEADLINE[op] if m in set(group.metric)]
+        table = group.pivot(index=["relation", "condition"], columns="metric", values="mean")[shown]
+        parts.append(f"{op}: mean over edits\n{_ordered(table).to_string(float_format='{:.3f}'.format)}")
+    return "\n\n".join(parts) if parts else "no edit rows"
+
+
+HEADLINE = {
+    "update": ["success_rate", "change_rate", "success_rate_all", "same_relation_ppl_before",
+               "same_relation_ppl_after", "other_relation_ppl_before", "other_relation_ppl_after"],
+    "erase": ["target_accuracy_before", "target_accuracy_after", "target_ppl_before", "target_ppl_after",
+              "other_relation_accuracy_before", "other_relation_accuracy_after", "other_relation_ppl_before",
+              "other_relation_ppl_after"],
+}
+
+
+def _ordered(table: pd.DataFrame) -> pd.DataFrame:
+    """ALL first, then relations in order."""
+    relation = table.index.get_level_values("relation")
+    return table.iloc[np.lexsort([relation.astype(str), relation != ALL])]
+
+
+def _json_number(value) -> float | None:
+    """JSON has no NaN or infinity: those become null."""
+    value = float(value)
+    return value if math.isfinite(value) else None

@@ -1,0 +1,256 @@
+"""What the edit experiments run on: the run's prompts and neurons, cut into work units.
+
+A work unit is plain data (prompt texts, neuron lists, sampled control prompts), so it
+pickles to a Ray actor and the experiment on it is a pure function of (model, unit). Every
+random choice is seeded by `(seed, the fact or relation id, purpose)`, never by the order or
+the grouping of the work, so a result does not depend on how many workers ran it.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as ds
+
+from kn_ray.stages.rundir import RunDir
+
+OPS = ("suppress", "amplify", "update", "erase")
+Neurons = list[tuple[int, int]]  # (layer, neuron)
+NEW_OBJECT_CANDIDATES = 8
+
+
+@dataclass(frozen=True)
+class PromptRef:
+    prompt_id: str
+    prompt: str
+    target: str
+
+
+@dataclass
+class FactItem:
+    """One fact's knowledge neurons and the prompts an experiment reads them on."""
+
+    fact_id: str
+    relation: str
+    prompts: list[PromptRef]
+    kn: Neurons
+    activation: Neurons = field(default_factory=list)  # suppress / amplify control (b)
+    controls: list[PromptRef] = field(default_factory=list)  # other relations' prompts, control (a)
+    new_objects: list[str] = field(default_factory=list)  # update: candidates in seeded order (the worker
+    # takes the first the tokenizer can tell apart from the old object)
+    same_relation: list[PromptRef] = field(default_factory=list)  # update: other facts, same relation
+    other_relation: list[PromptRef] = field(default_factory=list)  # update: facts of other relations
+
+
+@dataclass
+class RelationItem:
+    """Erase: a relation's top relation neurons, its prompts and other relations' prompts."""
+
+    relation: str
+    neurons: Neurons
+    prompts: list[PromptRef]
+    other_relation: list[PromptRef]
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    seed: int = 0
+    max_facts: int | None = None  # per relation, seeded sample
+    control_prompts: int = 10  # suppress / amplify: other-relation prompts per fact
+    ppl_facts: int = 5  # update: facts sampled for the same- and other-relation perplexity
+    lambda1: float = 1.0
+    lambda2: float = 8.0
+    exclude_relation_neurons: bool = True  # update: drop the fact's neurons that are relation neurons
+    erase_top: int = 20
+    erase_other_prompts: int = 500
+    erase_value: str = "zero"  # zero | unk
+
+    def check(self) -> "EditSettings":
+        for name in ("control_prompts", "ppl_facts", "erase_top", "erase_other_prompts"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_facts is not None and self.max_facts < 1:
+            raise ValueError(f"max_facts must be >= 1, got {self.max_facts}")
+        if self.erase_value not in ("zero", "unk"):
+            raise ValueError(f"erase value must be zero or unk, got {self.erase_value!r}")
+        return self
+
+
+@dataclass
+class WorkUnit:
+    op: str
+    index: int
+    items: list[FactItem] | list[RelationItem]
+    settings: EditSettings
+
+
+def rng_for(seed: int, *keys: str) -> np.random.Generator:
+    """A generator seeded by the run seed and stable string keys (crc32, not Python's hash)."""
+    return np.random.default_rng([seed, *(zlib.crc32(k.encode()) for k in keys)])
+
+
+def missing_aggregate(run: RunDir, table: str) -> FileNotFoundError:
+    return FileNotFoundError(f"{run.table_dir(table)}: no part-*.parquet files; "
+                             f"run `kn-ray aggregate {run.path}` first")
+
+
+class EditCorpus:
+    """The ok prompts and the aggregated neurons of one run, indexed once for building work units
+    (per-fact lookups are dictionary hits, control draws are rejection samples: no scans per fact)."""
+
+    def __init__(self, out, *, relations=None, fact_ids=None):
+        self.run = RunDir(out)
+        if not self.run.has("knowledge_neurons"):
+            raise missing_aggregate(self.run, "knowledge_neurons")
+        prompts = read_parts(self.run, "prompts", ["prompt_id", "fact_id", "relation", "object", "prompt", "target",
+                                              "status"])
+        prompts = prompts[prompts.status == "ok"].drop(columns="status")
+        kn = read_parts(self.run, "knowledge_neurons", ["fact_id", "relation", "layer", "neuron", "method"])
+        if relations:
+            prompts, kn = prompts[prompts.relation.isin(relations)], kn[kn.relation.isin(relations)]
+        self.prompts = prompts.sort_values(["relation", "fact_id", "prompt_id"], ignore_index=True)
+        self.all_facts = self.prompts.drop_duplicates("fact_id")[["fact_id", "relation", "object"]].reset_index(drop=True)
+        self.fact_ids = set(fact_ids) if fact_ids else None
+        kn = kn.sort_values(["fact_id", "method", "layer", "neuron"])
+        self._neurons = {key: list(zip(g.layer.astype(int).tolist(), g.neuron.astype(int).tolist()))
+                         for key, g in kn.groupby(["fact_id", "method"], sort=False)}
+        self._by_fact = {f: _refs(g) for f, g in self.prompts.groupby("fact_id", sort=False)}
+        self._relation_rn: pd.DataFrame | None = None
+
+    # ---- lookups ----------------------------------------------------------------------------
+    def neurons(self, fact_id: str, method: str) -> Neurons:
+        return self._neurons.get((fact_id, method), [])
+
+    def refs(self, fact_id: str) -> list[PromptRef]:
+        return self._by_fact.get(fact_id, [])
+
+    def facts(self, settings: EditSettings) -> pd.DataFrame:
+        """fact_id, relation, object of the facts with ig knowledge neurons and an ok prompt,
+        at most `max_facts` per relation (a seeded sample), sorted."""
+        facts = self.all_facts[[(f, "ig") in self._neurons for f in self.all_facts.fact_id]]
+        if self.fact_ids is not None:
+            facts = facts[facts.fact_id.isin(self.fact_ids)]
+        if settings.max_facts is not None:
+            keep = [g.iloc[np.sort(rng_for(settings.seed, relation, "facts").choice(
+                        len(g), min(len(g), settings.max_facts), replace=False))]
+                    for relation, g in facts.groupby("relation", sort=True)]
+            facts = pd.concat(keep) if keep else facts
+        return facts.sort_values(["relation", "fact_id"], ignore_index=True)
+
+    def relation_neurons(self) -> pd.DataFrame:
+        """relation, layer, neuron, n_facts of the ig relation neurons (empty without the table)."""
+        if self._relation_rn is None:
+            columns = ["relation", "layer", "neuron", "n_facts", "method"]
+            rn = read_parts(self.run, "relation_neurons", columns) if self.run.has("relation_neurons") else \
+                pd.DataFrame(columns=columns)
+            self._relation_rn = rn[rn.method == "ig"].astype({"layer": int, "neuron": int, "n_facts": int})
+        return self._relation_rn
+
+    # ---- sampling ---------------------------------------------------------------------------
+    def other_relation_prompts(self, relation: str, k: int, rng: np.random.Generator) -> list[PromptRef]:
+        """Up to k ok prompts of relations other than `relation`, drawn without replacement."""
+        rows = _draw_excluding(self.prompts.relation.to_numpy(), relation, k, rng)
+        return _refs(self.prompts.iloc[rows])
+
+    def other_relation_facts(self, relation: str, k: int, rng: np.random.Generator) -> list[PromptRef]:
+        """All ok prompts of up to k facts of other relations."""
+        rows = _draw_excluding(self.all_facts.relation.to_numpy(), relation, k, rng)
+        return [ref for fact_id in self.all_facts.fact_id.iloc[rows] for ref in self.refs(fact_id)]
+
+    def same_relation_facts(self, fact_id: str, relation: str, k: int, rng: np.random.Generator) -> list[PromptRef]:
+        """All ok prompts of up to k other facts of the same relation."""
+        ids = self.all_facts.fact_id[(self.all_facts.relation == relation) & (self.all_facts.fact_id != fact_id)]
+        chosen = np.sort(rng.choice(ids.to_numpy(), size=min(k, len(ids)), replace=False))
+        return [ref for f in chosen for ref in self.refs(f)]
+
+    # ---- items ------------------------------------------------------------------------------
+    def scale_items(self, settings: EditSettings) -> list[FactItem]:
+        """Suppress / amplify: each fact's ig and activation neurons, and other-relation controls."""
+        return [FactItem(f.fact_id, f.relation, self.refs(f.fact_id), self.neurons(f.fact_id, "ig"),
+                         activation=self.neurons(f.fact_id, "activation"),
+                         controls=self.other_relation_prompts(f.relation, settings.control_prompts,
+                                                              rng_for(settings.seed, f.fact_id, "controls")))
+                for f in self.facts(settings).itertuples()]
+
+    def update_items(self, settings: EditSettings) -> list[FactItem]:
+        """Update: new-object candidates per fact (a seeded order of its relation's other objects)
+        and the prompts of the perplexity checks. Facts left with no neuron or no other object are skipped."""
+        rn = self.relation_neurons()
+        shared = {r: set(zip(g.layer, g.neuron)) for r, g in rn.groupby("relation")} \
+            if settings.exclude_relation_neurons else {}
+        objects = {r: sorted(set(g.object)) for r, g in self.all_facts.groupby("relation")}
+        items = []
+        for f in self.facts(settings).itertuples():
+            kn = [n for n in self.neurons(f.fact_id, "ig") if n not in shared.get(f.relation, ())]
+            others = [o for o in objects[f.relation] if o != f.object]
+            if not kn or not others:
+                continue
+            order = rng_for(settings.seed, f.fact_id, "new_object").permutation(len(others))[:NEW_OBJECT_CANDIDATES]
+            items.append(FactItem(
+                f.fact_id, f.relation, self.refs(f.fact_id), kn, new_objects=[others[i] for i in order],
+                same_relation=self.same_relation_facts(f.fact_id, f.relation, settings.ppl_facts,
+                                                       rng_for(settings.seed, f.fact_id, "same_relation")),
+                other_relation=self.other_relation_facts(f.relation, settings.ppl_facts,
+                                                         rng_for(settings.seed, f.fact_id, "other_relation"))))
+        return items
+
+    def erase_items(self, settings: EditSettings) -> list[RelationItem]:
+        """Erase: each relation's top `erase_top` relation neurons (most facts first)."""
+        if not self.run.has("relation_neurons"):
+            raise missing_aggregate(self.run, "relation_neurons")
+        rn = self.relation_neurons()
+        items = []
+        for relation, group in self.facts(settings).groupby("relation", sort=True):
+            top = rn[rn.relation == relation].sort_values(["n_facts", "layer", "neuron"],
+                                                          ascending=[False, True, True]).head(settings.erase_top)
+            if top.empty:
+                continue
+            items.append(RelationItem(
+                relation, list(zip(top.layer.tolist(), top.neuron.tolist())),
+                [ref for fact_id in group.fact_id for ref in self.refs(fact_id)],
+                self.other_relation_prompts(relation, settings.erase_other_prompts,
+                                            rng_for(settings.seed, relation, "erase_other"))))
+        return items
+
+    def units(self, op: str, settings: EditSettings, unit_facts: int = 16) -> list[WorkUnit]:
+        """The work of one op: `unit_facts` facts per unit (erase: one relation per unit)."""
+        if op not in OPS:
+            raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
+        if op == "erase":
+            items, size = self.erase_items(settings), 1
+        else:
+            items = self.update_items(settings) if op == "update" else self.scale_items(settings)
+            size = max(1, unit_facts)
+        return [WorkUnit(op, i, items[start:start + size], settings)
+                for i, start in enumerate(range(0, len(items), size))]
+
+
+def _draw_excluding(labels: np.ndarray, exclude: str, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to k sorted row indices whose label is not `exclude`: an oversampled draw, filtered
+    (O(k) for a big pool), or the exact pool when the draw falls short."""
+    if k <= 0 or not len(labels):
+        return np.empty(0, dtype=np.int64)
+    draw = rng.choice(len(labels), size=min(len(labels), 2 * k + 16), replace=False)
+    rows = draw[labels[draw] != exclude][:k]
+    if len(rows) < k:
+        pool = np.flatnonzero(labels != exclude)
+        rows = rng.choice(pool, size=min(k, len(pool)), replace=False)
+    return np.sort(rows)
+
+
+def retarget(target: str, new_object: str) -> str:
+    """The target with the object replaced, keeping its leading whitespace (" Paris" -> " Rome")."""
+    return target[: len(target) - len(target.lstrip())] + new_object
+
+
+def _refs(rows: pd.DataFrame) -> list[PromptRef]:
+    return [PromptRef(p, q, t) for p, q, t in zip(rows.prompt_id, rows.prompt, rows.target)]
+
+
+def read_parts(run: RunDir, table: str, columns: list[str]) -> pd.DataFrame:
+    """Columns of a table's part-*.parquet files (other files in its folder are ignored)."""
+    files = sorted(str(f) for f in run.table_dir(table).glob("part-*.parquet"))
+    return ds.dataset(files, format="parquet").to_table(columns=columns).to_pandas()

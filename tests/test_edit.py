@@ -1,0 +1,266 @@
+"""The edit experiments (kn-ray edit): formulas on hand-made examples, edits that undo exactly,
+controls that are seeded, the edits table contract, the CLI and saved edited models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from kn_ray.engine import LoadedModel, Prober, load_model
+from kn_ray.engine.editing import add_to_value_slots, edited, value_slot, word_embedding
+from kn_ray.interfaces.cli import main
+from kn_ray.stages.edit_ops import (EditRunner, apply_erase, apply_update, erase_value, random_neurons,
+                                    update_delta)
+from kn_ray.stages.edit_tables import EDITS, corpus_ppl, metric_rows, relative_change
+from kn_ray.stages.edit_units import EditCorpus, EditSettings, rng_for
+from kn_ray.stages.experiments import EditOptions, run_edits, save_edit
+from kn_ray.stages.synthetic import write_tables
+from tests.pipeline_fixtures import save_tiny_model
+from tests.tiny_models import tiny_model
+
+FACTS = {  # relation -> (template, [(subject, object)])
+    "P36": ("the capital of [X] is", [("france", "paris"), ("germany", "berlin"), ("italy", "rome"),
+                                      ("spain", "madrid")]),
+    "P37": ("the official language of [X] is", [("france", "french"), ("germany", "german"),
+                                                ("london", "english")]),
+}
+TEMPLATES = ("{}", "in short , {}")  # two prompts per fact
+
+
+def _prompts() -> pd.DataFrame:
+    rows = []
+    for relation, (template, pairs) in FACTS.items():
+        for subject, obj in pairs:
+            fact_id = f"{relation}-{subject}"
+            for i, wrap in enumerate(TEMPLATES):
+                rows.append(dict(prompt_id=f"{fact_id}-{i}", fact_id=fact_id, relation=relation, subject=subject,
+                                 object=obj, template=template, prompt=wrap.format(template.replace("[X]", subject)),
+                                 target=" " + obj, status="ok"))
+    rows.append(dict(prompt_id="bad", fact_id="P36-france", relation="P36", subject="france", object="paris",
+                     prompt="", target=" paris", status="error", error="bad record"))
+    return pd.DataFrame(rows)
+
+
+def _neurons(prompts: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Two or three ig neurons per fact (one of them P36's relation neuron 2:5) and one activation neuron."""
+    kn, facts = [], prompts[prompts.status == "ok"].drop_duplicates("fact_id")
+    for i, f in enumerate(facts.itertuples()):
+        ig = [(1, 3 * i + 1), (2, 3 * i + 2)] + ([(2, 5)] if f.relation == "P36" else [])
+        kn += [dict(fact_id=f.fact_id, relation=f.relation, layer=l, neuron=n, method="ig") for l, n in ig]
+        kn.append(dict(fact_id=f.fact_id, relation=f.relation, layer=0, neuron=40 - i, method="activation"))
+    rn = pd.DataFrame([dict(relation="P36", layer=2, neuron=5, n_facts=4, share=1.0, method="ig"),
+                       dict(relation="P36", layer=1, neuron=1, n_facts=1, share=0.25, method="ig"),
+                       dict(relation="P37", layer=1, neuron=13, n_facts=1, share=0.33, method="ig")])
+    return pd.DataFrame(kn), rn
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A hand-built aggregated run over a tiny saved gpt2 whose vocabulary covers the prompts."""
+    root = tmp_path_factory.mktemp("edit")
+    prompts = _prompts()
+    model_dir = save_tiny_model("gpt2", list(prompts.prompt) + list(prompts.target), root / "model")
+    kn, rn = _neurons(prompts)
+    out = write_tables(root / "out", {"identity": {"model": str(model_dir)}, "options": {"precision": "fp32"}},
+                       prompts=prompts, knowledge_neurons=kn, relation_neurons=rn)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runner(run_dir):
+    return EditRunner(load_model(str(run_dir.parent / "model"), device="cpu"), precision="fp32")
+
+
+def _edits(run_dir):
+    return pq.read_table(sorted(str(p) for p in (run_dir / "edits").glob("part-*.parquet")))
+
+
+def _units(run_dir, op, **settings):
+    return EditCorpus(run_dir).units(op, EditSettings(**settings))
+
+
+# ---- formulas on hand-made examples ------------------------------------------------------------
+def test_relative_change_formula():
+    out = relative_change([0.5, 0.2, 0.0], [0.25, 0.3, 0.1])
+    assert out[:2] == pytest.approx([-0.5, 0.5])
+    assert np.isnan(out[2])  # undefined without a positive "before"
+
+
+def test_update_delta_scales_embeddings_to_the_slot_norm():
+    slots = torch.tensor([[3.0, 4.0], [0.0, 1.0]])  # norms 5 and 1
+    e_old, e_new = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 10.0])
+    delta = update_delta(slots, e_old, e_new, lambda1=1.0, lambda2=8.0)
+    # |v| * (8 * e_new/|e_new| - 1 * e_old/|e_old|) = |v| * [-1, 8]
+    assert torch.allclose(delta, torch.tensor([[-5.0, 40.0], [-1.0, 8.0]]))
+
+
+def test_apply_update_on_a_hand_made_slot_and_its_inverse(runner):
+    lm, slots = runner.lm, [(1, 7), (2, 11)]
+    original = torch.stack([value_slot(lm, l, n).clone() for l, n in slots])
+    e_old, e_new = word_embedding(lm, [5]), word_embedding(lm, [6])
+    with edited(lm, slots):
+        apply_update(lm, slots, 5, 6, 1.0, 8.0)
+        norms = original.norm(dim=1, keepdim=True)
+        expected = original + norms * (8 * e_new / e_new.norm() - e_old / e_old.norm())
+        assert torch.allclose(torch.stack([value_slot(lm, l, n) for l, n in slots]), expected, atol=1e-6)
+        add_to_value_slots(lm, slots, -update_delta(original, e_old, e_new, 1.0, 8.0))  # the inverse edit
+        assert torch.allclose(torch.stack([value_slot(lm, l, n) for l, n in slots]), original, atol=1e-6)
+    assert torch.equal(torch.stack([value_slot(lm, l, n) for l, n in slots]), original)  # edited(): exact
+
+
+def test_erase_sets_slots_to_zero_or_the_unknown_embedding(runner):
+    lm, slots = runner.lm, [(0, 3), (2, 9)]
+    before = {s: value_slot(lm, *s).clone() for s in slots}
+    with edited(lm, slots):
+        apply_erase(lm, slots, erase_value(lm, "zero"))
+        assert all(torch.count_nonzero(value_slot(lm, *s)) == 0 for s in slots)
+        apply_erase(lm, slots, erase_value(lm, "unk"))
+        unk = lm.model.get_input_embeddings().weight[lm.tokenizer.unk_token_id]
+        assert all(torch.equal(value_slot(lm, *s), unk) for s in slots)
+    assert all(torch.equal(value_slot(lm, *s), before[s]) for s in slots)
+
+
+def test_erase_unk_needs_an_unknown_token(tmp_path):
+    model, tok = tiny_model("gpt2", tmp_path)
+    tok.unk_token = None
+    with pytest.raises(ValueError, match="no unknown token"):
+        erase_value(LoadedModel.from_objects(model, tok), "unk")
+
+
+def test_perplexity_aggregates_as_exp_mean_log():
+    assert corpus_ppl(pd.Series([2.0, 8.0])) == pytest.approx(4.0)
+
+
+def test_metric_rows_on_hand_built_update_rows():
+    base = dict(op="update", relation="R", fact_id="f", condition="kn", n_neurons=2)
+    rows = pd.DataFrame([
+        dict(base, scope="target", correct_before=True, correct_after=False, new_top1_after=True, ppl_before=2.0, ppl_after=8.0),
+        dict(base, scope="target", correct_before=True, correct_after=True, new_top1_after=False, ppl_before=2.0, ppl_after=2.0),
+        dict(base, scope="target", correct_before=False, correct_after=False, new_top1_after=True, ppl_before=4.0, ppl_after=4.0),
+        dict(base, scope="same_relation", correct_before=True, correct_after=True, ppl_before=3.0, ppl_after=12.0),
+    ])
+    metrics = metric_rows(rows).set_index("metric").value
+    assert metrics["success_rate"] == pytest.approx(0.5)  # of the two prompts right before the edit
+    assert metrics["change_rate"] == pytest.approx(0.5)
+    assert metrics["success_rate_all"] == pytest.approx(2 / 3)
+    assert metrics["target_accuracy_before"] == pytest.approx(2 / 3)
+    assert metrics["target_ppl_after"] == pytest.approx((8 * 2 * 4) ** (1 / 3))
+    assert metrics["same_relation_ppl_after"] == pytest.approx(12.0)
+
+
+# ---- controls and units ------------------------------------------------------------------------
+def test_random_neurons_are_seeded_with_the_same_layers_and_count():
+    kn = [(1, 4), (1, 9), (2, 0)]
+    a = random_neurons(kn, 48, rng_for(0, "fact"))
+    assert a == random_neurons(kn, 48, rng_for(0, "fact"))
+    assert a != random_neurons(kn, 48, rng_for(1, "fact"))
+    assert sorted(l for l, _ in a) == [1, 1, 2]
+    assert not set(a) & set(kn) and len(set(a)) == 3
+
+
+def test_units_do_not_depend_on_grouping(run_dir):
+    settings = EditSettings(control_prompts=3)
+    small = [item for unit in EditCorpus(run_dir).units("suppress", settings, unit_facts=2) for item in unit.items]
+    big = [item for unit in EditCorpus(run_dir).units("suppress", settings, unit_facts=99) for item in unit.items]
+    assert small == big and len(big) == 7
+    for item in big:
+        assert len(item.controls) == 3 and all(not c.prompt_id.startswith(item.relation) for c in item.controls)
+        assert "bad" not in [p.prompt_id for p in item.prompts]
+
+
+def test_update_units_leave_out_relation_neurons_and_pick_another_object(run_dir):
+    items = [i for u in _units(run_dir, "update") for i in u.items]
+    france = next(i for i in items if i.fact_id == "P36-france")
+    assert (2, 5) not in france.kn and france.kn
+    assert "paris" not in france.new_objects and set(france.new_objects) <= {"berlin", "rome", "madrid"}
+    assert all(r.prompt_id.startswith("P36") and not r.prompt_id.startswith("P36-france") for r in france.same_relation)
+    assert all(r.prompt_id.startswith("P37") for r in france.other_relation)
+    kept = [i for u in _units(run_dir, "update", exclude_relation_neurons=False) for i in u.items]
+    assert (2, 5) in next(i for i in kept if i.fact_id == "P36-france").kn
+
+
+def test_erase_units_take_the_top_relation_neurons(run_dir):
+    items = [i for u in _units(run_dir, "erase", erase_top=1) for i in u.items]
+    assert [(i.relation, i.neurons) for i in items] == [("P36", [(2, 5)]), ("P37", [(1, 13)])]
+    assert len(items[0].prompts) == 8 and all(r.prompt_id.startswith("P37") for r in items[0].other_relation)
+
+
+# ---- experiments ------------------------------------------------------------------------------
+def test_suppress_equals_a_manual_prober_call(run_dir, runner):
+    unit = _units(run_dir, "suppress")[0]
+    rows = runner.run(unit)
+    item = unit.items[0]
+    prober = Prober(runner.lm, precision="fp32")
+    prompts, targets = [p.prompt for p in item.prompts], [p.target for p in item.prompts]
+    before = prober.probe(prompts, targets)
+    after = prober.probe(prompts, targets, neurons=[item.kn] * len(prompts), factor=0.0)
+    got = rows[(rows.fact_id == item.fact_id) & (rows.condition == "kn")].set_index("prompt_id")
+    for ref, b, a in zip(item.prompts, before, after):
+        assert got.prob_before[ref.prompt_id] == pytest.approx(b.gold_prob, rel=1e-5)
+        assert got.prob_after[ref.prompt_id] == pytest.approx(a.gold_prob, rel=1e-5)
+        assert got.rel_change[ref.prompt_id] == pytest.approx((a.gold_prob - b.gold_prob) / b.gold_prob, rel=1e-4)
+    assert set(rows.condition) == {"kn", "activation", "random", "other_relation"}
+    assert (rows[rows.condition == "random"].n_neurons == len(item.kn)).all() or len(unit.items) > 1
+
+
+def test_update_and_erase_leave_the_weights_as_they_were(run_dir, runner):
+    weights = {k: v.clone() for k, v in runner.lm.model.state_dict().items()}
+    update = runner.run(_units(run_dir, "update")[0])
+    erase = runner.run(_units(run_dir, "erase")[0])
+    assert all(torch.equal(v, weights[k]) for k, v in runner.lm.model.state_dict().items())
+    assert set(update.scope.dropna()) == {"target", "same_relation", "other_relation"}
+    assert update[update.scope == "target"].new_prob_after.notna().all()
+    assert {"success_rate", "change_rate", "same_relation_ppl_after"} <= set(update.metric.dropna())
+    assert set(erase.condition.dropna()) == {"kn", "random"} and erase.fact_id.isna().all()
+
+
+# ---- the stage, the table, the CLI -------------------------------------------------------------
+def test_cli_writes_the_documented_edits_table(run_dir, capsys):
+    assert main(["edit", str(run_dir), "--op", "suppress,amplify", "--op", "update", "--op", "erase",
+                 "--max-facts", "2", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "suppress: mean relative change" in printed and "ALL" in printed
+    table = _edits(run_dir)
+    assert table.schema.equals(EDITS)
+    edits = table.to_pandas()
+    assert set(edits.op) == {"suppress", "amplify", "update", "erase"}
+    assert {"op", "relation", "fact_id", "prompt_id", "condition", "prob_before", "prob_after", "rel_change",
+            "metric", "value"} <= set(edits.columns)
+    scale = edits[edits.op == "suppress"]
+    assert scale.groupby("relation").fact_id.nunique().max() <= 2
+    assert np.allclose(scale.rel_change, (scale.prob_after - scale.prob_before) / scale.prob_before)
+    summary = json.loads((run_dir / "edits" / "summary.json").read_text())
+    assert set(summary["results"]["suppress"]) == {"kn", "activation", "random", "other_relation"}
+    assert {"ALL", "P36", "P37"} <= set(summary["results"]["suppress"]["kn"])
+    assert summary["runs"]["update"]["settings"]["lambda2"] == 8.0
+    # re-running one op replaces its parts only
+    assert main(["edit", str(run_dir), "--op", "amplify", "--max-facts", "1", "--quiet"]) == 0
+    again = _edits(run_dir).to_pandas()
+    assert again[again.op == "amplify"].fact_id.nunique() == 2 and (again.op == "update").sum() == (edits.op == "update").sum()
+
+
+def test_cli_explains_a_run_without_aggregation(tmp_path, capsys):
+    write_tables(tmp_path, None, prompts=_prompts())
+    assert main(["edit", str(tmp_path), "--op", "suppress"]) == 2
+    assert "kn-ray aggregate" in capsys.readouterr().err
+
+
+def test_save_reloads_to_the_same_edited_weights(run_dir, runner, tmp_path):
+    edit = save_edit(run_dir, EditOptions(ops=("update",), fact_ids=("P36-germany",)), tmp_path / "edited")
+    reloaded = load_model(str(tmp_path / "edited"), device="cpu")
+    lm, slots = runner.lm, [tuple(n) for n in edit["neurons"]]
+    assert edit["new_object"] in {"paris", "rome", "madrid"} and (2, 5) not in slots
+    with edited(lm, slots):
+        apply_update(lm, slots, edit["old_token_id"], edit["new_token_id"], 1.0, 8.0)
+        expected = lm.model.state_dict()
+        got = reloaded.model.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in expected.items() if k in got)
+    assert any(not torch.equal(value_slot(reloaded, *s), value_slot(lm, *s)) for s in slots)  # lm was restored
+    assert json.loads((tmp_path / "edited" / "kn_ray_edit.json").read_text())["fact_id"] == "P36-germany"
+    with pytest.raises(ValueError, match="exactly one"):
+        save_edit(run_dir, EditOptions(ops=("update",)), tmp_path / "nope")
