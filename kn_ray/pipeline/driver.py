@@ -83,9 +83,7 @@ def run_pipeline(options: RunOptions, *, progress: bool = True) -> RunReport:
     store = Store(options.output)
     store.refuse_conflict(option_identity(options, fmt))  # before any model loads
 
-    import ray
-
-    from .execute import Dispatcher, WorkerPool, connect
+    from .execute import Dispatcher, WorkerPool, connect, disconnect
 
     res = options.resources
     started = connect(min_cpus=(res.workers or 1) * res.cpus_per_worker)
@@ -105,7 +103,7 @@ def run_pipeline(options: RunOptions, *, progress: bool = True) -> RunReport:
             pool.shutdown()
     finally:
         if started:
-            ray.shutdown()
+            disconnect()
     counts = store.read("prompts", ["status"]).column("status").value_counts().to_pylist()
     return RunReport(Path(options.output), len(shards), len(shards) - len(todo), len(result.written), result.failed,
                      result.retries, result.actors_lost, result.prompts, time.perf_counter() - start, dispatch_seconds,

@@ -58,6 +58,10 @@ def connect(min_cpus: float = 0) -> bool:
     return True
 
 
+def disconnect() -> None:
+    ray.shutdown()
+
+
 def actor_resources(options: RunOptions) -> tuple[int, dict]:
     """(number of actors, Ray options for each)."""
     res = options.resources
@@ -203,7 +207,10 @@ class Dispatcher:
 
 
 def _short(error: BaseException) -> str:
-    """One line: a task error's last line (the exception), an actor error's first (what happened)."""
-    lines = [line for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
-    return (lines[-1] if isinstance(error, RayTaskError) else lines[0]).strip()[:300]
+    """One line: the exception raised in a task or actor constructor (the traceback's last line),
+    else what happened to the actor (the first line)."""
+    text = str(error)
+    lines = [line for line in text.strip().splitlines() if line.strip()] or [type(error).__name__]
+    raised = isinstance(error, RayTaskError) or "creation task" in lines[0]
+    return (lines[-1] if raised else lines[0]).strip()[:300]
 

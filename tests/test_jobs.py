@@ -1,0 +1,163 @@
+"""Job specs: validation, the shipped jobs, CLI flags = spec, and a real Ray Job submission."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from kn_ray.interfaces.cli import build_parser, main
+from kn_ray.interfaces.commands.attribute import spec_from_args
+from kn_ray.interfaces.commands.submit import entrypoint
+from kn_ray.interfaces.jobs import SpecError, load_job, options_from_spec
+from kn_ray.pipeline.facts import read_facts
+from kn_ray.pipeline.prompts import build_prompts
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = dict(model="m", facts="f.jsonl", output="out")
+
+
+def test_demo_job_uses_the_bundled_facts():
+    options = load_job(ROOT / "jobs" / "demo.yaml")
+    assert options.model == "smollm2" and Path(options.facts).name == "demo_facts.jsonl"
+    facts = read_facts(options.facts)
+    assert not facts.bad and 6 <= len(facts.facts) <= 10
+    prompts = build_prompts(facts, masked=False).prompts
+    per_fact = {f.fact_id: sum(p.fact_id == f.fact_id for p in prompts) for f in facts.facts}
+    assert set(per_fact.values()) <= {3, 4} and all(p.status is None for p in prompts)
+
+
+@pytest.mark.parametrize("spec, message", [
+    (dict(BASE, modle="x"), "unknown key(s) in the spec: modle"),
+    (dict(BASE, attribution=dict(n_step=3)), "unknown key(s) in section 'attribution': n_step"),
+    (dict(BASE, attribution=dict(n_steps="20")), "n_steps must be int"),
+    (dict(BASE, attribution=dict(n_steps=0)), "n_steps must be >= 1"),
+    (dict(BASE, attribution=dict(method="simpson")), "method must be one of"),
+    (dict(BASE, keep=dict(ratio=1.5)), "ratio must be in [0, 1]"),
+    (dict(BASE, keep=dict(dense="yes")), "keep.dense must be bool"),
+    (dict(BASE, workers=dict(count=0)), "workers must be >= 1"),
+    (dict(BASE, filters=dict(relations="P17")), "relations must be list"),
+    (dict(BASE, filters=[1]), "section 'filters' must be a mapping"),
+    (dict(model="m", facts="f"), "missing required key(s): output"),
+    (dict(BASE, facts="builtin:nope"), "no builtin fact set 'nope'; known: demo"),
+])
+def test_invalid_specs_say_what_is_wrong(spec, message):
+    with pytest.raises(SpecError) as error:
+        options_from_spec(spec)
+    assert message in str(error.value)
+
+
+def test_cli_flags_describe_the_same_run_as_a_spec(tmp_path):
+    args = build_parser().parse_args(
+        ["attribute", "--model", "m", "--facts", "f.jsonl", "--output", "out", "--relations", "P17,P19",
+         "--max-templates", "2", "--n-steps", "7", "--keep-ratio", "0.2", "--workers", "2", "--shard-size", "5"])
+    spec = dict(BASE, shard_size=5, filters=dict(relations=["P17", "P19"], max_templates=2),
+                attribution=dict(n_steps=7), keep=dict(ratio=0.2), workers=dict(count=2))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert options_from_spec(spec_from_args(args)) == load_job(tmp_path / "job.yaml")
+
+
+def test_cli_reports_a_bad_spec_with_exit_code_2(tmp_path, capsys):
+    (tmp_path / "job.yaml").write_text("model: m\nfacts: f\noutput: o\nshard_size: -1\n")
+    assert main(["run", str(tmp_path / "job.yaml")]) == 2
+    assert "shard_size must be >= 1" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    assert main(["run", str(tmp_path / "bad.yaml")]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_submit_needs_the_spec_in_the_working_dir_and_an_absolute_output(tmp_path):
+    (tmp_path / "wd").mkdir()
+    spec = tmp_path / "wd" / "job.yaml"
+    spec.write_text(yaml.safe_dump(dict(BASE)))
+    with pytest.raises(ValueError, match="relative"):
+        entrypoint(spec, tmp_path / "wd", None)
+    command = entrypoint(spec, tmp_path / "wd", "/abs/out")
+    assert command.endswith("run job.yaml --no-progress --output /abs/out")
+    with pytest.raises(ValueError, match="not inside the working dir"):
+        entrypoint(spec, tmp_path / "elsewhere", "/abs/out")
+
+
+# ---- a real cluster --------------------------------------------------------------------------
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture
+def ray_head():
+    """`ray start --head` on 127.0.0.1, free ports, no token auth, in its own temp dir; its
+    processes are stopped by PID afterwards (found by that temp dir), never by name."""
+    temp = Path(tempfile.mkdtemp(prefix="knr-"))
+    gcs, dash, agent, agent_grpc, metrics, client, runtime_env = _free_ports(7)
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+           f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+           f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
+           f"--runtime-env-agent-port={runtime_env}", "--num-cpus=4", f"--temp-dir={temp}", "--disable-usage-stats"]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        _stop_processes_under(temp)
+
+
+def _stop_processes_under(temp: Path) -> None:
+    mine = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(str(temp) in part for part in proc.info["cmdline"] or []):
+            mine.append(proc)
+    for proc in mine:
+        proc.terminate()
+    _, alive = psutil.wait_procs(mine, timeout=10)
+    for proc in alive:
+        proc.kill()
+
+
+@pytest.mark.slow
+def test_submit_runs_a_job_on_a_real_cluster(ray_head, tmp_path):
+    from tests.pipeline_fixtures import save_tiny_model
+
+    address, env = ray_head
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text('{"id": "f1", "relation": "capital", "subject": "France", "object": "Paris", '
+                     '"templates": ["The capital of [X] is [Y] .", "[X] has capital [Y] ."]}\n'
+                     '{"id": "f2", "relation": "capital", "subject": "Japan", "object": "Tokyo", '
+                     '"prompts": ["The capital of Japan is"]}\n')
+    model = save_tiny_model("llama", [facts.read_text()], tmp_path / "model")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "job.yaml").write_text(yaml.safe_dump(dict(
+        model=str(model), facts=str(facts), output=str(tmp_path / "out"), attribution=dict(n_steps=3),
+        workers=dict(count=2), shard_size=1)))
+    done = subprocess.run([sys.executable, "-m", "kn_ray.interfaces.cli", "submit", "job.yaml", "--address", address,
+                           "--working-dir", "."], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCEEDED" in done.stdout and "3 done, 0 skipped, 0 errors" in done.stdout
+    from kn_ray.pipeline.store import Store
+
+    prompts = Store(tmp_path / "out").read("prompts").to_pandas()
+    assert sorted(prompts["fact_id"]) == ["f1", "f1", "f2"] and set(prompts["status"]) == {"ok"}
+    assert Store(tmp_path / "out").read("neurons").num_rows > 0
+
+    (work / "job.yaml").write_text(yaml.safe_dump(dict(model=str(tmp_path / "no-such-model"), facts=str(facts),
+                                                       output=str(tmp_path / "out2"))))
+    failed = subprocess.run([sys.executable, "-m", "kn_ray.interfaces.cli", "submit", "job.yaml", "--address", address],
+                            cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1 and "FAILED" in failed.stdout, failed.stdout + failed.stderr
