@@ -21,14 +21,14 @@ class ModelRunner:
         *,
         precision: str = "auto",
         max_batch_tokens: int | None = None,
-        max_batch_prompts: int = 32,
+        max_batch_prompts: int | None = None,
     ):
         self.lm = model if isinstance(model, LoadedModel) else LoadedModel.from_objects(model, tokenizer)
         self.model, self.adapter, self.tokenizer = self.lm.model, self.lm.adapter, self.lm.tokenizer
         self.device = self.lm.device
         self.precision = resolve_precision(precision, self.device)
         self.max_batch_tokens = max_batch_tokens or self._default_batch_tokens()
-        self.max_batch_prompts = max_batch_prompts
+        self.max_batch_prompts = max_batch_prompts or (256 if self.device.type == "cuda" else 32)
         self.max_length = max_positions(self.model.config)
         self.pad_id = next((int(t) for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if t is not None), 0)
 
