@@ -173,14 +173,14 @@ def test_units_do_not_depend_on_grouping(run_dir):
         assert "bad" not in [p.prompt_id for p in item.prompts]
 
 
-def test_update_units_leave_out_relation_neurons_and_pick_another_object(run_dir):
+def test_update_units_leave_out_shared_neurons_and_pick_another_object(run_dir):
     items = [i for u in _units(run_dir, "update") for i in u.items]
     france = next(i for i in items if i.fact_id == "P36-france")
     assert (2, 5) not in france.kn and france.kn
     assert "paris" not in france.new_objects and set(france.new_objects) <= {"berlin", "rome", "madrid"}
     assert all(r.prompt_id.startswith("P36") and not r.prompt_id.startswith("P36-france") for r in france.same_relation)
     assert all(r.prompt_id.startswith("P37") for r in france.other_relation)
-    kept = [i for u in _units(run_dir, "update", exclude_relation_neurons=False) for i in u.items]
+    kept = [i for u in _units(run_dir, "update", shared_share=None) for i in u.items]
     assert (2, 5) in next(i for i in kept if i.fact_id == "P36-france").kn
 
 

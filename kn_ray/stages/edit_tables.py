@@ -132,26 +132,35 @@ def summary_dict(scale: pd.DataFrame, metrics: pd.DataFrame) -> dict:
 
 
 def summary_text(scale: pd.DataFrame, metrics: pd.DataFrame) -> str:
-    """Readable tables: per scaling op, mean relative change (relation x condition); per
-    update / erase, the headline metrics per condition and relation."""
+    """Readable tables of every op in OUT/edits: per scaling op, the mean relative change
+    (relation x condition); per update / erase, the headline metrics (before -> after)."""
     parts = []
     for op, group in scale.groupby("op", sort=False):
         table = group.pivot(index="relation", columns="condition", values="mean_rel_change")
         parts.append(f"{op}: mean relative change of P(gold)\n{_ordered(table).to_string(float_format='{:+.3f}'.format)}")
     for op, group in metrics.groupby("op", sort=False):
-        shown = [m for m in HEADLINE[op] if m in set(group.metric)]
-        table = group.pivot(index=["relation", "condition"], columns="metric", values="mean")[shown]
-        parts.append(f"{op}: mean over edits\n{_ordered(table).to_string(float_format='{:.3f}'.format)}")
+        table = group.pivot(index=["relation", "condition"], columns="metric", values="mean")
+        parts.append(f"{op}: mean over edits\n{_ordered(_before_after(table, HEADLINE[op])).to_string()}")
     return "\n\n".join(parts) if parts else "no edit rows"
 
 
-HEADLINE = {
-    "update": ["success_rate", "change_rate", "success_rate_all", "same_relation_ppl_before",
-               "same_relation_ppl_after", "other_relation_ppl_before", "other_relation_ppl_after"],
-    "erase": ["target_accuracy_before", "target_accuracy_after", "target_ppl_before", "target_ppl_after",
-              "other_relation_accuracy_before", "other_relation_accuracy_after", "other_relation_ppl_before",
-              "other_relation_ppl_after"],
+HEADLINE = {  # plain metrics, and metrics shown as "before -> after"
+    "update": ["success_rate", "change_rate", "success_rate_all", "target_ppl", "same_relation_ppl",
+               "other_relation_ppl"],
+    "erase": ["target_accuracy", "target_ppl", "other_relation_accuracy", "other_relation_ppl"],
 }
+
+
+def _before_after(table: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """One text column per headline metric; x_before and x_after become "before -> after"."""
+    columns = {}
+    for name in names:
+        if name in table:
+            columns[name] = table[name].map("{:.3f}".format)
+        elif f"{name}_before" in table:
+            columns[name] = table[f"{name}_before"].map("{:.3g}".format) + " -> " + \
+                table[f"{name}_after"].map("{:.3g}".format)
+    return pd.DataFrame(columns, index=table.index)
 
 
 def _ordered(table: pd.DataFrame) -> pd.DataFrame:

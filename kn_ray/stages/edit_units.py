@@ -63,7 +63,8 @@ class EditSettings:
     ppl_facts: int = 5  # update: facts sampled for the same- and other-relation perplexity
     lambda1: float = 1.0
     lambda2: float = 8.0
-    exclude_relation_neurons: bool = True  # update: drop the fact's neurons that are relation neurons
+    shared_share: float | None = 0.1  # update: leave out neurons of more than this share of the
+    # relation's other facts (None: keep all)
     erase_top: int = 20
     erase_other_prompts: int = 500
     erase_value: str = "zero"  # zero | unk
@@ -72,6 +73,8 @@ class EditSettings:
         for name in ("control_prompts", "ppl_facts", "erase_top", "erase_other_prompts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.shared_share is not None and not 0 <= self.shared_share <= 1:
+            raise ValueError(f"shared share must lie in [0, 1], got {self.shared_share}")
         if self.max_facts is not None and self.max_facts < 1:
             raise ValueError(f"max_facts must be >= 1, got {self.max_facts}")
         if self.erase_value not in ("zero", "unk"):
@@ -115,6 +118,9 @@ class EditCorpus:
         self.all_facts = self.prompts.drop_duplicates("fact_id")[["fact_id", "relation", "object"]].reset_index(drop=True)
         self.fact_ids = set(fact_ids) if fact_ids else None
         kn = kn.sort_values(["fact_id", "method", "layer", "neuron"])
+        ig = kn[kn.method == "ig"]
+        self._facts_per_neuron = ig.groupby(["relation", "layer", "neuron"]).fact_id.nunique().to_dict()
+        self._facts_per_relation = self.all_facts.relation.value_counts().to_dict()
         self._neurons = {key: list(zip(g.layer.astype(int).tolist(), g.neuron.astype(int).tolist()))
                          for key, g in kn.groupby(["fact_id", "method"], sort=False)}
         self._by_fact = {f: _refs(g) for f, g in self.prompts.groupby("fact_id", sort=False)}
@@ -139,6 +145,16 @@ class EditCorpus:
                     for relation, g in facts.groupby("relation", sort=True)]
             facts = pd.concat(keep) if keep else facts
         return facts.sort_values(["relation", "fact_id"], ignore_index=True)
+
+    def specific_neurons(self, fact_id: str, relation: str, shared_share: float | None) -> Neurons:
+        """The fact's ig neurons without those that are also knowledge neurons of more than
+        `shared_share` of its relation's facts (the authors' update filter: a neuron most of the
+        relation shares would change every fact of the relation, not this one)."""
+        neurons = self.neurons(fact_id, "ig")
+        if shared_share is None:
+            return neurons
+        limit = shared_share * self._facts_per_relation.get(relation, 0)
+        return [(l, n) for l, n in neurons if self._facts_per_neuron[(relation, l, n)] - 1 <= limit]
 
     def relation_neurons(self) -> pd.DataFrame:
         """relation, layer, neuron, n_facts of the ig relation neurons (empty without the table)."""
@@ -178,13 +194,10 @@ class EditCorpus:
     def update_items(self, settings: EditSettings) -> list[FactItem]:
         """Update: new-object candidates per fact (a seeded order of its relation's other objects)
         and the prompts of the perplexity checks. Facts left with no neuron or no other object are skipped."""
-        rn = self.relation_neurons()
-        shared = {r: set(zip(g.layer, g.neuron)) for r, g in rn.groupby("relation")} \
-            if settings.exclude_relation_neurons else {}
         objects = {r: sorted(set(g.object)) for r, g in self.all_facts.groupby("relation")}
         items = []
         for f in self.facts(settings).itertuples():
-            kn = [n for n in self.neurons(f.fact_id, "ig") if n not in shared.get(f.relation, ())]
+            kn = self.specific_neurons(f.fact_id, f.relation, settings.shared_share)
             others = [o for o in objects[f.relation] if o != f.object]
             if not kn or not others:
                 continue

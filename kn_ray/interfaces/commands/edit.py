@@ -25,8 +25,10 @@ def register(sub) -> None:
     p.add_argument("--ppl-facts", type=int, default=5, help="update: facts per perplexity check (default 5)")
     p.add_argument("--lambda1", type=float, default=1.0, help="update: weight of the old object (default 1)")
     p.add_argument("--lambda2", type=float, default=8.0, help="update: weight of the new object (default 8)")
-    p.add_argument("--keep-relation-neurons", action="store_true",
-                   help="update: also edit the fact's neurons that are relation neurons (default: leave them)")
+    p.add_argument("--shared-share", type=float, default=0.1,
+                   help="update: leave out the fact's neurons that more than this share of its relation's other "
+                        "facts also have (default 0.1, as the authors)")
+    p.add_argument("--keep-shared-neurons", action="store_true", help="update: edit all the fact's ig neurons")
     p.add_argument("--erase-top", type=int, default=20, help="erase: top relation neurons per relation (default 20)")
     p.add_argument("--erase-value", choices=("zero", "unk"), default="zero",
                    help="erase: set value slots to zero or to the unknown token's embedding (default zero)")
@@ -53,7 +55,8 @@ def run(args) -> int:
 
     settings = EditSettings(seed=args.seed, max_facts=args.max_facts, control_prompts=args.control_prompts,
                             ppl_facts=args.ppl_facts, lambda1=args.lambda1, lambda2=args.lambda2,
-                            exclude_relation_neurons=not args.keep_relation_neurons, erase_top=args.erase_top,
+                            shared_share=None if args.keep_shared_neurons else args.shared_share,
+                             erase_top=args.erase_top,
                             erase_other_prompts=args.erase_other_prompts, erase_value=args.erase_value)
     options = EditOptions(ops=parse_ops(args.op) or OPS, settings=settings, model=args.model, precision=args.precision,
                           batch_prompts=args.batch_prompts, relations=tuple(args.relation),
