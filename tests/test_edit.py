@@ -14,7 +14,7 @@ import torch
 from kn_ray.engine import LoadedModel, Prober, load_model
 from kn_ray.engine.editing import add_to_value_slots, edited, value_slot, word_embedding
 from kn_ray.interfaces.cli import main
-from kn_ray.stages.edit_ops import (EditRunner, apply_erase, apply_update, erase_value, random_neurons,
+from kn_ray.stages.edit_ops import (EditRunner, ModelSpec, apply_erase, apply_update, erase_value, random_neurons,
                                     update_delta)
 from kn_ray.stages.edit_tables import EDITS, corpus_ppl, metric_rows, relative_change
 from kn_ray.stages.edit_units import EditCorpus, EditSettings, rng_for
@@ -264,3 +264,15 @@ def test_save_reloads_to_the_same_edited_weights(run_dir, runner, tmp_path):
     assert json.loads((tmp_path / "edited" / "kn_ray_edit.json").read_text())["fact_id"] == "P36-germany"
     with pytest.raises(ValueError, match="exactly one"):
         save_edit(run_dir, EditOptions(ops=("update",)), tmp_path / "nope")
+
+
+@pytest.mark.slow  # two actor processes each load torch: about a minute on two shared cores
+def test_ray_actors_give_the_rows_of_a_local_run(run_dir, runner, ray_local):
+    from kn_ray.stages.edit_ray import run_units
+
+    units = EditCorpus(run_dir).units("suppress", EditSettings(control_prompts=2), unit_facts=2)
+    spec = ModelSpec(str(run_dir.parent / "model"), precision="fp32")
+    remote = {unit.index: rows for unit, rows in run_units(units, spec, workers=2)}
+    assert sorted(remote) == [u.index for u in units]
+    for unit in units:
+        pd.testing.assert_frame_equal(remote[unit.index], runner.run(unit), rtol=1e-5)
