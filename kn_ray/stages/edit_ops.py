@@ -119,7 +119,8 @@ class EditRunner:
         """Prompt rows of the unit, followed by its metric rows (update / erase)."""
         experiment = {"update": self.update, "erase": self.erase}.get(unit.op, self.scale)
         rows = pd.DataFrame.from_records(experiment(unit))
-        return pd.concat([rows, metric_rows(rows)], ignore_index=True) if len(rows) else rows
+        metrics = metric_rows(rows) if len(rows) else None
+        return pd.concat([rows, metrics], ignore_index=True) if metrics is not None and len(metrics) else rows
 
     def probe(self, refs: Sequence[PromptRef], targets: Sequence[str] | None = None, *,
               neurons=None, factor: float = 1.0) -> list[Probe]:
