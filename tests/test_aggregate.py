@@ -79,7 +79,7 @@ def test_min_prompts_floor_wins_over_small_p(tmp_path):
 
 
 def test_threshold_below_keep_ratio_is_refused(tmp_path):
-    out = build(tmp_path, {"A": ("R1", [MAX] * 3, 0)}, config={"keep": {"score_ratio": 0.2}})
+    out = build(tmp_path, {"A": ("R1", [MAX] * 3, 0)}, config={"identity": {"keep": {"ratio": 0.2}}})
     with pytest.raises(ValueError, match="were not stored"):
         aggregate(out, AggregateParams(t=0.15, methods=("ig",)))
     aggregate(out, AggregateParams(t=0.2, methods=("ig",)))
@@ -230,3 +230,20 @@ def test_cli_errors_and_success(synthetic_run, tmp_path, capsys):
     assert cli(["aggregate", str(synthetic_run), "--no-activation"]) == 0
     assert set(json.loads(capsys.readouterr().out)["p_per_relation"]) == {"ig"}
     assert set(pq.read_table(synthetic_run / "knowledge_neurons").column("method").to_pylist()) == {"ig"}
+
+
+def test_reads_only_shards_marked_done(synthetic_run, tmp_path):
+    """While `kn-ray attribute` runs, parts of unfinished shards (no _shards marker) are left out."""
+    partial = tmp_path / "partial"
+    for table in ["prompts", "neurons", "activations"]:
+        (partial / table).mkdir(parents=True)
+        for part in sorted((synthetic_run / table).glob("part-*.parquet")):
+            (partial / table / part.name).write_bytes(part.read_bytes())
+    (partial / "run.json").write_text((synthetic_run / "run.json").read_text())
+    (partial / "_shards").mkdir()
+    (partial / "_shards" / "part-00000.json").write_text("{}")
+    summary = aggregate(partial)
+    assert summary["counts"]["parts_of_unfinished_shards"] == {"prompts": 4, "neurons": 4, "activations": 4}
+    first = pq.read_table(synthetic_run / "prompts" / "part-00000.parquet").to_pandas()
+    assert summary["counts"]["usable_prompts"] == (first.status == "ok").sum()
+    assert set(knowledge_neurons(partial).fact_id) <= set(first.fact_id)

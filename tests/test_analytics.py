@@ -30,7 +30,7 @@ def hand_built(tmp_path):
              for r, f, c in [("R1", "A", -0.5), ("R1", "B", -0.3), ("R2", "C", -0.1)]]
     edits += [{"op": "erase", "relation": "R1", "fact_id": "A", "condition": "kn", "metric": "success_rate", "value": v}
               for v in (0.2, 0.4)]
-    return write_tables(tmp_path, {"model": {"name": "tiny-lm"}}, prompts=pd.DataFrame(prompts),
+    return write_tables(tmp_path, {"identity": {"model": "tiny-lm"}}, prompts=pd.DataFrame(prompts),
                         knowledge_neurons=pd.DataFrame(kn), edits=pd.DataFrame(edits))
 
 
@@ -121,3 +121,15 @@ def test_neuron_views_need_aggregate(tmp_path):
     write_synthetic_run(tmp_path, SyntheticSpec(facts=10))
     with pytest.raises(FileNotFoundError, match="kn-ray aggregate"):
         Analytics(tmp_path).layer_histogram()
+
+
+def test_edit_summary_matches_the_edit_stage(synthetic):
+    """The edit stage summarises its own rows (edit_tables.scale_summary); the report must agree."""
+    from kn_ray.stages.edit_tables import scale_summary
+
+    write_synthetic_edits(synthetic, facts=30)
+    rows = pq.read_table(synthetic / "edits").to_pandas()
+    keys = ["op", "condition", "relation"]
+    expected = scale_summary(rows).sort_values(keys, ignore_index=True)
+    got = Analytics(synthetic).edit_summary().sort_values(keys, ignore_index=True)
+    pd.testing.assert_frame_equal(got, expected, check_dtype=False)

@@ -37,7 +37,7 @@ def test_report_without_edits(run):
     captions = _captions(html)
     assert len(captions) == len(CORE_FIGURES)
     for caption in captions:
-        assert MODEL in caption and "0.2 x the prompt&#x27;s max" in caption and "p = 0.7 (adaptive" in caption
+        assert MODEL in caption and "0.2 x the prompt&#x27;s max" in caption and "p = 0.7, adapted per relation" in caption
     assert "No " in html and "edits yet" in html
     assert "Chosen p per relation" in html
 
@@ -60,7 +60,7 @@ def test_every_figure_states_model_corpus_and_thresholds(run):
     drawn = [fig for _, fig in build_sections(analytics, caption) if fig is not None]
     assert len(drawn) == len(CORE_FIGURES | EDIT_FIGURES)
     for fig in drawn:
-        text = " ".join(t.get_text() for t in fig.texts)
+        text = " ".join(" ".join(t.get_text() for t in fig.texts).split())  # undo the caption's line wrapping
         assert MODEL in text and "0.2" in text and "p = 0.7" in text
         plt.close(fig)
 

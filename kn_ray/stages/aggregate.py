@@ -20,14 +20,13 @@ import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import duckdb
 import pandas as pd
 
 from kn_ray.stages import schemas
-from kn_ray.stages.duck import connect, sql_path, write_query
-from kn_ray.stages.rundir import RunDir, atomic_directory, write_json_atomic
+from kn_ray.stages.duck import connect, read_parquet, write_query
+from kn_ray.stages.rundir import ATTRIBUTE_TABLES, RunDir, atomic_directory, write_json_atomic
 
 EPS = 1e-9  # `count >= share * n` is meant in decimals: 0.6 * 10 must admit a count of 6
 ADAPTIVE_STEP = 0.05
@@ -78,7 +77,7 @@ def aggregate(out, params: AggregateParams | None = None) -> dict:
     params = params or AggregateParams()
     run = RunDir(out)
     for required in ("prompts", "neurons"):
-        run.glob(required)  # fails early, naming the missing folder
+        run.files(required)  # fails early, naming the missing folder
     methods = [m for m in METHODS if m.name in params.methods and (m.name == "ig" or run.has(m.table))]
     params.validate(run)
     started = time.perf_counter()
@@ -99,6 +98,7 @@ def aggregate(out, params: AggregateParams | None = None) -> dict:
 def _aggregate(con, run: RunDir, methods: list[Method], params: AggregateParams) -> dict:
     _load_facts(con, run)
     summary = {"parameters": _parameters(run, methods, params), "p_per_relation": {}, "counts": _fact_counts(con, params)}
+    summary["counts"]["parts_of_unfinished_shards"] = {t: run.unmarked_parts(t) for t in ATTRIBUTE_TABLES}
     kn_queries = []
     for method in methods:
         summary["counts"][method.name] = _load_candidates(con, run, method, params)
@@ -126,7 +126,7 @@ def _parameters(run: RunDir, methods: list[Method], params: AggregateParams) -> 
 
 def _load_facts(con, run: RunDir) -> None:
     """Usable prompts (status 'ok'), facts with their usable prompt count, relations with their fact count."""
-    prompts = f"read_parquet({sql_path(run.glob('prompts'))})"
+    prompts = read_parquet(run.files("prompts"))
     duplicated = con.execute(f"SELECT count(*) - count(DISTINCT prompt_id) FROM {prompts}").fetchone()[0]
     if duplicated:
         raise ValueError(f"{run.table_dir('prompts')}: {duplicated} repeated prompt_id rows (a shard written twice?)")
@@ -145,7 +145,7 @@ def _fact_counts(con, params: AggregateParams) -> dict:
 def _load_candidates(con, run: RunDir, method: Method, params: AggregateParams) -> dict:
     """Per (fact, neuron): usable prompts where it was coarse and its mean value there, kept
     only if that count reaches min_prompts (no p can admit the others)."""
-    rows = f"read_parquet({sql_path(run.glob(method.table))})"
+    rows = read_parquet(run.files(method.table))
     con.execute(f"CREATE TEMP TABLE max_{method.name} AS SELECT r.prompt_id, max(r.{method.column}) AS top "
                 f"FROM {rows} r SEMI JOIN usable u ON r.prompt_id = u.prompt_id GROUP BY r.prompt_id")
     con.execute(f"""

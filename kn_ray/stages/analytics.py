@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from kn_ray.stages.duck import connect, sql_path
+from kn_ray.stages.duck import connect, read_parquet
 from kn_ray.stages.overlap import MAX_PAIRS, overlap_of
 from kn_ray.stages.rundir import RunDir
 
@@ -42,7 +42,7 @@ class Analytics:
     def _source(self, table: str) -> str:
         if table in ("knowledge_neurons", "relation_neurons") and not self.run.has(table):
             raise FileNotFoundError(f"{self.run.table_dir(table)}: missing; run `kn-ray aggregate {self.run.path}` first")
-        return f"read_parquet({sql_path(self.run.glob(table))}, union_by_name = true)"
+        return read_parquet(self.run.files(table), union_by_name=True)
 
     def _frame(self, name: str, query: str, params=None) -> pd.DataFrame:
         frame = self._con.execute(query, params or []).df()
@@ -86,7 +86,9 @@ class Analytics:
         kn = self._con.execute(f"SELECT method, fact_id, relation, layer, neuron "
                                f"FROM {self._source('knowledge_neurons')}").df()
         frames = [overlap_of(group, max_pairs, seed).assign(method=method) for method, group in kn.groupby("method")]
-        return pd.concat(frames, ignore_index=True)[COLUMNS["overlap"]] if frames else pd.DataFrame(columns=COLUMNS["overlap"])
+        if not frames:
+            return pd.DataFrame(columns=COLUMNS["overlap"])
+        return pd.concat(frames, ignore_index=True)[COLUMNS["overlap"]]
 
     def run_stats(self) -> pd.DataFrame:
         """Prompts by status per relation plus an 'ALL' row. compute_seconds sums the per-prompt
@@ -116,14 +118,16 @@ class Analytics:
         return {row[0] for row in rows}
 
     def edit_summary(self) -> pd.DataFrame:
-        """Mean relative change of the gold probability per (op, condition), per relation and 'ALL'."""
+        """Suppress / amplify: mean relative change of the gold probability per (op, condition), per
+        relation and 'ALL'. Update / erase rows also carry rel_change, over several prompt scopes
+        whose mean would mix the edited fact with collateral prompts: see edit_metrics()."""
         if not self.has_edits():
             return pd.DataFrame(columns=COLUMNS["edit_summary"])
         return self._frame("edit_summary", f"""
             SELECT op, condition, coalesce(relation, '{ALL}') AS relation, count(*) AS n,
                    avg(rel_change) AS mean_rel_change, median(rel_change) AS median_rel_change,
                    avg(prob_before) AS mean_prob_before, avg(prob_after) AS mean_prob_after
-            FROM {self._source('edits')} WHERE rel_change IS NOT NULL
+            FROM {self._source('edits')} WHERE op IN ('suppress', 'amplify') AND rel_change IS NOT NULL
             GROUP BY GROUPING SETS ((op, condition, relation), (op, condition))
             ORDER BY op, condition, relation IS NULL DESC, relation""")
 

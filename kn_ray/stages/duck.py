@@ -22,9 +22,10 @@ def connect(memory_limit: str = "1GB", threads: int | None = None, temp_dir: Pat
     return con
 
 
-def sql_path(path: str | Path) -> str:
-    """A file path or glob as a SQL string literal."""
-    return "'" + str(path).replace("'", "''") + "'"
+def read_parquet(files: list[str], union_by_name: bool = False) -> str:
+    """SQL reading the given Parquet files as one table."""
+    listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+    return f"read_parquet([{listed}]{', union_by_name = true' if union_by_name else ''})"
 
 
 def write_query(con, query: str, schema: pa.Schema, directory: Path, rows_per_part: int = ROWS_PER_PART) -> int:

@@ -36,7 +36,7 @@ def describe(context: dict) -> str:
     params = context["parameters"]
     if not params:
         return f"Model {context['model']}; corpus {context['input']}; no aggregate.json (run `kn-ray aggregate`)."
-    adaptive = " (adaptive per relation)" if params.get("adaptive") else ""
+    adaptive = ", adapted per relation from there (see the chosen p table)" if params.get("adaptive") else ""
     return (f"Model {context['model']}; corpus {context['input']}: {context['relations']} relations, "
             f"{context['facts']} facts, {context['usable_prompts']} usable prompts. Coarse neurons: score >= "
             f"{params.get('t')} x the prompt's max (ig), activation >= {params.get('activation_t')} x max "

@@ -1,7 +1,8 @@
-"""One `kn-ray attribute` output directory as the downstream stages see it.
+"""One `kn-ray attribute` output directory as the downstream stages see it (docs/output-schema.md).
 
-Layout: `run.json`, then one folder of `part-*.parquet` files per table (prompts, neurons,
-activations; later knowledge_neurons, relation_neurons, edits) and `aggregate.json`.
+Layout: `run.json`, one folder of `part-*.parquet` files per table (prompts, neurons,
+activations; later knowledge_neurons, relation_neurons, edits), `_shards/part-NNNNN.json`
+done markers of the attribute tables, and `aggregate.json`.
 """
 
 from __future__ import annotations
@@ -14,26 +15,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-# The attribute stage keeps neuron rows with score >= 0.1 x the prompt's max and activation
-# rows with activation >= 0.5 x the prompt's max; run.json may state other ratios.
+ATTRIBUTE_TABLES = ("prompts", "neurons", "activations")  # written per shard, each shard marked done
+MARKERS = "_shards"
+# Keep policy of the attribute stage: neuron rows with score >= ratio x the prompt's max,
+# activation rows with activation >= activation_ratio x max; dense runs keep every neuron.
 DEFAULT_KEEP = {"ig": 0.1, "activation": 0.5}
-KEEP_KEYS = {  # where run.json may state each keep ratio, first match wins
-    "ig": (("keep", "score_ratio"), ("keep", "score"), ("keep", "ratio"), ("keep_ratio",), ("score_keep_ratio",)),
-    "activation": (("keep", "activation_ratio"), ("keep", "activation"), ("activation_keep_ratio",)),
-}
-MODEL_KEYS = (("model", "name"), ("model",), ("model_name",))
-REVISION_KEYS = (("model", "revision"), ("revision",))
-INPUT_KEYS = (("input", "name"), ("input", "path"), ("input",), ("facts",))
+KEEP_KEYS = {"ig": ("identity", "keep", "ratio"), "activation": ("identity", "keep", "activation_ratio")}
+DENSE_KEY = ("identity", "keep", "dense")
+MODEL_KEY = ("identity", "model")
+REVISION_KEY = ("identity", "model_info", "revision")
+INPUT_KEY = ("input_path",)
 
 
-def _lookup(config: dict, paths) -> object | None:
-    for path in paths:
-        node = config
-        for key in path:
-            node = node.get(key) if isinstance(node, dict) else None
-        if node is not None and not isinstance(node, dict):
-            return node
-    return None
+def _lookup(config: dict, path: tuple[str, ...]) -> object | None:
+    node = config
+    for key in path:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
 
 
 class RunDir:
@@ -47,14 +45,28 @@ class RunDir:
     def table_dir(self, table: str) -> Path:
         return self.path / table
 
-    def has(self, table: str) -> bool:
-        return any(self.table_dir(table).glob("part-*.parquet"))
+    def parts(self, table: str) -> list[Path]:
+        """The table's part files; for attribute tables only those of shards marked done
+        (while `kn-ray attribute` runs, a shard's parts appear before its marker)."""
+        parts = sorted(self.table_dir(table).glob("part-*.parquet"))
+        markers = self.path / MARKERS
+        if table in ATTRIBUTE_TABLES and markers.is_dir():
+            parts = [p for p in parts if (markers / f"{p.stem}.json").exists()]
+        return parts
 
-    def glob(self, table: str) -> str:
-        """The parquet glob of a table, after checking it has part files."""
-        if not self.has(table):
-            raise FileNotFoundError(f"{self.table_dir(table)}: no part-*.parquet files")
-        return str(self.table_dir(table) / "part-*.parquet")
+    def unmarked_parts(self, table: str) -> int:
+        return len(list(self.table_dir(table).glob("part-*.parquet"))) - len(self.parts(table))
+
+    def has(self, table: str) -> bool:
+        return bool(self.parts(table))
+
+    def files(self, table: str) -> list[str]:
+        """The part files to read, after checking there is at least one."""
+        parts = self.parts(table)
+        if not parts:
+            raise FileNotFoundError(f"{self.table_dir(table)}: no part-*.parquet files"
+                                    + (" of finished shards" if (self.path / MARKERS).is_dir() else ""))
+        return [str(p) for p in parts]
 
     def _json(self, name: str) -> dict:
         file = self.path / name
@@ -79,18 +91,20 @@ class RunDir:
         return self._json("aggregate.json")
 
     def keep_ratio(self, method: str) -> float:
+        if method == "ig" and _lookup(self.config, DENSE_KEY):
+            return 0.0
         value = _lookup(self.config, KEEP_KEYS[method])
         return float(value) if value is not None else DEFAULT_KEEP[method]
 
     @property
     def model_label(self) -> str:
-        name = _lookup(self.config, MODEL_KEYS) or "unknown model"
-        revision = _lookup(self.config, REVISION_KEYS)
-        return f"{name}@{str(revision)[:12]}" if revision else str(name)
+        name = _lookup(self.config, MODEL_KEY) or "unknown model"
+        revision = _lookup(self.config, REVISION_KEY)
+        return f"{name}@{str(revision)[:16]}" if revision else str(name)
 
     @property
     def input_label(self) -> str:
-        value = _lookup(self.config, INPUT_KEYS)
+        value = _lookup(self.config, INPUT_KEY)
         return Path(str(value)).name if value else self.path.name
 
 

@@ -1,50 +1,19 @@
 """Arrow schemas of the tables the downstream stages read and write.
 
-The input tables (prompts, neurons, activations, edits) are the contract written by
-`kn-ray attribute` and the edit stage; the stages here only read the columns they need, so
-extra columns are harmless. The output tables are written by `kn-ray aggregate`.
+The input tables (prompts, neurons, activations) are the contract written by `kn-ray
+attribute`; EDITS is the subset of the edit stage's table (kn_ray.stages.edit_tables) that
+the report reads. Extra columns are harmless. The output tables are written by
+`kn-ray aggregate`.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-PROMPTS = pa.schema([
-    ("prompt_id", pa.string()),
-    ("fact_id", pa.string()),
-    ("relation", pa.string()),
-    ("subject", pa.string()),
-    ("object", pa.string()),
-    ("template", pa.string()),
-    ("prompt", pa.string()),
-    ("target", pa.string()),
-    ("status", pa.string()),  # ok | skipped | error
-    ("error", pa.string()),  # reason for skipped / error rows
-    ("gold_prob", pa.float64()),
-    ("top_token", pa.string()),
-    ("top_prob", pa.float64()),
-    ("max_score", pa.float32()),
-    ("completeness", pa.list_(pa.float32())),
-    ("seconds", pa.float64()),
-])
+from kn_ray.pipeline import tables
 
-NEURONS = pa.schema([
-    ("prompt_id", pa.string()),
-    ("fact_id", pa.string()),
-    ("relation", pa.string()),
-    ("layer", pa.int16()),
-    ("neuron", pa.int32()),
-    ("score", pa.float32()),
-])
-
-ACTIVATIONS = pa.schema([
-    ("prompt_id", pa.string()),
-    ("fact_id", pa.string()),
-    ("relation", pa.string()),
-    ("layer", pa.int16()),
-    ("neuron", pa.int32()),
-    ("activation", pa.float32()),
-])
+# The attribute stage's contract (docs/output-schema.md), defined by the pipeline.
+PROMPTS, NEURONS, ACTIVATIONS = tables.PROMPTS, tables.NEURONS, tables.ACTIVATIONS
 
 # One row per (op, fact, prompt, condition). Probability rows carry prob_before/after and
 # rel_change; update/erase may add metric rows (metric name + value, probabilities null).

@@ -208,9 +208,12 @@ def _part(rng, spec: SyntheticSpec, fact_index: np.ndarray, relation_neurons, al
 
 
 def run_config(spec: SyntheticSpec) -> dict:
-    return {"model": {"name": spec.model, "revision": "synthetic"}, "method": "ig", "n_steps": 20,
-            "precision": "fp32", "keep": {"score_ratio": 0.1, "activation_ratio": 0.5},
-            "input": "synthetic", "synthetic": asdict(spec)}
+    """run.json in the attribute stage's layout (docs/output-schema.md)."""
+    return {"identity": {"model": spec.model, "attribution": {"method": "left", "n_steps": 20},
+                         "model_info": {"revision": "synthetic", "num_layers": spec.layers, "num_neurons": spec.neurons},
+                         "keep": {"ratio": 0.1, "dense": False, "activation_ratio": 0.5},
+                         "input": {"format": "synthetic"}},
+            "input_path": "synthetic", "synthetic": asdict(spec)}
 
 
 def write_synthetic_run(out: str | Path, spec: SyntheticSpec | None = None) -> dict:
@@ -221,7 +224,8 @@ def write_synthetic_run(out: str | Path, spec: SyntheticSpec | None = None) -> d
     relation_neurons = np.stack([_upper_layers(rng, spec.relations * RELATION_NEURONS_PER_RELATION, spec.layers),
                                  rng.integers(0, spec.neurons, spec.relations * RELATION_NEURONS_PER_RELATION)], axis=1)
     relation_neurons = relation_neurons.reshape(spec.relations, RELATION_NEURONS_PER_RELATION, 2)
-    always_on = np.stack([rng.integers(0, spec.layers, ALWAYS_ON_NEURONS), rng.integers(0, spec.neurons, ALWAYS_ON_NEURONS)], axis=1)
+    always_on = np.stack([rng.integers(0, spec.layers, ALWAYS_ON_NEURONS),
+                          rng.integers(0, spec.neurons, ALWAYS_ON_NEURONS)], axis=1)
     counts = {"prompts": 0, "neurons": 0, "activations": 0}
     for part, first in enumerate(range(0, spec.facts, spec.facts_per_part)):
         fact_index = np.arange(first, min(first + spec.facts_per_part, spec.facts))
@@ -258,7 +262,7 @@ def write_tables(out: str | Path, config: dict | None = None, **frames) -> Path:
     for name, frame in frames.items():
         if frame is not None:
             _write_part(out / name, 0, _as_table(frame, schemas.TABLES[name]))
-    _write_json(out / "run.json", config if config is not None else {"model": {"name": "hand-built"}})
+    _write_json(out / "run.json", config if config is not None else {"identity": {"model": "hand-built"}})
     return out
 
 
