@@ -10,7 +10,7 @@ Follows the authors' `2_get_kn.py` (Dai et al., ACL 2022):
 * relation neurons: knowledge neurons of at least 10% of the relation's facts;
 * the activation baseline repeats all of it on raw activations with t = 0.5.
 
-Everything runs as DuckDB SQL over the Parquet globs with a memory limit, so group-bys
+Everything runs as DuckDB SQL over the Parquet parts with a memory limit, so group-bys
 spill to disk instead of holding the rows in memory.
 """
 
