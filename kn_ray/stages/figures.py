@@ -40,7 +40,8 @@ def _grouped_bars(ax, frame: pd.DataFrame, x: str, hue: str, y: str, colors: dic
         ax.bar(positions + (i - (len(table.columns) - 1) / 2) * width, table[column].fillna(0), width,
                label=str(column), color=(colors or {}).get(column))
     ax.set_xticks(positions, [str(v) for v in table.index])
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if len(table.columns):
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
 
 def _methods(frame: pd.DataFrame) -> list[str]:

@@ -18,7 +18,8 @@ def register(sub) -> None:
     p.add_argument("--adaptive", action="store_true", help="tune p per relation to 2..5 knowledge neurons per fact")
     p.add_argument("--relation-share", type=float, default=0.1, help="share of a relation's facts (default 0.1)")
     p.add_argument("--no-activation", action="store_true", help="skip the activation baseline")
-    p.add_argument("--memory-limit", default="256MB", help="DuckDB memory limit; beyond it, work spills to disk (default 256MB)")
+    p.add_argument("--memory-limit", default="256MB",
+                   help="DuckDB memory limit; beyond it, work spills to disk (default 256MB)")
     p.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: all cores)")
     p.set_defaults(func=run)
 
