@@ -61,3 +61,22 @@ def texts_of_pararel(root: Path) -> list[str]:
         for line in path.read_text().splitlines():
             texts.extend(str(v) for v in json.loads(line).values())
     return texts
+
+
+# (JSON Lines record, the reason it must be reported with; None: a good record)
+BAD_LINES = [
+    (b'{"id": "ok1", "relation": "r", "subject": "France", "object": "Paris", "templates": ["[X] capital [Y] ."]}', None),
+    (b'{"id": "bad-json", "relation": ', "malformed JSON"),
+    (b'["a", "list"]', "expected a JSON object"),
+    (b'{"id": "nosubj", "relation": "r", "object": "Paris", "templates": ["[X] [Y]"]}', "missing field 'subject'"),
+    (b'{"id": "empty", "relation": "r", "subject": "  ", "object": "Paris", "templates": ["[X] [Y]"]}', "empty 'subject'"),
+    (b'{"id": "both", "relation": "r", "subject": "a", "object": "b"}', "exactly one of 'templates' or 'prompts'"),
+    (b'{"id": "noY", "relation": "r", "subject": "a", "object": "b", "templates": ["[X] is here"]}', "[Y] exactly once"),
+    (b'{"id": "noX", "relation": "r", "subject": "a", "object": "b", "templates": ["it is [Y]"]}', "[X] exactly once"),
+    (b'{"id": "ok1", "relation": "r", "subject": "Italy", "object": "Rome", "templates": ["[X] capital [Y] ."]}', "duplicate id 'ok1'"),
+    (b'{"id": "bytes", "relation": "r", "subject": "\xff\xfe", "object": "b", "templates": ["[X] [Y]"]}', "broken unicode: invalid"),
+    (b'{"id": "surrogate", "relation": "r", "subject": "\\ud800x", "object": "b", "templates": ["[X] [Y]"]}', "lone surrogate"),
+    (b'{"id": "emptytpl", "relation": "r", "subject": "a", "object": "b", "templates": [""]}', "empty 'template'"),
+    (b'{"id": "ok2", "relation": "r", "subject": "Japan", "object": "Tokyo", "prompts": ["Japan capital [MASK] ."]}', None),
+]
+

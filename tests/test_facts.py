@@ -9,7 +9,7 @@ import pytest
 from kn_ray.pipeline.facts import Filters, read_facts
 from kn_ray.pipeline.plan import fingerprint, plan_shards
 from kn_ray.pipeline.prompts import build_prompts, stable_id
-from tests.pipeline_fixtures import PARAREL
+from tests.pipeline_fixtures import BAD_LINES, PARAREL
 
 pytestmark = pytest.mark.skipif(not PARAREL.is_dir(), reason="PARAREL data not present")
 
@@ -85,23 +85,6 @@ def test_shards_never_split_a_fact():
         for p in s.prompts:
             assert owner.setdefault(p.fact_id, s.shard_id) == s.shard_id
     assert all(len(s) >= 7 for s in shards[:-1])
-
-
-BAD_LINES = [
-    (b'{"id": "ok1", "relation": "r", "subject": "France", "object": "Paris", "templates": ["[X] capital [Y] ."]}', None),
-    (b'{"id": "bad-json", "relation": ', "malformed JSON"),
-    (b'["a", "list"]', "expected a JSON object"),
-    (b'{"id": "nosubj", "relation": "r", "object": "Paris", "templates": ["[X] [Y]"]}', "missing field 'subject'"),
-    (b'{"id": "empty", "relation": "r", "subject": "  ", "object": "Paris", "templates": ["[X] [Y]"]}', "empty 'subject'"),
-    (b'{"id": "both", "relation": "r", "subject": "a", "object": "b"}', "exactly one of 'templates' or 'prompts'"),
-    (b'{"id": "noY", "relation": "r", "subject": "a", "object": "b", "templates": ["[X] is here"]}', "[Y] exactly once"),
-    (b'{"id": "noX", "relation": "r", "subject": "a", "object": "b", "templates": ["it is [Y]"]}', "[X] exactly once"),
-    (b'{"id": "ok1", "relation": "r", "subject": "Italy", "object": "Rome", "templates": ["[X] capital [Y] ."]}', "duplicate id 'ok1'"),
-    (b'{"id": "bytes", "relation": "r", "subject": "\xff\xfe", "object": "b", "templates": ["[X] [Y]"]}', "broken unicode: invalid"),
-    (b'{"id": "surrogate", "relation": "r", "subject": "\\ud800x", "object": "b", "templates": ["[X] [Y]"]}', "lone surrogate"),
-    (b'{"id": "emptytpl", "relation": "r", "subject": "a", "object": "b", "templates": [""]}', "empty 'template'"),
-    (b'{"id": "ok2", "relation": "r", "subject": "Japan", "object": "Tokyo", "prompts": ["Japan capital [MASK] ."]}', None),
-]
 
 
 def test_every_bad_record_is_a_row_with_its_reason(tmp_path):

@@ -21,7 +21,7 @@ from kn_ray.pipeline.options import KeepPolicy, Resources, RunOptions
 from kn_ray.pipeline.prompts import build_prompts
 from kn_ray.pipeline.store import RunConflict, Store
 from kn_ray.pipeline.tables import kept
-from tests.pipeline_fixtures import PARAREL, pararel_slice, save_tiny_model, texts_of_pararel
+from tests.pipeline_fixtures import BAD_LINES, PARAREL, pararel_slice, save_tiny_model, texts_of_pararel
 
 pytestmark = pytest.mark.skipif(not PARAREL.is_dir(), reason="PARAREL data not present")
 N_STEPS = 4
@@ -103,8 +103,6 @@ def test_results_equal_the_engine_run_directly(world, reference):
 
 
 def test_bad_input_rows_carry_reasons_and_good_facts_are_computed(world, ray_local, tmp_path):
-    from tests.test_facts import BAD_LINES
-
     long_subject = " ".join(["Paris"] * 80)
     engine_skips = [
         (f'{{"id": "multi", "relation": "r", "subject": "France", "object": "Paris France", '

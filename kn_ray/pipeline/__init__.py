@@ -1,0 +1,12 @@
+"""The batch pipeline: facts -> prompts -> shards -> Ray actors -> Parquet (docs/pipeline.md).
+
+facts    reading PARAREL / JSON Lines; bad records become rows, never exceptions
+prompts  (fact, template) -> prompt and target for masked or causal LMs; stable ids
+plan     deterministic shards of whole facts
+options  validated run options (the CLI and job specs build them)
+tables   results as Arrow tables (the Parquet contract, docs/output-schema.md)
+store    the output directory: atomic parts, done markers, resume checks, readers
+worker   computing one shard with the engine (no Ray)
+execute  the Ray actor pool and the shard dispatcher (the only module importing Ray)
+driver   one run end to end; report: the end-of-run text; faults: test hooks
+"""
