@@ -32,7 +32,7 @@ from .encoding import Batch
 from .hooks import _first_arg, edit_neurons, gather_head_input, pre_hooks, start_at_layer
 from .precision import autocast
 from .riemann import riemann
-from .runner import ModelRunner, chunks, describe, gold_prob, is_oom
+from .runner import ModelRunner, batches, describe, gold_prob, is_oom
 
 
 @dataclass
@@ -113,7 +113,7 @@ class Attributor(ModelRunner):
         results: list[Attribution | None] = [None] * len(prompts)
         for i, reason in skipped.items():
             results[i] = Attribution(prompts[i], targets[i], status="skipped", reason=reason)
-        for chunk in chunks(ready, self.max_batch_prompts):
+        for chunk in batches(ready, self.max_batch_prompts):
             for i, res in self._attribute_safely(chunk, prompts, targets, alphas, weights, layers, baselines):
                 results[i] = res
             if progress:
@@ -192,9 +192,8 @@ class Attributor(ModelRunner):
             gather_head_input(model, adapter, batch.pred_cols),
         ):
             out = model(**self._inputs(batch, rows, 0), use_cache=not adapter.masked)
-        logprobs = out.logits.float().log_softmax(-1)
-        gold = gold_prob(logprobs, batch.gold_ids, batch.gold_valid)
-        top_prob, top_ids = logprobs[:, 0].exp().max(-1)
+        gold = gold_prob(out.logits, batch.gold_ids, batch.gold_valid)
+        top_prob, top_ids = out.logits[:, 0].float().softmax(-1).max(-1)
         kv = None
         if not adapter.masked and sc > 0:
             kv = [(lay.keys[:, :, :sc], lay.values[:, :, :sc]) for lay in out.past_key_values.layers]
@@ -253,7 +252,7 @@ class Attributor(ModelRunner):
             gather_head_input(self.model, self.adapter, batch.pred_cols[pi] - sc),
         ):
             logits = self.model(**inputs).logits
-            prob = gold_prob(logits.float().log_softmax(-1), batch.gold_ids[pi], batch.gold_valid[pi])
+            prob = gold_prob(logits, batch.gold_ids[pi], batch.gold_valid[pi])
             (grad,) = torch.autograd.grad(prob.sum(), x)
         return grad.float(), prob.detach()
 

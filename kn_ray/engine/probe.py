@@ -15,7 +15,7 @@ import torch
 
 from .hooks import edit_neurons, gather_head_input
 from .precision import autocast
-from .runner import ModelRunner, chunks, gold_prob
+from .runner import ModelRunner, batches, gold_prob
 
 Neurons = Sequence[tuple[int, int]]  # (layer, neuron) pairs
 
@@ -63,7 +63,7 @@ class Prober(ModelRunner):
         results: list[Probe | None] = [None] * len(prompts)
         for i, reason in skipped.items():
             results[i] = Probe(prompts[i], targets[i], status="skipped", reason=reason)
-        for chunk in chunks(ready, self.max_batch_prompts):
+        for chunk in batches(ready, self.max_batch_prompts):
             for (i, enc), out in zip(chunk, self._probe_batch(chunk, per_prompt, factor)):
                 results[i] = Probe(prompts[i], targets[i], n_target_tokens=len(enc.object_ids), first_target_id=enc.object_ids[0], **out)
         return results  # type: ignore[return-value]
@@ -79,9 +79,8 @@ class Prober(ModelRunner):
             for layer, scale in scales.items():
                 stack.enter_context(edit_neurons(self.model, self.adapter, layer, _scaler(rows, batch.target_col, scale)))
             logits = self.model(**self._inputs(batch, rows)).logits
-        logprobs = logits.float().log_softmax(-1)
-        gold = gold_prob(logprobs, batch.gold_ids, batch.gold_valid)
-        top_prob, top_ids = logprobs[:, 0].exp().max(-1)
+        gold = gold_prob(logits, batch.gold_ids, batch.gold_valid)
+        top_prob, top_ids = logits[:, 0].float().softmax(-1).max(-1)
         tokens = self.tokenizer.convert_ids_to_tokens(top_ids.tolist())
         return [
             dict(

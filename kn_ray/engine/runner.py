@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -47,7 +48,7 @@ class ModelRunner:
                 ready.append((i, self.encode(prompt, target)))
             except SkipPrompt as skip:
                 skipped[i] = str(skip)
-        ready.sort(key=lambda item: item[1].length)  # similar lengths pad little
+        ready.sort(key=lambda item: (len(item[1].object_ids), item[1].length))  # see `batches`
         return prompts, targets, ready, skipped
 
     def _collate(self, encs: list[Encoded]) -> Batch:
@@ -87,10 +88,14 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
 
-def gold_prob(logprobs: torch.Tensor, gold: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Teacher-forced probability of the whole object: prod_k P(o_k | prompt, o_<k)."""
-    picked = logprobs.gather(-1, gold[..., None]).squeeze(-1)
-    return (picked * valid).sum(-1).exp()
+def gold_prob(logits: torch.Tensor, gold: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced probability of the whole object: prod_k P(o_k | prompt, o_<k).
+
+    `logits` [R, K, V]; cross-entropy fuses log-softmax and the gold pick (and its backward),
+    computed in fp32 whatever the autocast dtype.
+    """
+    nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), gold.flatten(), reduction="none")
+    return (-nll.view_as(gold) * valid).sum(-1).exp()
 
 
 def is_oom(error: BaseException) -> bool:
@@ -104,9 +109,16 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:500]
 
 
-def chunks(items: list, size: int):
-    for lo in range(0, len(items), size):
-        yield items[lo : lo + size]
+def batches(ready: list[tuple[int, Encoded]], size: int):
+    """Batches of at most `size` prompts whose objects have the same number of tokens.
+
+    Every row of a batch is padded to its longest object, so mixing a 1-token object with
+    a 3-token one would triple the work of the short one's rows.
+    """
+    for _, group in itertools.groupby(ready, key=lambda item: len(item[1].object_ids)):
+        group = list(group)
+        for lo in range(0, len(group), size):
+            yield group[lo : lo + size]
 
 
 def _as_list(value) -> list[str]:
