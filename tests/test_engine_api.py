@@ -135,3 +135,37 @@ def test_bf16_autocast_runs_and_accumulates_in_fp32(llama):
     ref = Attributor(llama, precision="fp32").attribute(["the city of"], [" rome"], n_steps=4)[0]
     assert res.scores.dtype == np.float32
     assert np.corrcoef(res.scores.ravel(), ref.scores.ravel())[0, 1] > 0.95
+
+
+def test_out_of_memory_halves_the_batch_and_gives_the_same_scores(llama, monkeypatch):
+    prompts, targets = ["the capital of france is", "rome is located in"], [" paris", " italy"]
+    want = Attributor(llama, precision="fp32").attribute(prompts, targets, n_steps=4)
+    attr = Attributor(llama, precision="fp32", max_batch_tokens=8)
+    real_rows, seen = attr._rows, []
+
+    def rows_with_small_memory(batch, clean, layer, pi, alpha, baseline):
+        seen.append(len(pi))
+        if len(pi) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_rows(batch, clean, layer, pi, alpha, baseline)
+
+    monkeypatch.setattr(attr, "_rows", rows_with_small_memory)
+    got = attr.attribute(prompts, targets, n_steps=4)
+    assert attr.max_batch_tokens == 2 and max(seen) == 8 and all(r.ok for r in got)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.scores, w.scores, rtol=1e-5, atol=1e-7 * np.abs(w.scores).max())
+
+
+def test_a_prompt_that_keeps_failing_is_an_error_row_and_the_rest_complete(llama, monkeypatch):
+    attr = Attributor(llama, precision="fp32")
+    real_batch = attr._attribute_batch
+
+    def fail_on_rome(encs, *args):
+        if any(llama.tokenizer.convert_tokens_to_ids("rome") in e.prompt_ids for e in encs):
+            raise RuntimeError("bad token")
+        return real_batch(encs, *args)
+
+    monkeypatch.setattr(attr, "_attribute_batch", fail_on_rome)
+    res = attr.attribute(["the city of", "rome is located in", "the capital of france is"], [" rome", " italy", " paris"], n_steps=2)
+    assert [r.status for r in res] == ["ok", "error", "ok"]
+    assert "bad token" in res[1].reason
