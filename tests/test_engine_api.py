@@ -166,6 +166,14 @@ def test_a_prompt_that_keeps_failing_is_an_error_row_and_the_rest_complete(llama
         return real_batch(encs, *args)
 
     monkeypatch.setattr(attr, "_attribute_batch", fail_on_rome)
-    res = attr.attribute(["the city of", "rome is located in", "the capital of france is"], [" rome", " italy", " paris"], n_steps=2)
+    with pytest.warns(UserWarning, match="retrying them one by one"):
+        res = attr.attribute(["the city of", "rome is located in", "the capital of france is"], [" rome", " italy", " paris"], n_steps=2)
     assert [r.status for r in res] == ["ok", "error", "ok"]
     assert "bad token" in res[1].reason
+
+
+def test_token_ids_past_the_tokenizer_read_as_ids(llama):
+    """Embedding tables are often padded past the tokenizer's vocabulary; the top token may land there."""
+    attr = Attributor(llama, precision="fp32")
+    n = len(llama.tokenizer)
+    assert attr.token_texts([llama.tokenizer.convert_tokens_to_ids("paris"), n + 3]) == ["paris", f"<id {n + 3}>"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -132,6 +133,7 @@ class Attributor(ModelRunner):
             if len(chunk) == 1:
                 i, enc = chunk[0]
                 return [(i, Attribution(prompts[i], targets[i], status="error", reason=describe(error), target_ids=enc.object_ids))]
+            warnings.warn(f"kn-ray: a batch of {len(chunk)} prompts failed ({describe(error)}); retrying them one by one")
             return [pair for item in chunk for pair in self._attribute_safely([item], prompts, targets, alphas, weights, layers, baseline)]
         seconds = (time.perf_counter() - start) / len(chunk)
         done = []
@@ -156,11 +158,11 @@ class Attributor(ModelRunner):
             base_prob[:, j] = p0
         gold = clean.gold_prob.cpu()
         completeness = (scores.sum(-1) - (gold[:, None] - base_prob)).abs()
-        tops = self.tokenizer.convert_ids_to_tokens(clean.top_ids.tolist())
+        tops = self.token_texts(clean.top_ids.tolist())
         return [
             dict(
                 gold_prob=float(gold[b]),
-                top_token=self.tokenizer.convert_tokens_to_string([tops[b]]),
+                top_token=tops[b],
                 top_prob=float(clean.top_prob[b]),
                 scores=scores[b].numpy(),
                 activations=acts[b].numpy(),

@@ -81,11 +81,11 @@ class Prober(ModelRunner):
             logits = self.model(**self._inputs(batch, rows)).logits
         gold = gold_prob(logits, batch.gold_ids, batch.gold_valid)
         top_prob, top_ids = logits[:, 0].float().softmax(-1).max(-1)
-        tokens = self.tokenizer.convert_ids_to_tokens(top_ids.tolist())
+        tokens = self.token_texts(top_ids.tolist())
         return [
             dict(
                 gold_prob=float(gold[b]),
-                top_token=self.tokenizer.convert_tokens_to_string([tokens[b]]),
+                top_token=tokens[b],
                 top_id=int(top_ids[b]),
                 top_prob=float(top_prob[b]),
             )

@@ -61,6 +61,14 @@ class ModelRunner:
             inputs["position_ids"] = batch.position_ids[rows, start:]
         return inputs
 
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Readable text of each token id; ids past the tokenizer's vocabulary (padded embedding
+        tables) read as `<id N>` instead of failing."""
+        texts = []
+        for i, token in zip(ids, self.tokenizer.convert_ids_to_tokens(ids)):
+            texts.append(f"<id {i}>" if token is None else self.tokenizer.convert_tokens_to_string([token]))
+        return texts
+
     def _check_layers(self, layers: Sequence[int] | None) -> list[int]:
         n = self.lm.num_layers
         if layers is None:

@@ -14,6 +14,7 @@ def register(sub) -> None:
     p.add_argument("--facts", type=Path, default=None, help=f"PARAREL dir or facts JSONL for prompts (default: {DEFAULT_PARAREL} if present, else the demo facts)")
     p.add_argument("--prompts", type=int, default=8, help="prompts timed for the engine (default 8)")
     p.add_argument("--published-prompts", type=int, default=2, help="prompts timed for the published method (default 2)")
+    p.add_argument("--tokens", default="8-15", help="prompt length window in model tokens, PARAREL-style (default 8-15)")
     p.add_argument("--n-steps", type=int, default=20)
     p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
@@ -34,7 +35,9 @@ def run(args) -> int:
             lm = random_model(name, corpus_text(facts), device=device)
         else:
             lm = load_model(name, device=device)
-        prompts, targets = sample_prompts(facts, masked=lm.adapter.masked, n=args.prompts)
+        low, high = (int(x) for x in args.tokens.split("-"))
+        prompts, targets = sample_prompts(facts, masked=lm.adapter.masked, n=args.prompts,
+                                          keep=lambda s: low <= _length(lm, s.prompt, s.target) <= high)
         rows += benchmark(lm, prompts, targets, n_steps=args.n_steps, precision=args.precision,
                           published_prompts=args.published_prompts, name=name)
         print(markdown_table(rows), flush=True)
@@ -49,12 +52,23 @@ def _demo_facts() -> Path:
     return Path(str(files("kn_ray") / "data" / "demo_facts.jsonl"))
 
 
-def sample_prompts(facts: Path, *, masked: bool, n: int) -> tuple[list[str], list[str]]:
-    """n prompts, one fact per relation in turn, first usable template first (deterministic)."""
+def _length(lm, prompt: str, target: str) -> int:
+    from kn_ray.engine import SkipPrompt
+    from kn_ray.engine.encoding import encode
+
+    try:
+        return encode(lm.tokenizer, prompt, target, masked=lm.adapter.masked).length
+    except SkipPrompt:
+        return -1
+
+
+def sample_prompts(facts: Path, *, masked: bool, n: int, keep=lambda spec: True) -> tuple[list[str], list[str]]:
+    """n prompts that pass `keep`, one fact per relation in turn, first template first (deterministic)."""
     from kn_ray.pipeline.facts import Filters, read_facts
     from kn_ray.pipeline.prompts import build_prompts
 
-    specs = [s for s in build_prompts(read_facts(facts, filters=Filters(max_facts_per_relation=n)), masked=masked).prompts if s.status is None]
+    specs = build_prompts(read_facts(facts, filters=Filters(max_facts_per_relation=4 * n)), masked=masked).prompts
+    specs = [s for s in specs if s.status is None and keep(s)]
     by_relation: dict[str, list] = {}
     for spec in specs:
         by_relation.setdefault(spec.relation, []).append(spec)
