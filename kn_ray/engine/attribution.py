@@ -24,13 +24,13 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .encoding import Batch
-from .hooks import _first_arg, edit_neurons, gather_head_input, pre_hooks, start_at_layer
+from .hooks import first_arg, edit_neurons, gather_head_input, pre_hooks, start_at_layer
 from .precision import autocast
 from .riemann import riemann
 from .runner import ModelRunner, batches, describe, gold_prob, is_oom
@@ -54,7 +54,6 @@ class Attribution:
     baseline_prob: np.ndarray | None = None  # [len(layers)] P with that layer's activation at the baseline
     completeness: np.ndarray | None = None  # [len(layers)] |sum(scores) - (P - P_baseline)|
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -181,10 +180,10 @@ class Attributor(ModelRunner):
 
         def save_hidden(i, args, kwargs):
             if i in layers:
-                hidden_in[i] = _first_arg(args, kwargs)[:, sc:].detach()
+                hidden_in[i] = first_arg(args, kwargs)[:, sc:].detach()
 
         def save_act(i, args, kwargs):
-            acts[i] = _first_arg(args, kwargs)[rows, batch.target_col].float()
+            acts[i] = first_arg(args, kwargs)[rows, batch.target_col].float()
 
         ffn_outs = [adapter.ffn_out_module(model, i) for i in range(self.lm.num_layers)]
         with (

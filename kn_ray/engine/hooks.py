@@ -15,11 +15,11 @@ from torch import nn
 from .adapters import Adapter
 
 
-def _first_arg(args: tuple, kwargs: dict, name: str = "hidden_states") -> torch.Tensor:
+def first_arg(args: tuple, kwargs: dict, name: str = "hidden_states") -> torch.Tensor:
     return args[0] if args else kwargs[name]
 
 
-def _with_first_arg(args: tuple, kwargs: dict, value: torch.Tensor, name: str = "hidden_states"):
+def withfirst_arg(args: tuple, kwargs: dict, value: torch.Tensor, name: str = "hidden_states"):
     if args:
         return (value, *args[1:]), kwargs
     return args, {**kwargs, name: value}
@@ -43,9 +43,9 @@ def gather_head_input(model: nn.Module, adapter: Adapter, cols: torch.Tensor):
     """Feed the LM head only the predicting columns `cols` [R, K] (saves V x d per skipped position)."""
 
     def fn(_i, args, kwargs):
-        hidden = _first_arg(args, kwargs)
+        hidden = first_arg(args, kwargs)
         index = cols.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1])
-        return _with_first_arg(args, kwargs, hidden.gather(1, index))
+        return withfirst_arg(args, kwargs, hidden.gather(1, index))
 
     return pre_hooks([adapter.head_module(model)], fn)
 
@@ -54,7 +54,7 @@ def edit_neurons(model: nn.Module, adapter: Adapter, layer: int, edit: Callable[
     """Rewrite the input of `layer`'s FFN output projection with `edit(inputs) -> inputs`."""
 
     def fn(_i, args, kwargs):
-        return _with_first_arg(args, kwargs, edit(_first_arg(args, kwargs)))
+        return withfirst_arg(args, kwargs, edit(first_arg(args, kwargs)))
 
     return pre_hooks([adapter.ffn_out_module(model, layer)], fn)
 
@@ -79,7 +79,7 @@ def start_at_layer(model: nn.Module, adapter: Adapter, layer: int, hidden: torch
     try:
         for i in range(layer):
             blocks[i] = skip
-        with pre_hooks([blocks[layer]], lambda _i, a, k: _with_first_arg(a, k, hidden)):
+        with pre_hooks([blocks[layer]], lambda _i, a, k: withfirst_arg(a, k, hidden)):
             yield
     finally:
         for i, block in enumerate(originals):

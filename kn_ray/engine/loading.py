@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +25,6 @@ class LoadedModel:
     name: str = "<in-memory>"
     source: str = "<in-memory>"
     revision: str | None = None
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_objects(cls, model: nn.Module, tokenizer, name: str = "<in-memory>") -> "LoadedModel":
