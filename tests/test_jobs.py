@@ -149,11 +149,11 @@ def test_submit_runs_a_job_on_a_real_cluster(ray_head, tmp_path):
                            "--working-dir", "."], cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCEEDED" in done.stdout and "3 done, 0 skipped, 0 errors" in done.stdout
-    from kn_ray.pipeline.store import Store
+    from kn_ray.pipeline.rundir import RunDirectory
 
-    prompts = Store(tmp_path / "out").read("prompts").to_pandas()
+    prompts = RunDirectory(tmp_path / "out").read("prompts").to_pandas()
     assert sorted(prompts["fact_id"]) == ["f1", "f1", "f2"] and set(prompts["status"]) == {"ok"}
-    assert Store(tmp_path / "out").read("neurons").num_rows > 0
+    assert RunDirectory(tmp_path / "out").read("neurons").num_rows > 0
 
     (work / "job.yaml").write_text(yaml.safe_dump(dict(model=str(tmp_path / "no-such-model"), facts=str(facts),
                                                        output=str(tmp_path / "out2"))))

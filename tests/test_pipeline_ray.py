@@ -19,7 +19,7 @@ from kn_ray.pipeline.facts import read_facts
 from kn_ray.pipeline.faults import ENV as FAULTS
 from kn_ray.pipeline.options import KeepPolicy, Resources, RunOptions
 from kn_ray.pipeline.prompts import build_prompts
-from kn_ray.pipeline.store import RunConflict, Store
+from kn_ray.pipeline.rundir import RunConflict, RunDirectory
 from kn_ray.pipeline.tables import kept
 from tests.pipeline_fixtures import BAD_LINES, PARAREL, pararel_slice, save_tiny_model, texts_of_pararel
 
@@ -52,7 +52,7 @@ def reference(world, ray_local):
 
 
 def frames(out: Path) -> dict[str, pd.DataFrame]:
-    store = Store(out)
+    store = RunDirectory(out)
     keys = {"prompts": ["prompt_id"], "neurons": ["prompt_id", "layer", "neuron"],
             "activations": ["prompt_id", "layer", "neuron"]}
     return {k: store.read(k).to_pandas().sort_values(v).reset_index(drop=True) for k, v in keys.items()}
@@ -66,7 +66,7 @@ def assert_same_results(a: Path, b: Path) -> None:
 
 
 def assert_each_prompt_once(out: Path, expected_ids: set[str]) -> None:
-    ids = Store(out).read("prompts", ["prompt_id"]).column("prompt_id").to_pylist()
+    ids = RunDirectory(out).read("prompts", ["prompt_id"]).column("prompt_id").to_pylist()
     assert len(ids) == len(set(ids)) and set(ids) == expected_ids
 
 
@@ -116,7 +116,7 @@ def test_bad_input_rows_carry_reasons_and_good_facts_are_computed(world, ray_loc
     path.write_bytes(b"\n".join([line for line, _ in BAD_LINES] + [line.encode() for line, _ in engine_skips]) + b"\n")
     world = dict(world, vocab=save_tiny_model("bert", [path.read_text(errors="ignore")], tmp_path / "model"))
     report = run_pipeline(options(world, tmp_path / "out", model="vocab", facts=path, shard_size=3), progress=False)
-    rows = Store(tmp_path / "out").read("prompts").to_pandas()
+    rows = RunDirectory(tmp_path / "out").read("prompts").to_pandas()
     assert report.ok and len(rows) == report.counts["ok"] + report.counts["skipped"] + report.counts["error"]
     assert sorted(rows.loc[rows["status"] == "ok", "fact_id"]) == ["ok1", "ok2"]
     for _, why in BAD_LINES:
@@ -140,6 +140,8 @@ def test_killed_actor_shards_rerun_elsewhere(world, reference, tmp_path, monkeyp
     assert (tmp_path / "killed").exists() and report.actors_lost >= 1 and report.retries >= 1
     assert report.ok
     assert_each_prompt_once(tmp_path / "out", planned_ids(world))
+    # the killed attempt wrote its parts before dying: never committed, removed at the end
+    assert report.stale_removed == 3 and len(list((tmp_path / "out").rglob("part-*.parquet"))) == 3 * report.shards
     assert_same_results(reference, tmp_path / "out")
 
 
@@ -158,13 +160,13 @@ def test_failing_shard_is_reported_then_retried_by_a_rerun(world, reference, tmp
 def test_truncated_shard_is_recomputed_and_others_untouched(world, reference, tmp_path):
     out = tmp_path / "out"
     assert run_pipeline(options(world, out), progress=False).ok
-    store = Store(out)
-    victim = store.part("neurons", "part-00001")
+    victim = out / RunDirectory(out).marker("part-00001")["files"]["neurons"]
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     before = {p: p.stat().st_mtime_ns for p in out.rglob("part-*") if "part-00001" not in p.name}
     report = run_pipeline(options(world, out), progress=False)
     assert report.written == 1 and report.resumed == report.shards - 1
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    assert not victim.exists() and len(list(out.rglob("part-00001-*.parquet"))) == 3  # the damaged attempt removed
     assert_same_results(reference, out)
 
 
@@ -189,9 +191,10 @@ def test_killed_driver_resumes_without_touching_finished_shards(world, reference
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     done = sorted((out / "_shards").glob("*.json"))
-    assert 2 <= len(done) < Store(reference).read_run()["identity"]["plan"]["shards"]
+    assert 2 <= len(done) < RunDirectory(reference).record().identity["plan"]["shards"]
     names = [p.stem for p in done]
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("part-*") if p.stem in names}
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("part-*.parquet") if p.stem[:10] in names}
+    assert len(before) >= 3 * len(names)
     report = run_pipeline(options(world, out), progress=False)
     assert report.ok and report.resumed >= len(names)
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())

@@ -12,8 +12,9 @@ import pytest
 from kn_ray.engine import Attribution
 from kn_ray.pipeline.options import KeepPolicy
 from kn_ray.pipeline.prompts import PromptSpec
-from kn_ray.pipeline.store import METADATA_KEY, RunConflict, Store, config_hash
-from kn_ray.pipeline.tables import SCHEMAS, shard_tables
+from kn_ray.pipeline.rundir import (METADATA_KEY, CommitError, Part, RunConflict, RunDirectory, RunRecord, config_hash,
+                                    filesystem, new_attempt, public_uri)
+from kn_ray.pipeline.tables import KINDS, SCHEMAS, shard_tables
 
 
 def _spec(i: int, status=None) -> PromptSpec:
@@ -66,21 +67,33 @@ def test_prompt_rows_carry_status_and_engine_fields():
         assert table.schema.equals(SCHEMAS[kind])
 
 
-def _record(n_steps=20):
+def _record(n_steps=20) -> RunRecord:
     identity = dict(model="m", attribution=dict(n_steps=n_steps))
-    return dict(identity=identity, config_hash=config_hash(identity))
+    return RunRecord(identity=identity, config_hash=config_hash(identity))
+
+
+def _commit(run: RunDirectory, record: RunRecord, tables, shard="part-00000", attempt=None) -> dict:
+    attempt = attempt or new_attempt()
+    parts = run.write_parts(shard, attempt, tables, dict(config_hash=record.config_hash, shard=0))
+    return run.commit(shard, attempt, parts, record.config_hash)
+
+
+@pytest.fixture(params=["local", "memory"])
+def out(request, tmp_path):
+    """A run directory on the local disk, and one on an fsspec filesystem (no rename, like S3)."""
+    return str(tmp_path / "out") if request.param == "local" else f"memory://kn-{tmp_path.name}/out"
 
 
 def test_written_shard_is_whole_and_readable_everywhere(tmp_path):
-    store = Store(tmp_path / "out")
-    record = store.open_run(_record())
+    run = RunDirectory(tmp_path / "out")
+    record = run.open_run(_record())
     _, _, tables = _shard()
-    store.write_shard("part-00000", tables, dict(config_hash=record["config_hash"], shard=0))
-    assert store.finished("part-00000", record["config_hash"])
-    assert not store.finished("part-00000", "sha256:other")
-    path = store.part("neurons", "part-00000")
+    done = _commit(run, record, tables)
+    assert run.finished(["part-00000"], record.config_hash) == {"part-00000": done}
+    assert not run.finished(["part-00000"], "sha256:other")
+    path = run.path(done["files"]["neurons"])
     meta = json.loads(pq.read_metadata(path).metadata[METADATA_KEY])
-    assert meta["config_hash"] == record["config_hash"]
+    assert meta["config_hash"] == record.config_hash
     assert not list((tmp_path / "out").rglob(".*tmp*"))  # no temporary files left
 
     import duckdb
@@ -90,32 +103,81 @@ def test_written_shard_is_whole_and_readable_everywhere(tmp_path):
     assert len(pd.read_parquet(tmp_path / "out" / "neurons")) == n
     assert duckdb.sql(f"select count(*) from '{tmp_path}/out/neurons/*.parquet'").fetchall()[0][0] == n
     assert duckdb.sql(f"select max(len(completeness)) from '{tmp_path}/out/prompts/*.parquet'").fetchall()[0][0] == 3
-    assert store.read("neurons").num_rows == n
+    assert run.read("neurons").num_rows == n
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete", "marker"])
 def test_damaged_shard_is_not_finished(tmp_path, damage):
-    store = Store(tmp_path)
-    record = store.open_run(_record())
-    store.write_shard("part-00000", _shard()[2], dict(config_hash=record["config_hash"], shard=0))
-    path = store.part("prompts", "part-00000")
+    run = RunDirectory(tmp_path)
+    record = run.open_run(_record())
+    done = _commit(run, record, _shard()[2])
+    path = tmp_path / done["files"]["prompts"]
     if damage == "truncate":
         path.write_bytes(path.read_bytes()[:-20])
     elif damage == "delete":
         path.unlink()
     else:
-        store.marker("part-00000").write_text("{")
-    assert store.finished("part-00000", record["config_hash"]) is None
-    assert store.read("prompts").num_rows == 0
+        (tmp_path / "_shards" / "part-00000.json").write_text("{")
+    assert run.finished(["part-00000"], record.config_hash) == {}
+    if damage == "marker":
+        assert run.read("prompts").num_rows == 0
+
+
+def test_only_the_marked_attempt_is_read_and_stale_attempts_are_removed(out):
+    """Two attempts at one shard (a retry after a lost actor, a duplicate): the marker names one,
+    readers see exactly its rows, resume trusts it, and cleanup deletes the other's parts."""
+    run = RunDirectory(out)
+    record = run.open_run(_record())
+    first, second = _shard(seed=1)[2], _shard(seed=2)[2]
+    lost = new_attempt()
+    run.write_parts("part-00000", lost, first, dict(config_hash=record.config_hash, shard=0))  # never committed
+    done = _commit(run, record, second)
+    assert run.read("neurons").equals(second["neurons"])
+    assert run.finished(["part-00000"], record.config_hash) == {"part-00000": done}
+    assert run.remove_stale() == 3
+    left = sorted(i.path.rsplit("/", 2)[-2] + "/" + i.path.rsplit("/", 1)[-1] for k in KINDS for i in run.listing(k))
+    assert left == sorted(done["files"].values())
+    assert run.read("neurons").equals(second["neurons"])
+
+
+def test_commit_refuses_parts_that_do_not_match(out):
+    run = RunDirectory(out)
+    record = run.open_run(_record())
+    attempt = new_attempt()
+    parts = run.write_parts("part-00000", attempt, _shard()[2], dict(config_hash=record.config_hash, shard=0))
+    wrong = dict(parts, neurons=Part(parts["neurons"].file, parts["neurons"].rows, parts["neurons"].bytes + 1))
+    with pytest.raises(CommitError):
+        run.commit("part-00000", attempt, wrong, record.config_hash)
+    other = dict(parts, prompts=Part(run.part_path("prompts", "part-00000", "x"), 1, parts["prompts"].bytes))
+    with pytest.raises(CommitError):
+        run.commit("part-00000", attempt, other, record.config_hash)
+    assert run.markers() == {} and run.read("prompts").num_rows == 0
 
 
 def test_other_configuration_or_foreign_directory_is_refused(tmp_path):
-    store = Store(tmp_path / "run")
-    store.open_run(_record(20))
-    assert store.open_run(_record(20))["config_hash"] == _record(20)["config_hash"]
+    run = RunDirectory(tmp_path / "run")
+    run.open_run(_record(20))
+    assert run.open_run(_record(20)).config_hash == _record(20).config_hash
     with pytest.raises(RunConflict, match="n_steps: 20 -> 10"):
-        store.open_run(_record(10))
+        run.open_run(_record(10))
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     with pytest.raises(RunConflict, match="not a kn-ray run"):
-        Store(tmp_path / "foreign").open_run(_record())
+        RunDirectory(tmp_path / "foreign").open_run(_record())
+
+
+@pytest.mark.parametrize("uri, want", [
+    ("s3://KEY:SECRET@bucket/runs/a?endpoint_override=localhost:9000", "s3://bucket/runs/a"),
+    ("gs://bucket/x", "gs://bucket/x"), ("file:///tmp/x", "file:///tmp/x")])
+def test_recorded_uris_carry_no_secrets(uri, want):
+    assert public_uri(uri) == want
+
+
+def test_filesystems_resolve_from_uris(tmp_path):
+    import pyarrow.fs as pafs
+
+    assert filesystem(str(tmp_path)) == (pafs.LocalFileSystem(), str(tmp_path))
+    fs, path = filesystem(f"file://{tmp_path}/run")
+    assert isinstance(fs, pafs.LocalFileSystem) and path == f"{tmp_path}/run"
+    fs, path = filesystem("memory://bucket/run")  # no pyarrow filesystem: through fsspec
+    assert isinstance(fs, pafs.PyFileSystem) and path.endswith("bucket/run")

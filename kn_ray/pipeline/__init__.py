@@ -5,7 +5,7 @@ prompts  (fact, template) -> prompt and target for masked or causal LMs; stable 
 plan     deterministic shards of whole facts
 options  validated run options (the CLI and job specs build them)
 tables   results as Arrow tables (the Parquet contract, docs/output-schema.md)
-store    the output directory: atomic parts, done markers, resume checks, readers
+rundir   the run directory on any filesystem: run.json, per-attempt parts, done markers, readers
 worker   computing one shard with the engine (no Ray)
 execute  the Ray actor pool and the shard dispatcher (the only module importing Ray)
 driver   one run end to end; report: the end-of-run text; faults: test hooks

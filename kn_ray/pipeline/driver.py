@@ -1,12 +1,16 @@
 """One attribution run end to end: facts -> plan -> run.json -> shards on Ray -> report.
 
-Ray is imported only when the run starts (`execute`), so facts, plans and the store stay
-usable without it. Re-running the same command resumes: shards whose files are whole are
-skipped; a different configuration against the same output directory is refused.
+Ray is imported only when the run starts (`execute`), so facts, plans and the run directory
+stay usable without it. Re-running the same command resumes: shards whose files are whole are
+skipped; a different configuration against the same output directory is refused. `--facts`
+and `--output` may be URIs (`rundir.filesystem`); facts on an object store are copied to a
+temporary local directory first.
 """
 
 from __future__ import annotations
 
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -18,12 +22,12 @@ from .facts import detect_format, read_facts
 from .options import RunOptions
 from .plan import Shard, fingerprint, plan_shards
 from .prompts import build_prompts
-from .store import Store, config_hash
+from .rundir import RunDirectory, RunRecord, config_hash, is_local, local_copy, public_uri
 
 
 @dataclass
 class RunReport:
-    output: Path
+    output: str
     shards: int
     resumed: int  # shards finished by an earlier run
     written: int
@@ -34,6 +38,8 @@ class RunReport:
     seconds: float  # wall time of the whole command
     dispatch_seconds: float  # wall time of the sharded work (after the model loaded)
     counts: dict[str, int] = field(default_factory=dict)  # status -> prompts, whole run
+    workers: str = ""  # the actor plan, as chosen
+    stale_removed: int = 0  # parts of unfinished attempts deleted
 
     @property
     def ok(self) -> bool:
@@ -56,21 +62,22 @@ def option_identity(options: RunOptions, fmt: str) -> dict:
     )
 
 
-def run_record(options: RunOptions, fmt: str, info: dict, shards: list[Shard], dropped: int) -> dict:
+def run_record(options: RunOptions, fmt: str, info: dict, shards: list[Shard], dropped: int) -> RunRecord:
     identity = option_identity(options, fmt)
     identity["model_info"] = {k: info[k] for k in ("revision", "masked", "num_layers", "num_neurons", "precision")}
     identity["plan"] = dict(shard_size=options.shard_size, shards=len(shards), prompts=sum(map(len, shards)),
                             facts=len({p.fact_id for s in shards for p in s.prompts if p.fact_id}),
                             dropped_templates=dropped, fingerprint=fingerprint(shards))
-    return dict(identity=identity, config_hash=config_hash(identity), input_path=str(Path(options.facts).resolve()),
-                model_source=info["source"], created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                options=options.as_dict())
+    recorded = dict(options.as_dict(), facts=public_uri(options.facts), output=public_uri(options.output))
+    return RunRecord(identity=identity, config_hash=config_hash(identity), input_path=public_uri(options.facts),
+                     model_source=info["source"], created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                     options=recorded)
 
 
-def file_metadata(record: dict) -> dict:
+def file_metadata(record: RunRecord) -> dict:
     """What every Parquet part carries as key-value metadata (key `kn_ray`)."""
-    ident = record["identity"]
-    return dict(config_hash=record["config_hash"], kn_ray_version=ident["kn_ray_version"], model=ident["model"],
+    ident = record.identity
+    return dict(config_hash=record.config_hash, kn_ray_version=ident["kn_ray_version"], model=ident["model"],
                 model_revision=ident["model_info"]["revision"], precision=ident["model_info"]["precision"],
                 n_steps=ident["attribution"]["n_steps"], method=ident["attribution"]["method"], keep=ident["keep"])
 
@@ -78,36 +85,46 @@ def file_metadata(record: dict) -> dict:
 def run_pipeline(options: RunOptions, *, progress: bool = True) -> RunReport:
     options.check()
     start = time.perf_counter()
-    fmt = detect_format(Path(options.facts)) if options.facts_format == "auto" else options.facts_format
-    facts = read_facts(options.facts, fmt, options.filters)
-    store = Store(options.output)
-    store.refuse_conflict(option_identity(options, fmt))  # before any model loads
+    with tempfile.TemporaryDirectory(prefix="kn-ray-facts-") as scratch:
+        facts_path = Path(local_copy(options.facts, scratch))
+        fmt = detect_format(facts_path) if options.facts_format == "auto" else options.facts_format
+        facts = read_facts(facts_path, fmt, options.filters)
+    run = RunDirectory(options.output)
+    run.refuse_conflict(option_identity(options, fmt))  # before any model loads
 
-    from .execute import Dispatcher, WorkerPool, connect, disconnect
+    from .execute import Dispatcher, WorkerPool, connect, disconnect, single_node
 
     res = options.resources
     started = connect(min_cpus=(res.workers or 1) * res.cpus_per_worker)
     try:
         pool = WorkerPool(options)
+        if progress:
+            print(f"workers     {pool.plan}", file=sys.stderr, flush=True)
         try:
             info = pool.model_info()
             prompts = build_prompts(facts, masked=info["masked"], max_templates=options.filters.max_templates)
             shards = plan_shards(prompts.prompts, options.shard_size)
-            record = store.open_run(run_record(options, fmt, info, shards, prompts.dropped_templates))
-            todo = [s for s in shards if not store.finished(s.name, record["config_hash"])]
+            record = run.open_run(run_record(options, fmt, info, shards, prompts.dropped_templates))
+            done = run.finished([s.name for s in shards], record.config_hash)
+            stale = run.remove_stale(done)
+            todo = [s for s in shards if s.name not in done]
             dispatch_start = time.perf_counter()
             with _progress_bar(sum(map(len, todo)), progress) as bar:
-                result = Dispatcher(pool, store, options, file_metadata(record), bar).run(todo)
+                dispatcher = Dispatcher(pool, run, record.config_hash, options, file_metadata(record), bar,
+                                        workers_write=not is_local(options.output) or single_node())
+                result = dispatcher.run_shards(todo)
             dispatch_seconds = time.perf_counter() - dispatch_start
         finally:
             pool.shutdown()
     finally:
         if started:
             disconnect()
-    counts = store.read("prompts", ["status"]).column("status").value_counts().to_pylist()
-    return RunReport(Path(options.output), len(shards), len(shards) - len(todo), len(result.written), result.failed,
+    markers = run.markers(record.config_hash)
+    stale += run.remove_stale(markers)
+    counts = run.read("prompts", ["status"]).column("status").value_counts().to_pylist()
+    return RunReport(str(run), len(shards), len(shards) - len(todo), len(result.written), result.failed,
                      result.retries, result.actors_lost, result.prompts, time.perf_counter() - start, dispatch_seconds,
-                     {c["values"]: c["counts"] for c in counts})
+                     {c["values"]: c["counts"] for c in counts}, pool.plan, stale)
 
 
 def _progress_bar(total: int, enabled: bool):

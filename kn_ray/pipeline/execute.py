@@ -6,8 +6,13 @@
   actor, and counts attempts: after `max_attempts` failures the shard is marked failed.
 * After any failure the actor is pinged (`info()`): a restarted actor answers once its model
   is loaded again and gets work again; a permanently dead one is dropped from the pool.
-* Actors return Arrow tables; only the driver writes files (no shared filesystem needed,
-  and exactly-once is decided in one place: a shard's marker is written after its parts).
+* Workers write, the driver commits: each attempt at a shard gets a fresh attempt id; the
+  actor writes the shard's parts under names unique to that attempt straight to OUT and
+  returns their names, row counts and sizes; the driver checks them and writes the shard's
+  marker (`rundir`). Exactly-once is decided in one place: one attempt per shard is in flight,
+  one marker per shard names one attempt, and parts of other attempts are never read and are
+  removed. A local OUT on a multi-node cluster is the exception: there the actors return
+  Arrow tables and the driver writes them (no shared filesystem needed).
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ from ray.exceptions import RayActorError, RayError, RayTaskError  # noqa: E402
 from . import faults  # noqa: E402
 from .options import RunOptions  # noqa: E402
 from .plan import Shard  # noqa: E402
-from .store import Store  # noqa: E402
-from .worker import ShardComputer  # noqa: E402
+from .rundir import CommitError, RunDirectory, new_attempt  # noqa: E402
+from .worker import ShardComputer, ShardOutput  # noqa: E402
 
 RemoteShardComputer = ray.remote(ShardComputer)
 
@@ -63,16 +68,43 @@ def disconnect() -> None:
     ray.shutdown()
 
 
+def single_node() -> bool:
+    """True if every actor runs on the driver's machine (a local OUT is then shared)."""
+    return sum(1 for node in ray.nodes() if node.get("Alive")) <= 1
+
+
+# Forwarded to the actors, so they reach the output filesystem as the driver does (Ray's
+# runtime_env; never written to run.json or Parquet).
+FORWARDED_ENV = (faults.ENV, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE",
+                 "AWS_SHARED_CREDENTIALS_FILE", "GOOGLE_APPLICATION_CREDENTIALS")
+
+
 def actor_resources(options: RunOptions) -> tuple[int, dict]:
-    """(number of actors, Ray options for each)."""
+    """(number of actors, Ray options for each): one actor per GPU on a GPU cluster, else by
+    default one actor of `cpus_per_worker` CPUs per that many of the cluster's CPUs (every core)."""
     res = options.resources
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    gpus = res.gpus_per_worker if res.gpus_per_worker is not None else (1 if cluster_gpus >= 1 else 0)
-    count = res.workers or (max(1, int(cluster_gpus // gpus)) if gpus else 1)
+    cluster = ray.cluster_resources()
+    gpus = res.gpus_per_worker if res.gpus_per_worker is not None else (1 if cluster.get("GPU", 0) >= 1 else 0)
+    if res.workers:
+        count = res.workers
+    elif gpus:
+        count = max(1, int(cluster.get("GPU", 0) // gpus))
+    else:
+        count = max(1, int(cluster.get("CPU", 1) // res.cpus_per_worker))
     opts = dict(num_cpus=res.cpus_per_worker, num_gpus=gpus, max_restarts=res.max_restarts, max_task_retries=0)
-    if os.environ.get(faults.ENV):
-        opts["runtime_env"] = {"env_vars": {faults.ENV: os.environ[faults.ENV]}}
+    env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+    if env:
+        opts["runtime_env"] = {"env_vars": env}
     return count, opts
+
+
+def describe_plan(count: int, opts: dict, chosen: bool) -> str:
+    """'2 actors x 1 CPU (1 torch thread each)' and why."""
+    what = f"{opts['num_gpus']:g} GPU" if opts["num_gpus"] else f"{opts['num_cpus']:g} CPU"
+    threads = "" if opts["num_gpus"] else f" ({max(1, int(opts['num_cpus']))} torch thread{'s' * (opts['num_cpus'] >= 2)} each)"
+    why = "--workers" if chosen else ("one per GPU" if opts["num_gpus"] else "default: every CPU of the cluster")
+    return f"{count} actor{'s' * (count != 1)} x {what}{threads}; {why}"
 
 
 class WorkerPool:
@@ -80,6 +112,7 @@ class WorkerPool:
 
     def __init__(self, options: RunOptions):
         count, opts = actor_resources(options)
+        self.plan = describe_plan(count, opts, bool(options.resources.workers))
         threads = None if opts["num_gpus"] else max(1, int(opts["num_cpus"]))
         self.limit = options.resources.in_flight
         self.actors = [
@@ -147,15 +180,16 @@ class WorkerPool:
 
 
 class Dispatcher:
-    """Feeds shards to the pool, writes what comes back, resubmits what fails."""
+    """Feeds shards to the pool, commits what comes back, resubmits what fails."""
 
-    def __init__(self, pool: WorkerPool, store: Store, options: RunOptions, metadata: dict, progress=None):
-        self.pool, self.store, self.options, self.metadata = pool, store, options, metadata
-        self.progress = progress
+    def __init__(self, pool: WorkerPool, run: RunDirectory, run_hash: str, options: RunOptions, metadata: dict,
+                 progress=None, workers_write: bool = True):
+        self.pool, self.run, self.run_hash, self.options, self.metadata = pool, run, run_hash, options, metadata
+        self.progress, self.workers_write = progress, workers_write
         self.result = DispatchResult()
         self.attempts: dict[str, int] = {}
 
-    def run(self, shards: list[Shard]) -> DispatchResult:
+    def run_shards(self, shards: list[Shard]) -> DispatchResult:
         queue, pending = deque(shards), {}
         while queue or pending:
             self._submit(queue, pending)
@@ -173,26 +207,34 @@ class Dispatcher:
     def _submit(self, queue: deque, pending: dict) -> None:
         while queue and (actor := self.pool.free()) is not None:
             shard = queue.popleft()
+            attempt = new_attempt()
+            output = ShardOutput(self.run.uri, shard.name, attempt, self._metadata(shard, attempt)) \
+                if self.workers_write else None
             o = self.options
-            ref = actor.compute.remote(shard.shard_id, list(shard.prompts), o.n_steps, o.method, o.keep)
-            pending[ref] = (shard, actor)
+            ref = actor.compute.remote(shard.shard_id, list(shard.prompts), o.n_steps, o.method, o.keep, output)
+            pending[ref] = (shard, actor, attempt)
             self.pool.load[actor] += 1
 
-    def _collect(self, ref, shard: Shard, actor, queue: deque) -> None:
+    def _metadata(self, shard: Shard, attempt: str) -> dict:
+        return dict(self.metadata, shard=shard.shard_id, attempt=attempt)
+
+    def _collect(self, ref, shard: Shard, actor, attempt: str, queue: deque) -> None:
         try:
             out = ray.get(ref)
-        except RayError as error:
+            parts = out["parts"] if "parts" in out else \
+                self.run.write_parts(shard.name, attempt, out["tables"], self._metadata(shard, attempt))
+            self.run.commit(shard.name, attempt, parts, self.run_hash)
+        except (RayError, CommitError) as error:
             self._retry(shard, actor, error, queue)
             return
         if actor in self.pool.load:
             self.pool.load[actor] -= 1
-        self.store.write_shard(shard.name, out["tables"], dict(self.metadata, shard=shard.shard_id))
         self.result.written.append(shard.name)
         self.result.prompts += len(shard)
         if self.progress is not None:
             self.progress.update(len(shard))
 
-    def _retry(self, shard: Shard, actor, error: RayError, queue: deque) -> None:
+    def _retry(self, shard: Shard, actor, error: Exception, queue: deque) -> None:
         if isinstance(error, RayActorError):
             self.result.actors_lost += self.pool.failed(actor)
         elif actor in self.pool.load:

@@ -6,7 +6,7 @@ import re
 
 import pandas as pd
 
-from .store import Store
+from .rundir import RunDirectory
 
 _LOCATION = re.compile(r"^\S+:\d+: ")  # 'facts/P17.jsonl:3: ' in front of input errors
 
@@ -16,6 +16,7 @@ def summary_text(report) -> str:
     lines = [
         f"output      {report.output}",
         f"prompts     {sum(c.values())}: {c.get('ok', 0)} done, {c.get('skipped', 0)} skipped, {c.get('error', 0)} errors",
+        f"workers     {report.workers}",
         f"shards      {report.shards}: {report.written} written now, {report.resumed} already done, "
         f"{len(report.failed)} failed ({report.retries} retries, {report.actors_lost} workers lost)",
         f"time        {report.seconds:.1f} s; {report.prompts_computed} prompts in {report.dispatch_seconds:.1f} s "
@@ -25,7 +26,7 @@ def summary_text(report) -> str:
     return "\n".join(lines)
 
 
-def reasons_text(store: Store, limit: int = 8) -> str:
+def reasons_text(store: RunDirectory, limit: int = 8) -> str:
     """The commonest reasons for skipped and error rows, input locations stripped."""
     rows = store.read("prompts", ["status", "error"], filters=[("status", "!=", "ok")]).to_pandas()
     if rows.empty:
@@ -35,7 +36,7 @@ def reasons_text(store: Store, limit: int = 8) -> str:
     return "\n".join(["not computed (commonest reasons):"] + [f"  {n:6d}  {s:7s}  {why}" for (s, why), n in top.items()])
 
 
-def top_neurons_text(store: Store, n_facts: int = 3, k: int = 5) -> str:
+def top_neurons_text(store: RunDirectory, n_facts: int = 3, k: int = 5) -> str:
     """The k neurons kept in most of a fact's prompts (then highest mean score), for the n facts
     the model knows best (highest mean P(object))."""
     if n_facts < 1:

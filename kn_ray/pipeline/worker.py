@@ -3,18 +3,32 @@
 The model is loaded once per worker and reused for every shard; rows decided before the
 model runs (bad records) pass through untouched, the rest go to the engine in one call,
 which turns an unusable or failing prompt into a skipped/error result instead of raising.
+Given a `ShardOutput`, the worker writes the shard's parts itself and returns only their
+names, row counts and sizes; the driver checks them and commits (`rundir`).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import pyarrow as pa
 
 from . import faults
 from .options import KeepPolicy
 from .prompts import PromptSpec
+from .rundir import opened
 from .tables import shard_tables
+
+
+@dataclass(frozen=True)
+class ShardOutput:
+    """Where one attempt writes: the run directory's URI, the shard, the attempt id, file metadata."""
+
+    uri: str
+    shard: str
+    attempt: str
+    metadata: dict
 
 
 class ShardComputer:
@@ -37,8 +51,10 @@ class ShardComputer:
                     num_layers=lm.num_layers, num_neurons=lm.num_neurons, precision=self.attributor.precision,
                     device=str(lm.device))
 
-    def compute(self, shard_id: int, specs: list[PromptSpec], n_steps: int, method: str, keep: KeepPolicy) -> dict:
-        """{'tables': {kind: Arrow table}, 'seconds': wall time} for one shard."""
+    def compute(self, shard_id: int, specs: list[PromptSpec], n_steps: int, method: str, keep: KeepPolicy,
+                output: ShardOutput | None = None) -> dict:
+        """{'parts': {kind: Part}} written to `output`, or {'tables': {kind: Arrow table}} without
+        one; and 'seconds', the wall time."""
         faults.before_shard(shard_id)
         start = time.perf_counter()
         todo = [i for i, spec in enumerate(specs) if spec.status is None]
@@ -49,5 +65,9 @@ class ShardComputer:
             for i, res in zip(todo, computed):
                 results[i] = res
         tables: dict[str, pa.Table] = shard_tables(specs, results, keep)
+        if output is None:
+            out = dict(tables=tables)
+        else:
+            out = dict(parts=opened(output.uri).write_parts(output.shard, output.attempt, tables, output.metadata))
         faults.after_shard()
-        return dict(tables=tables, seconds=time.perf_counter() - start)
+        return dict(out, seconds=time.perf_counter() - start)

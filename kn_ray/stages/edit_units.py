@@ -265,5 +265,5 @@ def _refs(rows: pd.DataFrame) -> list[PromptRef]:
 
 def read_parts(run: RunDir, table: str, columns: list[str]) -> pd.DataFrame:
     """Columns of a table's part-*.parquet files (other files in its folder are ignored)."""
-    files = sorted(str(f) for f in run.table_dir(table).glob("part-*.parquet"))
+    files = [str(f) for f in run.parts(table)]
     return ds.dataset(files, format="parquet").to_table(columns=columns).to_pandas()

@@ -46,13 +46,13 @@ class RunDir:
         return self.path / table
 
     def parts(self, table: str) -> list[Path]:
-        """The table's part files; for attribute tables only those of shards marked done
-        (while `kn-ray attribute` runs, a shard's parts appear before its marker)."""
-        parts = sorted(self.table_dir(table).glob("part-*.parquet"))
-        markers = self.path / MARKERS
-        if table in ATTRIBUTE_TABLES and markers.is_dir():
-            parts = [p for p in parts if (markers / f"{p.stem}.json").exists()]
-        return parts
+        """The table's part files; for attribute tables only those a done marker names
+        (`kn_ray.pipeline.rundir`: parts of unfinished or stale attempts are never read)."""
+        if table in ATTRIBUTE_TABLES and (self.path / MARKERS).is_dir():
+            from kn_ray.pipeline.rundir import RunDirectory
+
+            return [Path(f) for f in RunDirectory(self.path).files(table)]
+        return sorted(self.table_dir(table).glob("part-*.parquet"))
 
     def unmarked_parts(self, table: str) -> int:
         return len(list(self.table_dir(table).glob("part-*.parquet"))) - len(self.parts(table))

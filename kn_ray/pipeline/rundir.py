@@ -1,0 +1,416 @@
+"""The run directory, on any filesystem: the one owner of its layout (docs/output-schema.md).
+
+Layout::
+
+    OUT/run.json                                   RunRecord, written once
+    OUT/{prompts,neurons,activations}/part-NNNNN-ATTEMPT.parquet   a shard's parts, per attempt
+    OUT/_shards/part-NNNNN.json                    done marker: names the committed attempt's parts
+    OUT/{knowledge_neurons,relation_neurons,edits}/part-*.parquet, OUT/report/   later stages
+    OUT/aggregate.json, OUT/edits/summary.json     later stages' summaries
+
+OUT is a local path or any URI `pyarrow.fs` resolves (`file://`, `s3://`, `gs://`, `hdfs://`),
+else one fsspec resolves (wrapped in `PyFileSystem`). S3 endpoint and credentials come from
+the standard AWS environment (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_PROFILE`, ...);
+only `public_uri` (no user info, no query) is ever recorded.
+
+The commit needs no rename, since object stores have none: each attempt at a shard writes its
+parts under a name unique to the attempt, the driver then writes the marker naming exactly
+those objects (a single PUT, or on a local disk a fsynced temporary file renamed), and readers
+and resume trust only what a marker names. A marker is replaced, never appended to, so a
+shard has one committed copy whatever was retried or duplicated. Parts no marker names are
+stale attempts, removed at the start and end of a run (`remove_stale`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from urllib.parse import urlsplit, urlunsplit
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from .tables import KINDS, SCHEMAS
+
+RUN_FILE = "run.json"
+MARKERS = "_shards"
+METADATA_KEY = b"kn_ray"
+IO_THREADS = 16  # parallel small reads (markers, footers): object stores answer each in ~10-50 ms
+
+
+class RunConflict(ValueError):
+    """OUT holds a different run (or something that is not a kn-ray run)."""
+
+
+class CommitError(RuntimeError):
+    """The parts an attempt reported are not what the filesystem holds."""
+
+
+# ---- filesystems -------------------------------------------------------------------------------
+def filesystem(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) of a local path or URI."""
+    text = os.fspath(uri)
+    if "://" not in text:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(text))
+    try:
+        fs, path = pafs.FileSystem.from_uri(text)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # a scheme pyarrow has no filesystem for
+        import fsspec
+
+        fs_, path = fsspec.core.url_to_fs(text)
+        fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs_))
+    return fs, path.rstrip("/") or path
+
+
+def is_local(uri: str | os.PathLike) -> bool:
+    return isinstance(filesystem(uri)[0], pafs.LocalFileSystem)
+
+
+def public_uri(uri: str | os.PathLike) -> str:
+    """What may be recorded: an absolute local path, or the URI without user info and query."""
+    text = os.fspath(uri)
+    if "://" not in text:
+        return os.path.abspath(os.path.expanduser(text))
+    parts = urlsplit(text)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def config_hash(identity: dict) -> str:
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def new_attempt() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+# ---- run.json ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunRecord:
+    """run.json: `identity` decides the results (a re-run with another identity is refused)."""
+
+    identity: dict
+    config_hash: str = ""  # "" only in hand-built test runs
+    input_path: str = ""
+    model_source: str = ""
+    created: str = ""
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunRecord":
+        if not isinstance(data, dict) or not isinstance(data.get("identity"), dict):
+            raise ValueError(f"{RUN_FILE}: expected an object with an 'identity' object")
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def lookup(self, *keys: str):
+        """identity[keys[0]][keys[1]]..., or None."""
+        node = self.identity
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        return node
+
+    @property
+    def model(self) -> str | None:
+        return self.lookup("model")
+
+    @property
+    def revision(self) -> str | None:
+        return self.lookup("model_info", "revision")
+
+    @property
+    def precision(self) -> str | None:
+        return self.lookup("model_info", "precision") or self.lookup("attribution", "precision")
+
+    @property
+    def dense(self) -> bool:
+        return bool(self.lookup("keep", "dense"))
+
+    def keep_ratio(self, method: str) -> float | None:
+        """Rows below this share of the prompt's max were not stored (ig: `neurons`, activation)."""
+        if method == "ig":
+            return 0.0 if self.dense else self.lookup("keep", "ratio")
+        return self.lookup("keep", "activation_ratio")
+
+
+@dataclass(frozen=True)
+class Part:
+    file: str  # relative to OUT
+    rows: int
+    bytes: int
+
+
+# ---- the directory -----------------------------------------------------------------------------
+class RunDirectory:
+    def __init__(self, uri: str | os.PathLike):
+        self.uri = os.fspath(uri)
+        self.fs, self.root = filesystem(self.uri)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def __str__(self) -> str:
+        return public_uri(self.uri)
+
+    def path(self, *names: str) -> str:
+        return "/".join([self.root, *names])
+
+    def location(self, *names: str) -> str:
+        """A public path or URI of something inside OUT, for messages."""
+        return "/".join([str(self).rstrip("/"), *names])
+
+    # ---- plain files ------------------------------------------------------------------------
+    def exists(self, *names: str) -> bool:
+        return self.fs.get_file_info(self.path(*names)).type != pafs.FileType.NotFound
+
+    def listing(self, *names: str, recursive: bool = False) -> list[pafs.FileInfo]:
+        """The files below OUT/names (none if it does not exist)."""
+        selector = pafs.FileSelector(self.path(*names), recursive=recursive, allow_not_found=True)
+        return [i for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File]
+
+    def read_json(self, *names: str) -> dict | None:
+        """The JSON object at OUT/names, or None if there is no such file."""
+        try:
+            with self.fs.open_input_stream(self.path(*names)) as stream:
+                text = stream.read()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            if not self.exists(*names):
+                return None
+            raise
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{self.location(*names)}: invalid JSON ({error})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{self.location(*names)}: expected a JSON object")
+        return data
+
+    def write_json(self, data: dict, *names: str) -> None:
+        self.write_bytes((json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), *names)
+
+    def write_bytes(self, data: bytes, *names: str) -> None:
+        """Whole or not at all: locally a fsynced temporary file renamed, elsewhere one PUT."""
+        target = self.path(*names)
+        if not self.local:
+            with self.fs.open_output_stream(target) as stream:
+                stream.write(data)
+            return
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = f"{os.path.dirname(target)}/.{os.path.basename(target)}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def delete(self, paths: list[str]) -> None:
+        for path in paths:
+            try:
+                self.fs.delete_file(path)
+            except FileNotFoundError:
+                pass
+
+    # ---- run.json ---------------------------------------------------------------------------
+    def record(self) -> RunRecord | None:
+        data = self.read_json(RUN_FILE)
+        return None if data is None else RunRecord.from_dict(data)
+
+    def refuse_conflict(self, identity: dict) -> RunRecord | None:
+        """Raise RunConflict if OUT holds another run or foreign files; returns the existing
+        record, if any. Compares only the keys of `identity`, so a partial one (known before the
+        model loads) can refuse early."""
+        existing = self.record()
+        if existing is not None:
+            old = {key: existing.identity.get(key) for key in identity}
+            if old != identity:
+                raise RunConflict(f"{self} holds a run with a different configuration "
+                                  f"({describe_difference(old, identity)}); "
+                                  "use another output directory, or delete this one to start over")
+            return existing
+        selector = pafs.FileSelector(self.root, allow_not_found=True)
+        if self.fs.get_file_info(selector):
+            raise RunConflict(f"{self} is not empty and has no {RUN_FILE}: not a kn-ray run directory")
+        return None
+
+    def open_run(self, record: RunRecord) -> RunRecord:
+        """Start the run `record` or resume the same run."""
+        existing = self.refuse_conflict(record.identity)
+        if existing is not None:
+            return existing
+        self.write_json(record.as_dict(), RUN_FILE)
+        return record
+
+    # ---- shards: write (worker or driver), commit (driver) -----------------------------------
+    def part_path(self, kind: str, shard: str, attempt: str) -> str:
+        return f"{kind}/{shard}-{attempt}.parquet"
+
+    def write_parts(self, shard: str, attempt: str, tables: dict[str, pa.Table], metadata: dict) -> dict[str, Part]:
+        """Write one attempt's parts (no marker); returns what was written."""
+        meta = {METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()}
+        parts = {}
+        for kind in KINDS:
+            name = self.part_path(kind, shard, attempt)
+            path = self.path(name)
+            table = tables[kind].replace_schema_metadata(meta)
+            if self.local:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                pq.write_table(table, path)
+                with open(path, "rb+") as handle:
+                    os.fsync(handle.fileno())
+                size = os.stat(path).st_size
+            else:
+                pq.write_table(table, path, filesystem=self.fs)
+                size = None
+            parts[kind] = Part(name, table.num_rows, size)
+        if not self.local:  # one listing call for the sizes (a HEAD each otherwise)
+            sizes = self._sizes([p.file for p in parts.values()])
+            parts = {k: Part(p.file, p.rows, sizes[p.file]) for k, p in parts.items()}
+        return parts
+
+    def _sizes(self, files: list[str]) -> dict[str, int | None]:
+        infos = self.fs.get_file_info([self.path(f) for f in files])
+        return {f: (i.size if i.type == pafs.FileType.File else None) for f, i in zip(files, infos)}
+
+    def commit(self, shard: str, attempt: str, parts: dict[str, Part], run_hash: str) -> dict:
+        """Check that the attempt's parts exist with the reported sizes, then write the marker."""
+        if set(parts) != set(KINDS):
+            raise CommitError(f"{shard}: attempt {attempt} reported parts {sorted(parts)}, not {list(KINDS)}")
+        named = {k: Part(**p) if isinstance(p, dict) else p for k, p in parts.items()}
+        sizes = self._sizes([p.file for p in named.values()])
+        for kind, part in named.items():
+            if part.file != self.part_path(kind, shard, attempt) or sizes[part.file] != part.bytes:
+                raise CommitError(f"{shard}: {part.file} holds {sizes[part.file]} bytes, the attempt reported {part.bytes}")
+        done = dict(shard=shard, attempt=attempt, config_hash=run_hash,
+                    files={k: p.file for k, p in named.items()},
+                    rows={k: p.rows for k, p in named.items()}, bytes={k: p.bytes for k, p in named.items()})
+        self.write_bytes(json.dumps(done, sort_keys=True).encode(), MARKERS, f"{shard}.json")
+        return done
+
+    # ---- shards: read ----------------------------------------------------------------------
+    def marker(self, shard: str) -> dict | None:
+        try:
+            done = self.read_json(MARKERS, f"{shard}.json")
+        except ValueError:
+            return None
+        if done is not None and "files" not in done:  # before attempt names: one part-NNNNN.parquet per kind
+            done["files"] = {k: f"{k}/{shard}.parquet" for k in KINDS}
+        return done
+
+    def markers(self, run_hash: str | None = None) -> dict[str, dict]:
+        """Shard name -> marker of every marked shard (of the run `run_hash`, default run.json's)."""
+        if run_hash is None:
+            record = self.record()
+            if record is None:
+                return {}
+            run_hash = record.config_hash
+        names = sorted(os.path.basename(i.path)[:-5] for i in self.listing(MARKERS)
+                       if i.path.endswith(".json") and os.path.basename(i.path).startswith("part-"))
+        with ThreadPoolExecutor(IO_THREADS) as pool:
+            found = dict(zip(names, pool.map(self.marker, names)))
+        return {n: m for n, m in found.items() if m is not None and m.get("config_hash", "") == run_hash}
+
+    def finished(self, shards: list[str], run_hash: str) -> dict[str, dict]:
+        """The shards among `shards` that are whole: marker of this run, each named part of the
+        marked size, with a readable footer of the marked row count and this run's hash."""
+        with ThreadPoolExecutor(IO_THREADS) as pool:
+            checked = dict(zip(shards, pool.map(lambda s: self._check(s, run_hash), shards)))
+        return {s: m for s, m in checked.items() if m is not None}
+
+    def _check(self, shard: str, run_hash: str) -> dict | None:
+        done = self.marker(shard)
+        try:
+            if done is None or done["config_hash"] != run_hash:
+                return None
+            for kind in KINDS:
+                path = self.path(done["files"][kind])
+                info = self.fs.get_file_info(path)
+                if info.type != pafs.FileType.File or info.size != done["bytes"][kind]:
+                    return None
+                meta = pq.read_metadata(path, filesystem=self.fs)
+                stored = json.loads(meta.metadata[METADATA_KEY])
+                if meta.num_rows != done["rows"][kind] or stored["config_hash"] != run_hash:
+                    return None
+        except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
+            return None
+        return done
+
+    def files(self, kind: str, markers: dict[str, dict] | None = None) -> list[str]:
+        """Paths (in `self.fs`) of the committed parts of `kind`, in shard order."""
+        markers = self.markers() if markers is None else markers
+        return [self.path(markers[s]["files"][kind]) for s in sorted(markers)]
+
+    def dataset(self, kind: str, files: list[str] | None = None) -> ds.Dataset:
+        """A pyarrow dataset of the committed parts of `kind` (streams; any filesystem)."""
+        files = self.files(kind) if files is None else files
+        return ds.dataset(files, schema=SCHEMAS[kind] if kind in SCHEMAS else None, format="parquet",
+                          filesystem=self.fs)
+
+    def read(self, kind: str, columns: list[str] | None = None, filters=None) -> pa.Table:
+        """The committed rows of `kind` ('prompts', 'neurons', 'activations'); `filters` as in
+        `pyarrow.parquet.read_table` (e.g. [("fact_id", "in", ids)])."""
+        files = self.files(kind)
+        if not files:
+            return SCHEMAS[kind].empty_table().select(columns or SCHEMAS[kind].names)
+        expression = pq.filters_to_expression(filters) if filters else None
+        return self.dataset(kind, files).to_table(columns=columns, filter=expression).replace_schema_metadata(None)
+
+    def remove_stale(self, markers: dict[str, dict] | None = None) -> int:
+        """Delete the attribute parts no marker names (failed, lost or duplicated attempts) and
+        leftover temporary files; returns how many."""
+        markers = self.markers() if markers is None else markers
+        named = {self.path(f) for m in markers.values() for f in m["files"].values()}
+        stale = [i.path for kind in KINDS for i in self.listing(kind)
+                 if i.path not in named and os.path.basename(i.path).startswith(("part-", "."))]
+        stale += [i.path for i in self.listing(MARKERS) if os.path.basename(i.path).startswith(".")]
+        self.delete(stale)
+        return len(stale)
+
+
+@functools.lru_cache(maxsize=8)
+def opened(uri: str) -> RunDirectory:
+    """One RunDirectory (one filesystem client) per URI and process (workers reuse it)."""
+    return RunDirectory(uri)
+
+
+def describe_difference(old: dict, new: dict, prefix: str = "") -> str:
+    """'key: old -> new' for every differing leaf of two nested dicts."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = describe_difference(a, b, f"{prefix}{key}.")
+            diffs.extend([inner] if inner else [])
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return "; ".join(diffs)
+
+
+def local_copy(uri: str, directory: str) -> str:
+    """A local path for `uri`: itself if local, else a copy (file or directory tree) in `directory`."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return path
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"facts not found: {public_uri(uri)}")
+    target = os.path.join(directory, os.path.basename(path) or "facts")
+    if info.type == pafs.FileType.Directory:
+        pafs.copy_files(path, target, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    else:
+        pafs.copy_files(path, target, source_filesystem=fs)
+    return target
