@@ -14,7 +14,7 @@ from kn_ray.pipeline.options import KeepPolicy
 from kn_ray.pipeline.prompts import PromptSpec
 from kn_ray.pipeline.rundir import (METADATA_KEY, CommitError, Part, RunConflict, RunDirectory, RunRecord, config_hash,
                                     filesystem, new_attempt, public_uri)
-from kn_ray.pipeline.tables import KINDS, SCHEMAS, shard_tables
+from kn_ray.pipeline.tables import KINDS, SCHEMAS, dense_schema, shard_tables, sparse_rows
 
 
 def _spec(i: int, status=None) -> PromptSpec:
@@ -46,7 +46,7 @@ def _loop_keep(values, layers, ratio, dense):
 @pytest.mark.parametrize("keep", [KeepPolicy(), KeepPolicy(ratio=0.5, activation_ratio=0.2), KeepPolicy(dense=True)])
 def test_neuron_rows_match_a_loop_over_neurons(keep):
     specs, results, tables = _shard(keep=keep)
-    neurons, acts = tables["neurons"].to_pylist(), tables["activations"].to_pylist()
+    neurons, acts = sparse_rows(tables["neurons"]).to_pylist(), tables["activations"].to_pylist()
     for spec, res in zip(specs, results):
         got = {(r["layer"], r["neuron"], r["score"]) for r in neurons if r["prompt_id"] == spec.prompt_id}
         got_act = {(r["layer"], r["neuron"], r["activation"]) for r in acts if r["prompt_id"] == spec.prompt_id}
@@ -54,6 +54,22 @@ def test_neuron_rows_match_a_loop_over_neurons(keep):
         assert got == (_loop_keep(res.scores, res.layers, keep.ratio, keep.dense) if ok else set())
         assert got_act == (_loop_keep(res.activations, res.layers, keep.activation_ratio, False) if ok else set())
     assert all(r["fact_id"] == f"f{int(r['prompt_id'][1:]) // 2}" for r in neurons)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_dense_layout_is_the_score_array_one_row_per_layer(dtype):
+    specs, results, tables = _shard(keep=KeepPolicy(dense=True, dense_dtype=dtype))
+    dense = tables["neurons"]
+    assert dense.schema.equals(dense_schema(40, dtype))
+    ok = [(s, r) for s, r in zip(specs, results) if r is not None and r.ok]
+    assert dense.num_rows == sum(len(r.layers) for _, r in ok)
+    for (spec, res), start in zip(ok, range(0, dense.num_rows, 3)):
+        rows = dense.slice(start, 3).to_pydict()
+        assert rows["prompt_id"] == [spec.prompt_id] * 3 and rows["layer"] == list(res.layers)
+        got = np.asarray(rows["scores"], dtype=np.float32)
+        np.testing.assert_allclose(got, res.scores, rtol=1e-3 if dtype == "float16" else 0, atol=1e-3 if dtype == "float16" else 0)
+    empty = shard_tables(specs[2:3], [None], KeepPolicy(dense=True, dense_dtype=dtype), num_neurons=40)["neurons"]
+    assert empty.num_rows == 0 and empty.schema.equals(dense_schema(40, dtype))
 
 
 def test_prompt_rows_carry_status_and_engine_fields():

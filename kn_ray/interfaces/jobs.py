@@ -11,9 +11,9 @@ A spec is a mapping of known keys only (a typo is an error, not a silently ignor
     trust_remote_code: false
     filters: {relations: [P17], max_facts_per_relation: 100, max_templates: 4}
     attribution: {n_steps: 20, method: left, precision: auto, batch_prompts: 32}
-    keep: {ratio: 0.1, dense: false, activation_ratio: 0.5}
-    workers: {count: null, cpus: 1, gpus: null, in_flight: 2, max_attempts: 3, max_restarts: 4}
-    shard_size: 64
+    keep: {ratio: 0.1, dense: false, activation_ratio: 0.5, dense_dtype: float32}
+    workers: {count: null, cpus: 1, gpus: null, in_flight: 2, max_attempts: 3, max_restarts: 4}  # count null: all
+    shard_size: null                    # null: 64, smaller for small inputs (about 64 shards)
     report_facts: 3
 """
 
@@ -36,7 +36,8 @@ SCHEMA: dict[str | None, dict[str, tuple]] = {
                     max_templates=(_INT, "max_templates")),
     "attribution": dict(n_steps=(_INT, "n_steps"), method=(_STR, "method"), precision=(_STR, "precision"),
                         batch_prompts=(_INT, "batch_prompts")),
-    "keep": dict(ratio=(_NUM, "ratio"), dense=(_BOOL, "dense"), activation_ratio=(_NUM, "activation_ratio")),
+    "keep": dict(ratio=(_NUM, "ratio"), dense=(_BOOL, "dense"), activation_ratio=(_NUM, "activation_ratio"),
+                 dense_dtype=(_STR, "dense_dtype")),
     "workers": dict(count=(_INT, "workers"), cpus=(_NUM, "cpus_per_worker"), gpus=(_NUM, "gpus_per_worker"),
                     in_flight=(_INT, "in_flight"), max_attempts=(_INT, "max_attempts"),
                     max_restarts=(_INT, "max_restarts")),

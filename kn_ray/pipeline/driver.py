@@ -20,7 +20,7 @@ from kn_ray import __version__
 
 from .facts import detect_format, read_facts
 from .options import RunOptions
-from .plan import Shard, fingerprint, plan_shards
+from .plan import Shard, auto_shard_size, fingerprint, plan_shards
 from .prompts import build_prompts
 from .rundir import RunDirectory, RunRecord, config_hash, is_local, local_copy, public_uri
 
@@ -65,7 +65,9 @@ def option_identity(options: RunOptions, fmt: str) -> dict:
 def run_record(options: RunOptions, fmt: str, info: dict, shards: list[Shard], dropped: int) -> RunRecord:
     identity = option_identity(options, fmt)
     identity["model_info"] = {k: info[k] for k in ("revision", "masked", "num_layers", "num_neurons", "precision")}
-    identity["plan"] = dict(shard_size=options.shard_size, shards=len(shards), prompts=sum(map(len, shards)),
+    n_prompts = sum(map(len, shards))
+    identity["plan"] = dict(shard_size=options.shard_size or auto_shard_size(n_prompts), shards=len(shards),
+                            prompts=n_prompts,
                             facts=len({p.fact_id for s in shards for p in s.prompts if p.fact_id}),
                             dropped_templates=dropped, fingerprint=fingerprint(shards))
     recorded = dict(options.as_dict(), facts=public_uri(options.facts), output=public_uri(options.output))
@@ -92,27 +94,26 @@ def run_pipeline(options: RunOptions, *, progress: bool = True) -> RunReport:
     run = RunDirectory(options.output)
     run.refuse_conflict(option_identity(options, fmt))  # before any model loads
 
-    from .execute import Dispatcher, WorkerPool, connect, disconnect, single_node
+    from .execute import attribution_pool, connect, disconnect, run_shards, single_node
 
     res = options.resources
     started = connect(min_cpus=(res.workers or 1) * res.cpus_per_worker)
     try:
-        pool = WorkerPool(options)
+        pool = attribution_pool(options)
         if progress:
             print(f"workers     {pool.plan}", file=sys.stderr, flush=True)
         try:
             info = pool.model_info()
             prompts = build_prompts(facts, masked=info["masked"], max_templates=options.filters.max_templates)
-            shards = plan_shards(prompts.prompts, options.shard_size)
+            shards = plan_shards(prompts.prompts, options.shard_size or auto_shard_size(len(prompts.prompts)))
             record = run.open_run(run_record(options, fmt, info, shards, prompts.dropped_templates))
             done = run.finished([s.name for s in shards], record.config_hash)
             stale = run.remove_stale(done)
             todo = [s for s in shards if s.name not in done]
             dispatch_start = time.perf_counter()
             with _progress_bar(sum(map(len, todo)), progress) as bar:
-                dispatcher = Dispatcher(pool, run, record.config_hash, options, file_metadata(record), bar,
-                                        workers_write=not is_local(options.output) or single_node())
-                result = dispatcher.run_shards(todo)
+                result = run_shards(pool, todo, run, record.config_hash, options, file_metadata(record), bar,
+                                    workers_write=not is_local(options.output) or single_node())
             dispatch_seconds = time.perf_counter() - dispatch_start
         finally:
             pool.shutdown()

@@ -1,9 +1,10 @@
-"""Running a plan on Ray: a pool of model-holding actors fed shards by the driver.
+"""Running work on Ray: one pool of model-holding actors fed by the driver, used by
+`kn-ray attribute` (shards) and `kn-ray edit` (work units).
 
-* One actor per GPU (`num_gpus=1`) when the cluster has GPUs, else N CPU actors; each loads
-  the model once. Ray restarts a crashed actor (`max_restarts`); the driver never lets Ray
+* One actor per GPU (`num_gpus=1`) when the cluster has GPUs, else one CPU actor per core
+  (`Resources`; GPU detection lives here only); each loads the model once. Ray restarts a crashed actor (`max_restarts`); the driver never lets Ray
   retry a shard behind its back (`max_task_retries=0`) but resubmits it itself, to any live
-  actor, and counts attempts: after `max_attempts` failures the shard is marked failed.
+  actor, and counts attempts: after `max_attempts` failures the task is marked failed.
 * After any failure the actor is pinged (`info()`): a restarted actor answers once its model
   is loaded again and gets work again; a permanently dead one is dropped from the pool.
 * Workers write, the driver commits: each attempt at a shard gets a fresh attempt id; the
@@ -31,13 +32,10 @@ import ray  # noqa: E402
 from ray.exceptions import RayActorError, RayError, RayTaskError  # noqa: E402
 
 from . import faults  # noqa: E402
-from .options import RunOptions  # noqa: E402
+from .options import Resources, RunOptions  # noqa: E402
 from .plan import Shard  # noqa: E402
 from .rundir import CommitError, RunDirectory, new_attempt  # noqa: E402
 from .worker import ShardComputer, ShardOutput  # noqa: E402
-
-RemoteShardComputer = ray.remote(ShardComputer)
-
 
 class ModelLoadError(ValueError):
     """No worker could load the model (a wrong name or path, usually)."""
@@ -45,11 +43,11 @@ class ModelLoadError(ValueError):
 
 @dataclass
 class DispatchResult:
-    written: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)  # shard name -> last error
+    written: list[str] = field(default_factory=list)  # keys of the tasks done
+    failed: dict[str, str] = field(default_factory=dict)  # task key -> last error
     retries: int = 0
     actors_lost: int = 0
-    prompts: int = 0  # prompts in the shards written now
+    prompts: int = 0  # size of the tasks done (prompts, for shards)
 
 
 def connect(min_cpus: float = 0) -> bool:
@@ -80,10 +78,9 @@ FORWARDED_ENV = (faults.ENV, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACC
                  "AWS_SHARED_CREDENTIALS_FILE", "GOOGLE_APPLICATION_CREDENTIALS")
 
 
-def actor_resources(options: RunOptions) -> tuple[int, dict]:
+def actor_resources(res: Resources) -> tuple[int, dict]:
     """(number of actors, Ray options for each): one actor per GPU on a GPU cluster, else by
     default one actor of `cpus_per_worker` CPUs per that many of the cluster's CPUs (every core)."""
-    res = options.resources
     cluster = ray.cluster_resources()
     gpus = res.gpus_per_worker if res.gpus_per_worker is not None else (1 if cluster.get("GPU", 0) >= 1 else 0)
     if res.workers:
@@ -100,28 +97,26 @@ def actor_resources(options: RunOptions) -> tuple[int, dict]:
 
 
 def describe_plan(count: int, opts: dict, chosen: bool) -> str:
-    """'2 actors x 1 CPU (1 torch thread each)' and why."""
+    """'2 actors x 1 CPU (1 torch thread each); why'."""
     what = f"{opts['num_gpus']:g} GPU" if opts["num_gpus"] else f"{opts['num_cpus']:g} CPU"
-    threads = "" if opts["num_gpus"] else f" ({max(1, int(opts['num_cpus']))} torch thread{'s' * (opts['num_cpus'] >= 2)} each)"
+    n = max(1, int(opts["num_cpus"]))
+    threads = "" if opts["num_gpus"] else f" ({n} torch thread{'s' * (n > 1)} each)"
     why = "--workers" if chosen else ("one per GPU" if opts["num_gpus"] else "default: every CPU of the cluster")
     return f"{count} actor{'s' * (count != 1)} x {what}{threads}; {why}"
 
 
-class WorkerPool:
-    """Actors, their in-flight counts, and which are waiting on a health ping."""
+class ActorPool:
+    """Actors of one class that each load the model once, their in-flight counts, and which are
+    waiting on a health ping (`info()`). `actor_class(*args, threads=N, **kwargs)`: N torch
+    threads on CPU actors, None on GPU actors."""
 
-    def __init__(self, options: RunOptions):
-        count, opts = actor_resources(options)
-        self.plan = describe_plan(count, opts, bool(options.resources.workers))
+    def __init__(self, actor_class, args: tuple, kwargs: dict, res: Resources):
+        count, opts = actor_resources(res)
+        self.plan = describe_plan(count, opts, bool(res.workers))
         threads = None if opts["num_gpus"] else max(1, int(opts["num_cpus"]))
-        self.limit = options.resources.in_flight
-        self.actors = [
-            RemoteShardComputer.options(**opts).remote(
-                options.model, precision=options.precision, batch_prompts=options.batch_prompts,
-                revision=options.revision, allow_pickle=options.allow_pickle,
-                trust_remote_code=options.trust_remote_code, threads=threads)
-            for _ in range(count)
-        ]
+        remote = ray.remote(actor_class).options(**opts)
+        self.limit = res.in_flight
+        self.actors = [remote.remote(*args, threads=threads, **kwargs) for _ in range(count)]
         self.load = {a: 0 for a in self.actors}
         self.pings = {a.info.remote(): a for a in self.actors}  # ref -> actor not yet known healthy
         self.info: dict | None = None
@@ -146,9 +141,10 @@ class WorkerPool:
             return _short(error)
         if self.info is None:
             self.info = info
-        elif (info["revision"], info["precision"]) != (self.info["revision"], self.info["precision"]):
+        elif (info.get("revision"), info.get("precision")) != (self.info.get("revision"), self.info.get("precision")):
             self.drop(actor)
-            return f"worker loaded revision {info['revision']} at {info['precision']}, not {self.info['revision']}"
+            return f"worker loaded revision {info.get('revision')} at {info.get('precision')}, " \
+                   f"not {self.info.get('revision')}"
         self.load[actor] = 0
         return None
 
@@ -166,13 +162,13 @@ class WorkerPool:
         ray.kill(actor, no_restart=True)
 
     def free(self):
-        """The least-busy healthy actor with room for another shard, or None."""
+        """The least-busy healthy actor with room for another task, or None."""
         ready = [a for a, n in self.load.items() if n < self.limit]
         return min(ready, key=self.load.get) if ready else None
 
-    @property
-    def alive(self) -> bool:
-        return bool(self.load or self.pings)
+    def done(self, actor) -> None:
+        if actor in self.load:
+            self.load[actor] -= 1
 
     def shutdown(self) -> None:
         for actor in self.actors:
@@ -180,73 +176,103 @@ class WorkerPool:
 
 
 class Dispatcher:
-    """Feeds shards to the pool, commits what comes back, resubmits what fails."""
+    """Feeds tasks to the pool and yields what comes back; resubmits what fails, to any live
+    actor, up to `max_attempts` attempts per task (driver-side retries; Ray retries nothing).
 
-    def __init__(self, pool: WorkerPool, run: RunDirectory, run_hash: str, options: RunOptions, metadata: dict,
-                 progress=None, workers_write: bool = True):
-        self.pool, self.run, self.run_hash, self.options, self.metadata = pool, run, run_hash, options, metadata
-        self.progress, self.workers_write = progress, workers_write
+    `call(actor, task) -> (ObjectRef, context)` submits one attempt; `results(tasks)` yields
+    (task, value, context) per success. A consumer that rejects a value (a commit that fails)
+    calls `retry(task, None, error)`; one attempt per task is ever in flight."""
+
+    def __init__(self, pool: ActorPool, call, *, max_attempts: int, key=lambda task: task.name, size=len,
+                 progress=None):
+        self.pool, self.call, self.max_attempts, self.key, self.size = pool, call, max_attempts, key, size
+        self.progress = progress
         self.result = DispatchResult()
         self.attempts: dict[str, int] = {}
+        self.queue: deque = deque()
 
-    def run_shards(self, shards: list[Shard]) -> DispatchResult:
-        queue, pending = deque(shards), {}
-        while queue or pending:
-            self._submit(queue, pending)
+    def results(self, tasks):
+        self.queue.extend(tasks)
+        pending = {}
+        while self.queue or pending:
+            while self.queue and (actor := self.pool.free()) is not None:
+                task = self.queue.popleft()
+                ref, context = self.call(actor, task)
+                pending[ref] = (task, actor, context)
+                self.pool.load[actor] += 1
             if not pending and not self.pool.pings:
-                for shard in queue:
-                    self.result.failed[shard.name] = "no live workers left"
+                for task in self.queue:
+                    self.result.failed[self.key(task)] = "no live workers left"
+                self.queue.clear()
                 break
             [ref], _ = ray.wait(list(pending) + list(self.pool.pings), num_returns=1)
             if ref in self.pool.pings:
                 self.pool.answer(ref)
-            else:
-                self._collect(ref, *pending.pop(ref), queue)
-        return self.result
+                continue
+            task, actor, context = pending.pop(ref)
+            try:
+                value = ray.get(ref)
+            except RayError as error:
+                self.retry(task, actor, error)
+                continue
+            self.pool.done(actor)
+            yield task, value, context
 
-    def _submit(self, queue: deque, pending: dict) -> None:
-        while queue and (actor := self.pool.free()) is not None:
-            shard = queue.popleft()
-            attempt = new_attempt()
-            output = ShardOutput(self.run.uri, shard.name, attempt, self._metadata(shard, attempt)) \
-                if self.workers_write else None
-            o = self.options
-            ref = actor.compute.remote(shard.shard_id, list(shard.prompts), o.n_steps, o.method, o.keep, output)
-            pending[ref] = (shard, actor, attempt)
-            self.pool.load[actor] += 1
-
-    def _metadata(self, shard: Shard, attempt: str) -> dict:
-        return dict(self.metadata, shard=shard.shard_id, attempt=attempt)
-
-    def _collect(self, ref, shard: Shard, actor, attempt: str, queue: deque) -> None:
-        try:
-            out = ray.get(ref)
-            parts = out["parts"] if "parts" in out else \
-                self.run.write_parts(shard.name, attempt, out["tables"], self._metadata(shard, attempt))
-            self.run.commit(shard.name, attempt, parts, self.run_hash)
-        except (RayError, CommitError) as error:
-            self._retry(shard, actor, error, queue)
-            return
-        if actor in self.pool.load:
-            self.pool.load[actor] -= 1
-        self.result.written.append(shard.name)
-        self.result.prompts += len(shard)
+    def succeeded(self, task) -> None:
+        self.result.written.append(self.key(task))
+        self.result.prompts += self.size(task)
         if self.progress is not None:
-            self.progress.update(len(shard))
+            self.progress.update(self.size(task))
 
-    def _retry(self, shard: Shard, actor, error: Exception, queue: deque) -> None:
+    def retry(self, task, actor, error: Exception) -> None:
+        """Count a failed attempt (the actor's call died or its result was rejected): requeue the
+        task, or fail it after `max_attempts`."""
         if isinstance(error, RayActorError):
             self.result.actors_lost += self.pool.failed(actor)
-        elif actor in self.pool.load:
-            self.pool.load[actor] -= 1
-        n = self.attempts[shard.name] = self.attempts.get(shard.name, 0) + 1
-        if n >= self.options.resources.max_attempts:
-            self.result.failed[shard.name] = f"failed {n} attempts; last: {_short(error)}"
+        elif actor is not None:
+            self.pool.done(actor)
+        key = self.key(task)
+        n = self.attempts[key] = self.attempts.get(key, 0) + 1
+        if n >= self.max_attempts:
+            self.result.failed[key] = f"failed {n} attempts; last: {_short(error)}"
             if self.progress is not None:
-                self.progress.update(len(shard))
+                self.progress.update(self.size(task))
         else:
             self.result.retries += 1
-            queue.appendleft(shard)
+            self.queue.appendleft(task)
+
+
+# ---- attribution: shards, written by the workers, committed by the driver -------------------------
+def attribution_pool(options: RunOptions) -> ActorPool:
+    return ActorPool(ShardComputer, (options.model,),
+                     dict(precision=options.precision, batch_prompts=options.batch_prompts, revision=options.revision,
+                          allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code),
+                     options.resources)
+
+
+def run_shards(pool: ActorPool, shards: list[Shard], run: RunDirectory, run_hash: str, options: RunOptions,
+               metadata: dict, progress=None, workers_write: bool = True) -> DispatchResult:
+    """Compute `shards` and commit each: the actor writes an attempt's parts (or returns tables
+    the driver writes), the driver checks them and writes the marker."""
+
+    def call(actor, shard: Shard):
+        attempt = new_attempt()
+        meta = dict(metadata, shard=shard.shard_id, attempt=attempt)
+        output = ShardOutput(run.uri, shard.name, attempt, meta) if workers_write else None
+        o = options
+        return actor.compute.remote(shard.shard_id, list(shard.prompts), o.n_steps, o.method, o.keep, output), \
+            (attempt, meta)
+
+    dispatcher = Dispatcher(pool, call, max_attempts=options.resources.max_attempts, progress=progress)
+    for shard, out, (attempt, meta) in dispatcher.results(shards):
+        try:
+            parts = out["parts"] if "parts" in out else run.write_parts(shard.name, attempt, out["tables"], meta)
+            run.commit(shard.name, attempt, parts, run_hash)
+        except (CommitError, OSError) as error:
+            dispatcher.retry(shard, None, error)
+            continue
+        dispatcher.succeeded(shard)
+    return dispatcher.result
 
 
 def _short(error: BaseException) -> str:

@@ -11,14 +11,18 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 @dataclass(frozen=True)
 class KeepPolicy:
-    """Which neurons get a row: score >= ratio x the prompt's max score (and > 0), or all if dense.
+    """Which neurons get a row: score >= ratio x the prompt's max score (and > 0); or, dense,
+    every score, one row per (prompt, layer) with the layer's scores as a list of `dense_dtype`.
     Activations: activation >= activation_ratio x the prompt's max activation (and > 0)."""
 
     ratio: float = 0.1
     dense: bool = False
     activation_ratio: float = 0.5
+    dense_dtype: str = "float32"  # or float16
 
     def check(self) -> None:
+        if self.dense_dtype not in ("float32", "float16"):
+            raise ValueError(f"keep dense_dtype must be float32 or float16, got {self.dense_dtype!r}")
         for name in ("ratio", "activation_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"keep {name} must be in [0, 1], got {getattr(self, name)}")
@@ -27,9 +31,9 @@ class KeepPolicy:
 @dataclass(frozen=True)
 class Resources:
     """Actors: one per GPU when the cluster has GPUs (unless `gpus_per_worker` is 0), else
-    `workers` CPU actors of `cpus_per_worker` logical CPUs each."""
+    CPU actors of `cpus_per_worker` logical CPUs each, by default as many as the cluster's CPUs hold."""
 
-    workers: int | None = None  # None: one per GPU, else 1
+    workers: int | None = None  # None: one per GPU, else one per `cpus_per_worker` CPUs of the cluster
     cpus_per_worker: float = 1.0
     gpus_per_worker: float | None = None  # None: 1 if the cluster has GPUs, else 0
     in_flight: int = 2  # shards queued per actor, so it never waits for the driver
@@ -61,7 +65,7 @@ class RunOptions:
     method: str = "left"
     precision: str = "auto"
     keep: KeepPolicy = field(default_factory=KeepPolicy)
-    shard_size: int = 64
+    shard_size: int | None = None  # None: plan.auto_shard_size
     batch_prompts: int = 32
     revision: str | None = None
     allow_pickle: bool = False
@@ -79,7 +83,7 @@ class RunOptions:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("n_steps", "shard_size", "batch_prompts"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_facts_per_relation", "max_templates"):
             value = getattr(self.filters, name)

@@ -26,6 +26,17 @@ class Shard:
         return len(self.prompts)
 
 
+MAX_AUTO_SHARD = 64  # prompts; a shard is also the unit of retry
+MIN_AUTO_SHARDS = 64  # enough shards that every actor of a mid-size cluster gets work
+
+
+def auto_shard_size(n_prompts: int) -> int:
+    """The default shard size: 64 prompts, smaller for small inputs so there are about 64
+    shards for the actors to share. It depends on the input only, so a re-run on another
+    cluster plans the same shards."""
+    return max(1, min(MAX_AUTO_SHARD, -(-n_prompts // MIN_AUTO_SHARDS)))
+
+
 def plan_shards(prompts: list[PromptSpec], shard_size: int) -> list[Shard]:
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")

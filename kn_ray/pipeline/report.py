@@ -7,6 +7,7 @@ import re
 import pandas as pd
 
 from .rundir import RunDirectory
+from .tables import sparse_rows
 
 _LOCATION = re.compile(r"^\S+:\d+: ")  # 'facts/P17.jsonl:3: ' in front of input errors
 
@@ -47,8 +48,7 @@ def top_neurons_text(store: RunDirectory, n_facts: int = 3, k: int = 5) -> str:
         return ""
     facts = (prompts.groupby(["fact_id", "relation", "subject", "object"])["gold_prob"].agg(["mean", "size"])
              .reset_index().sort_values(["mean", "fact_id"], ascending=[False, True]).head(n_facts))
-    neurons = store.read("neurons", ["fact_id", "layer", "neuron", "score"],
-                         filters=[("fact_id", "in", list(facts["fact_id"]))]).to_pandas()
+    neurons = sparse_rows(store.read("neurons", filters=[("fact_id", "in", list(facts["fact_id"]))])).to_pandas()
     blocks = [_fact_block(fact, neurons[neurons["fact_id"] == fact.fact_id], k) for fact in facts.itertuples()]
     return "\n\n".join(["top neurons (kept in most of the fact's prompts, then by mean score):"] + blocks)
 

@@ -357,8 +357,7 @@ class RunDirectory:
     def dataset(self, kind: str, files: list[str] | None = None) -> ds.Dataset:
         """A pyarrow dataset of the committed parts of `kind` (streams; any filesystem)."""
         files = self.files(kind) if files is None else files
-        return ds.dataset(files, schema=SCHEMAS[kind] if kind in SCHEMAS else None, format="parquet",
-                          filesystem=self.fs)
+        return ds.dataset(files, format="parquet", filesystem=self.fs)  # schema of the first part: sparse or dense
 
     def read(self, kind: str, columns: list[str] | None = None, filters=None) -> pa.Table:
         """The committed rows of `kind` ('prompts', 'neurons', 'activations'); `filters` as in

@@ -64,7 +64,7 @@ class ShardComputer:
                                                  n_steps=n_steps, method=method)
             for i, res in zip(todo, computed):
                 results[i] = res
-        tables: dict[str, pa.Table] = shard_tables(specs, results, keep)
+        tables: dict[str, pa.Table] = shard_tables(specs, results, keep, self.lm.num_neurons)
         if output is None:
             out = dict(tables=tables)
         else:

@@ -9,8 +9,9 @@ def register(sub) -> None:
                                    "Re-running the same command resumes; another configuration on the same "
                                    "--output is refused.")
     p.add_argument("--model", required=True, help="hub id, checkpoint dir, .gguf file or embedded name (smollm2)")
-    p.add_argument("--facts", required=True, help="PARAREL-layout dir, JSON Lines file, or builtin:demo")
-    p.add_argument("--output", "-o", required=True, help="output directory")
+    p.add_argument("--facts", required=True, help="PARAREL-layout dir, JSON Lines file (path or URI), or builtin:demo")
+    p.add_argument("--output", "-o", required=True,
+                   help="output directory: a path or URI (file://, s3://, gs://, any pyarrow.fs/fsspec filesystem)")
     p.add_argument("--format", choices=("auto", "pararel", "jsonl"), help="facts format (default: auto)")
     p.add_argument("--revision", help="model revision (hub)")
     p.add_argument("--allow-pickle", action="store_true", default=None, help="allow pickle weights (trusted sources)")
@@ -26,13 +27,15 @@ def register(sub) -> None:
     a.add_argument("--batch-prompts", type=int, help="prompts per engine batch (default: 32)")
     k = p.add_argument_group("kept rows")
     k.add_argument("--keep-ratio", type=float, help="keep neurons with score >= R x the prompt's max (default: 0.1)")
-    k.add_argument("--dense", action="store_true", default=None, help="keep every neuron's score")
+    k.add_argument("--dense", action="store_true", default=None,
+                   help="keep every score: one row per (prompt, layer), the layer's scores as a list")
+    k.add_argument("--dense-dtype", choices=("float32", "float16"), help="dense scores' type (default: float32)")
     k.add_argument("--activation-keep-ratio", type=float, help="keep activations >= R x the prompt's max (default: 0.5)")
     w = p.add_argument_group("workers")
-    w.add_argument("--workers", type=int, help="actors (default: one per GPU, else 1)")
+    w.add_argument("--workers", type=int, help="actors (default: one per GPU, else one per CPU of the cluster)")
     w.add_argument("--cpus-per-worker", type=float, help="logical CPUs per actor (default: 1)")
     w.add_argument("--gpus-per-worker", type=float, help="GPUs per actor (default: 1 if the cluster has GPUs)")
-    w.add_argument("--shard-size", type=int, help="prompts per shard (default: 64)")
+    w.add_argument("--shard-size", type=int, help="prompts per shard (default: 64, fewer for small inputs)")
     w.add_argument("--max-attempts", type=int, help="attempts per shard before it is failed (default: 3)")
     p.add_argument("--report-facts", type=int, help="facts whose top neurons are printed at the end (default: 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -48,7 +51,8 @@ def spec_from_args(args) -> dict:
                            max_facts_per_relation=args.max_facts_per_relation, max_templates=args.max_templates)
     spec["attribution"] = dict(n_steps=args.n_steps, method=args.method, precision=args.precision,
                                batch_prompts=args.batch_prompts)
-    spec["keep"] = dict(ratio=args.keep_ratio, dense=args.dense, activation_ratio=args.activation_keep_ratio)
+    spec["keep"] = dict(ratio=args.keep_ratio, dense=args.dense, activation_ratio=args.activation_keep_ratio,
+                        dense_dtype=args.dense_dtype)
     spec["workers"] = dict(count=args.workers, cpus=args.cpus_per_worker, gpus=args.gpus_per_worker,
                            max_attempts=args.max_attempts)
     return spec

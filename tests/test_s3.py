@@ -1,0 +1,178 @@
+"""Runs on an object store: a real S3 server (moto's standalone server) on 127.0.0.1.
+
+The run directory has no rename there: these tests check the attempt-named parts and the
+driver's marker commit end to end, against a run on the local disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from kn_ray.pipeline.driver import run_pipeline
+from kn_ray.pipeline.faults import ENV as FAULTS
+from kn_ray.pipeline.options import Resources, RunOptions
+from kn_ray.pipeline.rundir import MARKERS, RunDirectory
+from kn_ray.pipeline.tables import KINDS
+from tests.pipeline_fixtures import save_tiny_model
+
+BUCKET = "kn-ray-test"
+N_STEPS = 3
+RELATIONS = {"capital": ("[X] has its capital in [Y] .", "The capital of [X] is [Y] .", "[X] is governed from [Y] ."),
+             "language": ("People in [X] speak [Y] .", "The language of [X] is [Y] .", "[X] talks in [Y] .")}
+FACTS = {"capital": [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Peru", "Lima")],
+         "language": [("France", "French"), ("Japan", "Japanese"), ("Italy", "Italian"), ("Peru", "Spanish")]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto's S3 server on a free loopback port, with the AWS environment pointing at it."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = dict(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing-key", AWS_SECRET_ACCESS_KEY="testing-secret",
+               AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    saved = {k: os.environ.get(k) for k in env}
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=1)
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError("moto server did not start") from None
+                time.sleep(0.2)
+        os.environ.update(env)
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        yield env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("s3world")
+    lines = [json.dumps(dict(id=f"{rel}-{subj}", relation=rel, subject=subj, object=obj, templates=list(RELATIONS[rel])))
+             for rel, pairs in FACTS.items() for subj, obj in pairs]
+    facts = root / "facts.jsonl"
+    facts.write_text("\n".join(lines) + "\n")
+    texts = [t.replace("[X]", s).replace("[Y]", o) for rel, pairs in FACTS.items() for s, o in pairs
+             for t in RELATIONS[rel]]
+    return dict(root=root, facts=facts, model=save_tiny_model("bert", texts, root / "bert"))
+
+
+def options(world, output: str, facts: str | None = None, workers: int = 1) -> RunOptions:
+    return RunOptions(model=str(world["model"]), facts=facts or str(world["facts"]), output=output,
+                      n_steps=N_STEPS, shard_size=3, resources=Resources(workers=workers))
+
+
+@pytest.fixture(scope="module")
+def local_run(world, ray_local):
+    out = world["root"] / "local"
+    assert run_pipeline(options(world, str(out)), progress=False).ok
+    return out
+
+
+def frames(out) -> dict[str, pd.DataFrame]:
+    run = RunDirectory(out)
+    keys = {"prompts": ["prompt_id"], "neurons": ["prompt_id", "layer", "neuron"],
+            "activations": ["prompt_id", "layer", "neuron"]}
+    return {k: run.read(k).to_pandas().drop(columns=["seconds"], errors="ignore").sort_values(v)
+            .reset_index(drop=True) for k, v in keys.items()}
+
+
+def assert_same(a, b) -> None:
+    fa, fb = frames(a), frames(b)
+    assert len(fa["prompts"]) == len(set(fa["prompts"].prompt_id)) == len(fb["prompts"]) > 0
+    for kind in fa:
+        pd.testing.assert_frame_equal(fa[kind], fb[kind], check_exact=False, rtol=1e-5, atol=1e-7)
+
+
+def objects(run: RunDirectory) -> dict[str, object]:
+    """Every object under the run: relative name -> modification time."""
+    return {i.path[len(run.root) + 1:]: i.mtime for i in run.listing(recursive=True)}
+
+
+def assert_only_committed_parts(run: RunDirectory) -> None:
+    markers = run.markers()
+    named = sorted(f for m in markers.values() for f in m["files"].values())
+    assert sorted(n for n in objects(run) if n.split("/")[0] in KINDS) == named
+    assert len(named) == 3 * run.record().identity["plan"]["shards"]
+
+
+def test_s3_run_equals_a_local_run(world, local_run, s3_server):
+    """Facts read from S3, two actors writing parts to S3, the driver committing: the rows of
+    the local single-actor run; nothing secret recorded."""
+    import boto3
+
+    boto3.client("s3").upload_file(str(world["facts"]), BUCKET, "inputs/facts.jsonl")
+    uri = f"s3://{BUCKET}/runs/equal"
+    report = run_pipeline(options(world, uri, facts=f"s3://{BUCKET}/inputs/facts.jsonl", workers=2), progress=False)
+    assert report.ok and report.written == report.shards > 2
+    assert_same(local_run, uri)
+    run = RunDirectory(uri)
+    assert_only_committed_parts(run)
+    record = json.dumps(run.record().as_dict())
+    part = run.files("prompts")[0]
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_metadata(part, filesystem=run.fs).metadata[b"kn_ray"].decode()
+    for secret in (s3_server["AWS_SECRET_ACCESS_KEY"], s3_server["AWS_ACCESS_KEY_ID"]):
+        assert secret not in record and secret not in metadata
+    assert run.record().input_path == f"s3://{BUCKET}/inputs/facts.jsonl"
+
+
+def test_killed_driver_resumes_on_s3_without_rewriting_finished_parts(world, local_run, s3_server, ray_local):
+    uri = f"s3://{BUCKET}/runs/killed"
+    run = RunDirectory(uri)
+    cmd = [sys.executable, "-m", "kn_ray.interfaces.cli", "attribute", "--model", str(world["model"]),
+           "--facts", str(world["facts"]), "--output", uri, "--n-steps", str(N_STEPS), "--shard-size", "3",
+           "--workers", "1", "--no-progress"]
+    env = dict(os.environ, RAY_ADDRESS=ray_local, **{FAULTS: "delay=1.0"})
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while len(run.listing(MARKERS)) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = run.markers()
+    assert 2 <= len(done) < run.record().identity["plan"]["shards"]
+    committed = {f for m in done.values() for f in m["files"].values()}
+    before = {name: mtime for name, mtime in objects(run).items() if name in committed}
+    markers_before = {name: json.dumps(m, sort_keys=True) for name, m in done.items()}
+
+    report = run_pipeline(options(world, uri), progress=False)
+    assert report.ok and report.resumed >= len(done) and report.written == report.shards - report.resumed
+    after = objects(run)
+    assert all(after.get(name) == mtime for name, mtime in before.items())  # finished parts not rewritten
+    assert all(json.dumps(run.markers()[n], sort_keys=True) == m for n, m in markers_before.items())
+    assert_only_committed_parts(run)  # stale attempts of the killed run removed
+    assert_same(local_run, uri)  # no missing or duplicated prompt
