@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .encoding import Batch
-from .hooks import first_arg, edit_neurons, gather_head_input, pre_hooks, start_at_layer
+from .hooks import edit_neurons, first_arg, gather_head_input, pre_hooks, recompute_offloaded_blocks, start_at_layer
 from .precision import autocast
 from .riemann import riemann
 from .runner import ModelRunner, batches, describe, gold_prob, is_oom
@@ -145,30 +145,30 @@ class Attributor(ModelRunner):
         clean = self._clean_pass(batch, set(layers))
         if not bool((alphas == 0).any()):  # P(baseline) for the completeness check: one extra row
             alphas, weights = torch.cat([alphas, alphas.new_zeros(1)]), torch.cat([weights, weights.new_zeros(1)])
-        B, F = batch.size, self.lm.num_neurons
-        scores = torch.zeros(B, len(layers), F)
-        acts = torch.zeros(B, len(layers), F)
-        base_prob = torch.zeros(B, len(layers))
-        for j, layer in enumerate(layers):
-            grad_sum, p0 = self._integrate(batch, clean, layer, alphas, weights, baseline)
-            a = clean.acts[layer].cpu()
-            scores[:, j] = (a - baseline) * grad_sum
-            acts[:, j] = a
-            base_prob[:, j] = p0
-        gold = clean.gold_prob.cpu()
-        completeness = (scores.sum(-1) - (gold[:, None] - base_prob)).abs()
+        zero_step = int((alphas == 0).nonzero()[0])  # alphas live on the host: no device sync
+        alphas, weights = alphas.float().to(self.device), weights.float().to(self.device)
+        scores, base_prob = [], []
+        for layer in layers:  # everything stays on the device; one copy to the host per batch
+            grad_sum, p0 = self._integrate(batch, clean, layer, alphas, weights, zero_step, baseline)
+            scores.append((clean.acts[layer] - baseline) * grad_sum)
+            base_prob.append(p0)
+        scores_d, base_d = torch.stack(scores, 1), torch.stack(base_prob, 1)  # [B, L, F], [B, L]
+        acts_d = torch.stack([clean.acts[layer] for layer in layers], 1)
+        completeness_d = (scores_d.sum(-1) - (clean.gold_prob[:, None] - base_d)).abs()
+        scores, acts, base_prob, completeness, gold, top_prob = (
+            t.cpu() for t in (scores_d, acts_d, base_d, completeness_d, clean.gold_prob, clean.top_prob))
         tops = self.token_texts(clean.top_ids.tolist())
         return [
             dict(
                 gold_prob=float(gold[b]),
                 top_token=tops[b],
-                top_prob=float(clean.top_prob[b]),
+                top_prob=float(top_prob[b]),
                 scores=scores[b].numpy(),
                 activations=acts[b].numpy(),
                 baseline_prob=base_prob[b].numpy(),
                 completeness=completeness[b].numpy(),
             )
-            for b in range(B)
+            for b in range(batch.size)
         ]
 
     @torch.no_grad()
@@ -178,12 +178,13 @@ class Attributor(ModelRunner):
         hidden_in: dict[int, torch.Tensor] = {}
         acts: dict[int, torch.Tensor] = {}
 
-        def save_hidden(i, args, kwargs):
+        def save_hidden(i, args, kwargs):  # kept on the block's device (a device map spreads them)
             if i in layers:
                 hidden_in[i] = first_arg(args, kwargs)[:, sc:].detach()
 
-        def save_act(i, args, kwargs):
-            acts[i] = first_arg(args, kwargs)[rows, batch.target_col].float()
+        def save_act(i, args, kwargs):  # gathered on the input device, in fp32
+            inputs = first_arg(args, kwargs)
+            acts[i] = inputs[rows.to(inputs.device), batch.target_col.to(inputs.device)].float().to(self.device)
 
         ffn_outs = [adapter.ffn_out_module(model, i) for i in range(self.lm.num_layers)]
         with (
@@ -193,43 +194,46 @@ class Attributor(ModelRunner):
             gather_head_input(model, adapter, batch.pred_cols),
         ):
             out = model(**self._inputs(batch, rows, 0), use_cache=not adapter.masked)
-        gold = gold_prob(out.logits, batch.gold_ids, batch.gold_valid)
-        top_prob, top_ids = out.logits[:, 0].float().softmax(-1).max(-1)
+        logits = out.logits.to(self.device)
+        gold = gold_prob(logits, batch.gold_ids, batch.gold_valid)
+        top_prob, top_ids = logits[:, 0].float().softmax(-1).max(-1)
         kv = None
         if not adapter.masked and sc > 0:
             kv = [(lay.keys[:, :, :sc], lay.values[:, :, :sc]) for lay in out.past_key_values.layers]
         return _Clean(gold, top_ids, top_prob, hidden_in, acts, kv)
 
     # ---- one layer ----------------------------------------------------------------------
-    def _integrate(self, batch, clean, layer, alphas, weights, baseline):
-        """sum_k w_k dP/dx(alpha_k) for every prompt of the batch at `layer`, and P at alpha = 0."""
-        B, A = batch.size, len(alphas)
-        prompt_of = torch.arange(B).repeat_interleave(A)
-        step_of = torch.arange(A).repeat(B)
-        grad_sum = torch.zeros(B, self.lm.num_neurons, dtype=torch.float32)
-        p_zero = torch.zeros(B, dtype=torch.float32)
-        zero_step = int((alphas == 0).nonzero()[0])
+    def _integrate(self, batch, clean, layer, alphas, weights, zero_step, baseline):
+        """sum_k w_k dP/dx(alpha_k) for every prompt of the batch at `layer`, and P at alpha = 0,
+        accumulated on the device (no host synchronisation inside the row loop)."""
+        B, A, dev = batch.size, len(alphas), self.device
+        prompt_of = torch.arange(B, device=dev).repeat_interleave(A)
+        step_of = torch.arange(A, device=dev).repeat(B)
+        grad_sum = torch.zeros(B, self.lm.num_neurons, dtype=torch.float32, device=dev)
+        p_zero = torch.zeros(B, dtype=torch.float32, device=dev)
         tokens_per_row = batch.input_ids.shape[1] - batch.start_col
         lo = 0
         while lo < B * A:
             n_rows = max(1, self.max_batch_tokens // tokens_per_row)
-            sel = slice(lo, lo + n_rows)
-            pi, si = prompt_of[sel], step_of[sel]
+            pi, si = prompt_of[lo : lo + n_rows], step_of[lo : lo + n_rows]
             try:
-                grads, probs = self._rows(batch, clean, layer, pi, alphas[si].float(), baseline)
+                grads, probs = self._rows(batch, clean, layer, pi, alphas[si], baseline)
             except Exception as error:  # noqa: BLE001
                 if not is_oom(error) or n_rows == 1:
                     raise
                 self._back_off()
                 continue
-            grad_sum.index_add_(0, pi, grads.cpu() * weights[si].float()[:, None])
-            at_zero = si == zero_step
-            p_zero[pi[at_zero]] = probs.cpu()[at_zero]
+            grad_sum.index_add_(0, pi, grads * weights[si][:, None])
+            p_zero.index_add_(0, pi, probs.float() * (si == zero_step))  # each prompt has one zero step
             lo += len(pi)
         return grad_sum, p_zero
 
     def _rows(self, batch, clean, layer, prompt_idx, alpha, baseline):
-        """One forward/backward over rows (prompt, alpha) starting at `layer`."""
+        """One forward/backward over rows (prompt, alpha) starting at `layer`.
+
+        Every index follows the tensor it indexes to its device: under a device map the cached
+        block inputs, the prefix cache and the neurons of `layer` may each live elsewhere.
+        """
         dev = self.device
         pi, alpha = prompt_idx.to(dev), alpha.to(dev)
         sc = batch.start_col
@@ -240,19 +244,22 @@ class Attributor(ModelRunner):
         arange = torch.arange(n, device=dev)
 
         def put(inputs: torch.Tensor) -> torch.Tensor:
-            return inputs.index_put((arange, target), x.to(inputs.dtype))
+            d = inputs.device
+            return inputs.index_put((arange.to(d), target.to(d)), x.to(d, inputs.dtype))
 
+        hidden = clean.hidden_in[layer]
         inputs = self._inputs(batch, pi, sc)
         if clean.kv is not None:
             inputs.update(past_key_values=self._prefix_cache(clean.kv, pi, layer), use_cache=True)
         with (
             torch.enable_grad(),
             autocast(self.precision, dev),
-            start_at_layer(self.model, self.adapter, layer, clean.hidden_in[layer][pi]),
+            start_at_layer(self.model, self.adapter, layer, hidden[pi.to(hidden.device)]),
             edit_neurons(self.model, self.adapter, layer, put),
             gather_head_input(self.model, self.adapter, batch.pred_cols[pi] - sc),
+            recompute_offloaded_blocks(self.model, self.adapter, layer, inputs.get("past_key_values")),
         ):
-            logits = self.model(**inputs).logits
+            logits = self.model(**inputs).logits.to(dev)
             prob = gold_prob(logits, batch.gold_ids[pi], batch.gold_valid[pi])
             (grad,) = torch.autograd.grad(prob.sum(), x)
         return grad.float(), prob.detach()
@@ -261,5 +268,5 @@ class Attributor(ModelRunner):
         """A fresh cache holding the clean prefix for the rows `pi` (layers below `layer` are never read)."""
         from transformers import DynamicCache
 
-        data = [(k[pi], v[pi]) if i >= layer else (k[:1], v[:1]) for i, (k, v) in enumerate(kv)]
+        data = [(k[pi.to(k.device)], v[pi.to(v.device)]) if i >= layer else (k[:1], v[:1]) for i, (k, v) in enumerate(kv)]
         return DynamicCache(ddp_cache_data=data, config=self.model.config)

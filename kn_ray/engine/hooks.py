@@ -10,6 +10,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .adapters import Adapter
@@ -83,4 +84,49 @@ def start_at_layer(model: nn.Module, adapter: Adapter, layer: int, hidden: torch
             yield
     finally:
         for i, block in enumerate(originals):
+            blocks[i] = block
+
+
+def offloaded(module: nn.Module) -> bool:
+    """True if Accelerate keeps some of the module's weights off its execution device (CPU or disk)."""
+    return any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in module.modules())
+
+
+class _Recomputed(nn.Module):
+    """Runs a block under activation checkpointing: its forward keeps no tensors for backward,
+    which recomputes the block (Accelerate reloads its offloaded weights then). Without it, the
+    autograd graph would hold every offloaded block's weights until the backward pass ends.
+
+    The recomputation sees the key/value cache as the first run did (the block appended its
+    keys to it; they are rolled back before the block runs again).
+    """
+
+    def __init__(self, block: nn.Module, cache):
+        super().__init__()
+        self.block, self.cache = block, cache
+
+    def forward(self, *args, **kwargs):
+        layers = getattr(self.cache, "layers", None) or []
+        saved = [(layer.keys, layer.values, layer.is_initialized) for layer in layers]
+
+        def run(*inputs):
+            for layer, (keys, values, ready) in zip(layers, saved):
+                layer.keys, layer.values, layer.is_initialized = keys, values, ready
+            return self.block(*inputs, **kwargs)
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+
+@contextlib.contextmanager
+def recompute_offloaded_blocks(model: nn.Module, adapter: Adapter, layer: int, cache=None) -> Iterator[None]:
+    """From block `layer` on, checkpoint every offloaded block (see `_Recomputed`); peak memory
+    then holds one offloaded block's weights at a time, not all of them."""
+    blocks = adapter.blocks(model)
+    wrapped = {i: blocks[i] for i in range(layer, len(blocks)) if offloaded(blocks[i])}
+    try:
+        for i, block in wrapped.items():
+            blocks[i] = _Recomputed(block, cache)
+        yield
+    finally:
+        for i, block in wrapped.items():
             blocks[i] = block

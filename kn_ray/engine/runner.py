@@ -27,7 +27,7 @@ class ModelRunner:
         self.lm = model if isinstance(model, LoadedModel) else LoadedModel.from_objects(model, tokenizer)
         self.model, self.adapter, self.tokenizer = self.lm.model, self.lm.adapter, self.lm.tokenizer
         self.device = self.lm.device
-        self.precision = resolve_precision(precision, self.device)
+        self.precision = resolve_precision(precision, self.device, self.lm.dtype)
         self.max_batch_tokens = max_batch_tokens or self._default_batch_tokens()
         self.max_batch_prompts = max_batch_prompts or (256 if self.device.type == "cuda" else 32)
         self.max_length = max_positions(self.model.config)
