@@ -73,3 +73,25 @@ def test_max_memory_strings_parse_like_accelerate_expects():
     for bad in ("0:70GiB", "gpu0=1GiB", "=1GiB"):
         with pytest.raises(ValueError, match="max_memory"):
             parse_max_memory(bad)
+
+
+def test_value_slot_edits_reach_an_offloaded_layer(tmp_path):
+    from kn_ray.engine.editing import edited, set_value_slots, value_slot
+
+    _, lm, path = saved("llama", tmp_path)
+    offload = offloaded_copy(lm, path, tmp_path / "o")
+    slots = [(1, 2), (2, 5)]
+    assert value_slot(offload, 1, 2).device.type == "cpu"
+    assert np.allclose(value_slot(offload, 1, 2).numpy(), value_slot(lm, 1, 2).numpy())
+    prompts, targets = cases("llama")
+    clean = Prober(offload, precision="fp32").probe(prompts, targets)
+    with edited(lm, slots), edited(offload, slots):
+        set_value_slots(lm, slots, 0.0)
+        set_value_slots(offload, slots, 0.0)
+        want = Prober(lm, precision="fp32").probe(prompts, targets)
+        got = Prober(offload, precision="fp32").probe(prompts, targets)
+        assert any(abs(w.gold_prob - c.gold_prob) > 1e-6 for w, c in zip(want, clean))  # the edit matters
+        for g, w in zip(got, want):
+            assert g.gold_prob == pytest.approx(w.gold_prob, rel=1e-5)
+    for g, c in zip(Prober(offload, precision="fp32").probe(prompts, targets), clean):
+        assert g.gold_prob == pytest.approx(c.gold_prob, rel=1e-6)  # restored

@@ -19,7 +19,26 @@ from .loading import LoadedModel
 
 def value_slot(lm: LoadedModel, layer: int, neuron: int) -> torch.Tensor:
     """A writable view of neuron `neuron`'s value slot in `layer`: shape [hidden]."""
-    return value_matrix(lm.adapter.ffn_out_module(lm.model, layer))[:, neuron]
+    module = lm.adapter.ffn_out_module(lm.model, layer)
+    if module.weight.device.type == "meta":
+        return _offloaded_value_matrix(module)[:, neuron]
+    return value_matrix(module)[:, neuron]
+
+
+def _offloaded_value_matrix(module: torch.nn.Module) -> torch.Tensor:
+    """The value matrix of an offloaded projection, made resident and editable: its weight is
+    copied into the offload loader's in-memory state dict, which Accelerate reads before the
+    disk files, so edits reach every later forward pass."""
+    weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+    loader = getattr(weights, "dataset", None)
+    if loader is None or not hasattr(loader, "state_dict"):
+        raise NotImplementedError("value-slot edits need the FFN output projection's weights in memory or in "
+                                  "Accelerate's offload; load the model without this device map")
+    key = weights.prefix + "weight"
+    if key not in loader.state_dict:
+        loader.state_dict[key] = weights["weight"].clone()
+    weight = loader.state_dict[key]
+    return weight if isinstance(module, torch.nn.Linear) else weight.t()
 
 
 def word_embedding(lm: LoadedModel, token_ids: Sequence[int]) -> torch.Tensor:

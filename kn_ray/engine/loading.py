@@ -45,6 +45,11 @@ class LoadedModel:
         return execution_devices(self.model)
 
     @property
+    def head_device(self) -> torch.device:
+        """Where the LM head runs."""
+        return module_device(self.adapter.head_module(self.model))
+
+    @property
     def dtype(self) -> torch.dtype:
         """The weights' dtype (of the first floating-point parameter)."""
         return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
@@ -166,6 +171,16 @@ def input_device(model: nn.Module) -> torch.device:
         return _as_device(hook_device)
     device = embed.weight.device
     return torch.device("cpu") if device.type == "meta" else device
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module runs: its (or its nearest hooked submodule's) Accelerate execution device,
+    else its first resident parameter's device."""
+    for sub in module.modules():
+        hook_device = getattr(getattr(sub, "_hf_hook", None), "execution_device", None)
+        if hook_device is not None:
+            return _as_device(hook_device)
+    return next((p.device for p in module.parameters() if p.device.type != "meta"), torch.device("cpu"))
 
 
 def execution_devices(model: nn.Module) -> list[torch.device]:

@@ -78,7 +78,7 @@ class Prober(ModelRunner):
             stack.enter_context(gather_head_input(self.model, self.adapter, batch.pred_cols))
             for layer, scale in scales.items():
                 stack.enter_context(edit_neurons(self.model, self.adapter, layer, _scaler(rows, batch.target_col, scale)))
-            logits = self.model(**self._inputs(batch, rows)).logits
+            logits = self.model(**self._inputs(batch, rows)).logits.to(self.device)
         gold = gold_prob(logits, batch.gold_ids, batch.gold_valid)
         top_prob, top_ids = logits[:, 0].float().softmax(-1).max(-1)
         tokens = self.token_texts(top_ids.tolist())
@@ -104,8 +104,9 @@ class Prober(ModelRunner):
 
 
 def _scaler(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor):
-    def edit(inputs: torch.Tensor) -> torch.Tensor:
-        return inputs.index_put((rows, cols), inputs[rows, cols] * scale.to(inputs.dtype))
+    def edit(inputs: torch.Tensor) -> torch.Tensor:  # on the layer's device (a device map may split the model)
+        r, c = rows.to(inputs.device), cols.to(inputs.device)
+        return inputs.index_put((r, c), inputs[r, c] * scale.to(inputs.device, inputs.dtype))
 
     return edit
 

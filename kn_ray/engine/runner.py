@@ -80,20 +80,48 @@ class ModelRunner:
         return layers
 
     def _default_batch_tokens(self) -> int:
-        """Row-tokens per forward/backward: enough to fill the device, sized to its memory."""
-        if self.device.type != "cuda":
+        """Row-tokens per forward/backward, sized to the free memory of every GPU the model runs
+        on: the device whose share of blocks (and LM head) needs most per row-token bounds it."""
+        cuda = [d for d in self.lm.devices if d.type == "cuda"]
+        if not cuda:
             return 2048
-        cfg = self.model.config
-        d = getattr(cfg, "hidden_size", 768)
-        per_token = 4 * self.lm.num_layers * (16 * d + 6 * self.lm.num_neurons) + 16 * getattr(cfg, "vocab_size", 50000)
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return int(max(256, min(65536, 0.5 * free / per_token)))
+        blocks, head = block_devices(self.lm), self.lm.head_device
+        fits = []
+        for device in cuda:
+            need = row_token_bytes(self.model.config, blocks.count(device), head == device, self._act_bytes())
+            free, _ = torch.cuda.mem_get_info(device)
+            fits.append(0.5 * free / need)
+        return int(max(256, min(65536, min(fits))))
+
+    def _act_bytes(self) -> int:
+        """Bytes per activation element: 2 under half-precision compute, else 4."""
+        return 2 if self.precision in ("bf16", "fp16") else 4
 
     def _back_off(self) -> None:
         """Halve the batch after an out-of-memory error."""
         self.max_batch_tokens = max(1, self.max_batch_tokens // 2)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def block_devices(lm: LoadedModel) -> list[torch.device]:
+    """The execution device of each transformer block."""
+    from .loading import module_device
+
+    return [module_device(block) for block in lm.adapter.blocks(lm.model)]
+
+
+def row_token_bytes(config, layers: int, head: bool, act_bytes: int) -> int:
+    """Memory one row-token of an attribution pass keeps on a device holding `layers` blocks
+    (and the LM head if `head`): saved activations per block ~ (16 d + 6 F) elements (norms,
+    q/k/v/attention, the FFN's gate/up/act products and their grads), the row's copy of the
+    prompt-prefix key/value cache (~32 positions), fp32 logits and their gradient over V."""
+    d = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 768)
+    f = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 12)
+    kv_dim = (getattr(config, "num_key_value_heads", None) or heads) * (getattr(config, "head_dim", None) or d // heads)
+    per_block = act_bytes * (16 * d + 6 * f) + act_bytes * 2 * kv_dim * 32
+    return layers * per_block + (16 * getattr(config, "vocab_size", 50000) if head else 0) + 1
 
 
 def gold_prob(logits: torch.Tensor, gold: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

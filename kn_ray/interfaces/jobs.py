@@ -9,6 +9,9 @@ A spec is a mapping of known keys only (a typo is an error, not a silently ignor
     revision: null                      # model revision (hub)
     allow_pickle: false
     trust_remote_code: false
+    dtype: auto                         # weights: auto | fp32 | bf16 | fp16 (compute: attribution.precision)
+    max_memory: {0: 70GiB, cpu: 200GiB} # per actor, Accelerate's max_memory (or "0=70GiB,cpu=200GiB")
+    offload_dir: null                   # per actor: offload to this local dir what fits nowhere else
     filters: {relations: [P17], max_facts_per_relation: 100, max_templates: 4}
     attribution: {n_steps: 20, method: left, precision: auto, batch_prompts: 32}
     keep: {ratio: 0.1, dense: false, activation_ratio: 0.5, dense_dtype: float32}
@@ -31,7 +34,8 @@ SCHEMA: dict[str | None, dict[str, tuple]] = {
     None: dict(model=(_STR, "model"), facts=(_STR, "facts"), output=(_STR, "output"), format=(_STR, "facts_format"),
                revision=(_STR, "revision"), allow_pickle=(_BOOL, "allow_pickle"),
                trust_remote_code=(_BOOL, "trust_remote_code"), shard_size=(_INT, "shard_size"),
-               report_facts=(_INT, "report_facts")),
+               report_facts=(_INT, "report_facts"), dtype=(_STR, "dtype"),
+               max_memory=((dict, str), "max_memory"), offload_dir=(_STR, "offload_dir")),
     "filters": dict(relations=((list,), "relations"), max_facts_per_relation=(_INT, "max_facts_per_relation"),
                     max_templates=(_INT, "max_templates")),
     "attribution": dict(n_steps=(_INT, "n_steps"), method=(_STR, "method"), precision=(_STR, "precision"),

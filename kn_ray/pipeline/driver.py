@@ -64,7 +64,7 @@ def option_identity(options: RunOptions, fmt: str) -> dict:
 
 def run_record(options: RunOptions, fmt: str, info: dict, shards: list[Shard], dropped: int) -> RunRecord:
     identity = option_identity(options, fmt)
-    identity["model_info"] = {k: info[k] for k in ("revision", "masked", "num_layers", "num_neurons", "precision")}
+    identity["model_info"] = {k: info[k] for k in ("revision", "masked", "num_layers", "num_neurons", "precision", "dtype")}
     n_prompts = sum(map(len, shards))
     identity["plan"] = dict(shard_size=options.shard_size or auto_shard_size(n_prompts), shards=len(shards),
                             prompts=n_prompts,

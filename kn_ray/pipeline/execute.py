@@ -141,7 +141,7 @@ class ActorPool:
             return _short(error)
         if self.info is None:
             self.info = info
-        elif (info.get("revision"), info.get("precision")) != (self.info.get("revision"), self.info.get("precision")):
+        elif [info.get(k) for k in ("revision", "precision", "dtype")] != [self.info.get(k) for k in ("revision", "precision", "dtype")]:
             self.drop(actor)
             return f"worker loaded revision {info.get('revision')} at {info.get('precision')}, " \
                    f"not {self.info.get('revision')}"
@@ -244,9 +244,13 @@ class Dispatcher:
 
 # ---- attribution: shards, written by the workers, committed by the driver -------------------------
 def attribution_pool(options: RunOptions) -> ActorPool:
+    # an actor of several GPUs splits the model over them (Accelerate's balanced device map)
+    several = (options.resources.gpus_per_worker or 0) > 1
     return ActorPool(ShardComputer, (options.model,),
                      dict(precision=options.precision, batch_prompts=options.batch_prompts, revision=options.revision,
-                          allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code),
+                          allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code,
+                          dtype=options.dtype, device_map="auto" if several else None, max_memory=options.max_memory,
+                          offload_dir=options.offload_dir),
                      options.resources)
 
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from .facts import FORMATS, Filters
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = ("auto", "fp32", "bf16", "fp16")  # the weights' dtype, separate from the compute precision
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,9 @@ class RunOptions:
     n_steps: int = 20
     method: str = "left"
     precision: str = "auto"
+    dtype: str = "auto"  # weights: auto = bf16 on bf16 GPUs when precision is bf16/auto, else fp32
+    max_memory: dict | None = None  # Accelerate's max_memory per actor: {0: "70GiB", "cpu": "200GiB"}
+    offload_dir: str | None = None  # offload to disk what fits nowhere else (per actor, a local path)
     keep: KeepPolicy = field(default_factory=KeepPolicy)
     shard_size: int | None = None  # None: plan.auto_shard_size
     batch_prompts: int = 32
@@ -82,6 +86,12 @@ class RunOptions:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.max_memory is not None:
+            from kn_ray.engine.loading import parse_max_memory
+
+            object.__setattr__(self, "max_memory", parse_max_memory(self.max_memory))
         for name in ("n_steps", "shard_size", "batch_prompts"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -33,14 +33,18 @@ class ShardOutput:
 
 class ShardComputer:
     def __init__(self, model: str, *, precision: str = "auto", batch_prompts: int = 32, revision: str | None = None,
-                 allow_pickle: bool = False, trust_remote_code: bool = False, threads: int | None = None):
+                 allow_pickle: bool = False, trust_remote_code: bool = False, threads: int | None = None,
+                 dtype: str = "auto", device_map: str | None = None, max_memory: dict | None = None,
+                 offload_dir: str | None = None):
         import torch
 
         from kn_ray.engine import Attributor, load_model
 
         if threads:
             torch.set_num_threads(threads)
-        lm = load_model(model, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        lm = load_model(model, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                        dtype=dtype, precision=precision, device_map=device_map, max_memory=max_memory,
+                        offload_folder=offload_dir)
         self.lm = lm
         self.attributor = Attributor(lm, precision=precision, max_batch_prompts=batch_prompts)
 
@@ -49,7 +53,8 @@ class ShardComputer:
         lm = self.lm
         return dict(name=lm.name, source=lm.source, revision=lm.revision, masked=lm.adapter.masked,
                     num_layers=lm.num_layers, num_neurons=lm.num_neurons, precision=self.attributor.precision,
-                    device=str(lm.device))
+                    dtype=str(lm.dtype).removeprefix("torch."), device=str(lm.device),
+                    devices=[str(d) for d in lm.devices])
 
     def compute(self, shard_id: int, specs: list[PromptSpec], n_steps: int, method: str, keep: KeepPolicy,
                 output: ShardOutput | None = None) -> dict:

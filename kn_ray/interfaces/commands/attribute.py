@@ -16,6 +16,11 @@ def register(sub) -> None:
     p.add_argument("--revision", help="model revision (hub)")
     p.add_argument("--allow-pickle", action="store_true", default=None, help="allow pickle weights (trusted sources)")
     p.add_argument("--trust-remote-code", action="store_true", default=None)
+    m = p.add_argument_group("model placement")
+    m.add_argument("--dtype", help="weights: auto (default: bf16 on bf16 GPUs when precision is bf16/auto, else fp32), "
+                                   "fp32, bf16, fp16")
+    m.add_argument("--max-memory", help="per actor, Accelerate's max_memory as device=size pairs: 0=70GiB,1=70GiB,cpu=200GiB")
+    m.add_argument("--offload-dir", help="per actor, offload to this local directory what fits nowhere else")
     f = p.add_argument_group("filters")
     f.add_argument("--relations", help="comma-separated relations to keep (default: all)")
     f.add_argument("--max-facts-per-relation", type=int)
@@ -23,7 +28,7 @@ def register(sub) -> None:
     a = p.add_argument_group("attribution")
     a.add_argument("--n-steps", type=int, help="integration steps (default: 20)")
     a.add_argument("--method", help="Riemann rule: left (default), right, midpoint, trapezoid")
-    a.add_argument("--precision", help="auto (default), fp32, bf16, fp16")
+    a.add_argument("--precision", help="compute (autocast): auto (default), fp32, bf16, fp16")
     a.add_argument("--batch-prompts", type=int, help="prompts per engine batch (default: 32)")
     k = p.add_argument_group("kept rows")
     k.add_argument("--keep-ratio", type=float, help="keep neurons with score >= R x the prompt's max (default: 0.1)")
@@ -46,7 +51,8 @@ def spec_from_args(args) -> dict:
     """The job-spec mapping the flags describe (unset flags are left to the defaults)."""
     spec = dict(model=args.model, facts=args.facts, output=args.output, format=args.format, revision=args.revision,
                 allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, shard_size=args.shard_size,
-                report_facts=args.report_facts)
+                report_facts=args.report_facts, dtype=args.dtype, max_memory=args.max_memory,
+                offload_dir=args.offload_dir)
     spec["filters"] = dict(relations=args.relations.split(",") if args.relations else None,
                            max_facts_per_relation=args.max_facts_per_relation, max_templates=args.max_templates)
     spec["attribution"] = dict(n_steps=args.n_steps, method=args.method, precision=args.precision,
