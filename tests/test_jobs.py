@@ -46,6 +46,9 @@ def test_demo_job_uses_the_bundled_facts():
     (dict(BASE, filters=dict(relations="P17")), "relations must be list"),
     (dict(BASE, filters=[1]), "section 'filters' must be a mapping"),
     (dict(model="m", facts="f"), "missing required key(s): output"),
+    (dict(BASE, dtype="int8"), "dtype must be one of auto, fp32, bf16, fp16"),
+    (dict(BASE, max_memory="0:70GiB"), "max_memory takes device=size pairs"),
+    (dict(BASE, max_memory=[1]), "max_memory must be dict or str"),
     (dict(BASE, facts="builtin:nope"), "no builtin fact set 'nope'; known: demo"),
 ])
 def test_invalid_specs_say_what_is_wrong(spec, message):
@@ -62,6 +65,32 @@ def test_cli_flags_describe_the_same_run_as_a_spec(tmp_path):
                 attribution=dict(n_steps=7), keep=dict(ratio=0.2), workers=dict(count=2))
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     assert options_from_spec(spec_from_args(args)) == load_job(tmp_path / "job.yaml")
+
+
+def test_big_model_flags_describe_the_same_run_as_a_spec(tmp_path):
+    args = build_parser().parse_args(
+        ["attribute", "--model", "m", "--facts", "f.jsonl", "--output", "out", "--dtype", "bf16", "--precision", "bf16",
+         "--max-memory", "0=70GiB,1=70GiB,cpu=200GiB", "--offload-dir", "/tmp/off", "--gpus-per-worker", "2"])
+    spec = dict(BASE, dtype="bf16", max_memory={0: "70GiB", 1: "70GiB", "cpu": "200GiB"}, offload_dir="/tmp/off",
+                attribution=dict(precision="bf16"), workers=dict(gpus=2))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    options = load_job(tmp_path / "job.yaml")
+    assert options_from_spec(spec_from_args(args)) == options
+    assert options.max_memory == {0: "70GiB", 1: "70GiB", "cpu": "200GiB"} and options.dtype == "bf16"
+
+
+@pytest.mark.parametrize("job", sorted(p.name for p in (ROOT / "jobs").glob("*.yaml")))
+def test_shipped_jobs_validate(job):
+    options = load_job(ROOT / "jobs" / job)
+    assert options.model and options.output
+
+
+def test_big_model_jobs_split_models_as_documented():
+    eight = load_job(ROOT / "jobs" / "llama3-8b-8gpu.yaml")
+    assert eight.dtype == "bf16" and eight.resources.gpus_per_worker == 1 and eight.resources.workers == 8
+    seventy = load_job(ROOT / "jobs" / "llama3-70b-4gpu-actors.yaml")
+    assert seventy.resources.gpus_per_worker == 4 and seventy.dtype == "bf16"
+    assert set(seventy.max_memory) == {0, 1, 2, 3, "cpu"}
 
 
 def test_cli_reports_a_bad_spec_with_exit_code_2(tmp_path, capsys):

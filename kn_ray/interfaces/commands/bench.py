@@ -10,21 +10,29 @@ DEFAULT_PARAREL = Path("../shared/data/pararel")
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="time the engine against the straightforward published method")
-    p.add_argument("--model", action="append", help="model name/path, or bert-base-random / gpt2-small-random (repeatable; default: smollm2)")
+    p.add_argument("--model", action="append", help="model name/path, or a random-weight preset: bert-base-random, "
+                   "gpt2-small-random, llama3.2-1b-random, llama3-8b-random, qwen2.5-7b-random (repeatable; default: smollm2)")
     p.add_argument("--facts", type=Path, default=None, help=f"PARAREL dir or facts JSONL for prompts (default: {DEFAULT_PARAREL} if present, else the demo facts)")
     p.add_argument("--prompts", type=int, default=32, help="prompts timed for the engine, batched as at corpus scale (default 32)")
     p.add_argument("--published-prompts", type=int, default=8, help="the first N of those prompts timed for the published method, one at a time (default 8)")
     p.add_argument("--tokens", default="8-15", help="prompt length window in model tokens, PARAREL-style (default 8-15)")
     p.add_argument("--n-steps", type=int, default=20)
-    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"], help="compute (default fp32)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights (default auto: bf16 on bf16 GPUs when precision is bf16/auto, else fp32)")
+    p.add_argument("--max-memory", help="Accelerate's max_memory for loaded checkpoints: 0=70GiB,1=70GiB,cpu=200GiB")
+    p.add_argument("--offload-dir", help="offload to disk what fits nowhere else (loaded checkpoints)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    import torch
+
     from kn_ray.engine import best_device, load_model
     from kn_ray.engine.bench import benchmark, markdown_table
+    from kn_ray.engine.precision import resolve_dtype
     from kn_ray.engine.random_models import PRESETS, random_model
 
     device = args.device or str(best_device())
@@ -32,9 +40,11 @@ def run(args) -> int:
     rows = []
     for name in args.model or ["smollm2"]:
         if name in PRESETS:
-            lm = random_model(name, corpus_text(facts), device=device)
+            dtype = resolve_dtype(args.dtype, args.precision, torch.device(device))
+            lm = random_model(name, corpus_text(facts), device=device, dtype=dtype)
         else:
-            lm = load_model(name, device=device)
+            lm = load_model(name, device=device, dtype=args.dtype, precision=args.precision,
+                            max_memory=args.max_memory, offload_folder=args.offload_dir)
         low, high = (int(x) for x in args.tokens.split("-"))
         prompts, targets = sample_prompts(facts, masked=lm.adapter.masked, n=args.prompts,
                                           keep=lambda s: low <= _length(lm, s.prompt, s.target) <= high)
