@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from kn_ray.engine import Attributor, LoadedModel, Prober, UnsupportedArchitecture, adapter_for, load_model
 from kn_ray.engine.editing import add_to_value_slots, edited, save_model, set_value_slots, value_slot, word_embedding
+from kn_ray.engine.precision import resolve_dtype
 from kn_ray.engine.published import PublishedAttributor
 from tiny_models import tiny_model
 
@@ -177,3 +180,26 @@ def test_token_ids_past_the_tokenizer_read_as_ids(llama):
     attr = Attributor(llama, precision="fp32")
     n = len(llama.tokenizer)
     assert attr.token_texts([llama.tokenizer.convert_tokens_to_ids("paris"), n + 3]) == ["paris", f"<id {n + 3}>"]
+
+
+def test_half_weights_compute_in_their_dtype_and_accumulate_in_fp32(tmp_path):
+    model, tok = tiny_model("llama", tmp_path)
+    ref = Attributor(model, tok, precision="fp32").attribute(["the city of"], [" rome"], n_steps=4)[0]
+    half = LoadedModel.from_objects(copy.deepcopy(model).to(torch.bfloat16), tok)
+    assert half.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="bf16 weights compute in bf16"):
+        Attributor(half, precision="fp32")  # fp32 "compute" over bf16 weights would silently be bf16
+    attr = Attributor(half)  # auto follows the weights
+    res = attr.attribute(["the city of"], [" rome"], n_steps=4)[0]
+    assert attr.precision == "bf16" and res.scores.dtype == np.float32 and isinstance(res.gold_prob, float)
+    assert np.corrcoef(res.scores.ravel(), ref.scores.ravel())[0, 1] > 0.95
+    assert res.gold_prob == pytest.approx(ref.gold_prob, rel=0.05)
+
+
+def test_weight_dtype_names_and_auto():
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", "bf16", cpu) == torch.float32  # CPUs keep fp32 weights unless asked
+    assert resolve_dtype("bf16", "auto", cpu) == torch.bfloat16
+    assert resolve_dtype(torch.float16, "fp16", cpu) == torch.float16
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        resolve_dtype("int8", "auto", cpu)

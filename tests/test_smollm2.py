@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import spearmanr
 
 from kn_ray.engine import Attributor, Prober, load_model
+from kn_ray.engine.precision import cpu_has_native_bf16
 
 pytestmark = pytest.mark.slow
 
@@ -51,3 +53,21 @@ def test_bf16_ranks_neurons_like_fp32(smollm2, fp32_results):
         shared = {n[:2] for n in a.top_neurons(10)} & {n[:2] for n in b.top_neurons(10)}
         assert rho >= 0.98, rho
         assert len(shared) >= 8, shared
+
+
+def test_bf16_weights_rank_neurons_like_fp32_weights(fp32_results):
+    """Half the weight memory: bf16 weights (bf16 compute, fp32 accumulation) against fp32 weights.
+    Measured values are in the README ("Big models"). On CPUs without native bf16 (emulated,
+    slow) one fact is checked."""
+    lm = load_model("smollm2", device="cpu", dtype="bf16")
+    assert lm.dtype == torch.bfloat16
+    n = len(FACTS[0]) if cpu_has_native_bf16() else 1
+    attr = Attributor(lm)  # precision auto follows the weights
+    assert attr.precision == "bf16"
+    for a, b in zip(fp32_results, attr.attribute(FACTS[0][:n], FACTS[1][:n], n_steps=20)):
+        assert b.scores.dtype == np.float32
+        rho = spearmanr(a.scores.ravel(), b.scores.ravel()).statistic
+        shared = {x[:2] for x in a.top_neurons(10)} & {x[:2] for x in b.top_neurons(10)}
+        assert rho >= RHO_MIN, rho
+        assert len(shared) >= SHARED_MIN, shared
+        assert b.gold_prob == pytest.approx(a.gold_prob, rel=0.1)
