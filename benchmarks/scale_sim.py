@@ -1,8 +1,8 @@
 """Scale simulation: how many prompts/s can the driver commit? (no model; not a test)
 
-Ray actors run a synthetic engine: each shard takes `len(shard) / per_actor_rate` seconds of
-sleep (a GPU busy elsewhere), then the actor builds realistic shard tables and writes them as
-the real worker does (`RunDirectory.write_parts`, attempt-named parts). The driver is the real
+Ray actors run a synthetic engine: each shard takes `len(shard) / per_actor_rate` seconds
+(a GPU busy elsewhere), and the actor writes realistic Parquet parts (encoded once from the
+real row builders) under the attempt's names, as the real worker does. The driver is the real
 one: `execute.run_shards` (the pool, driver-side retries, health pings) checking every part and
 committing every marker. Reported: the prompts/s the driver sustained, the driver's CPU time
 per 1000 prompts (its ceiling is 1000 / that), its peak RSS, the bytes it sent to actors and
@@ -30,34 +30,54 @@ SPARSE_NEURONS, SPARSE_ACTIVATIONS = 150, 60  # kept rows per prompt (BERT-base 
 
 
 class SyntheticEngine:
-    """An actor with the ShardComputer interface and no model."""
+    """An actor with the ShardComputer interface and no model. It encodes realistic shard
+    tables once (the real row builders, `shard_tables`) and per shard writes those Parquet bytes
+    under the attempt's names, so the files the driver checks are real and of real size while
+    the actors' CPU (2 cores here for up to 64 actors) stays out of the measurement."""
 
-    def __init__(self, per_actor_rate: float, layout: str, layers: int, neurons: int, threads=None):
-        self.delay, self.layout, self.layers, self.neurons = 1.0 / per_actor_rate, layout, layers, neurons
+    def __init__(self, per_actor_rate: float, layout: str, layers: int, neurons: int, shard_size: int, threads=None):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from kn_ray.pipeline.options import KeepPolicy
+        from kn_ray.pipeline.prompts import PromptSpec
+        from kn_ray.pipeline.tables import shard_tables
+
+        self.delay, self.layers, self.neurons = 1.0 / per_actor_rate, layers, neurons
         self.rng = np.random.default_rng(os.getpid())
+        specs = [PromptSpec(f"{i:016x}", f"fact-{i // 8}", "P17", "Subject", "Object", "[X] is in [Y] .",
+                            "Subject is in [MASK] .", "Object") for i in range(shard_size)]
+        tables = shard_tables(specs, [self._result(layout) for _ in specs], KeepPolicy(dense=layout == "dense"), neurons)
+        self.encoded = {}
+        for kind, table in tables.items():
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink)
+            self.encoded[kind] = (sink.getvalue().to_pybytes(), table.num_rows)
 
     def info(self) -> dict:
         return dict(name="synthetic", source="synthetic", revision="synthetic", masked=True, num_layers=self.layers,
                     num_neurons=self.neurons, precision="fp32", device="cpu")
 
     def compute(self, shard_id, specs, n_steps, method, keep, output):
-        from kn_ray.engine import Attribution
-        from kn_ray.pipeline.rundir import opened
-        from kn_ray.pipeline.tables import shard_tables
+        from kn_ray.pipeline.rundir import Part, opened
 
         start = time.perf_counter()
-        results = [self._result() for _ in specs]
-        tables = shard_tables(specs, results, keep, self.neurons)
-        parts = opened(output.uri).write_parts(output.shard, output.attempt, tables, output.metadata)
+        run = opened(output.uri)
+        parts = {}
+        for kind, (data, rows) in self.encoded.items():
+            name = run.part_path(kind, output.shard, output.attempt)
+            with run.fs.open_output_stream(run.path(name)) as stream:
+                stream.write(data)
+            parts[kind] = Part(name, rows, len(data))
         time.sleep(max(0.0, self.delay * len(specs) - (time.perf_counter() - start)))
         return dict(parts=parts, seconds=time.perf_counter() - start)
 
-    def _result(self):
+    def _result(self, layout: str):
         from kn_ray.engine import Attribution
 
         scores = np.zeros((self.layers, self.neurons), np.float32)
         acts = np.zeros((self.layers, self.neurons), np.float32)
-        if self.layout == "dense":
+        if layout == "dense":
             scores = self.rng.random((self.layers, self.neurons), dtype=np.float32)
         else:  # the kept share of a sparse run: scores above 0.1 x max on SPARSE_NEURONS neurons
             scores.flat[self.rng.choice(scores.size, SPARSE_NEURONS, replace=False)] = 1.0
@@ -87,7 +107,9 @@ def simulate(actors: int, prompts: int, rate: float, layout: str, shard_size: in
     run = RunDirectory(out)
     identity = {"model": "synthetic", "plan": {"shards": len(shards)}}
     record = run.open_run(RunRecord(identity=identity, config_hash=config_hash(identity)))
-    pool = execute.ActorPool(SyntheticEngine, (rate / actors, layout, 12, 3072), {}, options.resources)
+    for kind in ("prompts", "neurons", "activations"):
+        os.makedirs(os.path.join(out, kind), exist_ok=True)
+    pool = execute.ActorPool(SyntheticEngine, (rate / actors, layout, 12, 3072, shard_size), {}, options.resources)
     try:
         pool.model_info()
         for actor in pool.actors:  # all actors up before the clock starts

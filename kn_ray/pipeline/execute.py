@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 if not os.environ.get("RAY_ADDRESS"):
@@ -36,6 +37,9 @@ from .options import Resources, RunOptions  # noqa: E402
 from .plan import Shard  # noqa: E402
 from .rundir import CommitError, RunDirectory, new_attempt  # noqa: E402
 from .worker import ShardComputer, ShardOutput  # noqa: E402
+
+COMMIT_THREADS = 8  # concurrent marker writes (fsync locally, a PUT on object stores)
+
 
 class ModelLoadError(ValueError):
     """No worker could load the model (a wrong name or path, usually)."""
@@ -257,7 +261,9 @@ def attribution_pool(options: RunOptions) -> ActorPool:
 def run_shards(pool: ActorPool, shards: list[Shard], run: RunDirectory, run_hash: str, options: RunOptions,
                metadata: dict, progress=None, workers_write: bool = True) -> DispatchResult:
     """Compute `shards` and commit each: the actor writes an attempt's parts (or returns tables
-    the driver writes), the driver checks them and writes the marker."""
+    the driver writes), the driver checks them and writes the marker. Commits run on a few
+    driver threads, so a marker's fsync or PUT latency never holds up the dispatch loop; a
+    failed commit sends its shard back to the queue."""
 
     def call(actor, shard: Shard):
         attempt = new_attempt()
@@ -267,15 +273,31 @@ def run_shards(pool: ActorPool, shards: list[Shard], run: RunDirectory, run_hash
         return actor.compute.remote(shard.shard_id, list(shard.prompts), o.n_steps, o.method, o.keep, output), \
             (attempt, meta)
 
+    def commit(shard: Shard, out: dict, attempt: str, meta: dict) -> None:
+        parts = out["parts"] if "parts" in out else run.write_parts(shard.name, attempt, out["tables"], meta)
+        run.commit(shard.name, attempt, parts, run_hash)
+
+    def settle(futures: dict, block: bool) -> None:
+        done = list(futures) if block else [f for f in futures if f.done()]
+        for future in done:
+            shard = futures.pop(future)
+            try:
+                future.result()
+            except (CommitError, OSError) as error:
+                dispatcher.retry(shard, None, error)
+            else:
+                dispatcher.succeeded(shard)
+
     dispatcher = Dispatcher(pool, call, max_attempts=options.resources.max_attempts, progress=progress)
-    for shard, out, (attempt, meta) in dispatcher.results(shards):
-        try:
-            parts = out["parts"] if "parts" in out else run.write_parts(shard.name, attempt, out["tables"], meta)
-            run.commit(shard.name, attempt, parts, run_hash)
-        except (CommitError, OSError) as error:
-            dispatcher.retry(shard, None, error)
-            continue
-        dispatcher.succeeded(shard)
+    futures: dict = {}
+    with ThreadPoolExecutor(COMMIT_THREADS) as committers:
+        todo = list(shards)
+        while todo or dispatcher.queue:
+            for shard, out, (attempt, meta) in dispatcher.results(todo):
+                futures[committers.submit(commit, shard, out, attempt, meta)] = shard
+                settle(futures, block=False)
+            todo = []
+            settle(futures, block=True)  # a failed commit requeues its shard: go round again
     return dispatcher.result
 
 
