@@ -22,6 +22,7 @@ import resource
 import shutil
 import tempfile
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import psutil
@@ -73,8 +74,7 @@ class SyntheticEngine:
         return dict(parts=parts, seconds=time.perf_counter() - start)
 
     def _result(self, layout: str):
-        from kn_ray.engine import Attribution
-
+        """What the engine's Attribution carries (without importing torch: 64 actors fit in memory)."""
         scores = np.zeros((self.layers, self.neurons), np.float32)
         acts = np.zeros((self.layers, self.neurons), np.float32)
         if layout == "dense":
@@ -82,9 +82,10 @@ class SyntheticEngine:
         else:  # the kept share of a sparse run: scores above 0.1 x max on SPARSE_NEURONS neurons
             scores.flat[self.rng.choice(scores.size, SPARSE_NEURONS, replace=False)] = 1.0
         acts.flat[self.rng.choice(acts.size, SPARSE_ACTIVATIONS, replace=False)] = 1.0
-        return Attribution("p", " o", gold_prob=0.5, top_token=" o", top_prob=0.5, layers=tuple(range(self.layers)),
-                           scores=scores, activations=acts, completeness=np.zeros(self.layers, np.float32),
-                           seconds=0.01)
+        return SimpleNamespace(ok=True, status="ok", reason=None, gold_prob=0.5, top_token=" o", top_prob=0.5,
+                               layers=tuple(range(self.layers)), scores=scores, activations=acts,
+                               max_score=float(scores.max()), completeness=np.zeros(self.layers, np.float32),
+                               seconds=0.01)
 
 
 def simulate(actors: int, prompts: int, rate: float, layout: str, shard_size: int, root: str) -> dict:

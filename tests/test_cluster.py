@@ -31,9 +31,14 @@ def test_kuberay_rayjob_runs_the_job_on_gpu_workers():
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1" and group["replicas"] >= 1
     images = {c["image"] for c in head["template"]["spec"]["containers"]} | {worker["image"]}
     assert len(images) == 1 and "kn-ray" in images.pop()
-    mounts = head["template"]["spec"]["containers"][0]["volumeMounts"]
-    assert any(m["mountPath"] == "/data" for m in mounts)  # where the job reads facts and writes output
-    assert load_job(ROOT / JOB).output.startswith("/data/")
+    words = spec["spec"]["entrypoint"].split()
+    # facts and output on the object store, credentials from the pods' AWS environment
+    assert words[words.index("--output") + 1].startswith("s3://") and words[words.index("--facts") + 1].startswith("s3://")
+    for container in (head["template"]["spec"]["containers"][0], worker):
+        assert any("secretRef" in source for source in container["envFrom"])
+    options = load_job(ROOT / JOB, {"output": words[words.index("--output") + 1],
+                                    "facts": words[words.index("--facts") + 1]})
+    assert options.output.startswith("s3://") and options.facts.startswith("s3://")
 
 
 def test_cluster_launcher_has_a_gpu_worker_type_and_the_image():

@@ -7,7 +7,8 @@ def register(sub) -> None:
     p = sub.add_parser("run", help="run a job spec (jobs/*.yaml) on Ray",
                        description="Runs on $RAY_ADDRESS when set, else on a local Ray bound to 127.0.0.1.")
     p.add_argument("spec", help="job spec YAML")
-    p.add_argument("--output", "-o", help="override the spec's output directory")
+    p.add_argument("--output", "-o", help="override the spec's output directory (a path or URI, e.g. s3://bucket/run)")
+    p.add_argument("--facts", help="override the spec's facts (a path or URI)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -15,5 +16,6 @@ def register(sub) -> None:
 def run(args) -> int:
     from kn_ray.interfaces.jobs import load_job, run_and_report
 
-    options = load_job(args.spec, {"output": args.output} if args.output else None)
+    overrides = {key: value for key, value in (("output", args.output), ("facts", args.facts)) if value}
+    options = load_job(args.spec, overrides or None)
     return run_and_report(options, progress=not args.no_progress)
