@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kn_ray.engine import METHODS, Attributor, riemann
+from kn_ray.engine import METHODS, Attributor, quadrature
+from kn_ray.engine.adaptive import FLOOR
 from reference import float64, reference_ig
 from tiny_models import CONFIGS, MASKED, tiny_model
 
@@ -34,7 +35,7 @@ def test_scores_match_float64_reference(family, method, tmp_path):
     model64 = float64(model)
     prompts, targets = cases(family)
     n_steps = 4
-    alphas, weights = riemann(n_steps, method)
+    alphas, weights = quadrature(n_steps, method)
     results = Attributor(model, tok, precision="fp32").attribute(prompts, targets, n_steps=n_steps, method=method)
     for prompt, target, res in zip(prompts, targets, results):
         assert res.ok, res.reason
@@ -66,3 +67,61 @@ def test_completeness_midpoint_200_steps(family, tmp_path):
         change = np.abs(res.gold_prob - res.baseline_prob)
         assert np.all(res.completeness <= 0.01 * change), (res.completeness, change)
         np.testing.assert_allclose(res.scores.sum(-1), res.gold_prob - res.baseline_prob, rtol=0.01)
+
+
+def test_rules_integrate_polynomials():
+    """Each rule integrates what it must exactly: Gauss-Legendre m nodes up to degree 2m - 1."""
+    for m in (1, 4, 6, 12):
+        alphas, weights = quadrature(m, "gausslegendre")
+        assert alphas.min() > 0 and alphas.max() < 1 and float(weights.sum()) == pytest.approx(1, abs=1e-14)
+        for degree in range(2 * m):
+            assert float((weights * alphas**degree).sum()) == pytest.approx(1 / (degree + 1), rel=1e-12)
+        if m <= 6:  # and not degree 2m (above that the miss is below rounding)
+            assert float((weights * alphas ** (2 * m)).sum()) != pytest.approx(1 / (2 * m + 1), rel=1e-12)
+    for method in METHODS:
+        assert float(quadrature(7, method)[1].sum()) == pytest.approx(1, abs=1e-14)
+    with pytest.raises(ValueError, match="n_steps"):
+        quadrature(0, "gausslegendre")
+
+
+def test_romberg_weights_equal_a_romberg_table():
+    from scipy.integrate import trapezoid
+
+    from kn_ray.engine.quadrature import romberg_weights
+
+    f = lambda x: np.exp(3 * x) / (1 + np.exp(6 * x - 3))  # a sigmoid-shaped path, like P(alpha)
+    for level in range(5):
+        alphas, weights = romberg_weights(level)
+        assert len(alphas) == len(set(alphas.tolist())) == 2**level + 1 and bool((weights > 0).all())
+        table = [[trapezoid(f(np.linspace(0, 1, 2**j + 1)), dx=1 / 2**j)] for j in range(level + 1)]
+        for j in range(1, level + 1):
+            for k in range(1, j + 1):
+                table[j].append(table[j][k - 1] + (table[j][k - 1] - table[j - 1][k - 1]) / (4**k - 1))
+        assert float((weights.numpy() * f(alphas.numpy())).sum()) == pytest.approx(table[level][level], rel=1e-12)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_auto_steps_meet_tolerance_and_match_a_fine_rule(family, tmp_path):
+    model, tok = tiny_model(family, tmp_path)
+    prompts, targets = cases(family)
+    attr = Attributor(model, tok, precision="fp32")
+    tol = 1e-3
+    auto = attr.attribute(prompts, targets, n_steps="auto", tolerance=tol)
+    fine = attr.attribute(prompts, targets, n_steps=48, method="gausslegendre")
+    for a, f in zip(auto, fine):
+        change = np.abs(a.gold_prob - a.baseline_prob)
+        capped = a.evaluations == 65
+        bound = tol * np.maximum(change, FLOOR * a.gold_prob)
+        assert np.all((a.completeness <= bound * (1 + 1e-3)) | capped), (a.completeness, bound, a.evaluations)
+        assert set(a.evaluations.tolist()) <= {5, 9, 17, 33, 65} and not capped.all()
+        assert rel_err(a.scores, f.scores) <= 5e-3
+        np.testing.assert_allclose(a.baseline_prob, f.baseline_prob, rtol=1e-5)
+    assert set(fine[0].evaluations.tolist()) == {49}  # 48 nodes + the baseline row
+
+
+def test_evaluations_count_the_rows_of_each_rule(tmp_path):
+    model, tok = tiny_model("llama", tmp_path)
+    attr = Attributor(model, tok, precision="fp32")
+    for method, rows in (("left", 20), ("midpoint", 21), ("trapezoid", 21), ("gausslegendre", 21)):
+        [res] = attr.attribute(["the city of"], [" rome"], n_steps=20, method=method)
+        assert res.evaluations.tolist() == [rows] * 3

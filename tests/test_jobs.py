@@ -37,7 +37,9 @@ def test_demo_job_uses_the_bundled_facts():
 @pytest.mark.parametrize("spec, message", [
     (dict(BASE, modle="x"), "unknown key(s) in the spec: modle"),
     (dict(BASE, attribution=dict(n_step=3)), "unknown key(s) in section 'attribution': n_step"),
-    (dict(BASE, attribution=dict(n_steps="20")), "n_steps must be int"),
+    (dict(BASE, attribution=dict(n_steps="20")), "n_steps must be >= 1 or 'auto', got '20'"),
+    (dict(BASE, attribution=dict(n_steps=2.5)), "n_steps must be int or str"),
+    (dict(BASE, attribution=dict(n_steps="auto", tolerance=0)), "tolerance must be > 0"),
     (dict(BASE, attribution=dict(n_steps=0)), "n_steps must be >= 1"),
     (dict(BASE, attribution=dict(method="simpson")), "method must be one of"),
     (dict(BASE, keep=dict(ratio=1.5)), "ratio must be in [0, 1]"),
@@ -91,6 +93,18 @@ def test_big_model_jobs_split_models_as_documented():
     seventy = load_job(ROOT / "jobs" / "llama3-70b-4gpu-actors.yaml")
     assert seventy.resources.gpus_per_worker == 4 and seventy.dtype == "bf16"
     assert set(seventy.max_memory) == {0, 1, 2, 3, "cpu"}
+
+
+def test_auto_steps_from_flags_and_spec_enter_the_run_identity(tmp_path):
+    args = build_parser().parse_args(["attribute", "--model", "m", "--facts", "f.jsonl", "--output", "out",
+                                      "--n-steps", "auto", "--tolerance", "0.001", "--method", "gausslegendre"])
+    spec = dict(BASE, attribution=dict(n_steps="auto", tolerance=0.001, method="gausslegendre"))
+    options = options_from_spec(spec_from_args(args))
+    assert options == options_from_spec(spec)
+    assert options.attribution()["tolerance"] == 0.001 and options.engine_extra() == dict(tolerance=0.001)
+    assert "tolerance" not in options_from_spec(BASE).attribution()  # fixed rules keep their old identity
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["attribute", "--model", "m", "--facts", "f", "--output", "o", "--n-steps", "many"])
 
 
 def test_cli_reports_a_bad_spec_with_exit_code_2(tmp_path, capsys):

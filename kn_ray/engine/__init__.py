@@ -5,10 +5,10 @@ from .attribution import Attribution, Attributor
 from .encoding import SkipPrompt
 from .probe import Prober, Probe
 from .loading import LoadedModel, best_device, load_model
-from .riemann import METHODS, riemann
+from .quadrature import METHODS, quadrature, riemann
 
 __all__ = [
     "ADAPTERS", "Adapter", "Attribution", "Attributor", "LoadedModel", "METHODS", "SkipPrompt",
-    "UnsupportedArchitecture", "adapter_for", "best_device", "load_model", "riemann",
+    "UnsupportedArchitecture", "adapter_for", "best_device", "load_model", "quadrature", "riemann",
     "supported_model_types", "value_matrix",
 ]

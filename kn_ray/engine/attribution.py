@@ -32,7 +32,8 @@ import torch
 from .encoding import Batch
 from .hooks import edit_neurons, first_arg, gather_head_input, pre_hooks, recompute_offloaded_blocks, start_at_layer
 from .precision import autocast
-from .riemann import riemann
+from .quadrature import AUTO, quadrature
+from .adaptive import integrate_adaptive
 from .runner import ModelRunner, batches, describe, gold_prob, is_oom
 
 
@@ -53,6 +54,7 @@ class Attribution:
     activations: np.ndarray | None = None  # [len(layers), neurons] clean activations at the target
     baseline_prob: np.ndarray | None = None  # [len(layers)] P with that layer's activation at the baseline
     completeness: np.ndarray | None = None  # [len(layers)] |sum(scores) - (P - P_baseline)|
+    evaluations: np.ndarray | None = None  # [len(layers)] forward/backward rows spent per layer (quadrature nodes)
     seconds: float = 0.0
 
     @property
@@ -96,18 +98,26 @@ class Attributor(ModelRunner):
         prompts: str | Sequence[str],
         targets: str | Sequence[str],
         *,
-        n_steps: int = 20,
+        n_steps: int | str = 20,
         method: str = "left",
+        tolerance: float = 0.01,
         layers: Sequence[int] | None = None,
         baselines: float = 0.0,
         progress: Callable[[int], None] | None = None,
     ) -> list[Attribution]:
         """Score every neuron of `layers` (default: all) for each (prompt, target).
 
-        Score_i = (a_i - b) * sum_k w_k dP/dx_i at x = b + alpha_k (a - b), the Riemann rule
-        `method` over `n_steps` steps; b = `baselines` (the paper: 0).
+        Score_i = (a_i - b) * sum_k w_k dP/dx_i at x = b + alpha_k (a - b), the quadrature rule
+        `method` (see `quadrature`) over `n_steps` steps; b = `baselines` (the paper: 0).
+        `n_steps="auto"`: per prompt and layer, Romberg on nested trapezoid rules, doubled until
+        the completeness residual <= `tolerance` x |P - P(layer at baseline)| (`adaptive`).
         """
-        alphas, weights = riemann(n_steps, method)
+        if n_steps == AUTO:
+            if not tolerance > 0:
+                raise ValueError(f"tolerance must be > 0, got {tolerance}")
+            alphas, weights = None, tolerance  # `_attribute_batch`: no fixed rule; weights holds the tolerance
+        else:
+            alphas, weights = quadrature(n_steps, method)
         layers = self._check_layers(layers)
         prompts, targets, ready, skipped = self._prepare(prompts, targets)
         results: list[Attribution | None] = [None] * len(prompts)
@@ -143,15 +153,23 @@ class Attributor(ModelRunner):
     def _attribute_batch(self, encs, alphas, weights, layers, baseline) -> list[dict]:
         batch = self._collate(encs)
         clean = self._clean_pass(batch, set(layers))
-        if not bool((alphas == 0).any()):  # P(baseline) for the completeness check: one extra row
+        adaptive = alphas is None  # n_steps="auto"; `weights` holds the tolerance
+        if not adaptive and not bool((alphas == 0).any()):  # P(baseline) for completeness: one extra row
             alphas, weights = torch.cat([alphas, alphas.new_zeros(1)]), torch.cat([weights, weights.new_zeros(1)])
-        zero_step = int((alphas == 0).nonzero()[0])  # alphas live on the host: no device sync
-        alphas, weights = alphas.float().to(self.device), weights.float().to(self.device)
-        scores, base_prob = [], []
+        if not adaptive:
+            zero_step = int((alphas == 0).nonzero()[0])  # alphas live on the host: no device sync
+            alphas, weights = alphas.float().to(self.device), weights.float().to(self.device)
+        scores, base_prob, used = [], [], []
         for layer in layers:  # everything stays on the device; one copy to the host per batch
-            grad_sum, p0 = self._integrate(batch, clean, layer, alphas, weights, zero_step, baseline)
+            if adaptive:
+                grad_sum, p0, n = integrate_adaptive(self, batch, clean, layer, baseline, weights)
+            else:
+                grad_sum, p0 = self._integrate(batch, clean, layer, alphas, weights, zero_step, baseline)
+                n = torch.full((batch.size,), len(alphas), dtype=torch.int32)
             scores.append((clean.acts[layer] - baseline) * grad_sum)
             base_prob.append(p0)
+            used.append(n)
+        evaluations = torch.stack(used, 1)
         scores_d, base_d = torch.stack(scores, 1), torch.stack(base_prob, 1)  # [B, L, F], [B, L]
         acts_d = torch.stack([clean.acts[layer] for layer in layers], 1)
         completeness_d = (scores_d.sum(-1) - (clean.gold_prob[:, None] - base_d)).abs()
@@ -167,6 +185,7 @@ class Attributor(ModelRunner):
                 activations=acts[b].numpy(),
                 baseline_prob=base_prob[b].numpy(),
                 completeness=completeness[b].numpy(),
+                evaluations=evaluations[b].numpy(),
             )
             for b in range(batch.size)
         ]
@@ -203,17 +222,19 @@ class Attributor(ModelRunner):
         return _Clean(gold, top_ids, top_prob, hidden_in, acts, kv)
 
     # ---- one layer ----------------------------------------------------------------------
-    def _integrate(self, batch, clean, layer, alphas, weights, zero_step, baseline):
-        """sum_k w_k dP/dx(alpha_k) for every prompt of the batch at `layer`, and P at alpha = 0,
-        accumulated on the device (no host synchronisation inside the row loop)."""
+    def _integrate(self, batch, clean, layer, alphas, weights, zero_step, baseline, prompts=None):
+        """sum_k w_k dP/dx(alpha_k) for every prompt of the batch (or the indices `prompts`) at
+        `layer`, and P at alpha = 0 (step `zero_step`; -1: none, P stays 0), accumulated on the
+        device (no host synchronisation inside the row loop)."""
         B, A, dev = batch.size, len(alphas), self.device
-        prompt_of = torch.arange(B, device=dev).repeat_interleave(A)
-        step_of = torch.arange(A, device=dev).repeat(B)
+        prompts = torch.arange(B, device=dev) if prompts is None else prompts.to(dev)
+        prompt_of = prompts.repeat_interleave(A)
+        step_of = torch.arange(A, device=dev).repeat(len(prompts))
         grad_sum = torch.zeros(B, self.lm.num_neurons, dtype=torch.float32, device=dev)
         p_zero = torch.zeros(B, dtype=torch.float32, device=dev)
         tokens_per_row = batch.input_ids.shape[1] - batch.start_col
         lo = 0
-        while lo < B * A:
+        while lo < len(prompt_of):
             n_rows = max(1, self.max_batch_tokens // tokens_per_row)
             pi, si = prompt_of[lo : lo + n_rows], step_of[lo : lo + n_rows]
             try:

@@ -12,7 +12,7 @@ import torch
 
 from .hooks import edit_neurons
 from .precision import autocast
-from .riemann import riemann
+from .quadrature import quadrature
 from .runner import ModelRunner
 
 
@@ -25,7 +25,7 @@ class PublishedAttributor(ModelRunner):
         ids = torch.tensor([list(enc.prompt_ids) + list(enc.object_ids[:-1])], device=self.device)
         pos, gold = enc.target_index, torch.tensor(enc.object_ids, device=self.device)
         preds = pos + torch.arange(len(enc.object_ids), device=self.device)
-        alphas, weights = (t.float().to(self.device) for t in riemann(n_steps, method))
+        alphas, weights = (t.float().to(self.device) for t in quadrature(n_steps, method))
         scores = []
         for layer in range(self.lm.num_layers):
             with torch.no_grad():

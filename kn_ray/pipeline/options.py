@@ -62,8 +62,9 @@ class RunOptions:
     output: str
     facts_format: str = "auto"
     filters: Filters = field(default_factory=Filters)
-    n_steps: int = 20
+    n_steps: int | str = 20  # or "auto" (adaptive, to `tolerance`)
     method: str = "left"
+    tolerance: float = 0.01  # n_steps="auto": completeness residual <= tolerance x |P - P(baseline)|
     precision: str = "auto"
     dtype: str = "auto"  # weights: auto = bf16 on bf16 GPUs when precision is bf16/auto, else fp32
     max_memory: dict | None = None  # Accelerate's max_memory per actor: {0: "70GiB", "cpu": "200GiB"}
@@ -78,7 +79,7 @@ class RunOptions:
     report_facts: int = 3  # facts whose top neurons the end-of-run report shows
 
     def check(self) -> "RunOptions":
-        from kn_ray.engine.riemann import METHODS
+        from kn_ray.engine.quadrature import AUTO, METHODS
 
         if self.facts_format not in FORMATS:
             raise ValueError(f"facts format must be one of {', '.join(FORMATS)}, got {self.facts_format!r}")
@@ -92,7 +93,11 @@ class RunOptions:
             from kn_ray.engine.loading import parse_max_memory
 
             object.__setattr__(self, "max_memory", parse_max_memory(self.max_memory))
-        for name in ("n_steps", "shard_size", "batch_prompts"):
+        if self.n_steps != AUTO and (isinstance(self.n_steps, (bool, str)) or self.n_steps < 1):
+            raise ValueError(f"n_steps must be >= 1 or 'auto', got {self.n_steps!r}")
+        if not self.tolerance > 0:
+            raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
+        for name in ("shard_size", "batch_prompts"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_facts_per_relation", "max_templates"):
@@ -104,7 +109,12 @@ class RunOptions:
         return self
 
     def attribution(self) -> dict:
-        return dict(n_steps=self.n_steps, method=self.method, precision=self.precision)
+        """The options that change the scores (the run's identity records them)."""
+        return dict(n_steps=self.n_steps, method=self.method, precision=self.precision, **self.engine_extra())
+
+    def engine_extra(self) -> dict:
+        """`Attributor.attribute` keywords beyond n_steps and method, only where they apply."""
+        return dict(tolerance=self.tolerance) if self.n_steps == "auto" else {}
 
     def as_dict(self) -> dict:
         return {f.name: asdict(v) if hasattr(v, "__dataclass_fields__") else v

@@ -56,17 +56,18 @@ class ShardComputer:
                     dtype=str(lm.dtype).removeprefix("torch."), device=str(lm.device),
                     devices=[str(d) for d in lm.devices])
 
-    def compute(self, shard_id: int, specs: list[PromptSpec], n_steps: int, method: str, keep: KeepPolicy,
-                output: ShardOutput | None = None) -> dict:
+    def compute(self, shard_id: int, specs: list[PromptSpec], n_steps: int | str, method: str, keep: KeepPolicy,
+                output: ShardOutput | None = None, **engine) -> dict:
         """{'parts': {kind: Part}} written to `output`, or {'tables': {kind: Arrow table}} without
-        one; and 'seconds', the wall time."""
+        one; and 'seconds', the wall time. `engine`: further `Attributor.attribute` keywords
+        (RunOptions.engine_extra)."""
         faults.before_shard(shard_id)
         start = time.perf_counter()
         todo = [i for i, spec in enumerate(specs) if spec.status is None]
         results: list = [None] * len(specs)
         if todo:
             computed = self.attributor.attribute([specs[i].prompt for i in todo], [specs[i].target for i in todo],
-                                                 n_steps=n_steps, method=method)
+                                                 n_steps=n_steps, method=method, **engine)
             for i, res in zip(todo, computed):
                 results[i] = res
         tables: dict[str, pa.Table] = shard_tables(specs, results, keep, self.lm.num_neurons)

@@ -182,6 +182,7 @@ def _prompt_table(rng, spec: SyntheticSpec, fact_index: np.ndarray, prompt_fact:
         "max_score": np.where(ok, max_score, np.nan).astype(np.float32),
         "completeness": completeness,
         "seconds": np.where(ok, rng.uniform(0.3, 1.5, n), rng.uniform(0.0, 0.05, n)),
+        "evaluations": pa.array([[20] * spec.layers if good else None for good in ok], type=pa.list_(pa.int32())),
     }, schema=schemas.PROMPTS)
 
 

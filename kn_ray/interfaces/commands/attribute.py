@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+
+AUTO = "auto"  # kn_ray.engine.quadrature.AUTO; the engine (torch) is imported only when a command runs
+
 
 def register(sub) -> None:
     p = sub.add_parser("attribute", help="attribute facts to FFN neurons on Ray; write Parquet (resumable)",
@@ -26,8 +30,11 @@ def register(sub) -> None:
     f.add_argument("--max-facts-per-relation", type=int)
     f.add_argument("--max-templates", type=int, help="templates per fact (the first usable ones)")
     a = p.add_argument_group("attribution")
-    a.add_argument("--n-steps", type=int, help="integration steps (default: 20)")
-    a.add_argument("--method", help="Riemann rule: left (default), right, midpoint, trapezoid")
+    a.add_argument("--n-steps", type=_steps, help="integration steps (default: 20), or auto (adaptive, see --tolerance)")
+    a.add_argument("--method", help="quadrature rule: left (default; the paper with 20 steps), right, midpoint, trapezoid, "
+                                      "gausslegendre (kn_ray.engine.METHODS checks it)")
+    a.add_argument("--tolerance", type=float,
+                   help="--n-steps auto: completeness residual <= T x |P - P(layer at baseline)| (default: 0.01)")
     a.add_argument("--precision", help="compute (autocast): auto (default), fp32, bf16, fp16")
     a.add_argument("--batch-prompts", type=int, help="prompts per engine batch (default: 32)")
     k = p.add_argument_group("kept rows")
@@ -47,6 +54,15 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _steps(text: str) -> int | str:
+    if text == AUTO:
+        return AUTO
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or {AUTO!r}, got {text!r}") from None
+
+
 def spec_from_args(args) -> dict:
     """The job-spec mapping the flags describe (unset flags are left to the defaults)."""
     spec = dict(model=args.model, facts=args.facts, output=args.output, format=args.format, revision=args.revision,
@@ -55,7 +71,7 @@ def spec_from_args(args) -> dict:
                 offload_dir=args.offload_dir)
     spec["filters"] = dict(relations=args.relations.split(",") if args.relations else None,
                            max_facts_per_relation=args.max_facts_per_relation, max_templates=args.max_templates)
-    spec["attribution"] = dict(n_steps=args.n_steps, method=args.method, precision=args.precision,
+    spec["attribution"] = dict(n_steps=args.n_steps, method=args.method, tolerance=args.tolerance, precision=args.precision,
                                batch_prompts=args.batch_prompts)
     spec["keep"] = dict(ratio=args.keep_ratio, dense=args.dense, activation_ratio=args.activation_keep_ratio,
                         dense_dtype=args.dense_dtype)
