@@ -203,3 +203,30 @@ def test_weight_dtype_names_and_auto():
     assert resolve_dtype(torch.float16, "fp16", cpu) == torch.float16
     with pytest.raises(ValueError, match="dtype must be one of"):
         resolve_dtype("int8", "auto", cpu)
+
+
+def test_smoothing_is_the_seeded_mean_of_noisy_copies(tmp_path):
+    """nt_samples copies with stdevs 0 equal the plain result; noise is seeded and reproducible."""
+    from kn_ray.engine.smoothing import embedding_noise
+
+    model, tok = tiny_model("llama", tmp_path)
+    attr = Attributor(model, tok, precision="fp32")
+    prompts, targets = ["the city of", "the capital of france is"], [" rome", " paris"]
+    plain = attr.attribute(prompts, targets, n_steps=4)
+    zero = attr.attribute(prompts, targets, n_steps=4, nt_samples=3, stdevs=0.0)
+    one = attr.attribute(prompts, targets, n_steps=4, nt_samples=3, stdevs=0.3, nt_seed=1)
+    again = attr.attribute(prompts, targets, n_steps=4, nt_samples=3, stdevs=0.3, nt_seed=1)
+    other = attr.attribute(prompts, targets, n_steps=4, nt_samples=3, stdevs=0.3, nt_seed=2)
+    for p, z, o, a, x in zip(plain, zero, one, again, other):
+        np.testing.assert_allclose(z.scores, p.scores, rtol=1e-6, atol=1e-7 * np.abs(p.scores).max())
+        assert z.gold_prob == pytest.approx(p.gold_prob, rel=1e-6) and z.evaluations.tolist() == [12, 12, 12]  # 3 copies x 4 left nodes
+        np.testing.assert_array_equal(o.scores, a.scores)
+        assert not np.allclose(o.scores, p.scores, rtol=1e-2) and not np.allclose(o.scores, x.scores, rtol=1e-2)
+        np.testing.assert_allclose(o.completeness, np.abs(o.scores.sum(-1) - (o.gold_prob - o.baseline_prob)), atol=1e-6)
+    # the mean really is over copies whose embeddings carry the seeded noise: recompute copy by copy
+    copies = []
+    for k in range(3):
+        with embedding_noise(model, 0.3, torch.Generator().manual_seed(1 * 1_000_003 + k)):
+            copies.append(attr.attribute(prompts, targets, n_steps=4))
+    for i, o in enumerate(one):
+        np.testing.assert_allclose(o.scores, np.mean([c[i].scores for c in copies], axis=0), rtol=1e-6, atol=1e-9)

@@ -107,6 +107,17 @@ def test_auto_steps_from_flags_and_spec_enter_the_run_identity(tmp_path):
         build_parser().parse_args(["attribute", "--model", "m", "--facts", "f", "--output", "o", "--n-steps", "many"])
 
 
+def test_smoothing_flags_and_spec_enter_the_run_identity():
+    args = build_parser().parse_args(["attribute", "--model", "m", "--facts", "f.jsonl", "--output", "out",
+                                      "--nt-samples", "8", "--stdevs", "0.2", "--nt-seed", "3"])
+    options = options_from_spec(spec_from_args(args))
+    assert options == options_from_spec(dict(BASE, attribution=dict(nt_samples=8, stdevs=0.2, nt_seed=3)))
+    assert options.engine_extra() == dict(nt_samples=8, stdevs=0.2, nt_seed=3)
+    assert options.attribution()["nt_samples"] == 8 and "nt_samples" not in options_from_spec(BASE).attribution()
+    with pytest.raises(SpecError, match="nt_samples and stdevs must be >= 0"):
+        options_from_spec(dict(BASE, attribution=dict(nt_samples=2, stdevs=-1)))
+
+
 def test_cli_reports_a_bad_spec_with_exit_code_2(tmp_path, capsys):
     (tmp_path / "job.yaml").write_text("model: m\nfacts: f\noutput: o\nshard_size: -1\n")
     assert main(["run", str(tmp_path / "job.yaml")]) == 2

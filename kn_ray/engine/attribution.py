@@ -34,6 +34,7 @@ from .hooks import edit_neurons, first_arg, gather_head_input, pre_hooks, recomp
 from .precision import autocast
 from .quadrature import AUTO, quadrature
 from .adaptive import integrate_adaptive
+from .smoothing import smoothed
 from .runner import ModelRunner, batches, describe, gold_prob, is_oom
 
 
@@ -103,6 +104,9 @@ class Attributor(ModelRunner):
         tolerance: float = 0.01,
         layers: Sequence[int] | None = None,
         baselines: float = 0.0,
+        nt_samples: int = 0,
+        stdevs: float = 0.0,
+        nt_seed: int = 0,
         progress: Callable[[int], None] | None = None,
     ) -> list[Attribution]:
         """Score every neuron of `layers` (default: all) for each (prompt, target).
@@ -111,7 +115,18 @@ class Attributor(ModelRunner):
         `method` (see `quadrature`) over `n_steps` steps; b = `baselines` (the paper: 0).
         `n_steps="auto"`: per prompt and layer, Romberg on nested trapezoid rules, doubled until
         the completeness residual <= `tolerance` x |P - P(layer at baseline)| (`adaptive`).
+        `nt_samples` > 0: the mean over that many copies with noisy input embeddings, noise
+        `stdevs` x each embedding's RMS, seeded by `nt_seed` (`smoothing`).
         """
+        if nt_samples:
+            if nt_samples < 1 or stdevs < 0:
+                raise ValueError(f"nt_samples must be >= 1 and stdevs >= 0, got {nt_samples}, {stdevs}")
+            results = smoothed(lambda: self.attribute(prompts, targets, n_steps=n_steps, method=method,
+                                                      tolerance=tolerance, layers=layers, baselines=baselines),
+                               self.model, nt_samples, stdevs, nt_seed)
+            if progress:
+                progress(len(results))
+            return results
         if n_steps == AUTO:
             if not tolerance > 0:
                 raise ValueError(f"tolerance must be > 0, got {tolerance}")

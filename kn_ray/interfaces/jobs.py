@@ -13,7 +13,8 @@ A spec is a mapping of known keys only (a typo is an error, not a silently ignor
     max_memory: {0: 70GiB, cpu: 200GiB} # per actor, Accelerate's max_memory (or "0=70GiB,cpu=200GiB")
     offload_dir: null                   # per actor: offload to this local dir what fits nowhere else
     filters: {relations: [P17], max_facts_per_relation: 100, max_templates: 4}
-    attribution: {n_steps: 20, method: left, tolerance: 0.01, precision: auto, batch_prompts: 32}  # n_steps: int or auto
+    attribution: {n_steps: 20, method: left, tolerance: 0.01, precision: auto, batch_prompts: 32,  # n_steps: int or auto
+                  nt_samples: 0, stdevs: 0.1, nt_seed: 0}                                    # smoothing: nt_samples > 0
     keep: {ratio: 0.1, dense: false, activation_ratio: 0.5, dense_dtype: float32}
     workers: {count: null, cpus: 1, gpus: null, in_flight: 2, max_attempts: 3, max_restarts: 4}  # count null: all
     shard_size: null                    # null: 64, smaller for small inputs (about 64 shards)
@@ -39,7 +40,8 @@ SCHEMA: dict[str | None, dict[str, tuple]] = {
     "filters": dict(relations=((list,), "relations"), max_facts_per_relation=(_INT, "max_facts_per_relation"),
                     max_templates=(_INT, "max_templates")),
     "attribution": dict(n_steps=((int, str), "n_steps"), method=(_STR, "method"), tolerance=(_NUM, "tolerance"),
-                        precision=(_STR, "precision"),
+                        precision=(_STR, "precision"), nt_samples=(_INT, "nt_samples"), stdevs=(_NUM, "stdevs"),
+                        nt_seed=(_INT, "nt_seed"),
                         batch_prompts=(_INT, "batch_prompts")),
     "keep": dict(ratio=(_NUM, "ratio"), dense=(_BOOL, "dense"), activation_ratio=(_NUM, "activation_ratio"),
                  dense_dtype=(_STR, "dense_dtype")),

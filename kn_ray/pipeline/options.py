@@ -65,6 +65,9 @@ class RunOptions:
     n_steps: int | str = 20  # or "auto" (adaptive, to `tolerance`)
     method: str = "left"
     tolerance: float = 0.01  # n_steps="auto": completeness residual <= tolerance x |P - P(baseline)|
+    nt_samples: int = 0  # > 0: smoothed, the mean over this many copies with noisy input embeddings
+    stdevs: float = 0.1  # ... noise per token, relative to its embedding's RMS
+    nt_seed: int = 0
     precision: str = "auto"
     dtype: str = "auto"  # weights: auto = bf16 on bf16 GPUs when precision is bf16/auto, else fp32
     max_memory: dict | None = None  # Accelerate's max_memory per actor: {0: "70GiB", "cpu": "200GiB"}
@@ -97,6 +100,8 @@ class RunOptions:
             raise ValueError(f"n_steps must be >= 1 or 'auto', got {self.n_steps!r}")
         if not self.tolerance > 0:
             raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
+        if self.nt_samples < 0 or self.stdevs < 0:
+            raise ValueError(f"nt_samples and stdevs must be >= 0, got {self.nt_samples}, {self.stdevs}")
         for name in ("shard_size", "batch_prompts"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -114,7 +119,10 @@ class RunOptions:
 
     def engine_extra(self) -> dict:
         """`Attributor.attribute` keywords beyond n_steps and method, only where they apply."""
-        return dict(tolerance=self.tolerance) if self.n_steps == "auto" else {}
+        extra = dict(tolerance=self.tolerance) if self.n_steps == "auto" else {}
+        if self.nt_samples:
+            extra.update(nt_samples=self.nt_samples, stdevs=self.stdevs, nt_seed=self.nt_seed)
+        return extra
 
     def as_dict(self) -> dict:
         return {f.name: asdict(v) if hasattr(v, "__dataclass_fields__") else v

@@ -35,6 +35,9 @@ def register(sub) -> None:
                                       "gausslegendre (kn_ray.engine.METHODS checks it)")
     a.add_argument("--tolerance", type=float,
                    help="--n-steps auto: completeness residual <= T x |P - P(layer at baseline)| (default: 0.01)")
+    a.add_argument("--nt-samples", type=int, help="smooth: average over K copies with noisy input embeddings (default: 0, off)")
+    a.add_argument("--stdevs", type=float, help="smoothing noise per token, x its embedding's RMS (default: 0.1)")
+    a.add_argument("--nt-seed", type=int, help="seed of the smoothing noise (default: 0)")
     a.add_argument("--precision", help="compute (autocast): auto (default), fp32, bf16, fp16")
     a.add_argument("--batch-prompts", type=int, help="prompts per engine batch (default: 32)")
     k = p.add_argument_group("kept rows")
@@ -72,6 +75,7 @@ def spec_from_args(args) -> dict:
     spec["filters"] = dict(relations=args.relations.split(",") if args.relations else None,
                            max_facts_per_relation=args.max_facts_per_relation, max_templates=args.max_templates)
     spec["attribution"] = dict(n_steps=args.n_steps, method=args.method, tolerance=args.tolerance, precision=args.precision,
+                               nt_samples=args.nt_samples, stdevs=args.stdevs, nt_seed=args.nt_seed,
                                batch_prompts=args.batch_prompts)
     spec["keep"] = dict(ratio=args.keep_ratio, dense=args.dense, activation_ratio=args.activation_keep_ratio,
                         dense_dtype=args.dense_dtype)
