@@ -1,0 +1,122 @@
+"""Knowledge neurons from 2 prompts, with and without smoothing, against those from all prompts (issue 11, part 2).
+
+For PARAREL facts with >= 6 usable causal prompts (SmolLM2):
+
+* reference: the paper's rule over all the fact's prompts (coarse: score >= t x the prompt's
+  max, t = 0.2; knowledge neurons: coarse in >= max(p n, 3) prompts, p = 0.7);
+* 2 prompts: the same rule on 2 seeded prompts of the fact (coarse in both: p 2 = 1.4 -> 2;
+  the 3-prompt minimum cannot apply), plain and smoothed (nt_samples K, stdevs sigma);
+* Jaccard, precision and recall against the reference (over facts whose reference is not
+  empty), and the suppress effect: the mean relative change of P over all the fact's prompts
+  when the found neurons are zeroed at the target position.
+
+    PYTHONPATH=. python benchmarks/smoothing.py --facts 12 --samples 8 --stdevs 0.05,0.1,0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import numpy as np
+
+from kn_ray.engine import Attributor, Prober, load_model
+from kn_ray.pipeline.facts import Filters, read_facts
+from kn_ray.pipeline.prompts import build_prompts
+
+T, P, MIN_PROMPTS = 0.2, 0.7, 3
+
+
+def facts_with_prompts(path: str, n_facts: int, min_prompts: int, max_prompts: int, seed: int):
+    """{fact_id: [(prompt, target)]}: n_facts facts with >= min_prompts causal prompts, spread over relations."""
+    specs = [s for s in build_prompts(read_facts(path, "pararel", Filters()), masked=False).prompts if s.status is None]
+    by_fact: dict[str, list] = {}
+    for spec in specs:
+        by_fact.setdefault(spec.fact_id, []).append(spec)
+    rng = random.Random(seed)
+    by_relation: dict[str, list] = {}
+    for fact in sorted(by_fact):
+        if len(by_fact[fact]) >= min_prompts:
+            by_relation.setdefault(by_fact[fact][0].relation, []).append(fact)
+    for facts in by_relation.values():
+        rng.shuffle(facts)
+    picked = []
+    while len(picked) < n_facts and any(by_relation.values()):
+        for r in sorted(by_relation):
+            if by_relation[r] and len(picked) < n_facts:
+                picked.append(by_relation[r].pop())
+    return {f: [(s.prompt, s.target) for s in by_fact[f][:max_prompts]] for f in picked}
+
+
+def knowledge_neurons(scores: list[np.ndarray], min_prompts: int) -> set[tuple[int, int]]:
+    counts = sum(((s >= T * s.max()) & (s > 0)).astype(int) for s in scores)
+    need = max(P * len(scores), min_prompts) - 1e-9
+    return {(int(l), int(n)) for l, n in zip(*np.nonzero(counts >= need))}
+
+
+def scores_of(attr, pairs, **kw) -> list[np.ndarray]:
+    res = attr.attribute([p for p, _ in pairs], [t for _, t in pairs], **kw)
+    assert all(r.ok for r in res), [r.reason for r in res if not r.ok]
+    return [r.scores for r in res]
+
+
+def suppress_effect(prober, pairs, neurons) -> float:
+    prompts, targets = [p for p, _ in pairs], [t for _, t in pairs]
+    before = [r.gold_prob for r in prober.probe(prompts, targets)]
+    after = [r.gold_prob for r in prober.probe(prompts, targets, neurons=[sorted(neurons)] * len(pairs), factor=0.0)]
+    return float(np.mean([(a - b) / b for a, b in zip(after, before)]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pararel", default="/work/shared/data/pararel")
+    ap.add_argument("--facts", type=int, default=12)
+    ap.add_argument("--max-prompts", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=8, help="nt_samples K of the smoothed runs")
+    ap.add_argument("--stdevs", default="0.05,0.1,0.2")
+    ap.add_argument("--n-steps", type=int, default=6)
+    ap.add_argument("--method", default="gausslegendre")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    lm = load_model("smollm2")
+    attr, prober = Attributor(lm, precision="fp32"), Prober(lm, precision="fp32")
+    rule = dict(n_steps=args.n_steps, method=args.method)
+    facts = facts_with_prompts(args.pararel, args.facts, 6, args.max_prompts, args.seed)
+    rng = random.Random(args.seed)
+    settings = [("2 prompts", {})] + [(f"2 prompts, smoothed K={args.samples} stdevs={s}",
+                                      dict(nt_samples=args.samples, stdevs=float(s), nt_seed=args.seed))
+                                     for s in args.stdevs.split(",")]
+    rows = {name: [] for name, _ in settings}
+    ref_effects, ref_sizes, n_prompts = [], [], []
+    start = time.perf_counter()
+    for fact, pairs in facts.items():
+        ref = knowledge_neurons(scores_of(attr, pairs, **rule), MIN_PROMPTS)
+        n_prompts.append(len(pairs))
+        if not ref:
+            continue
+        ref_sizes.append(len(ref))
+        ref_effects.append(suppress_effect(prober, pairs, ref))
+        two = rng.sample(pairs, 2)
+        for name, smooth in settings:
+            found = knowledge_neurons(scores_of(attr, two, **rule, **smooth), 2)
+            inter = len(found & ref)
+            rows[name].append(dict(jaccard=inter / len(found | ref), precision=inter / len(found) if found else np.nan,
+                                   recall=inter / len(ref), size=len(found),
+                                   suppress=suppress_effect(prober, pairs, found) if found else 0.0))
+    print(f"SmolLM2-135M, fp32, {args.method}-{args.n_steps}; {len(facts)} PARAREL facts with >= 6 causal prompts "
+          f"(at most {args.max_prompts} used, mean {np.mean(n_prompts):.1f}); {len(ref_sizes)} with reference knowledge "
+          f"neurons (mean {np.mean(ref_sizes):.1f} per fact); seed {args.seed}; {time.perf_counter() - start:.0f} s.\n")
+    print(f"Reference (all prompts): suppress effect {np.mean(ref_effects):+.3f}.\n")
+    print("| knowledge neurons from | attribution cost | mean size | Jaccard | precision | recall | suppress effect (all prompts) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, smooth in settings:
+        r = rows[name]
+        cost = f"{smooth.get('nt_samples', 1)}x"
+        col = lambda k: np.nanmean([x[k] for x in r])  # noqa: E731
+        print(f"| {name} | {cost} | {col('size'):.1f} | {col('jaccard'):.3f} | {col('precision'):.3f} | "
+              f"{col('recall'):.3f} | {col('suppress'):+.3f} |")
+
+
+if __name__ == "__main__":
+    main()
