@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BertTokeniz
 
 from tests.tiny_models import CONFIGS, MASKED, SPECIALS
 
-PARAREL = Path(__file__).resolve().parents[2] / "shared" / "data" / "pararel"
+# A PARAREL sample shipped with the tests (3 relations x 10 facts, all templates; MIT, see its LICENSE).
+PARAREL = Path(__file__).resolve().parent / "fixtures" / "pararel"
 WORD = re.compile(r"\w+|[^\w\s]")
 
 

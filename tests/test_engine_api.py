@@ -12,7 +12,8 @@ from kn_ray.engine import Attributor, LoadedModel, Prober, UnsupportedArchitectu
 from kn_ray.engine.editing import add_to_value_slots, edited, save_model, set_value_slots, value_slot, word_embedding
 from kn_ray.engine.precision import resolve_dtype
 from kn_ray.engine.published import PublishedAttributor
-from tiny_models import tiny_model
+from tests.tiny_models import tiny_model
+from tests.tolerances import PROB_ATOL
 
 
 @pytest.fixture
@@ -38,8 +39,8 @@ def test_probe_zeroing_a_whole_layer_equals_the_ig_baseline(llama):
         every = [[(layer, i) for i in range(llama.num_neurons)]] * 2
         zeroed = prober.probe(prompts, targets, neurons=every, factor=0.0)
         for r, z, c in zip(res, zeroed, clean):
-            assert z.gold_prob == pytest.approx(r.baseline_prob[layer], rel=1e-5)
-            assert c.gold_prob == pytest.approx(r.gold_prob, rel=1e-5)
+            assert z.gold_prob == pytest.approx(r.baseline_prob[layer], abs=PROB_ATOL)
+            assert c.gold_prob == pytest.approx(r.gold_prob, abs=PROB_ATOL)
 
 
 def test_probe_scaling_matches_a_hand_hooked_forward(llama):
@@ -61,7 +62,7 @@ def test_probe_scaling_matches_a_hand_hooked_forward(llama):
         want = llama.model(ids).logits[0, -1].softmax(-1)[gold].item()
     for h in handles:
         h.remove()
-    assert probe.gold_prob == pytest.approx(want, rel=1e-5)
+    assert probe.gold_prob == pytest.approx(want, abs=PROB_ATOL)
     assert probe.n_target_tokens == 1 and probe.perplexity == pytest.approx(1 / probe.gold_prob)
 
 

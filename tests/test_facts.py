@@ -11,7 +11,6 @@ from kn_ray.pipeline.plan import fingerprint, plan_shards
 from kn_ray.pipeline.prompts import build_prompts, stable_id
 from tests.pipeline_fixtures import BAD_LINES, PARAREL
 
-pytestmark = pytest.mark.skipif(not PARAREL.is_dir(), reason="PARAREL data not present")
 
 
 def _jsonl_lines(path):

@@ -23,8 +23,8 @@ from kn_ray.pipeline.prompts import build_prompts
 from kn_ray.pipeline.rundir import RunConflict, RunDirectory
 from kn_ray.pipeline.tables import kept
 from tests.pipeline_fixtures import BAD_LINES, PARAREL, pararel_slice, save_tiny_model, texts_of_pararel
+from tests.tolerances import PROB_ATOL
 
-pytestmark = pytest.mark.skipif(not PARAREL.is_dir(), reason="PARAREL data not present")
 N_STEPS = 4
 
 
@@ -93,7 +93,7 @@ def test_results_equal_the_engine_run_directly(world, reference):
         if not res.ok:
             assert spec.prompt_id not in neurons.groups
             continue
-        assert np.isclose(row["gold_prob"], res.gold_prob, rtol=1e-5)
+        assert np.isclose(row["gold_prob"], res.gold_prob, rtol=0, atol=PROB_ATOL)
         mine = neurons.get_group(spec.prompt_id)
         want = {(int(res.layers[r]), int(c)) for r, c in zip(*kept(res.scores, keep.ratio, keep.dense))}
         have = set(zip(mine["layer"].astype(int), mine["neuron"].astype(int)))

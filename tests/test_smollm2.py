@@ -16,6 +16,13 @@ FACTS = (
     ["The capital of France is", "The capital of Germany is", "The capital of Japan is"],
     [" Paris", " Berlin", " Tokyo"],
 )
+# Without native bf16 (AVX2-only CPUs such as AMD EPYC, or ATEN_CPU_CAPABILITY=avx2) torch
+# emulates bf16 about 10x slower than fp32: there the attributions cover one fact, the two top
+# layers (3072 neurons to rank) and 10 steps, which keeps this module to seconds.
+if cpu_has_native_bf16():
+    CASE, CASE_FACTS = dict(n_steps=20, layers=None), FACTS
+else:
+    CASE, CASE_FACTS = dict(n_steps=10, layers=[28, 29]), ([FACTS[0][0]], [FACTS[1][0]])
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +32,7 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def fp32_results(smollm2):
-    return Attributor(smollm2, precision="fp32").attribute(*FACTS, n_steps=20)
+    return Attributor(smollm2, precision="fp32").attribute(*CASE_FACTS, **CASE)
 
 
 def test_knows_the_capital_of_france(smollm2):
@@ -47,7 +54,7 @@ def test_top_neurons_matter_more_than_random_ones(smollm2, fp32_results):
 
 
 def test_bf16_ranks_neurons_like_fp32(smollm2, fp32_results):
-    bf16 = Attributor(smollm2, precision="bf16").attribute(*FACTS, n_steps=20)
+    bf16 = Attributor(smollm2, precision="bf16").attribute(*CASE_FACTS, **CASE)
     for a, b in zip(fp32_results, bf16):
         rho = spearmanr(a.scores.ravel(), b.scores.ravel()).statistic
         shared = {n[:2] for n in a.top_neurons(10)} & {n[:2] for n in b.top_neurons(10)}
