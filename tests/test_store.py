@@ -197,3 +197,25 @@ def test_filesystems_resolve_from_uris(tmp_path):
     assert isinstance(fs, pafs.LocalFileSystem) and path == f"{tmp_path}/run"
     fs, path = filesystem("memory://bucket/run")  # no pyarrow filesystem: through fsspec
     assert isinstance(fs, pafs.PyFileSystem) and path.endswith("bucket/run")
+
+
+def test_staged_tables_replace_what_they_select(out):
+    """A later stage's table: staged locally, then published into OUT (renames locally, uploads
+    elsewhere); a failed block publishes nothing."""
+    import pyarrow as pa
+
+    run = RunDirectory(out)
+    for names in (["part-a-00000.parquet", "part-a-00001.parquet", "part-b-00000.parquet"], ["part-a-00000.parquet"]):
+        with run.staged("edits", replace=lambda name: name.startswith("part-a-")) as tmp:
+            for name in names:
+                pq.write_table(pa.table({"x": [len(name)]}), tmp / name)
+    left = [p.rsplit("/", 1)[-1] for p in run.table_files("edits")]
+    assert left == ["part-a-00000.parquet", "part-b-00000.parquet"]
+    with pytest.raises(RuntimeError):
+        with run.staged("edits") as tmp:
+            pq.write_table(pa.table({"x": [1]}), tmp / "part-c-00000.parquet")
+            raise RuntimeError("stage failed")
+    assert [p.rsplit("/", 1)[-1] for p in run.table_files("edits")] == left
+    with run.staged("edits") as tmp:  # replace everything
+        pq.write_table(pa.table({"x": [1]}), tmp / "part-00000.parquet")
+    assert [p.rsplit("/", 1)[-1] for p in run.table_files("edits")] == ["part-00000.parquet"]

@@ -246,6 +246,34 @@ class Dispatcher:
             self.queue.appendleft(task)
 
 
+class TasksFailed(RuntimeError):
+    """Some tasks failed `max_attempts` times (the message lists them)."""
+
+
+def run_tasks(actor_class, args: tuple, kwargs: dict, res: Resources, tasks, *, method: str = "run",
+              key=lambda task: task.name, size=lambda task: 1):
+    """Yield (task, result) of `actor_class(*args, **kwargs).<method>(task)` over a pool, as they
+    finish; raises TasksFailed at the end if a task failed on every attempt. Starts a local Ray
+    (or joins $RAY_ADDRESS) if none is running."""
+    started = connect(min_cpus=(res.workers or 1) * res.cpus_per_worker)
+    pool = None
+    try:
+        pool = ActorPool(actor_class, args, kwargs, res)
+        pool.model_info()
+        dispatcher = Dispatcher(pool, lambda actor, task: (getattr(actor, method).remote(task), None),
+                                max_attempts=res.max_attempts, key=key, size=size)
+        for task, value, _ in dispatcher.results(list(tasks)):
+            dispatcher.succeeded(task)
+            yield task, value
+        if dispatcher.result.failed:
+            raise TasksFailed("; ".join(f"{k}: {why}" for k, why in sorted(dispatcher.result.failed.items())))
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        if started:
+            disconnect()
+
+
 # ---- attribution: shards, written by the workers, committed by the driver -------------------------
 def attribution_pool(options: RunOptions) -> ActorPool:
     # an actor of several GPUs splits the model over them (Accelerate's balanced device map)

@@ -23,13 +23,17 @@ stale attempts, removed at the start and end of a run (`remove_stale`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
@@ -378,6 +382,71 @@ class RunDirectory:
         stale += [i.path for i in self.listing(MARKERS) if os.path.basename(i.path).startswith(".")]
         self.delete(stale)
         return len(stale)
+
+
+    # ---- tables of the later stages (aggregate, edit, report) --------------------------------
+    def table_files(self, table: str) -> list[str]:
+        """Paths (in `self.fs`) of a table's parts: the committed ones of an attribute table,
+        every part-*.parquet of any other."""
+        if table in KINDS:
+            return self.files(table)
+        return sorted(i.path for i in self.listing(table)
+                      if os.path.basename(i.path).startswith("part-") and i.path.endswith(".parquet"))
+
+    def has(self, table: str) -> bool:
+        return bool(self.table_files(table))
+
+    @contextlib.contextmanager
+    def staged(self, table: str, replace=None):
+        """A local directory whose files replace OUT/table's when the block succeeds: the
+        existing files `replace(name)` selects (default: all). Locally by renames (the whole
+        folder swapped at once when all are replaced); elsewhere by uploads, then deletes of
+        the replaced names not uploaded again (a reader may see the two sets mixed meanwhile)."""
+        if self.local:
+            target = self.path(table)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=f".{table}.tmp-", dir=os.path.dirname(target))
+        else:
+            tmp = tempfile.mkdtemp(prefix=f"kn-ray-{table}-")
+        try:
+            yield Path(tmp)
+            self._publish(table, tmp, replace)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _publish(self, table: str, tmp: str, replace) -> None:
+        target = self.path(table)
+        new = sorted(os.listdir(tmp))
+        old = [os.path.basename(i.path) for i in self.listing(table)]
+        dropped = [n for n in old if (replace is None or replace(n)) and n not in new]
+        if self.local and replace is None:
+            previous = f"{tmp}.old"
+            if os.path.exists(target):
+                os.replace(target, previous)
+            os.replace(tmp, target)
+            shutil.rmtree(previous, ignore_errors=True)
+            return
+        for name in new:
+            source = os.path.join(tmp, name)
+            if self.local:
+                os.makedirs(target, exist_ok=True)
+                os.replace(source, f"{target}/{name}")
+            else:
+                pafs.copy_files(source, f"{target}/{name}", source_filesystem=pafs.LocalFileSystem(),
+                                destination_filesystem=self.fs)
+        self.delete([f"{target}/{n}" for n in dropped])
+
+    @contextlib.contextmanager
+    def scratch(self, prefix: str):
+        """A local scratch directory (DuckDB spill space): inside OUT when OUT is local."""
+        base = self.root if self.local else None
+        if base is not None:
+            os.makedirs(base, exist_ok=True)
+        path = tempfile.mkdtemp(prefix=f".{prefix}-" if base else f"kn-ray-{prefix}-", dir=base)
+        try:
+            yield Path(path)
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @functools.lru_cache(maxsize=8)
