@@ -10,9 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from kn_ray.interfaces.cli import main as cli
-from kn_ray.stages import schemas
-from kn_ray.stages.aggregate import AggregateParams, aggregate
-from kn_ray.stages.synthetic import SyntheticSpec, write_synthetic_run, write_tables
+from kn_ray.stages.aggregate import KNOWLEDGE_NEURONS, RELATION_NEURONS, AggregateParams, aggregate
+from tests.synthetic import SyntheticSpec, write_synthetic_run, write_tables
 
 KEYS = ["method", "fact_id", "layer", "neuron"]
 
@@ -197,8 +196,8 @@ def test_streamed_equals_pandas_reference(synthetic_run):
 def test_output_schemas_and_atomic_replace(synthetic_run):
     aggregate(synthetic_run)
     aggregate(synthetic_run)
-    assert pq.read_schema(next((synthetic_run / "knowledge_neurons").glob("*.parquet"))) == schemas.KNOWLEDGE_NEURONS
-    assert pq.read_schema(next((synthetic_run / "relation_neurons").glob("*.parquet"))) == schemas.RELATION_NEURONS
+    assert pq.read_schema(next((synthetic_run / "knowledge_neurons").glob("*.parquet"))) == KNOWLEDGE_NEURONS
+    assert pq.read_schema(next((synthetic_run / "relation_neurons").glob("*.parquet"))) == RELATION_NEURONS
     assert not [p.name for p in synthetic_run.iterdir() if p.name.startswith(".")]
     saved = json.loads((synthetic_run / "aggregate.json").read_text())
     assert saved["parameters"]["t"] == 0.2 and saved["parameters"]["p"] == 0.7

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from kn_ray.stages.aggregate import aggregate
-from kn_ray.stages.analytics import ALL, COLUMNS, Analytics
-from kn_ray.stages.synthetic import SyntheticSpec, write_synthetic_edits, write_synthetic_run, write_tables
+from kn_ray.stages.report.analytics import ALL, COLUMNS, Analytics
+from tests.synthetic import SyntheticSpec, write_synthetic_edits, write_synthetic_run, write_tables
 
 KN_SETS = {"A": ("R1", {1, 2, 3}), "B": ("R1", {2, 3, 4}), "C": ("R2", {3, 5}), "D": ("R2", {6}), "E": ("R1", set())}
 
@@ -62,8 +62,9 @@ def test_edit_frames_hand_built(hand_built):
     assert summary.loc[ALL, "n"] == 3 and summary.loc[ALL, "mean_rel_change"] == pytest.approx(-0.3)
     assert summary.loc["R1", "mean_rel_change"] == pytest.approx(-0.4)
     metrics = a.edit_metrics()
-    assert metrics[["op", "metric", "n"]].values.tolist() == [["erase", "success_rate", 2]]
-    assert metrics.mean_value.iloc[0] == pytest.approx(0.3)
+    assert metrics[["op", "relation", "metric", "n_edits"]].values.tolist() == [["erase", ALL, "success_rate", 2],
+                                                                                ["erase", "R1", "success_rate", 2]]
+    assert metrics["mean"].tolist() == pytest.approx([0.3, 0.3])
 
 
 @pytest.fixture(scope="module")
@@ -123,13 +124,21 @@ def test_neuron_views_need_aggregate(tmp_path):
         Analytics(tmp_path).layer_histogram()
 
 
-def test_edit_summary_matches_the_edit_stage(synthetic):
-    """The edit stage summarises its own rows (edit_tables.scale_summary); the report must agree."""
-    from kn_ray.stages.edit_tables import scale_summary
-
+def test_edit_summaries_equal_a_pandas_reference(synthetic):
+    """The one summary of the edits table (edit stage and report alike) against plain pandas."""
     write_synthetic_edits(synthetic, facts=30)
     rows = pq.read_table(synthetic / "edits").to_pandas()
-    keys = ["op", "condition", "relation"]
-    expected = scale_summary(rows).sort_values(keys, ignore_index=True)
-    got = Analytics(synthetic).edit_summary().sort_values(keys, ignore_index=True)
+    a = Analytics(synthetic)
+    scale = rows[rows.op.isin(["suppress", "amplify"]) & rows.rel_change.notna()]
+    scale = pd.concat([scale, scale.assign(relation=ALL)])
+    expected = scale.groupby(["op", "condition", "relation"]).agg(
+        n=("rel_change", "size"), mean_rel_change=("rel_change", "mean"), median_rel_change=("rel_change", "median"),
+        mean_prob_before=("prob_before", "mean"), mean_prob_after=("prob_after", "mean")).reset_index()
+    got = a.edit_summary().sort_values(["op", "condition", "relation"], ignore_index=True)
     pd.testing.assert_frame_equal(got, expected, check_dtype=False)
+    metrics = rows[rows.metric.notna()]
+    metrics = pd.concat([metrics, metrics.assign(relation=ALL)])
+    expected = metrics.groupby(["op", "condition", "relation", "metric"]).value.agg(["count", "mean"]).reset_index()
+    got = a.edit_metrics().sort_values(["op", "condition", "relation", "metric"], ignore_index=True)
+    assert {"success_rate", "change_rate", "target_accuracy_after"} <= set(got.metric)
+    pd.testing.assert_frame_equal(got, expected.rename(columns={"count": "n_edits"}), check_dtype=False)

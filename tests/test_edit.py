@@ -14,13 +14,13 @@ import torch
 from kn_ray.engine import LoadedModel, Prober, load_model
 from kn_ray.engine.editing import add_to_value_slots, edited, value_slot, word_embedding
 from kn_ray.interfaces.cli import main
-from kn_ray.stages.edit_ops import (EditRunner, ModelSpec, apply_erase, apply_update, erase_value, random_neurons,
-                                    update_delta)
-from kn_ray.stages.edit_tables import EDITS, corpus_ppl, metric_rows, relative_change
-from kn_ray.stages.edit_units import EditCorpus, EditSettings, rng_for
-from kn_ray.stages.experiments import EditOptions, save_edit
-from kn_ray.stages.synthetic import write_tables
+from kn_ray.stages.edit.corpus import EditCorpus, EditSettings, rng_for
+from kn_ray.stages.edit.runner import (EditRunner, ModelSpec, apply_erase, apply_update, erase_value, random_neurons,
+                                       update_delta)
+from kn_ray.stages.edit.stage import EditOptions, save_edit
+from kn_ray.stages.edit.tables import EDITS, corpus_ppl, metric_rows, relative_change
 from tests.pipeline_fixtures import save_tiny_model
+from tests.synthetic import write_tables
 from tests.tolerances import CHANGE_ATOL, PROB_ATOL, assert_same_edit_rows
 from tests.tiny_models import tiny_model
 
@@ -271,7 +271,7 @@ def test_save_reloads_to_the_same_edited_weights(run_dir, runner, tmp_path):
 
 @pytest.mark.slow  # two actor processes each load torch: about a minute on two shared cores
 def test_ray_actors_give_the_rows_of_a_local_run(run_dir, runner, ray_local):
-    from kn_ray.stages.edit_ray import run_units
+    from kn_ray.stages.edit.actors import run_units
 
     units = EditCorpus(run_dir).units("suppress", EditSettings(control_prompts=2), unit_facts=2)
     spec = ModelSpec(str(run_dir.parent / "model"), precision="fp32")

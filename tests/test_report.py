@@ -9,9 +9,9 @@ import pytest
 
 from kn_ray.interfaces.cli import main as cli
 from kn_ray.stages.aggregate import AggregateParams, aggregate
-from kn_ray.stages.analytics import Analytics
-from kn_ray.stages.report import build_sections, describe, write_report
-from kn_ray.stages.synthetic import SyntheticSpec, write_synthetic_edits, write_synthetic_run
+from kn_ray.stages.report.analytics import Analytics
+from kn_ray.stages.report.html import build_sections, describe, write_report
+from tests.synthetic import SyntheticSpec, write_synthetic_edits, write_synthetic_run
 
 MODEL = "synthetic/bert-base-like"
 CORE_FIGURES = {"layers.png", "per_fact.png", "overlap.png", "run.png"}

@@ -141,11 +141,6 @@ def benchmark(
     return rows
 
 
-def speedup(rows: list[BenchRow]) -> float:
-    by = {r.method: r for r in rows}
-    return by["published"].seconds_per_prompt / by["engine"].seconds_per_prompt
-
-
 def markdown_table(rows: list[BenchRow]) -> str:
     """One line per (model, method); speed-up is the published method's s/prompt over this row's."""
     head = ("| model | method | device | weights | precision | prompts | tokens | s/prompt | prompts/s | peak MB "

@@ -11,8 +11,8 @@ import contextlib
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DTYPES = ("auto", "fp32", "bf16", "fp16")  # weight dtypes
+from kn_ray.choices import DTYPES, PRECISIONS  # noqa: F401 (spelled once, torch-free)
+
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _NAMES = {v: k for k, v in _TORCH.items()}

@@ -109,7 +109,9 @@ def _parse_line(raw: bytes, where: str) -> dict | BadRecord:
     return value
 
 
-def _text_problem(name: str, value) -> str | None:
+def text_problem(name: str, value) -> str | None:
+    """Why `value` cannot be the text field `name` of a fact (missing, not a string, empty,
+    unencodable), or None; the prompt builder checks templates and prompts with it too."""
     if not isinstance(value, str):
         return f"missing field {name!r}" if value is None else f"field {name!r} must be a string"
     if not value.strip():
@@ -131,7 +133,7 @@ def _jsonl_fact(value: dict, where: str) -> Fact | BadRecord:
     fields = {name: value.get(name) for name in FACT_FIELDS}
     partial = {k: v for k, v in zip(("fact_id", "relation", "subject", "object"), fields.values()) if isinstance(v, str)}
     for name, field_value in fields.items():
-        if problem := _text_problem(name, field_value):
+        if problem := text_problem(name, field_value):
             return BadRecord(where, problem, **partial)
     templates, prompts, target = value.get("templates"), value.get("prompts"), value.get("target")
     if (templates is None) == (prompts is None):
@@ -139,7 +141,7 @@ def _jsonl_fact(value: dict, where: str) -> Fact | BadRecord:
     texts = templates if templates is not None else prompts
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         return BadRecord(where, f"{'templates' if templates is not None else 'prompts'} must be a non-empty list of strings", **partial)
-    if target is not None and (problem := _text_problem("target", target)):
+    if target is not None and (problem := text_problem("target", target)):
         return BadRecord(where, problem, **partial)
     kind = "templates" if templates is not None else "prompts"
     return Fact(fields["id"], fields["relation"], fields["subject"], fields["object"], target=target, where=where,
@@ -169,7 +171,7 @@ def _pararel_templates(path: Path, relation: str) -> tuple[tuple[str, ...], list
         return (), [BadRecord(f"templates/{relation}.jsonl", "no templates file for this relation", relation=relation)]
     good, bad = [], []
     for where, value in json_lines(path, f"templates/{relation}.jsonl"):
-        if not isinstance(value, BadRecord) and (problem := _text_problem("pattern", value.get("pattern"))):
+        if not isinstance(value, BadRecord) and (problem := text_problem("pattern", value.get("pattern"))):
             value = BadRecord(where, problem)
         if isinstance(value, BadRecord):
             bad.append(BadRecord(value.where, value.reason, relation=relation))
@@ -182,7 +184,7 @@ def _pararel_fact(value: dict, where: str, relation: str, templates: tuple[str, 
     names = {"uuid": "fact_id", "sub_label": "subject", "obj_label": "object"}
     partial = {names[k]: value[k] for k in names if isinstance(value.get(k), str)}
     for name in names:
-        if problem := _text_problem(name, value.get(name)):
+        if problem := text_problem(name, value.get(name)):
             return BadRecord(where, problem, relation=relation, **partial)
     return Fact(value["uuid"], relation, value["sub_label"], value["obj_label"], templates=templates, where=where)
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from .facts import FORMATS, Filters
+from kn_ray.choices import DTYPES, PRECISIONS
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DTYPES = ("auto", "fp32", "bf16", "fp16")  # the weights' dtype, separate from the compute precision
+from .facts import FORMATS, Filters
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass
 
-from .facts import BadRecord, Fact, FactSet, _text_problem
+from .facts import BadRecord, Fact, FactSet, text_problem
 
 SUBJECT, OBJECT, MASK = "[X]", "[Y]", "[MASK]"
 CAUSAL_TAILS = ("", ".")  # what may follow [Y] in a template usable by a causal LM
@@ -67,7 +67,7 @@ def _fact_prompts(fact: Fact, masked: bool, max_templates: int | None) -> tuple[
         key = stable_id(fact.fact_id, text)
         row = dict(prompt_id=key, fact_id=fact.fact_id, relation=fact.relation, subject=fact.subject,
                    object=fact.object, template=text if is_template else None)
-        problem = _text_problem("template" if is_template else "prompt", text)
+        problem = text_problem("template" if is_template else "prompt", text)
         if problem is None and key in seen:
             problem = f"duplicate {'template' if is_template else 'prompt'} for this fact"
             row["prompt_id"] = stable_id(fact.fact_id, text, str(len(specs)))

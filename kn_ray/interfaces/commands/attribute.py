@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from kn_ray.choices import DTYPES, PRECISIONS
+
 AUTO = "auto"  # kn_ray.engine.quadrature.AUTO; the engine (torch) is imported only when a command runs
 
 
@@ -21,8 +23,8 @@ def register(sub) -> None:
     p.add_argument("--allow-pickle", action="store_true", default=None, help="allow pickle weights (trusted sources)")
     p.add_argument("--trust-remote-code", action="store_true", default=None)
     m = p.add_argument_group("model placement")
-    m.add_argument("--dtype", help="weights: auto (default: bf16 on bf16 GPUs when precision is bf16/auto, else fp32), "
-                                   "fp32, bf16, fp16")
+    m.add_argument("--dtype", choices=DTYPES,
+                   help="weights (default auto: bf16 on bf16 GPUs when precision is bf16/auto, else fp32)")
     m.add_argument("--max-memory", help="per actor, Accelerate's max_memory as device=size pairs: 0=70GiB,1=70GiB,cpu=200GiB")
     m.add_argument("--offload-dir", help="per actor, offload to this local directory what fits nowhere else")
     f = p.add_argument_group("filters")
@@ -38,7 +40,7 @@ def register(sub) -> None:
     a.add_argument("--nt-samples", type=int, help="smooth: average over K copies with noisy input embeddings (default: 0, off)")
     a.add_argument("--stdevs", type=float, help="smoothing noise per token, x its embedding's RMS (default: 0.1)")
     a.add_argument("--nt-seed", type=int, help="seed of the smoothing noise (default: 0)")
-    a.add_argument("--precision", help="compute (autocast): auto (default), fp32, bf16, fp16")
+    a.add_argument("--precision", choices=PRECISIONS, help="compute (autocast; default auto)")
     a.add_argument("--batch-prompts", type=int, help="prompts per engine batch (default: 32)")
     k = p.add_argument_group("kept rows")
     k.add_argument("--keep-ratio", type=float, help="keep neurons with score >= R x the prompt's max (default: 0.1)")

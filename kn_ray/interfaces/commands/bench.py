@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kn_ray.choices import DTYPES, PRECISIONS
+
 DEFAULT_PARAREL = Path("../shared/data/pararel")
 
 
@@ -17,8 +19,8 @@ def register(sub) -> None:
     p.add_argument("--published-prompts", type=int, default=8, help="the first N of those prompts timed for the published method, one at a time (default 8)")
     p.add_argument("--tokens", default="8-15", help="prompt length window in model tokens, PARAREL-style (default 8-15)")
     p.add_argument("--n-steps", type=int, default=20)
-    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"], help="compute (default fp32)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="compute (default fp32)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="weights (default auto: bf16 on bf16 GPUs when precision is bf16/auto, else fp32)")
     p.add_argument("--max-memory", help="Accelerate's max_memory for loaded checkpoints: 0=70GiB,1=70GiB,cpu=200GiB")
     p.add_argument("--offload-dir", help="offload to disk what fits nowhere else (loaded checkpoints)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from kn_ray.choices import PRECISIONS
+
 
 def register(sub) -> None:
     p = sub.add_parser("edit", help="knowledge-neuron experiments: suppress, amplify, update, erase",
@@ -14,7 +16,7 @@ def register(sub) -> None:
     p.add_argument("--op", action="append", default=None, metavar="OP",
                    help="suppress, amplify, update, erase; repeat or comma-separate (default: all four)")
     p.add_argument("--model", help="model to edit (default: the run's model from run.json)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), help="default: the run's precision")
+    p.add_argument("--precision", choices=PRECISIONS, help="default: the run's precision")
     p.add_argument("--batch-prompts", type=int, default=32, help="prompts per forward pass (default 32)")
     p.add_argument("--relation", action="append", default=[], help="only this relation (repeatable)")
     p.add_argument("--fact-id", action="append", default=[], help="only this fact (repeatable)")
@@ -50,8 +52,8 @@ def parse_ops(values: list[str] | None) -> tuple[str, ...]:
 
 
 def run(args) -> int:
-    from kn_ray.stages.edit_units import OPS, EditSettings
-    from kn_ray.stages.experiments import EditOptions, run_edits, save_edit
+    from kn_ray.stages.edit.corpus import OPS, EditSettings
+    from kn_ray.stages.edit.stage import EditOptions, run_edits, save_edit
 
     settings = EditSettings(seed=args.seed, max_facts=args.max_facts, control_prompts=args.control_prompts,
                             ppl_facts=args.ppl_facts, lambda1=args.lambda1, lambda2=args.lambda2,

@@ -12,7 +12,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from kn_ray.stages.report import write_report
+    from kn_ray.stages.report.html import write_report
 
     print(write_report(args.out, args.memory_limit))
     return 0

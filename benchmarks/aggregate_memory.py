@@ -1,6 +1,6 @@
 """Time and peak memory of `kn-ray aggregate` on an output directory, measured in child processes.
 
-    python -m kn_ray.stages.benchmark OUT [aggregate options...]
+    python benchmarks/aggregate_memory.py OUT [aggregate options...]
 
 Prints JSON: wall seconds and peak RSS of the aggregate command, the peak RSS of a child that
 only imports what the command imports (the floor no memory limit can lower), and the size of

@@ -6,8 +6,8 @@
     a.overlap()           # shared neurons of fact pairs within vs across relations
     a.run_stats()         # prompts by status, compute time and throughput per relation
     a.skip_reasons()      # why prompts were skipped or failed
-    a.edit_summary()      # mean relative probability change per edit op, condition, relation
-    a.edit_metrics()      # update / erase metric rows
+    a.edit_summary()      # suppress / amplify: mean relative change per op, condition, relation
+    a.edit_metrics()      # update / erase: mean of each metric per op, condition, relation
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from __future__ import annotations
 import pandas as pd
 
 from kn_ray.stages.duck import connect, read_parquet
-from kn_ray.stages.overlap import MAX_PAIRS, overlap_of
+from kn_ray.stages.edit.tables import ALL, METRIC_COLUMNS, SCALE_COLUMNS, metric_summary, scale_summary
+from kn_ray.stages.report.overlap import MAX_PAIRS, overlap_of
 from kn_ray.stages.rundir import RunDir
 
-ALL = "ALL"  # the relation label of corpus-wide rows
 COLUMNS = {
     "layer_histogram": ["method", "layer", "n_neurons", "share"],
     "neurons_per_fact": ["method", "fact_id", "relation", "usable_prompts", "n_neurons"],
@@ -26,9 +26,8 @@ COLUMNS = {
     "run_stats": ["relation", "facts", "prompts", "ok", "skipped", "error", "compute_seconds",
                   "ok_per_compute_second", "mean_gold_prob"],
     "skip_reasons": ["status", "reason", "n_prompts", "example_prompt_id"],
-    "edit_summary": ["op", "condition", "relation", "n", "mean_rel_change", "median_rel_change",
-                     "mean_prob_before", "mean_prob_after"],
-    "edit_metrics": ["op", "condition", "metric", "n", "mean_value"],
+    "edit_summary": SCALE_COLUMNS,
+    "edit_metrics": METRIC_COLUMNS,
 }
 
 
@@ -51,10 +50,6 @@ class Analytics:
     def _usable_facts(self) -> str:
         return (f"SELECT fact_id, any_value(relation) AS relation, count(*) AS usable_prompts "
                 f"FROM {self._source('prompts')} WHERE status = 'ok' GROUP BY fact_id")
-
-    def methods(self) -> list[str]:
-        rows = self._con.execute(f"SELECT DISTINCT method FROM {self._source('knowledge_neurons')}").fetchall()
-        return sorted((m for (m,) in rows), key=lambda m: (m != "ig", m))
 
     def layer_histogram(self) -> pd.DataFrame:
         """Knowledge neurons per layer; share is of the method's total (the paper's Figure 3)."""
@@ -82,7 +77,7 @@ class Analytics:
     def overlap(self, max_pairs: int = MAX_PAIRS, seed: int = 0) -> pd.DataFrame:
         """Mean shared knowledge neurons (exact) and mean Jaccard (exact up to max_pairs pairs,
         sampled beyond) of fact pairs within ('intra') vs across ('inter') relations;
-        see kn_ray.stages.overlap."""
+        see kn_ray.stages.report.overlap."""
         kn = self._con.execute(f"SELECT method, fact_id, relation, layer, neuron "
                                f"FROM {self._source('knowledge_neurons')}").df()
         frames = [overlap_of(group, max_pairs, seed).assign(method=method) for method, group in kn.groupby("method")]
@@ -113,32 +108,18 @@ class Analytics:
     def has_edits(self) -> bool:
         return self.run.has("edits")
 
-    def _edit_columns(self) -> set[str]:
-        rows = self._con.execute(f"DESCRIBE SELECT * FROM {self._source('edits')}").fetchall()
-        return {row[0] for row in rows}
-
     def edit_summary(self) -> pd.DataFrame:
-        """Suppress / amplify: mean relative change of the gold probability per (op, condition), per
-        relation and 'ALL'. Update / erase rows also carry rel_change, over several prompt scopes
-        whose mean would mix the edited fact with collateral prompts: see edit_metrics()."""
+        """Suppress / amplify effects per op, condition and relation ('ALL' = overall); the edit
+        stage's own summary (kn_ray.stages.edit.tables.scale_summary)."""
         if not self.has_edits():
-            return pd.DataFrame(columns=COLUMNS["edit_summary"])
-        return self._frame("edit_summary", f"""
-            SELECT op, condition, coalesce(relation, '{ALL}') AS relation, count(*) AS n,
-                   avg(rel_change) AS mean_rel_change, median(rel_change) AS median_rel_change,
-                   avg(prob_before) AS mean_prob_before, avg(prob_after) AS mean_prob_after
-            FROM {self._source('edits')} WHERE op IN ('suppress', 'amplify') AND rel_change IS NOT NULL
-            GROUP BY GROUPING SETS ((op, condition, relation), (op, condition))
-            ORDER BY op, condition, relation IS NULL DESC, relation""")
+            return pd.DataFrame(columns=SCALE_COLUMNS)
+        return scale_summary(self._con, self._source("edits"))
 
     def edit_metrics(self) -> pd.DataFrame:
-        """Mean of each update / erase metric per (op, condition); rows with a metric name."""
-        if not self.has_edits() or not {"metric", "value"} <= self._edit_columns():
-            return pd.DataFrame(columns=COLUMNS["edit_metrics"])
-        return self._frame("edit_metrics", f"""
-            SELECT op, condition, metric, count(value) AS n, avg(value) AS mean_value
-            FROM {self._source('edits')} WHERE metric IS NOT NULL
-            GROUP BY ALL ORDER BY op, metric, condition""")
+        """Update / erase: mean of each per-edit metric per op, condition and relation ('ALL' = overall)."""
+        if not self.has_edits():
+            return pd.DataFrame(columns=METRIC_COLUMNS)
+        return metric_summary(self._con, self._source("edits"))
 
     def context(self) -> dict:
         """What the figures came from: model, corpus slice and aggregation thresholds."""

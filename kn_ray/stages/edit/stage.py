@@ -16,12 +16,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pandas as pd
 import pyarrow.parquet as pq
 
-from kn_ray.stages.edit_ops import ModelSpec
-from kn_ray.stages.edit_tables import as_table, metric_summary, scale_summary, summary_dict, summary_text
-from kn_ray.stages.edit_units import OPS, EditCorpus, EditSettings, WorkUnit, read_parts
+from kn_ray.stages.duck import connect, read_parquet
+from kn_ray.stages.edit.corpus import OPS, EditCorpus, EditSettings, WorkUnit
+from kn_ray.stages.edit.runner import ModelSpec
+from kn_ray.stages.edit.tables import as_table, metric_summary, scale_summary, summary_dict, summary_text
 from kn_ray.stages.rundir import RunDir, write_json_atomic
 
 SUMMARY = "summary.json"
@@ -94,7 +94,7 @@ def _execute(units: list[WorkUnit], spec: ModelSpec, options: EditOptions):
     if options.local or options.workers == 1:
         runner = spec.runner()
         return ((unit, runner.run(unit)) for unit in units)
-    from kn_ray.stages.edit_ray import run_units
+    from kn_ray.stages.edit.actors import run_units
 
     return run_units(units, spec, options.workers)
 
@@ -121,17 +121,12 @@ def write_summary(run: RunDir, options: EditOptions, spec: ModelSpec, units: dic
                                     settings=asdict(options.settings), relations=list(options.relations),
                                     fact_ids=list(options.fact_ids), units=units[op], created=now)
                            for op in options.ops}}
-    rows = read_edits(run)
-    scale = scale_summary(rows)
-    metrics = metric_summary(rows[rows.metric.notna()])
+    with connect() as con:
+        source = read_parquet(run.files("edits"), union_by_name=True)
+        scale, metrics = scale_summary(con, source), metric_summary(con, source)
     summary = dict(runs=runs, results=summary_dict(scale, metrics))
     write_json_atomic(edits / SUMMARY, summary)
     return dict(summary, text=summary_text(scale, metrics))
-
-
-def read_edits(run: RunDir) -> pd.DataFrame:
-    columns = ["op", "relation", "condition", "prob_before", "prob_after", "rel_change", "metric", "value"]
-    return read_parts(run, "edits", columns) if run.has("edits") else pd.DataFrame(columns=columns)
 
 
 def save_edit(out, options: EditOptions, directory) -> dict:

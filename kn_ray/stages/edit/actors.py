@@ -17,8 +17,8 @@ from dataclasses import replace
 import ray
 
 from kn_ray.pipeline.execute import connect
-from kn_ray.stages.edit_ops import ModelSpec
-from kn_ray.stages.edit_units import WorkUnit
+from kn_ray.stages.edit.runner import ModelSpec
+from kn_ray.stages.edit.corpus import WorkUnit
 
 
 class EditWorker:

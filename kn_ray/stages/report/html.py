@@ -15,8 +15,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from kn_ray.stages import figures
-from kn_ray.stages.analytics import ALL, Analytics
+from kn_ray.stages.report import figures
+from kn_ray.stages.report.analytics import ALL, Analytics
 from kn_ray.stages.rundir import atomic_directory
 
 EDIT_FIGURE_OPS = ("suppress", "amplify")
@@ -86,7 +86,7 @@ def _edit_sections(analytics: Analytics, context: str) -> list[tuple[Section, ob
                              figures.edit_effects(summary, op, caption)))
     metrics = analytics.edit_metrics()
     if len(metrics):
-        sections.append((Section("Update and erase metrics", tables=(metrics,)), None))
+        sections.append((Section("Update and erase metrics", tables=(metrics[metrics.relation == ALL],)), None))
     return sections
 
 

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from kn_ray.stages.analytics import ALL  # noqa: E402
+from kn_ray.stages.report.analytics import ALL  # noqa: E402
 
 METHOD_COLORS = {"ig": "#0165fc", "activation": "#9a9a9a"}
 CONDITION_ORDER = ["kn", "activation", "random", "other_relation"]

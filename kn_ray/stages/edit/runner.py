@@ -22,8 +22,8 @@ import torch
 from kn_ray.engine import LoadedModel, Prober, SkipPrompt, load_model
 from kn_ray.engine.editing import add_to_value_slots, edited, set_value_slots, value_slot, word_embedding
 from kn_ray.engine.probe import Probe
-from kn_ray.stages.edit_tables import metric_rows, relative_change
-from kn_ray.stages.edit_units import FactItem, Neurons, PromptRef, RelationItem, WorkUnit, retarget, rng_for
+from kn_ray.stages.edit.tables import metric_rows, prompt_row
+from kn_ray.stages.edit.corpus import FactItem, Neurons, PromptRef, RelationItem, WorkUnit, retarget, rng_for
 
 FACTORS = {"suppress": 0.0, "amplify": 2.0}
 
@@ -144,8 +144,8 @@ class EditRunner:
         unique = list({job[3].prompt_id: job[3] for job in jobs}.values())
         before = dict(zip((r.prompt_id for r in unique), self.probe(unique)))
         after = self.probe([job[3] for job in jobs], neurons=[job[4] for job in jobs], factor=FACTORS[unit.op])
-        return [_row(unit.op, item.relation, item.fact_id, condition, scope, len(neurons), ref,
-                     before[ref.prompt_id], probe)
+        return [prompt_row(unit.op, item.relation, item.fact_id, condition, scope, len(neurons), ref.prompt_id,
+                           before[ref.prompt_id], probe)
                 for (item, condition, scope, ref, neurons), probe in zip(jobs, after)
                 if before[ref.prompt_id].status == probe.status == "ok"]
 
@@ -206,18 +206,9 @@ class EditRunner:
                 with edited(self.lm, slots):
                     apply_erase(self.lm, slots, value)
                     after = self.probe(refs)
-                rows += [_row("erase", item.relation, None, condition, scope, len(slots), ref, b, a)
+                rows += [prompt_row("erase", item.relation, None, condition, scope, len(slots), ref.prompt_id, b, a)
                          for ref, scope, b, a in zip(refs, scopes, before, after) if b.status == a.status == "ok"]
         return rows
-
-
-def _row(op: str, relation: str, fact_id: str | None, condition: str, scope: str, n_neurons: int,
-         ref: PromptRef, before: Probe, after: Probe) -> dict:
-    return dict(op=op, relation=relation, fact_id=fact_id, prompt_id=ref.prompt_id, condition=condition,
-                scope=scope, n_neurons=n_neurons, prob_before=before.gold_prob, prob_after=after.gold_prob,
-                rel_change=float(relative_change(before.gold_prob, after.gold_prob)),
-                correct_before=before.correct, correct_after=after.correct,
-                ppl_before=before.perplexity, ppl_after=after.perplexity)
 
 
 def _update_rows(item: FactItem, condition: str, n_neurons: int, new_object: str, refs, scopes,
@@ -227,7 +218,8 @@ def _update_rows(item: FactItem, condition: str, n_neurons: int, new_object: str
     for i, (ref, scope) in enumerate(zip(refs, scopes)):
         if not before[i].status == after[i].status == "ok":
             continue
-        row = _row("update", item.relation, item.fact_id, condition, scope, n_neurons, ref, before[i], after[i])
+        row = prompt_row("update", item.relation, item.fact_id, condition, scope, n_neurons, ref.prompt_id,
+                         before[i], after[i])
         row["new_object"] = new_object
         if scope == "target":
             new_before, new_after = before[n + i], after[n + i]

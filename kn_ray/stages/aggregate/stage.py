@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import duckdb
 import pandas as pd
 
-from kn_ray.stages import schemas
+from kn_ray.stages.aggregate.tables import KNOWLEDGE_NEURONS, RELATION_NEURONS
 from kn_ray.stages.duck import connect, read_parquet, write_query
 from kn_ray.stages.rundir import ATTRIBUTE_TABLES, RunDir, atomic_directory, write_json_atomic
 
@@ -109,9 +109,9 @@ def _aggregate(con, run: RunDir, methods: list[Method], params: AggregateParams)
     con.execute("CREATE TEMP TABLE kn AS " + " UNION ALL ".join(kn_queries))
     with atomic_directory(run.table_dir("knowledge_neurons")) as tmp:
         write_query(con, "SELECT * FROM kn ORDER BY method, relation, fact_id, layer, neuron",
-                    schemas.KNOWLEDGE_NEURONS, tmp)
+                    KNOWLEDGE_NEURONS, tmp)
     with atomic_directory(run.table_dir("relation_neurons")) as tmp:
-        write_query(con, _relation_neurons_sql(params), schemas.RELATION_NEURONS, tmp)
+        write_query(con, _relation_neurons_sql(params), RELATION_NEURONS, tmp)
     for method in methods:
         summary["counts"][method.name].update(_output_counts(con, method.name, params))
     return summary

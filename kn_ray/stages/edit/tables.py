@@ -1,4 +1,6 @@
-"""The edits table: its schema, the per-edit metric rows and the per-relation summary.
+"""The edits table, its one owner: the schema, the prompt-row builder, the per-edit metric rows
+and the summaries (suppress / amplify effects, update / erase metrics) that both `kn-ray edit`
+(summary.json) and the report read.
 
 Prompt rows (one per op, edit, prompt, condition, scope) hold the measurements; metric rows
 (prompt_id null) are derived from them per edit, so every number in the summary traces back
@@ -37,6 +39,21 @@ EDITS = pa.schema([
     ("value", pa.float64()),  # metric rows: value
 ])
 EDIT_KEYS = ["op", "relation", "fact_id", "condition"]
+SCALE_OPS = ("suppress", "amplify")  # scale activations; summarised by their rel_change
+SCALE_COLUMNS = ["op", "condition", "relation", "n", "mean_rel_change", "median_rel_change", "mean_prob_before",
+                 "mean_prob_after"]
+METRIC_COLUMNS = ["op", "condition", "relation", "metric", "n_edits", "mean"]
+
+
+def prompt_row(op: str, relation: str, fact_id: str | None, condition: str, scope: str, n_neurons: int,
+               prompt_id: str, before, after) -> dict:
+    """One prompt row from the probes (kn_ray.engine.Probe: gold_prob, correct, perplexity)
+    of the prompt before and after the edit."""
+    return dict(op=op, relation=relation, fact_id=fact_id, prompt_id=prompt_id, condition=condition,
+                scope=scope, n_neurons=n_neurons, prob_before=before.gold_prob, prob_after=after.gold_prob,
+                rel_change=float(relative_change(before.gold_prob, after.gold_prob)),
+                correct_before=before.correct, correct_after=after.correct,
+                ppl_before=before.perplexity, ppl_after=after.perplexity)
 
 
 def relative_change(before, after) -> np.ndarray:
@@ -91,30 +108,34 @@ def as_table(frame: pd.DataFrame) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=EDITS)
 
 
-# ---- summary -----------------------------------------------------------------------------------
-def scale_summary(rows: pd.DataFrame) -> pd.DataFrame:
-    """op, condition, relation (ALL = overall), n, mean / median rel_change, mean probabilities."""
-    rows = rows[rows.op.isin(["suppress", "amplify"]) & rows.rel_change.notna()]
-    columns = ["op", "condition", "relation", "n", "mean_rel_change", "median_rel_change",
-               "mean_prob_before", "mean_prob_after"]
-    if rows.empty:
-        return pd.DataFrame(columns=columns)
-    both = pd.concat([rows, rows.assign(relation=ALL)])
-    out = both.groupby(["op", "condition", "relation"]).agg(
-        n=("rel_change", "size"), mean_rel_change=("rel_change", "mean"), median_rel_change=("rel_change", "median"),
-        mean_prob_before=("prob_before", "mean"), mean_prob_after=("prob_after", "mean")).reset_index()
-    return out[columns]
+# ---- summaries (DuckDB SQL over the edits parts; `ALL` rows are the overall ones) ------------------
+def _relation_or_all() -> str:
+    return f"CASE WHEN grouping(relation) = 1 THEN '{ALL}' ELSE relation END AS relation"
 
 
-def metric_summary(metrics: pd.DataFrame) -> pd.DataFrame:
-    """op, condition, relation (ALL = overall), metric, n_edits, mean: the mean over edits."""
-    columns = ["op", "condition", "relation", "metric", "n_edits", "mean"]
-    if metrics.empty:
-        return pd.DataFrame(columns=columns)
-    both = pd.concat([metrics, metrics.assign(relation=ALL)])
-    out = both.groupby(["op", "condition", "relation", "metric"]).agg(
-        n_edits=("value", "count"), mean=("value", "mean")).reset_index()
-    return out[columns]
+def scale_summary(con, source: str) -> pd.DataFrame:
+    """Suppress / amplify: n, mean / median rel_change and mean probabilities per op, condition
+    and relation (ALL = overall). Update / erase rows carry rel_change too, over prompt scopes
+    whose mean would mix the edited fact with collateral prompts: see metric_summary()."""
+    frame = con.execute(f"""
+        SELECT op, condition, {_relation_or_all()}, count(*) AS n,
+               avg(rel_change) AS mean_rel_change, median(rel_change) AS median_rel_change,
+               avg(prob_before) AS mean_prob_before, avg(prob_after) AS mean_prob_after
+        FROM {source} WHERE op IN {SCALE_OPS} AND rel_change IS NOT NULL AND NOT isnan(rel_change)
+        GROUP BY GROUPING SETS ((op, condition, relation), (op, condition))
+        ORDER BY op, condition, grouping(relation) DESC, relation""").df()
+    return frame[SCALE_COLUMNS] if len(frame) else pd.DataFrame(columns=SCALE_COLUMNS)
+
+
+def metric_summary(con, source: str) -> pd.DataFrame:
+    """Update / erase: per op, condition, relation (ALL = overall) and metric, the number of
+    edits and the mean of the per-edit metric."""
+    frame = con.execute(f"""
+        SELECT op, condition, {_relation_or_all()}, metric, count(value) AS n_edits, avg(value) AS mean
+        FROM {source} WHERE metric IS NOT NULL
+        GROUP BY GROUPING SETS ((op, condition, relation, metric), (op, condition, metric))
+        ORDER BY op, condition, grouping(relation) DESC, relation, metric""").df()
+    return frame[METRIC_COLUMNS] if len(frame) else pd.DataFrame(columns=METRIC_COLUMNS)
 
 
 def summary_dict(scale: pd.DataFrame, metrics: pd.DataFrame) -> dict:

@@ -7,7 +7,10 @@ baseline is the weaker method. Rows respect the keep policy (score >= 0.1 x the 
 max, activation >= 0.5 x the prompt's max), some prompts are skipped or fail, and some
 facts have fewer than 3 prompts.
 
-    python -m kn_ray.stages.synthetic OUT --neuron-rows 10000000 [--edits]
+    python -m tests.synthetic OUT --neuron-rows 10000000 [--edits]     # from the repository root
+
+Synthetic edits are built by the edit stage's own row builders (prompt_row, metric_rows,
+as_table) from made-up probabilities, so they are edits tables by construction.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kn_ray.stages import schemas
+from kn_ray.engine.probe import Probe
+from kn_ray.pipeline.tables import ACTIVATIONS, NEURONS, PROMPTS
+from kn_ray.stages.aggregate.tables import KNOWLEDGE_NEURONS, RELATION_NEURONS
+from kn_ray.stages.edit.tables import EDITS, as_table, metric_rows, prompt_row
 
 RELATION_IDS = ["P17", "P19", "P20", "P27", "P30", "P36", "P37", "P39", "P101", "P103",
                 "P106", "P108", "P127", "P131", "P136", "P138", "P140", "P159", "P176", "P178"]
@@ -30,6 +36,8 @@ SKIP_REASONS = ["target token not in vocabulary", "prompt longer than the contex
 ERROR_REASONS = ["RuntimeError: CUDA out of memory", "ValueError: empty target"]
 RELATION_NEURONS_PER_RELATION = 3
 ALWAYS_ON_NEURONS = 24  # activation-only neurons that fire for any prompt
+TABLES = {"prompts": PROMPTS, "neurons": NEURONS, "activations": ACTIVATIONS, "edits": EDITS,
+          "knowledge_neurons": KNOWLEDGE_NEURONS, "relation_neurons": RELATION_NEURONS}
 
 
 @dataclass
@@ -183,7 +191,7 @@ def _prompt_table(rng, spec: SyntheticSpec, fact_index: np.ndarray, prompt_fact:
         "completeness": completeness,
         "seconds": np.where(ok, rng.uniform(0.3, 1.5, n), rng.uniform(0.0, 0.05, n)),
         "evaluations": pa.array([[20] * spec.layers if good else None for good in ok], type=pa.list_(pa.int32())),
-    }, schema=schemas.PROMPTS)
+    }, schema=PROMPTS)
 
 
 def _part(rng, spec: SyntheticSpec, fact_index: np.ndarray, relation_neurons, always_on):
@@ -204,8 +212,8 @@ def _part(rng, spec: SyntheticSpec, fact_index: np.ndarray, relation_neurons, al
     np.maximum.at(row_max, scores["prompt"], scores["value"])
     prompts = _prompt_table(rng, spec, fact_index, prompt_fact, status, row_max)
     keys = [prompts["prompt_id"].combine_chunks(), prompts["fact_id"].combine_chunks(), prompts["relation"].combine_chunks()]
-    return (prompts, _row_table(scores, *keys, "score", schemas.NEURONS),
-            _row_table(activations, *keys, "activation", schemas.ACTIVATIONS))
+    return (prompts, _row_table(scores, *keys, "score", NEURONS),
+            _row_table(activations, *keys, "activation", ACTIVATIONS))
 
 
 def run_config(spec: SyntheticSpec) -> dict:
@@ -262,7 +270,7 @@ def write_tables(out: str | Path, config: dict | None = None, **frames) -> Path:
     out = Path(out)
     for name, frame in frames.items():
         if frame is not None:
-            _write_part(out / name, 0, _as_table(frame, schemas.TABLES[name]))
+            _write_part(out / name, 0, _as_table(frame, TABLES[name]))
     _write_json(out / "run.json", config if config is not None else {"identity": {"model": "hand-built"}})
     return out
 
@@ -271,45 +279,45 @@ EDIT_EFFECTS = {  # (op, condition) -> mean relative change of the gold probabil
     ("suppress", "kn"): -0.35, ("suppress", "activation"): -0.12, ("suppress", "random"): -0.02,
     ("suppress", "other_relation"): -0.03, ("amplify", "kn"): 0.45, ("amplify", "activation"): 0.15,
     ("amplify", "random"): 0.01, ("amplify", "other_relation"): 0.02,
+    ("update", "kn"): -0.6, ("update", "random"): -0.05, ("erase", "kn"): -0.5, ("erase", "random"): -0.05,
 }
-EDIT_METRICS = {"update": ["success_rate", "change_rate", "intra_relation_ppl_delta", "inter_relation_ppl_delta"],
-                "erase": ["success_rate", "intra_relation_ppl_delta", "inter_relation_ppl_delta"]}
+N_NEURONS = 3
 
 
 def write_synthetic_edits(out: str | Path, facts: int = 200, seed: int = 0) -> int:
-    """Write edits/part-00000.parquet for the usable prompts of up to `facts` facts of `out`."""
+    """Write edits/part-00000.parquet for the usable prompts of up to `facts` facts of `out`:
+    every op and condition on each prompt, through the edit stage's row builders."""
     out = Path(out)
     rng = np.random.default_rng(seed)
     prompts = pq.read_table(out / "prompts", columns=["prompt_id", "fact_id", "relation", "status", "gold_prob"]).to_pandas()
     prompts = prompts[prompts.status == "ok"]
     chosen = prompts.fact_id.drop_duplicates().sample(min(facts, prompts.fact_id.nunique()), random_state=seed)
     prompts = prompts[prompts.fact_id.isin(chosen)]
-    frames = [_probability_edits(rng, prompts, op, condition, effect) for (op, condition), effect in EDIT_EFFECTS.items()]
-    frames += [_metric_edits(rng, prompts, op, metric) for op, metrics in EDIT_METRICS.items() for metric in metrics]
-    edits = _as_table(pd.concat(frames, ignore_index=True), schemas.EDITS)
+    rows = []
+    for (op, condition), effect in EDIT_EFFECTS.items():
+        change = np.clip(rng.normal(effect, 0.1, len(prompts)), -0.99, None)
+        for p, c in zip(prompts.itertuples(), change):
+            row = prompt_row(op, p.relation, None if op == "erase" else p.fact_id, condition, "target", N_NEURONS,
+                             p.prompt_id, _probe(rng, p.gold_prob), _probe(rng, min(1.0, p.gold_prob * (1 + c))))
+            if op == "update":
+                new_after = rng.uniform(0.3, 0.9) if condition == "kn" else rng.uniform(0.0, 0.1)
+                row.update(new_object="object-0", new_prob_before=rng.uniform(0.0, 0.1), new_prob_after=new_after,
+                           new_top1_after=bool(new_after > 0.5))
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    edits = as_table(pd.concat([frame, metric_rows(frame)], ignore_index=True))
     _write_part(out / "edits", 0, edits)
     return edits.num_rows
 
 
-def _probability_edits(rng, prompts: pd.DataFrame, op: str, condition: str, effect: float) -> pd.DataFrame:
-    change = np.clip(rng.normal(effect, 0.1, len(prompts)), -1.0, None)
-    return pd.DataFrame({"op": op, "relation": prompts.relation.values, "fact_id": prompts.fact_id.values,
-                         "prompt_id": prompts.prompt_id.values, "condition": condition,
-                         "prob_before": prompts.gold_prob.values, "prob_after": prompts.gold_prob.values * (1 + change),
-                         "rel_change": change})
-
-
-def _metric_edits(rng, prompts: pd.DataFrame, op: str, metric: str) -> pd.DataFrame:
-    facts = prompts.drop_duplicates("fact_id")
-    frames = [pd.DataFrame({"op": op, "relation": facts.relation.values, "fact_id": facts.fact_id.values,
-                            "condition": condition, "metric": metric,
-                            "value": rng.uniform(0.4, 0.9, len(facts)) * (1.0 if condition == "kn" else 0.1)})
-              for condition in ("kn", "random")]
-    return pd.concat(frames, ignore_index=True)
+def _probe(rng, gold_prob: float) -> Probe:
+    """A one-token probe whose top-1 is the gold token with probability gold_prob."""
+    correct = bool(rng.random() < gold_prob)
+    return Probe("", "", gold_prob=float(gold_prob), n_target_tokens=1, top_id=0 if correct else 1, first_target_id=0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kn_ray.stages.synthetic", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tests.synthetic", description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--neuron-rows", type=int, default=None, help="size the dataset to about this many neuron rows")
     parser.add_argument("--facts", type=int, default=SyntheticSpec.facts)

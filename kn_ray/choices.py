@@ -1,0 +1,5 @@
+"""Names every layer shares, spelled once and importable without torch (the CLI builds its
+flags from them before any command imports the engine)."""
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # compute (autocast) precision
+DTYPES = ("auto", "fp32", "bf16", "fp16")  # the weights' dtype, separate from the compute precision

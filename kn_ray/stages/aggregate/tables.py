@@ -1,0 +1,28 @@
+"""Arrow schemas of the tables `kn-ray aggregate` writes (docs/output-schema.md).
+
+It reads the attribute stage's tables, whose schemas `kn_ray.pipeline.tables` owns.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+KNOWLEDGE_NEURONS = pa.schema([
+    ("fact_id", pa.string()),
+    ("relation", pa.string()),
+    ("layer", pa.int16()),
+    ("neuron", pa.int32()),
+    ("n_prompts", pa.int32()),  # usable prompts where the neuron was coarse
+    ("share", pa.float64()),  # n_prompts / usable prompts of the fact
+    ("mean_score", pa.float32()),  # mean score (ig) or activation (activation) over those prompts
+    ("method", pa.string()),  # ig | activation
+])
+
+RELATION_NEURONS = pa.schema([
+    ("relation", pa.string()),
+    ("layer", pa.int16()),
+    ("neuron", pa.int32()),
+    ("n_facts", pa.int32()),  # facts of the relation with this knowledge neuron
+    ("share", pa.float64()),  # n_facts / facts of the relation with a usable prompt
+    ("method", pa.string()),
+])
