@@ -176,3 +176,40 @@ def test_killed_driver_resumes_on_s3_without_rewriting_finished_parts(world, loc
     assert all(json.dumps(run.markers()[n], sort_keys=True) == m for n, m in markers_before.items())
     assert_only_committed_parts(run)  # stale attempts of the killed run removed
     assert_same(local_run, uri)  # no missing or duplicated prompt
+
+
+def test_aggregate_edit_and_report_over_an_s3_run(world, local_run, s3_server):
+    """The downstream stages read the S3 run through its markers and write their tables back to
+    the bucket: the same knowledge neurons and edit rows as over the local run, and a report."""
+    from kn_ray.stages.aggregate import AggregateParams, aggregate
+    from kn_ray.stages.edit_units import EditSettings
+    from kn_ray.stages.experiments import EditOptions, read_edits, run_edits
+    from kn_ray.stages.report import write_report
+
+    uri = f"s3://{BUCKET}/runs/stages"
+    assert run_pipeline(options(world, uri), progress=False).ok
+    params = AggregateParams(p=0.3, min_prompts=1)
+    got = {out: aggregate(out, params) for out in (str(local_run), uri)}
+    assert got[uri]["counts"] == got[str(local_run)]["counts"] and got[uri]["counts"]["ig"]["knowledge_neurons"] > 0
+    kn = {out: RunDirectory(out).dataset("knowledge_neurons", RunDirectory(out).table_files("knowledge_neurons"))
+          .to_table().to_pandas().sort_values(["method", "fact_id", "layer", "neuron"]).reset_index(drop=True)
+          for out in got}
+    pd.testing.assert_frame_equal(kn[uri], kn[str(local_run)])
+
+    edit = EditOptions(ops=("suppress", "amplify"), settings=EditSettings(control_prompts=2), local=True)
+    rows = {}
+    for out in got:
+        run_edits(out, edit, progress=False)
+        rows[out] = read_edits(RunDirectory(out)).sort_values(["op", "relation", "condition", "prob_before"]) \
+            .reset_index(drop=True)
+    assert len(rows[uri]) > 0
+    pd.testing.assert_frame_equal(rows[uri], rows[str(local_run)], check_exact=False, atol=1e-6)
+
+    index = write_report(uri)
+    assert index == f"{uri}/report/index.html"
+    run = RunDirectory(uri)
+    names = objects(run)
+    assert "report/index.html" in names and any(n.startswith("report/") and n.endswith(".png") for n in names)
+    assert "aggregate.json" in names and "edits/summary.json" in names
+    with run.fs.open_input_stream(run.path("report", "index.html")) as stream:
+        assert b"Knowledge neurons of" in stream.read()

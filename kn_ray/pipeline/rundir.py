@@ -141,11 +141,24 @@ class RunRecord:
     def dense(self) -> bool:
         return bool(self.lookup("keep", "dense"))
 
-    def keep_ratio(self, method: str) -> float | None:
+    def keep_ratio(self, method: str) -> float:
         """Rows below this share of the prompt's max were not stored (ig: `neurons`, activation)."""
+        from .options import KeepPolicy
+
         if method == "ig":
-            return 0.0 if self.dense else self.lookup("keep", "ratio")
-        return self.lookup("keep", "activation_ratio")
+            value = 0.0 if self.dense else self.lookup("keep", "ratio")
+            return float(KeepPolicy.ratio if value is None else value)
+        value = self.lookup("keep", "activation_ratio")
+        return float(KeepPolicy.activation_ratio if value is None else value)
+
+    @property
+    def model_label(self) -> str:
+        name, revision = self.model or "unknown model", self.revision
+        return f"{name}@{str(revision)[:16]}" if revision else str(name)
+
+    @property
+    def input_label(self) -> str:
+        return self.input_path.rstrip("/").rsplit("/", 1)[-1] if self.input_path else ""
 
 
 @dataclass(frozen=True)
@@ -233,6 +246,11 @@ class RunDirectory:
     def record(self) -> RunRecord | None:
         data = self.read_json(RUN_FILE)
         return None if data is None else RunRecord.from_dict(data)
+
+    @property
+    def config(self) -> RunRecord:
+        """run.json, or an empty record (a hand-built directory)."""
+        return self.record() or RunRecord(identity={})
 
     def refuse_conflict(self, identity: dict) -> RunRecord | None:
         """Raise RunConflict if OUT holds another run or foreign files; returns the existing
@@ -354,8 +372,15 @@ class RunDirectory:
         return done
 
     def files(self, kind: str, markers: dict[str, dict] | None = None) -> list[str]:
-        """Paths (in `self.fs`) of the committed parts of `kind`, in shard order."""
-        markers = self.markers() if markers is None else markers
+        """Paths (in `self.fs`) of the committed parts of `kind`, in shard order. A hand-built
+        directory (run.json without a config_hash: tests, conversions) without any marker has
+        no commit protocol: there every part-*.parquet counts."""
+        if markers is None:
+            record = self.record()
+            markers = self.markers(record.config_hash if record else None)
+            if not markers and record is not None and not record.config_hash:
+                return sorted(i.path for i in self.listing(kind)
+                              if os.path.basename(i.path).startswith("part-") and i.path.endswith(".parquet"))
         return [self.path(markers[s]["files"][kind]) for s in sorted(markers)]
 
     def dataset(self, kind: str, files: list[str] | None = None) -> ds.Dataset:
@@ -385,6 +410,24 @@ class RunDirectory:
 
 
     # ---- tables of the later stages (aggregate, edit, report) --------------------------------
+    def require(self) -> "RunDirectory":
+        """Self, if OUT holds a run (its run.json), else FileNotFoundError."""
+        if not self.exists(RUN_FILE) and not self.exists():
+            raise FileNotFoundError(f"{self}: no such output directory (expected the OUT of `kn-ray attribute`)")
+        return self
+
+    def required_files(self, table: str) -> list[str]:
+        """`table_files`, after checking there is at least one."""
+        files = self.table_files(table)
+        if not files:
+            raise FileNotFoundError(f"{self.location(table)}: no part-*.parquet files"
+                                    + (" of finished shards" if table in KINDS else ""))
+        return files
+
+    def unmarked_parts(self, table: str) -> int:
+        """Parts of an attribute table that no marker names (a run in progress, or killed)."""
+        return len(self.listing(table)) - len(self.files(table))
+
     def table_files(self, table: str) -> list[str]:
         """Paths (in `self.fs`) of a table's parts: the committed ones of an attribute table,
         every part-*.parquet of any other."""

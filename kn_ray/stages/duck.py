@@ -1,8 +1,10 @@
-"""DuckDB with bounded memory, and streaming query results into Parquet part files."""
+"""DuckDB with bounded memory, the run directory's tables as DuckDB sources (any filesystem,
+either neuron layout), and streaming query results into Parquet part files."""
 
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import duckdb
@@ -23,9 +25,33 @@ def connect(memory_limit: str = "1GB", threads: int | None = None, temp_dir: Pat
 
 
 def read_parquet(files: list[str], union_by_name: bool = False) -> str:
-    """SQL reading the given Parquet files as one table."""
+    """SQL reading the given local Parquet files as one table."""
     listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
     return f"read_parquet([{listed}]{', union_by_name = true' if union_by_name else ''})"
+
+
+def source(con, run, table: str, union_by_name: bool = False) -> str:
+    """SQL for a table of the run (`kn_ray.pipeline.rundir.RunDirectory`): only the parts its
+    markers name. Local parts are read by DuckDB's own reader; parts elsewhere (S3, GCS, ...)
+    through a pyarrow dataset DuckDB scans batch by batch (no DuckDB extension, bounded
+    memory). Dense `neurons` (one list of scores per layer) read as one row per neuron."""
+    files = run.required_files(table)
+    if run.local:
+        sql = read_parquet(files, union_by_name)
+    else:
+        import pyarrow.dataset as ds
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = pa.unify_schemas([pq.read_schema(f, filesystem=run.fs) for f in files]) if union_by_name else None
+        name = f"t_{table}_{uuid.uuid4().hex[:8]}"
+        con.register(name, ds.dataset(files, schema=schema, format="parquet", filesystem=run.fs))
+        sql = name
+    if table == "neurons" and run.config.dense:
+        sql = (f"(SELECT prompt_id, fact_id, relation, layer, CAST(unnest(range(len(scores))) AS INTEGER) AS neuron, "
+               f"CAST(unnest(scores) AS FLOAT) AS score FROM {sql})")
+    return sql
 
 
 def write_query(con, query: str, schema: pa.Schema, directory: Path, rows_per_part: int = ROWS_PER_PART) -> int:

@@ -16,17 +16,16 @@ spill to disk instead of holding the rows in memory.
 
 from __future__ import annotations
 
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 
 import duckdb
 import pandas as pd
 
 from kn_ray.stages.aggregate.tables import KNOWLEDGE_NEURONS, RELATION_NEURONS
-from kn_ray.stages.duck import connect, read_parquet, write_query
-from kn_ray.stages.rundir import ATTRIBUTE_TABLES, RunDir, atomic_directory, write_json_atomic
+from kn_ray.pipeline.rundir import RunDirectory
+from kn_ray.pipeline.tables import KINDS as ATTRIBUTE_TABLES
+from kn_ray.stages.duck import connect, source, write_query
 
 EPS = 1e-9  # `count >= share * n` is meant in decimals: 0.6 * 10 must admit a count of 6
 ADAPTIVE_STEP = 0.05
@@ -59,9 +58,9 @@ class AggregateParams:
     def threshold(self, method: str) -> float:
         return self.t if method == "ig" else self.activation_t
 
-    def validate(self, run: RunDir) -> None:
+    def validate(self, run: RunDirectory) -> None:
         for method in self.methods:
-            t, keep = self.threshold(method), run.keep_ratio(method)
+            t, keep = self.threshold(method), run.config.keep_ratio(method)
             if not keep - EPS <= t <= 1:
                 flag = "--t" if method == "ig" else "--activation-t"
                 raise ValueError(f"{flag} {t}: must lie in [{keep}, 1]; rows below {keep} x the prompt's max "
@@ -75,27 +74,24 @@ class AggregateParams:
 def aggregate(out, params: AggregateParams | None = None) -> dict:
     """Write knowledge_neurons/, relation_neurons/ and aggregate.json under `out`; returns the summary."""
     params = params or AggregateParams()
-    run = RunDir(out)
+    run = RunDirectory(out).require()
     for required in ("prompts", "neurons"):
-        run.files(required)  # fails early, naming the missing folder
+        run.required_files(required)  # fails early, naming the missing folder
     methods = [m for m in METHODS if m.name in params.methods and (m.name == "ig" or run.has(m.table))]
     params.validate(run)
     started = time.perf_counter()
-    temp_dir = run.path / f".aggregate-spill-{uuid.uuid4().hex[:12]}"
     try:
-        with connect(params.memory_limit, params.threads, temp_dir) as con:
+        with run.scratch("aggregate-spill") as temp_dir, connect(params.memory_limit, params.threads, temp_dir) as con:
             summary = _aggregate(con, run, methods, params)
     except duckdb.OutOfMemoryException as error:
         reason = str(error).splitlines()[0]
         raise MemoryError(f"memory limit {params.memory_limit} is too small for this run, raise it ({reason})") from None
-    finally:
-        shutil.rmtree(temp_dir, ignore_errors=True)
     summary["seconds"] = round(time.perf_counter() - started, 3)
-    write_json_atomic(run.path / "aggregate.json", summary)
+    run.write_json(summary, "aggregate.json")
     return summary
 
 
-def _aggregate(con, run: RunDir, methods: list[Method], params: AggregateParams) -> dict:
+def _aggregate(con, run: RunDirectory, methods: list[Method], params: AggregateParams) -> dict:
     _load_facts(con, run)
     summary = {"parameters": _parameters(run, methods, params), "p_per_relation": {}, "counts": _fact_counts(con, params)}
     summary["counts"]["parts_of_unfinished_shards"] = {t: run.unmarked_parts(t) for t in ATTRIBUTE_TABLES}
@@ -107,29 +103,30 @@ def _aggregate(con, run: RunDir, methods: list[Method], params: AggregateParams)
         con.register(f"p_{method.name}", pd.DataFrame({"relation": list(chosen), "p": [c["p"] for c in chosen.values()]}))
         kn_queries.append(_knowledge_neurons_sql(method.name))
     con.execute("CREATE TEMP TABLE kn AS " + " UNION ALL ".join(kn_queries))
-    with atomic_directory(run.table_dir("knowledge_neurons")) as tmp:
+    with run.staged("knowledge_neurons") as tmp:
         write_query(con, "SELECT * FROM kn ORDER BY method, relation, fact_id, layer, neuron",
                     KNOWLEDGE_NEURONS, tmp)
-    with atomic_directory(run.table_dir("relation_neurons")) as tmp:
+    with run.staged("relation_neurons") as tmp:
         write_query(con, _relation_neurons_sql(params), RELATION_NEURONS, tmp)
     for method in methods:
         summary["counts"][method.name].update(_output_counts(con, method.name, params))
     return summary
 
 
-def _parameters(run: RunDir, methods: list[Method], params: AggregateParams) -> dict:
+def _parameters(run: RunDirectory, methods: list[Method], params: AggregateParams) -> dict:
     chosen = {k: v for k, v in asdict(params).items() if k not in ("memory_limit", "threads", "methods")}
-    return {**chosen, "methods": [m.name for m in methods], "keep_ratio": {m.name: run.keep_ratio(m.name) for m in methods},
+    return {**chosen, "methods": [m.name for m in methods],
+            "keep_ratio": {m.name: run.config.keep_ratio(m.name) for m in methods},
             "adaptive_step": ADAPTIVE_STEP, "adaptive_evaluations": ADAPTIVE_EVALUATIONS,
             "adaptive_target": list(ADAPTIVE_TARGET)}
 
 
-def _load_facts(con, run: RunDir) -> None:
+def _load_facts(con, run: RunDirectory) -> None:
     """Usable prompts (status 'ok'), facts with their usable prompt count, relations with their fact count."""
-    prompts = read_parquet(run.files("prompts"))
-    duplicated = con.execute(f"SELECT count(*) - count(DISTINCT prompt_id) FROM {prompts}").fetchone()[0]
+    prompts = source(con, run, "prompts")
+    duplicated = con.execute(f"SELECT count(*) - count(DISTINCT prompt_id) FROM {prompts}").fetchall()[0][0]
     if duplicated:
-        raise ValueError(f"{run.table_dir('prompts')}: {duplicated} repeated prompt_id rows (a shard written twice?)")
+        raise ValueError(f"{run.location('prompts')}: {duplicated} repeated prompt_id rows (a shard written twice?)")
     con.execute(f"CREATE TEMP TABLE usable AS SELECT prompt_id, fact_id, relation FROM {prompts} WHERE status = 'ok'")
     con.execute("CREATE TEMP TABLE facts AS SELECT fact_id, any_value(relation) AS relation, count(*) AS n_usable "
                 "FROM usable GROUP BY fact_id")
@@ -138,14 +135,14 @@ def _load_facts(con, run: RunDir) -> None:
 
 def _fact_counts(con, params: AggregateParams) -> dict:
     row = con.execute("SELECT (SELECT count(*) FROM usable), count(*), count(*) FILTER (WHERE n_usable < ?), "
-                      "count(DISTINCT relation) FROM facts", [params.min_prompts]).fetchone()
+                      "count(DISTINCT relation) FROM facts", [params.min_prompts]).fetchall()[0]
     return dict(zip(["usable_prompts", "facts", "facts_below_min_prompts", "relations"], row))
 
 
-def _load_candidates(con, run: RunDir, method: Method, params: AggregateParams) -> dict:
+def _load_candidates(con, run: RunDirectory, method: Method, params: AggregateParams) -> dict:
     """Per (fact, neuron): usable prompts where it was coarse and its mean value there, kept
     only if that count reaches min_prompts (no p can admit the others)."""
-    rows = read_parquet(run.files(method.table))
+    rows = source(con, run, method.table)
     con.execute(f"CREATE TEMP TABLE max_{method.name} AS SELECT r.prompt_id, max(r.{method.column}) AS top "
                 f"FROM {rows} r SEMI JOIN usable u ON r.prompt_id = u.prompt_id GROUP BY r.prompt_id")
     con.execute(f"""
@@ -155,7 +152,7 @@ def _load_candidates(con, run: RunDir, method: Method, params: AggregateParams) 
         WHERE r.{method.column} >= ? * m.top
         GROUP BY r.fact_id, r.layer, r.neuron
         HAVING count(*) >= ?""", [params.threshold(method.name), params.min_prompts])
-    missing = con.execute(f"SELECT (SELECT count(*) FROM usable) - (SELECT count(*) FROM max_{method.name})").fetchone()[0]
+    missing = con.execute(f"SELECT (SELECT count(*) FROM usable) - (SELECT count(*) FROM max_{method.name})").fetchall()[0][0]
     return {"usable_prompts_without_rows": missing}
 
 
@@ -211,7 +208,7 @@ def _relation_neurons_sql(params: AggregateParams) -> str:
 
 
 def _output_counts(con, method: str, params: AggregateParams) -> dict:
-    kn, facts_with = con.execute("SELECT count(*), count(DISTINCT fact_id) FROM kn WHERE method = ?", [method]).fetchone()
-    relation = con.execute(f"SELECT count(*) FROM ({_relation_neurons_sql(params)}) WHERE method = ?", [method]).fetchone()[0]
+    kn, facts_with = con.execute("SELECT count(*), count(DISTINCT fact_id) FROM kn WHERE method = ?", [method]).fetchall()[0]
+    relation = con.execute(f"SELECT count(*) FROM ({_relation_neurons_sql(params)}) WHERE method = ?", [method]).fetchall()[0][0]
     return {"knowledge_neurons": kn, "facts_with_knowledge_neurons": facts_with, "relation_neurons": relation}
 

@@ -1,58 +1,41 @@
-"""Edit work units on Ray actors that each hold the loaded model (the only edit module that
-imports ray).
+"""Edit work units on the pipeline's actor pool (`kn_ray.pipeline.execute`; the only edit module
+that imports ray).
 
-Same resource model as attribution (`kn_ray.pipeline.execute`): one actor per GPU
-(`num_gpus=1`) when the cluster has GPUs, else CPU actors with `cpus_per_worker` logical
-CPUs and as many torch threads. Each actor loads the model once. A unit is deterministic and
-its edits are undone inside the unit, so Ray may rerun it on a restarted actor
-(`max_task_retries`); an exception raised by the experiment itself is not retried.
+The same pool as attribution: one actor per GPU when the cluster has GPUs, else CPU actors of
+`cpus_per_worker` CPUs with as many torch threads; each loads the model once. Failures are
+handled as in attribution: Ray retries nothing, the driver resubmits a unit whose actor died
+(after a health ping) or whose experiment raised, to any live actor, up to `max_attempts`
+attempts; a unit is deterministic and undoes its edits, so a rerun gives the same rows.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
-import ray
-
-from kn_ray.pipeline.execute import connect
-from kn_ray.stages.edit.runner import ModelSpec
+from kn_ray.pipeline.execute import run_tasks
+from kn_ray.pipeline.options import Resources
 from kn_ray.stages.edit.corpus import WorkUnit
+from kn_ray.stages.edit.runner import ModelSpec
 
 
 class EditWorker:
-    def __init__(self, spec: ModelSpec):
-        self.runner = spec.runner()
+    def __init__(self, spec: ModelSpec, threads: int | None = None):
+        self.runner = replace(spec, threads=threads).runner()
+
+    def info(self) -> dict:
+        """What the pool checks every actor loaded alike (and pings after a failure)."""
+        lm = self.runner.lm
+        return dict(name=lm.name, revision=lm.revision, precision=self.runner.prober.precision, device=str(lm.device))
 
     def run(self, unit: WorkUnit):
         return self.runner.run(unit)
 
 
 def run_units(units: Sequence[WorkUnit], spec: ModelSpec, workers: int, *, cpus_per_worker: float = 1.0,
-              in_flight: int = 2, max_restarts: int = 2) -> Iterator[tuple[WorkUnit, object]]:
-    """Yield (unit, its rows) as units finish, `in_flight` queued per actor."""
-    started = connect(min_cpus=workers * cpus_per_worker)
-    actors = []
-    try:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        threads = None if gpus else max(1, int(cpus_per_worker))
-        remote = ray.remote(EditWorker).options(num_cpus=cpus_per_worker, num_gpus=gpus, max_restarts=max_restarts,
-                                                max_task_retries=max_restarts)
-        actors = [remote.remote(replace(spec, threads=threads)) for _ in range(workers)]
-        load = {actor: 0 for actor in actors}
-        queue, pending = deque(units), {}
-        while queue or pending:
-            while queue and load[actor := min(load, key=load.get)] < in_flight:
-                unit = queue.popleft()
-                pending[actor.run.remote(unit)] = (unit, actor)
-                load[actor] += 1
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            unit, actor = pending.pop(ref)
-            load[actor] -= 1
-            yield unit, ray.get(ref)
-    finally:
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
-        if started:
-            ray.shutdown()
+              in_flight: int = 2, max_attempts: int = 3, max_restarts: int = 2) -> Iterator[tuple[WorkUnit, object]]:
+    """Yield (unit, its rows) as units finish, `in_flight` queued per actor; raises
+    `TasksFailed` at the end if a unit failed on every attempt."""
+    res = Resources(workers=workers, cpus_per_worker=cpus_per_worker, in_flight=in_flight, max_attempts=max_attempts,
+                    max_restarts=max_restarts)
+    yield from run_tasks(EditWorker, (spec,), {}, res, units, key=lambda unit: f"{unit.op}-{unit.index:05d}")

@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import pyarrow.dataset as ds
 
-from kn_ray.stages.rundir import RunDir
+from kn_ray.pipeline.rundir import RunDirectory
 
 OPS = ("suppress", "amplify", "update", "erase")
 Neurons = list[tuple[int, int]]  # (layer, neuron)
@@ -95,9 +94,8 @@ def rng_for(seed: int, *keys: str) -> np.random.Generator:
     return np.random.default_rng([seed, *(zlib.crc32(k.encode()) for k in keys)])
 
 
-def missing_aggregate(run: RunDir, table: str) -> FileNotFoundError:
-    return FileNotFoundError(f"{run.table_dir(table)}: no part-*.parquet files; "
-                             f"run `kn-ray aggregate {run.path}` first")
+def missing_aggregate(run: RunDirectory, table: str) -> FileNotFoundError:
+    return FileNotFoundError(f"{run.location(table)}: no part-*.parquet files; run `kn-ray aggregate {run}` first")
 
 
 class EditCorpus:
@@ -105,7 +103,7 @@ class EditCorpus:
     (per-fact lookups are dictionary hits, control draws are rejection samples: no scans per fact)."""
 
     def __init__(self, out, *, relations=None, fact_ids=None):
-        self.run = RunDir(out)
+        self.run = RunDirectory(out).require()
         if not self.run.has("knowledge_neurons"):
             raise missing_aggregate(self.run, "knowledge_neurons")
         prompts = read_parts(self.run, "prompts", ["prompt_id", "fact_id", "relation", "object", "prompt", "target",
@@ -263,7 +261,6 @@ def _refs(rows: pd.DataFrame) -> list[PromptRef]:
     return [PromptRef(p, q, t) for p, q, t in zip(rows.prompt_id, rows.prompt, rows.target)]
 
 
-def read_parts(run: RunDir, table: str, columns: list[str]) -> pd.DataFrame:
-    """Columns of a table's part-*.parquet files (other files in its folder are ignored)."""
-    files = [str(f) for f in run.parts(table)]
-    return ds.dataset(files, format="parquet").to_table(columns=columns).to_pandas()
+def read_parts(run: RunDirectory, table: str, columns: list[str]) -> pd.DataFrame:
+    """Columns of a table's parts, through the run directory (attribute tables: marker-named only)."""
+    return run.dataset(table, run.table_files(table)).to_table(columns=columns).to_pandas()

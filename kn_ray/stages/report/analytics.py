@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from kn_ray.stages.duck import connect, read_parquet
+from kn_ray.pipeline.rundir import RunDirectory
+from kn_ray.stages.duck import connect, source
 from kn_ray.stages.edit.tables import ALL, METRIC_COLUMNS, SCALE_COLUMNS, metric_summary, scale_summary
 from kn_ray.stages.report.overlap import MAX_PAIRS, overlap_of
-from kn_ray.stages.rundir import RunDir
 
 COLUMNS = {
     "layer_histogram": ["method", "layer", "n_neurons", "share"],
@@ -35,13 +35,16 @@ class Analytics:
     """Read-only views of one output directory; `kn-ray aggregate` must have run for the neuron views."""
 
     def __init__(self, out, memory_limit: str = "512MB"):
-        self.run = RunDir(out)
+        self.run = RunDirectory(out).require()
         self._con = connect(memory_limit)
+        self._sources: dict[str, str] = {}
 
     def _source(self, table: str) -> str:
-        if table in ("knowledge_neurons", "relation_neurons") and not self.run.has(table):
-            raise FileNotFoundError(f"{self.run.table_dir(table)}: missing; run `kn-ray aggregate {self.run.path}` first")
-        return read_parquet(self.run.files(table), union_by_name=True)
+        if table not in self._sources:
+            if table in ("knowledge_neurons", "relation_neurons") and not self.run.has(table):
+                raise FileNotFoundError(f"{self.run.location(table)}: missing; run `kn-ray aggregate {self.run}` first")
+            self._sources[table] = source(self._con, self.run, table, union_by_name=True)
+        return self._sources[table]
 
     def _frame(self, name: str, query: str, params=None) -> pd.DataFrame:
         frame = self._con.execute(query, params or []).df()
@@ -125,8 +128,9 @@ class Analytics:
         """What the figures came from: model, corpus slice and aggregation thresholds."""
         stats = self.run_stats()
         total = stats[stats.relation == ALL].iloc[0] if len(stats) else None
-        parameters = self.run.aggregate_config.get("parameters", {})
-        return {"model": self.run.model_label, "input": self.run.input_label,
+        parameters = (self.run.read_json("aggregate.json") or {}).get("parameters", {})
+        config = self.run.config
+        return {"model": config.model_label, "input": config.input_label or str(self.run).rsplit("/", 1)[-1],
                 "relations": int(len(stats) - 1) if total is not None else 0,
                 "facts": int(total.facts) if total is not None else 0,
                 "usable_prompts": int(total.ok) if total is not None else 0, "parameters": parameters}

@@ -17,7 +17,6 @@ import pandas as pd
 
 from kn_ray.stages.report import figures
 from kn_ray.stages.report.analytics import ALL, Analytics
-from kn_ray.stages.rundir import atomic_directory
 
 EDIT_FIGURE_OPS = ("suppress", "amplify")
 
@@ -66,7 +65,7 @@ def build_sections(analytics: Analytics, context: str) -> list[tuple[Section, ob
 
 
 def _chosen_p(analytics: Analytics) -> pd.DataFrame:
-    chosen = analytics.run.aggregate_config.get("p_per_relation", {})
+    chosen = (analytics.run.read_json("aggregate.json") or {}).get("p_per_relation", {})
     rows = [{"method": method, "relation": relation, **values}
             for method, per_relation in chosen.items() for relation, values in per_relation.items()]
     return pd.DataFrame(rows)
@@ -74,7 +73,7 @@ def _chosen_p(analytics: Analytics) -> pd.DataFrame:
 
 def _edit_sections(analytics: Analytics, context: str) -> list[tuple[Section, object]]:
     if not analytics.has_edits():
-        return [(Section("Knowledge editing", note=f"No {analytics.run.table_dir('edits')} yet: the edit stage writes it; "
+        return [(Section("Knowledge editing", note=f"No {analytics.run.location('edits')} yet: the edit stage writes it; "
                                                    "this section then shows suppress / amplify effects."), None)]
     summary = analytics.edit_summary()
     sections = []
@@ -114,8 +113,8 @@ img{max-width:100%}figcaption,.note{font-size:.85em;color:#555}table{border-coll
 td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}"""
 
 
-def write_report(out, memory_limit: str = "512MB") -> Path:
-    """Write OUT/report/ (index.html and PNGs); returns the path of index.html."""
+def write_report(out, memory_limit: str = "512MB") -> Path | str:
+    """Write OUT/report/ (index.html and PNGs); returns index.html's path (its URI off the local disk)."""
     analytics = Analytics(out, memory_limit)
     try:
         context = analytics.context()
@@ -123,7 +122,7 @@ def write_report(out, memory_limit: str = "512MB") -> Path:
         sections = build_sections(analytics, caption)
     finally:
         analytics.close()
-    with atomic_directory(analytics.run.table_dir("report")) as tmp:
+    with analytics.run.staged("report") as tmp:
         body = []
         for section, fig in sections:
             png = _png(fig) if fig is not None else None
@@ -135,4 +134,5 @@ def write_report(out, memory_limit: str = "512MB") -> Path:
             f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<p>{html.escape(caption)}</p>\n" + "\n".join(body) + "</body></html>\n")
-    return analytics.run.table_dir("report") / "index.html"
+    run = analytics.run
+    return Path(run.path("report", "index.html")) if run.local else run.location("report", "index.html")
