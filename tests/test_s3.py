@@ -182,9 +182,9 @@ def test_aggregate_edit_and_report_over_an_s3_run(world, local_run, s3_server):
     """The downstream stages read the S3 run through its markers and write their tables back to
     the bucket: the same knowledge neurons and edit rows as over the local run, and a report."""
     from kn_ray.stages.aggregate import AggregateParams, aggregate
-    from kn_ray.stages.edit_units import EditSettings
-    from kn_ray.stages.experiments import EditOptions, read_edits, run_edits
-    from kn_ray.stages.report import write_report
+    from kn_ray.stages.edit.corpus import EditSettings, read_parts
+    from kn_ray.stages.edit.stage import EditOptions, run_edits
+    from kn_ray.stages.report.html import write_report
 
     uri = f"s3://{BUCKET}/runs/stages"
     assert run_pipeline(options(world, uri), progress=False).ok
@@ -200,8 +200,9 @@ def test_aggregate_edit_and_report_over_an_s3_run(world, local_run, s3_server):
     rows = {}
     for out in got:
         run_edits(out, edit, progress=False)
-        rows[out] = read_edits(RunDirectory(out)).sort_values(["op", "relation", "condition", "prob_before"]) \
-            .reset_index(drop=True)
+        columns = ["op", "relation", "condition", "prompt_id", "prob_before", "prob_after", "rel_change"]
+        rows[out] = read_parts(RunDirectory(out), "edits", columns).sort_values(
+            ["op", "relation", "condition", "prompt_id", "prob_before"]).reset_index(drop=True)
     assert len(rows[uri]) > 0
     pd.testing.assert_frame_equal(rows[uri], rows[str(local_run)], check_exact=False, atol=1e-6)
 
