@@ -54,13 +54,18 @@ def test_top_neurons_matter_more_than_random_ones(smollm2, fp32_results):
     assert clean.gold_prob - without_top.gold_prob > clean.gold_prob - without_random.gold_prob
 
 
+def assert_ranks_like(fp32, other) -> None:
+    """Same neuron ranking: Spearman over all scores and the top 10 shared."""
+    rho = spearmanr(fp32.scores.ravel(), other.scores.ravel()).statistic
+    shared = {n[:2] for n in fp32.top_neurons(10)} & {n[:2] for n in other.top_neurons(10)}
+    assert rho >= RHO_MIN, rho
+    assert len(shared) >= SHARED_MIN, shared
+
+
 def test_bf16_ranks_neurons_like_fp32(smollm2, fp32_results):
     bf16 = Attributor(smollm2, precision="bf16").attribute(*CASE_FACTS, **CASE)
     for a, b in zip(fp32_results, bf16):
-        rho = spearmanr(a.scores.ravel(), b.scores.ravel()).statistic
-        shared = {n[:2] for n in a.top_neurons(10)} & {n[:2] for n in b.top_neurons(10)}
-        assert rho >= RHO_MIN, rho
-        assert len(shared) >= SHARED_MIN, shared
+        assert_ranks_like(a, b)
 
 
 def test_bf16_weights_rank_neurons_like_fp32_weights(fp32_results):
@@ -73,8 +78,5 @@ def test_bf16_weights_rank_neurons_like_fp32_weights(fp32_results):
     assert attr.precision == "bf16"
     for a, b in zip(fp32_results, attr.attribute(*CASE_FACTS, **CASE)):
         assert b.scores.dtype == np.float32
-        rho = spearmanr(a.scores.ravel(), b.scores.ravel()).statistic
-        shared = {x[:2] for x in a.top_neurons(10)} & {x[:2] for x in b.top_neurons(10)}
-        assert rho >= RHO_MIN, rho
-        assert len(shared) >= SHARED_MIN, shared
+        assert_ranks_like(a, b)
         assert b.gold_prob == pytest.approx(a.gold_prob, rel=0.1)
