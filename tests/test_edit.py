@@ -14,10 +14,11 @@ import torch
 from kn_ray.engine import LoadedModel, Prober, load_model
 from kn_ray.engine.editing import add_to_value_slots, edited, value_slot, word_embedding
 from kn_ray.interfaces.cli import main
-from kn_ray.stages.edit.corpus import EditCorpus, EditSettings, rng_for
+from kn_ray.stages.edit.corpus import EditCorpus, rng_for
+from kn_ray.stages.edit.options import EditOptions, EditSettings
 from kn_ray.stages.edit.runner import (EditRunner, ModelSpec, apply_erase, apply_update, erase_value, random_neurons,
                                        update_delta)
-from kn_ray.stages.edit.stage import EditOptions, save_edit
+from kn_ray.stages.edit.stage import save_edit
 from kn_ray.stages.edit.tables import EDITS, corpus_ppl, metric_rows, relative_change
 from tests.pipeline_fixtures import save_tiny_model
 from tests.synthetic import write_tables

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+import typing
 from pathlib import Path
 
 import psutil
 import pytest
 import yaml
 
+from kn_ray.interfaces import declared as declared_mod
 from kn_ray.interfaces.cli import build_parser, main
 from kn_ray.interfaces.commands.attribute import spec_from_args
 from kn_ray.interfaces.commands.submit import entrypoint
 from kn_ray.interfaces.jobs import SpecError, load_job, options_from_spec
 from kn_ray.pipeline.facts import read_facts
+from kn_ray.pipeline.options import RunOptions
 from kn_ray.pipeline.prompts import build_prompts
+from kn_ray.stages.aggregate import AggregateParams
+from kn_ray.stages.edit.options import EditOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = dict(model="m", facts="f.jsonl", output="out")
@@ -214,3 +221,92 @@ def test_submit_runs_a_job_on_a_real_cluster(ray_head, tmp_path):
     failed = subprocess.run([sys.executable, "-m", "kn_ray.interfaces.cli", "submit", "job.yaml", "--address", address],
                             cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert failed.returncode == 1 and "FAILED" in failed.stdout, failed.stdout + failed.stderr
+
+
+# ---- options declared once: flags and spec keys derived from the dataclasses -------------------
+def _sample(d):
+    """A value other than the default, as the CLI writes it and as the dataclass holds it."""
+    cli, bases = d.meta["cli"], declared_mod._bases(d.hint)
+    if cli.get("action") == "store_const":
+        return None, cli["const"]
+    if d.meta["choices"]:
+        value = next(c for c in reversed(d.meta["choices"]) if c != d.default)
+        return value, value
+    if bases[0] is bool:
+        return None, True
+    if bases[0] is tuple:
+        return "a,b", ("a", "b")
+    if bases[0] is dict:
+        return "0=1GiB", "0=1GiB"
+    if bases[0] is int:
+        return "7", 7
+    if bases[0] is float:
+        return "0.25", 0.25
+    return "some-value", "some-value"
+
+
+def _get(obj, path):
+    for name in path:
+        obj = getattr(obj, name)
+    return obj
+
+
+REQUIRED_ARGS = ["--model", "m", "--facts", "f.jsonl", "--output", "out"]
+COMMANDS = [("attribute", RunOptions, REQUIRED_ARGS, dict(model="m", facts="f.jsonl", output="out")),
+            ("aggregate", AggregateParams, ["OUT"], {}), ("edit", EditOptions, ["OUT"], {})]
+
+
+@pytest.mark.parametrize("command, cls, required, values", COMMANDS, ids=[c[0] for c in COMMANDS])
+def test_every_option_has_one_default_for_cli_and_spec(command, cls, required, values):
+    args = build_parser().parse_args([command, *required])
+    assert declared_mod.from_args(cls, args) == cls(**values)  # unset flags: the dataclass defaults
+    if cls is RunOptions:
+        assert declared_mod.from_spec(cls, values) == cls(**values)  # absent keys: the same defaults
+        assert options_from_spec(spec_from_args(args)) == options_from_spec(BASE)
+
+
+@pytest.mark.parametrize("command, cls, required, values", COMMANDS, ids=[c[0] for c in COMMANDS])
+def test_every_dataclass_field_is_a_flag_and_a_spec_key(command, cls, required, values):
+    def leaves(c, path=()):
+        for f in dataclasses.fields(c):
+            hint = typing.get_type_hints(c)[f.name]
+            if dataclasses.is_dataclass(hint):
+                yield from leaves(hint, path + (f.name,))
+            else:
+                yield path + (f.name,)
+
+    options = declared_mod.declared(cls)
+    assert {d.path for d in options} == set(leaves(cls))  # nothing undeclared
+    assert len({d.flag for d in options}) == len(options)  # no flag twice
+    assert len({(d.section, d.key) for d in options}) == len(options)  # no spec key twice
+    help_text = _help_of(command)
+    for d in options:
+        text, value = _sample(d)
+        argv = [command, *required, d.flag] + ([] if text is None else [text])
+        got = declared_mod.from_args(cls, build_parser().parse_args(argv))
+        assert _get(got, d.path) == value, d.flag
+        assert d.flag in help_text
+        if cls is RunOptions:  # the same option through a job spec
+            spec = dict(values)
+            (spec.setdefault(d.section, {}) if d.section else spec)[d.key] = list(value) if isinstance(value, tuple) \
+                else value
+            assert declared_mod.from_spec(cls, spec) == got, d.key
+
+
+def _help_of(command: str) -> str:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command].format_help()
+
+
+def test_help_shows_the_dataclass_defaults():
+    text = " ".join(_help_of("attribute").split())
+    assert "(default: 20)" in text and "(default: 0.1)" in text and "(default: 32)" in text
+    assert "(default: 0.7)" in " ".join(_help_of("aggregate").split())
+
+
+def test_the_documented_spec_shows_the_declared_defaults():
+    text = (ROOT / "docs" / "pipeline.md").read_text()
+    block = text.split("## Job specs")[1].split("```yaml\n")[1].split("```")[0]
+    documented = {k: v for k, v in yaml.safe_load(block).items() if k not in ("model", "facts", "output")}
+    assert documented == declared_mod.spec_defaults(RunOptions)

@@ -1,60 +1,27 @@
 """Declarative job specs (YAML) -> validated `RunOptions`. The CLI flags build the same spec.
 
-A spec is a mapping of known keys only (a typo is an error, not a silently ignored key)::
+A spec is a mapping of known keys only (a typo is an error, not a silently ignored key). Its
+keys, sections, accepted types and defaults are RunOptions' declarations
+(`kn_ray.pipeline.options`), the same ones `kn-ray attribute`'s flags come from; see
+docs/pipeline.md for a full spec::
 
     model: smollm2                      # required: hub id, checkpoint dir, .gguf, embedded name
     facts: builtin:demo                 # required: PARAREL dir, JSON Lines file, or builtin:NAME
     output: out/demo                    # required
-    format: auto                        # auto | pararel | jsonl
-    revision: null                      # model revision (hub)
-    allow_pickle: false
-    trust_remote_code: false
-    dtype: auto                         # weights: auto | fp32 | bf16 | fp16 (compute: attribution.precision)
-    max_memory: {0: 70GiB, cpu: 200GiB} # per actor, Accelerate's max_memory (or "0=70GiB,cpu=200GiB")
-    offload_dir: null                   # per actor: offload to this local dir what fits nowhere else
-    filters: {relations: [P17], max_facts_per_relation: 100, max_templates: 4}
-    attribution: {n_steps: 20, method: left, tolerance: 0.01, precision: auto, batch_prompts: 32,  # n_steps: int or auto
-                  nt_samples: 0, stdevs: 0.1, nt_seed: 0}                                    # smoothing: nt_samples > 0
-    keep: {ratio: 0.1, dense: false, activation_ratio: 0.5, dense_dtype: float32}
-    workers: {count: null, cpus: 1, gpus: null, in_flight: 2, max_attempts: 3, max_restarts: 4}  # count null: all
-    shard_size: null                    # null: 64, smaller for small inputs (about 64 shards)
-    report_facts: 3
+    attribution: {n_steps: 20}          # sections: filters, attribution, keep, workers
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
-from kn_ray.pipeline.facts import Filters
-from kn_ray.pipeline.options import KeepPolicy, Resources, RunOptions
+from kn_ray.interfaces.declared import SpecError, from_spec
+from kn_ray.pipeline.options import RunOptions
 
-_INT, _NUM, _STR, _BOOL = (int,), (int, float), (str,), (bool,)
-# section -> {key: (accepted types, RunOptions / nested field)}; None: top level
-SCHEMA: dict[str | None, dict[str, tuple]] = {
-    None: dict(model=(_STR, "model"), facts=(_STR, "facts"), output=(_STR, "output"), format=(_STR, "facts_format"),
-               revision=(_STR, "revision"), allow_pickle=(_BOOL, "allow_pickle"),
-               trust_remote_code=(_BOOL, "trust_remote_code"), shard_size=(_INT, "shard_size"),
-               report_facts=(_INT, "report_facts"), dtype=(_STR, "dtype"),
-               max_memory=((dict, str), "max_memory"), offload_dir=(_STR, "offload_dir")),
-    "filters": dict(relations=((list,), "relations"), max_facts_per_relation=(_INT, "max_facts_per_relation"),
-                    max_templates=(_INT, "max_templates")),
-    "attribution": dict(n_steps=((int, str), "n_steps"), method=(_STR, "method"), tolerance=(_NUM, "tolerance"),
-                        precision=(_STR, "precision"), nt_samples=(_INT, "nt_samples"), stdevs=(_NUM, "stdevs"),
-                        nt_seed=(_INT, "nt_seed"),
-                        batch_prompts=(_INT, "batch_prompts")),
-    "keep": dict(ratio=(_NUM, "ratio"), dense=(_BOOL, "dense"), activation_ratio=(_NUM, "activation_ratio"),
-                 dense_dtype=(_STR, "dense_dtype")),
-    "workers": dict(count=(_INT, "workers"), cpus=(_NUM, "cpus_per_worker"), gpus=(_NUM, "gpus_per_worker"),
-                    in_flight=(_INT, "in_flight"), max_attempts=(_INT, "max_attempts"),
-                    max_restarts=(_INT, "max_restarts")),
-}
-REQUIRED = ("model", "facts", "output")
 BUILTIN = "builtin:"
-
-
-class SpecError(ValueError):
-    """A job spec that does not validate; the message names the key and the problem."""
+__all__ = ["SpecError", "load_job", "options_from_spec", "resolve_facts", "run_and_report"]
 
 
 def load_job(path: str | Path, overrides: dict | None = None) -> RunOptions:
@@ -74,47 +41,12 @@ def load_job(path: str | Path, overrides: dict | None = None) -> RunOptions:
 
 
 def options_from_spec(spec: dict) -> RunOptions:
-    """Validate a spec mapping (shape above) and build the run's options."""
-    values = _section(spec, None)
-    missing = [k for k in REQUIRED if values.get(k) is None]
-    if missing:
-        raise SpecError(f"missing required key(s): {', '.join(missing)}")
-    nested = {name: _section(spec.get(name) or {}, name) for name in SCHEMA if name}
-    if "relations" in nested["filters"]:
-        nested["filters"]["relations"] = _relations(nested["filters"]["relations"])
-    values["facts"] = resolve_facts(values["facts"])
+    """Validate a spec mapping (RunOptions' declared keys) and build the run's options."""
+    options = from_spec(RunOptions, spec)
     try:
-        return RunOptions(**values, **nested["attribution"], filters=Filters(**nested["filters"]),
-                          keep=KeepPolicy(**nested["keep"]), resources=Resources(**nested["workers"])).check()
+        return replace(options, facts=resolve_facts(options.facts)).check()
     except ValueError as error:
         raise SpecError(str(error)) from None
-
-
-def _section(mapping, name: str | None) -> dict:
-    where = f"section {name!r}" if name else "the spec"
-    if not isinstance(mapping, dict):
-        raise SpecError(f"{where} must be a mapping, got {type(mapping).__name__}")
-    fields = SCHEMA[name]
-    allowed = set(fields) | ({s for s in SCHEMA if s} if name is None else set())
-    unknown = sorted(set(mapping) - allowed)
-    if unknown:
-        raise SpecError(f"unknown key(s) in {where}: {', '.join(map(str, unknown))}; known: {', '.join(sorted(allowed))}")
-    out = {}
-    for key, (types, target) in fields.items():
-        value = mapping.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            wanted = " or ".join(t.__name__ for t in types)
-            raise SpecError(f"{(name + '.') if name else ''}{key} must be {wanted}, got {value!r}")
-        out[target] = value
-    return out
-
-
-def _relations(value: list) -> tuple[str, ...]:
-    if not all(isinstance(r, str) and r for r in value):
-        raise SpecError(f"filters.relations must be a list of relation names, got {value!r}")
-    return tuple(value)
 
 
 def resolve_facts(facts: str) -> str:

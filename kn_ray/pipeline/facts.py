@@ -19,6 +19,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kn_ray.fields import option
+
 FORMATS = ("auto", "pararel", "jsonl")
 FACT_FIELDS = ("id", "relation", "subject", "object")
 
@@ -49,9 +51,9 @@ class BadRecord:
 
 @dataclass(frozen=True)
 class Filters:
-    relations: tuple[str, ...] = ()  # empty: all
-    max_facts_per_relation: int | None = None
-    max_templates: int | None = None  # applied per fact, to the templates usable by the model
+    relations: tuple[str, ...] = option((), "comma-separated relations to keep (default: all)")
+    max_facts_per_relation: int | None = option(None, "at most this many facts per relation (default: all)")
+    max_templates: int | None = option(None, "templates per fact (the first usable ones; default: all)")
 
     def as_dict(self) -> dict:
         return dict(relations=list(self.relations), max_facts_per_relation=self.max_facts_per_relation,

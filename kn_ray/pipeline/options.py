@@ -1,10 +1,17 @@
-"""Everything a pipeline run needs, validated in one place (the CLI and job specs build it)."""
+"""Everything a pipeline run needs, declared and validated in one place.
+
+Each option is declared once, here (`kn_ray.fields.option`): its default, help text, CLI flag
+and job-spec key and section. `kn-ray attribute`'s flags and the job-spec schema
+(`kn_ray.interfaces.jobs`) are derived from these declarations.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import argparse
+from dataclasses import asdict, dataclass, fields
 
 from kn_ray.choices import DTYPES, PRECISIONS
+from kn_ray.fields import option
 
 from .facts import FORMATS, Filters
 
@@ -15,10 +22,10 @@ class KeepPolicy:
     every score, one row per (prompt, layer) with the layer's scores as a list of `dense_dtype`.
     Activations: activation >= activation_ratio x the prompt's max activation (and > 0)."""
 
-    ratio: float = 0.1
-    dense: bool = False
-    activation_ratio: float = 0.5
-    dense_dtype: str = "float32"  # or float16
+    ratio: float = option(0.1, "keep neurons with score >= R x the prompt's max", flag="--keep-ratio")
+    dense: bool = option(False, "keep every score: one row per (prompt, layer), the layer's scores as a list")
+    activation_ratio: float = option(0.5, "keep activations >= R x the prompt's max", flag="--activation-keep-ratio")
+    dense_dtype: str = option("float32", "dense scores' type", choices=("float32", "float16"))
 
     def check(self) -> None:
         if self.dense_dtype not in ("float32", "float16"):
@@ -33,12 +40,14 @@ class Resources:
     """Actors: one per GPU when the cluster has GPUs (unless `gpus_per_worker` is 0), else
     CPU actors of `cpus_per_worker` logical CPUs each, by default as many as the cluster's CPUs hold."""
 
-    workers: int | None = None  # None: one per GPU, else one per `cpus_per_worker` CPUs of the cluster
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float | None = None  # None: 1 if the cluster has GPUs, else 0
-    in_flight: int = 2  # shards queued per actor, so it never waits for the driver
-    max_attempts: int = 3  # a shard is failed after this many failed attempts
-    max_restarts: int = 4  # Ray restarts of a crashed actor (reloads the model)
+    workers: int | None = option(None, "actors (default: one per GPU, else one per CPU of the cluster)", key="count",
+                                 flag="--workers")
+    cpus_per_worker: float = option(1.0, "logical CPUs per actor", key="cpus", flag="--cpus-per-worker")
+    gpus_per_worker: float | None = option(None, "GPUs per actor (default: 1 if the cluster has GPUs)", key="gpus",
+                                         flag="--gpus-per-worker")
+    in_flight: int = option(2, "shards queued per actor, so it never waits for the driver")
+    max_attempts: int = option(3, "attempts per shard before it is failed")
+    max_restarts: int = option(4, "Ray restarts of a crashed actor (reloads the model; -1: unlimited)")
 
     def check(self) -> None:
         if self.workers is not None and self.workers < 1:
@@ -56,29 +65,38 @@ class Resources:
 
 @dataclass(frozen=True)
 class RunOptions:
-    model: str
-    facts: str
-    output: str
-    facts_format: str = "auto"
-    filters: Filters = field(default_factory=Filters)
-    n_steps: int | str = 20  # or "auto" (adaptive, to `tolerance`)
-    method: str = "left"
-    tolerance: float = 0.01  # n_steps="auto": completeness residual <= tolerance x |P - P(baseline)|
-    nt_samples: int = 0  # > 0: smoothed, the mean over this many copies with noisy input embeddings
-    stdevs: float = 0.1  # ... noise per token, relative to its embedding's RMS
-    nt_seed: int = 0
-    precision: str = "auto"
-    dtype: str = "auto"  # weights: auto = bf16 on bf16 GPUs when precision is bf16/auto, else fp32
-    max_memory: dict | None = None  # Accelerate's max_memory per actor: {0: "70GiB", "cpu": "200GiB"}
-    offload_dir: str | None = None  # offload to disk what fits nowhere else (per actor, a local path)
-    keep: KeepPolicy = field(default_factory=KeepPolicy)
-    shard_size: int | None = None  # None: plan.auto_shard_size
-    batch_prompts: int = 32
-    revision: str | None = None
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    resources: Resources = field(default_factory=Resources)
-    report_facts: int = 3  # facts whose top neurons the end-of-run report shows
+    model: str = option(help="hub id, checkpoint dir, .gguf file or embedded name (smollm2)")
+    facts: str = option(help="PARAREL-layout dir, JSON Lines file (path or URI), or builtin:demo")
+    output: str = option(help="output directory: a path or URI (file://, s3://, gs://, any pyarrow.fs/fsspec "
+                              "filesystem)", aliases=("-o",))
+    facts_format: str = option("auto", "facts format", key="format", choices=FORMATS)
+    filters: Filters = option(factory=Filters, section="filters")
+    n_steps: int | str = option(20, "integration steps, or auto (adaptive, see --tolerance)", section="attribution",
+                                type=lambda text: text if text == "auto" else _int(text))
+    method: str = option("left", "quadrature rule: left (the paper with 20 steps), right, midpoint, trapezoid, "
+                                 "gausslegendre (kn_ray.engine.METHODS checks it)", section="attribution")
+    tolerance: float = option(0.01, "--n-steps auto: completeness residual <= T x |P - P(layer at baseline)|",
+                              section="attribution")
+    nt_samples: int = option(0, "smooth: average over K copies with noisy input embeddings (0: off)",
+                             section="attribution")
+    stdevs: float = option(0.1, "smoothing noise per token, x its embedding's RMS", section="attribution")
+    nt_seed: int = option(0, "seed of the smoothing noise", section="attribution")
+    precision: str = option("auto", "compute (autocast)", choices=PRECISIONS, section="attribution")
+    dtype: str = option("auto", "weights (auto: bf16 on bf16 GPUs when precision is bf16/auto, else fp32)",
+                        choices=DTYPES, group="model placement")
+    max_memory: dict | None = option(None, "per actor, Accelerate's max_memory as device=size pairs: "
+                                           "0=70GiB,1=70GiB,cpu=200GiB", types=(dict, str), group="model placement",
+                                     type=str)
+    offload_dir: str | None = option(None, "per actor, offload to this local directory what fits nowhere else",
+                                     group="model placement")
+    keep: KeepPolicy = option(factory=KeepPolicy, section="keep")
+    shard_size: int | None = option(None, "prompts per shard (default: 64, fewer for small inputs)", group="workers")
+    batch_prompts: int = option(32, "prompts per engine batch", section="attribution")
+    revision: str | None = option(None, "model revision (hub)")
+    allow_pickle: bool = option(False, "allow pickle weights (trusted sources)")
+    trust_remote_code: bool = option(False, "run the model repository's own code (trusted sources)")
+    resources: Resources = option(factory=Resources, section="workers")
+    report_facts: int = option(3, "facts whose top neurons are printed at the end")
 
     def check(self) -> "RunOptions":
         from kn_ray.engine.quadrature import AUTO, METHODS
@@ -126,3 +144,10 @@ class RunOptions:
     def as_dict(self) -> dict:
         return {f.name: asdict(v) if hasattr(v, "__dataclass_fields__") else v
                 for f in fields(self) for v in [getattr(self, f.name)]}
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None

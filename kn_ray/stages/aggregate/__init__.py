@@ -1,6 +1,20 @@
-"""`kn-ray aggregate`: knowledge neurons per fact and relation (stage) and their schemas (tables)."""
+"""`kn-ray aggregate`: knowledge neurons per fact and relation.
 
-from kn_ray.stages.aggregate.stage import AggregateParams, aggregate
-from kn_ray.stages.aggregate.tables import KNOWLEDGE_NEURONS, RELATION_NEURONS
+params   AggregateParams, the declared options
+stage    aggregate(out, params): DuckDB over the attribute tables
+tables   the Arrow schemas of knowledge_neurons/ and relation_neurons/
 
-__all__ = ["AggregateParams", "aggregate", "KNOWLEDGE_NEURONS", "RELATION_NEURONS"]
+Names are imported on first use, so the CLI reads AggregateParams without importing DuckDB.
+"""
+
+import importlib
+
+_NAMES = {"AggregateParams": "params", "aggregate": "stage", "KNOWLEDGE_NEURONS": "tables",
+          "RELATION_NEURONS": "tables"}
+__all__ = list(_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        return getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

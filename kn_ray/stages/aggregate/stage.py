@@ -17,17 +17,17 @@ spill to disk instead of holding the rows in memory.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import duckdb
 import pandas as pd
 
+from kn_ray.stages.aggregate.params import EPS, AggregateParams
 from kn_ray.stages.aggregate.tables import KNOWLEDGE_NEURONS, RELATION_NEURONS
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.pipeline.tables import KINDS as ATTRIBUTE_TABLES
 from kn_ray.stages.duck import connect, source, write_query
 
-EPS = 1e-9  # `count >= share * n` is meant in decimals: 0.6 * 10 must admit a count of 6
 ADAPTIVE_STEP = 0.05
 ADAPTIVE_EVALUATIONS = 6
 ADAPTIVE_TARGET = (2.0, 5.0)  # mean knowledge neurons per fact the authors aimed for
@@ -41,34 +41,6 @@ class Method:
 
 
 METHODS = (Method("ig", "neurons", "score"), Method("activation", "activations", "activation"))
-
-
-@dataclass
-class AggregateParams:
-    t: float = 0.2  # coarse threshold, share of the prompt's max score
-    activation_t: float = 0.5  # the same for the activation baseline
-    p: float = 0.7  # share of a fact's usable prompts a knowledge neuron must be coarse in
-    min_prompts: int = 3  # ... and at least this many prompts
-    adaptive: bool = False
-    relation_share: float = 0.1  # share of a relation's facts a relation neuron must have
-    memory_limit: str = "256MB"  # DuckDB's; beyond it joins and group-bys spill to disk
-    threads: int | None = None
-    methods: tuple[str, ...] = field(default=("ig", "activation"))
-
-    def threshold(self, method: str) -> float:
-        return self.t if method == "ig" else self.activation_t
-
-    def validate(self, run: RunDirectory) -> None:
-        for method in self.methods:
-            t, keep = self.threshold(method), run.config.keep_ratio(method)
-            if not keep - EPS <= t <= 1:
-                flag = "--t" if method == "ig" else "--activation-t"
-                raise ValueError(f"{flag} {t}: must lie in [{keep}, 1]; rows below {keep} x the prompt's max "
-                                 f"were not stored by the attribute stage ({method})")
-        if not 0 < self.p <= 1 or not 0 < self.relation_share <= 1:
-            raise ValueError("p and relation share must lie in (0, 1]")
-        if self.min_prompts < 1:
-            raise ValueError("min_prompts must be at least 1")
 
 
 def aggregate(out, params: AggregateParams | None = None) -> dict:

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 
 from kn_ray.pipeline.rundir import RunDirectory
+from kn_ray.stages.edit.options import OPS, EditSettings
 
-OPS = ("suppress", "amplify", "update", "erase")
 Neurons = list[tuple[int, int]]  # (layer, neuron)
 NEW_OBJECT_CANDIDATES = 8
 
@@ -52,33 +52,6 @@ class RelationItem:
     neurons: Neurons
     prompts: list[PromptRef]
     other_relation: list[PromptRef]
-
-
-@dataclass(frozen=True)
-class EditSettings:
-    seed: int = 0
-    max_facts: int | None = None  # per relation, seeded sample
-    control_prompts: int = 10  # suppress / amplify: other-relation prompts per fact
-    ppl_facts: int = 5  # update: facts sampled for the same- and other-relation perplexity
-    lambda1: float = 1.0
-    lambda2: float = 8.0
-    shared_share: float | None = 0.1  # update: leave out neurons of more than this share of the
-    # relation's other facts (None: keep all)
-    erase_top: int = 20
-    erase_other_prompts: int = 500
-    erase_value: str = "zero"  # zero | unk
-
-    def check(self) -> "EditSettings":
-        for name in ("control_prompts", "ppl_facts", "erase_top", "erase_other_prompts"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.shared_share is not None and not 0 <= self.shared_share <= 1:
-            raise ValueError(f"shared share must lie in [0, 1], got {self.shared_share}")
-        if self.max_facts is not None and self.max_facts < 1:
-            raise ValueError(f"max_facts must be >= 1, got {self.max_facts}")
-        if self.erase_value not in ("zero", "unk"):
-            raise ValueError(f"erase value must be zero or unk, got {self.erase_value!r}")
-        return self
 
 
 @dataclass

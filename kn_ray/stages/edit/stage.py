@@ -9,41 +9,19 @@ new parts are staged locally and published into OUT once every unit has finished
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime, timezone
 
 import pyarrow.parquet as pq
 
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.stages.duck import connect, source
-from kn_ray.stages.edit.corpus import OPS, EditCorpus, EditSettings, WorkUnit
+from kn_ray.stages.edit.corpus import EditCorpus, WorkUnit
+from kn_ray.stages.edit.options import EditOptions
 from kn_ray.stages.edit.runner import ModelSpec
 from kn_ray.stages.edit.tables import as_table, metric_summary, scale_summary, summary_dict, summary_text
 
 SUMMARY = "summary.json"
-
-
-@dataclass(frozen=True)
-class EditOptions:
-    ops: tuple[str, ...] = OPS
-    settings: EditSettings = field(default_factory=EditSettings)
-    model: str | None = None  # None: the run's model (run.json)
-    precision: str | None = None  # None: the run's precision, else auto
-    batch_prompts: int = 32
-    relations: tuple[str, ...] = ()
-    fact_ids: tuple[str, ...] = ()
-    unit_facts: int = 16
-    workers: int = 1
-    local: bool = False
-
-    def check(self) -> "EditOptions":
-        unknown = [op for op in self.ops if op not in OPS]
-        if unknown or not self.ops:
-            raise ValueError(f"--op must name some of {', '.join(OPS)}; got {', '.join(self.ops) or 'none'}")
-        if self.workers < 1 or self.unit_facts < 1 or self.batch_prompts < 1:
-            raise ValueError("workers, unit facts and batch prompts must be >= 1")
-        self.settings.check()
-        return self
 
 
 def model_spec(run: RunDirectory, options: EditOptions) -> ModelSpec:

@@ -1,0 +1,29 @@
+"""Options declared once: a dataclass field that also says how the CLI and the job spec reach it.
+
+    n_steps: int = option(20, "integration steps", section="attribution")
+
+The dataclass default is the only default; `kn_ray.interfaces.declared` derives the argparse
+flags (help, choices, the default shown in --help) and the job-spec keys, sections and
+accepted types from these declarations. Fields declared with plain `field()` are not options.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, field
+
+
+def option(default=MISSING, help: str = "", *, factory=MISSING, key: str | None = None, flag: str | None = "",
+           choices=None, types: tuple | None = None, section: str | None = None, group: str | None = None,
+           **cli):
+    """A dataclass field with its option metadata.
+
+    key      job-spec key (default: the field name); section: the spec section it sits in (a
+             nested dataclass field names the section of all its fields)
+    flag     CLI flag ("": --key-with-dashes; None: job spec only)
+    choices  accepted values (argparse choices)
+    types    accepted job-spec types, where the annotation does not say (e.g. dict or str)
+    group    argparse group title (default: the section)
+    cli      extra argparse keywords (type, action, const, metavar, aliases)
+    """
+    meta = dict(help=help, key=key, flag=flag, choices=choices, types=types, section=section, group=group, cli=cli)
+    return field(default=default, default_factory=factory, metadata={"option": meta})

@@ -1,0 +1,43 @@
+"""`kn-ray aggregate`'s parameters, declared once (defaults, help, flags): the CLI derives its
+flags from them (kn_ray.interfaces.declared). Importing this module is cheap (no DuckDB)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kn_ray.fields import option
+
+if TYPE_CHECKING:
+    from kn_ray.pipeline.rundir import RunDirectory
+
+EPS = 1e-9  # `count >= share * n` is meant in decimals: 0.6 * 10 must admit a count of 6
+
+
+@dataclass
+class AggregateParams:
+    t: float = option(0.2, "coarse threshold: score >= t x the prompt's max")
+    activation_t: float = option(0.5, "the same for the activation baseline")
+    p: float = option(0.7, "share of a fact's usable prompts a knowledge neuron must be coarse in")
+    min_prompts: int = option(3, "and at least this many prompts")
+    adaptive: bool = option(False, "tune p per relation to 2..5 knowledge neurons per fact")
+    relation_share: float = option(0.1, "share of a relation's facts a relation neuron must have")
+    memory_limit: str = option("256MB", "DuckDB memory limit; beyond it, joins and group-bys spill to disk")
+    threads: int | None = option(None, "DuckDB threads (default: all cores)")
+    methods: tuple[str, ...] = option(("ig", "activation"), "skip the activation baseline", flag="--no-activation",
+                                      action="store_const", const=("ig",))
+
+    def threshold(self, method: str) -> float:
+        return self.t if method == "ig" else self.activation_t
+
+    def validate(self, run: RunDirectory) -> None:
+        for method in self.methods:
+            t, keep = self.threshold(method), run.config.keep_ratio(method)
+            if not keep - EPS <= t <= 1:
+                flag = "--t" if method == "ig" else "--activation-t"
+                raise ValueError(f"{flag} {t}: must lie in [{keep}, 1]; rows below {keep} x the prompt's max "
+                                 f"were not stored by the attribute stage ({method})")
+        if not 0 < self.p <= 1 or not 0 < self.relation_share <= 1:
+            raise ValueError("p and relation share must lie in (0, 1]")
+        if self.min_prompts < 1:
+            raise ValueError("min_prompts must be at least 1")

@@ -1,0 +1,72 @@
+"""`kn-ray edit`'s options, declared once (defaults, help, flags): the CLI derives its flags from
+them (kn_ray.interfaces.declared). Importing this module is cheap (no torch, no pandas)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kn_ray.choices import PRECISIONS
+from kn_ray.fields import option
+
+OPS = ("suppress", "amplify", "update", "erase")
+ERASE_VALUES = ("zero", "unk")
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """What the experiments do; every result depends on these (summary.json records them)."""
+
+    seed: int = option(0, "seed of every sample and random control")
+    max_facts: int | None = option(None, "at most N facts per relation, a seeded sample (default: all)")
+    control_prompts: int = option(10, "suppress/amplify: other-relation prompts per fact")
+    ppl_facts: int = option(5, "update: facts sampled for the same- and other-relation perplexity")
+    lambda1: float = option(1.0, "update: weight of the old object")
+    lambda2: float = option(8.0, "update: weight of the new object")
+    shared_share: float | None = option(0.1, "update: leave out the fact's neurons that more than this share of its "
+                                             "relation's other facts also have (as the authors; "
+                                             "--keep-shared-neurons: keep all)")
+    erase_top: int = option(20, "erase: top relation neurons per relation")
+    erase_other_prompts: int = option(500, "erase: other relations' prompts checked per relation")
+    erase_value: str = option("zero", "erase: set value slots to zero or to the unknown token's embedding",
+                              choices=ERASE_VALUES)
+
+    def check(self) -> "EditSettings":
+        for name in ("control_prompts", "ppl_facts", "erase_top", "erase_other_prompts"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.shared_share is not None and not 0 <= self.shared_share <= 1:
+            raise ValueError(f"shared share must lie in [0, 1], got {self.shared_share}")
+        if self.max_facts is not None and self.max_facts < 1:
+            raise ValueError(f"max_facts must be >= 1, got {self.max_facts}")
+        if self.erase_value not in ERASE_VALUES:
+            raise ValueError(f"erase value must be zero or unk, got {self.erase_value!r}")
+        return self
+
+
+@dataclass(frozen=True)
+class EditOptions:
+    """Which edits run where: the ops, the selection, the model and the workers."""
+
+    ops: tuple[str, ...] = option(OPS, "suppress, amplify, update, erase; repeat or comma-separate", flag="--op",
+                                  action="extend", metavar="OP")
+    settings: EditSettings = option(factory=EditSettings)
+    model: str | None = option(None, "model to edit (default: the run's model from run.json)")
+    precision: str | None = option(None, "compute precision (default: the run's)", choices=PRECISIONS)
+    batch_prompts: int = option(32, "prompts per forward pass")
+    relations: tuple[str, ...] = option((), "only this relation (repeatable)", flag="--relation", action="extend",
+                                        metavar="RELATION")
+    fact_ids: tuple[str, ...] = option((), "only this fact (repeatable)", flag="--fact-id", action="extend",
+                                       metavar="FACT_ID")
+    unit_facts: int = option(16, "facts per work unit")
+    workers: int = option(1, "Ray actors; 1 runs in this process")
+    local: bool = option(False, "run in this process, without Ray")
+
+    def check(self) -> "EditOptions":
+        object.__setattr__(self, "ops", tuple(dict.fromkeys(self.ops)))  # --op a,b --op a: once each
+        unknown = [op for op in self.ops if op not in OPS]
+        if unknown or not self.ops:
+            raise ValueError(f"--op must name some of {', '.join(OPS)}; got {', '.join(self.ops) or 'none'}")
+        if self.workers < 1 or self.unit_facts < 1 or self.batch_prompts < 1:
+            raise ValueError("workers, unit facts and batch prompts must be >= 1")
+        self.settings.check()
+        return self
