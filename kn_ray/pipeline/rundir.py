@@ -398,14 +398,18 @@ class RunDirectory:
         return self.dataset(kind, files).to_table(columns=columns, filter=expression).replace_schema_metadata(None)
 
     def remove_stale(self, markers: dict[str, dict] | None = None) -> int:
-        """Delete the attribute parts no marker names (failed, lost or duplicated attempts) and
-        leftover temporary files; returns how many."""
+        """Keep the shards of `markers` (default: every marker of this run), delete the rest: the
+        attribute parts no kept marker names (failed, lost or duplicated attempts), markers that
+        are not kept (damaged shards, recomputed next), and leftover temporary files; returns
+        how many parts were deleted."""
         markers = self.markers() if markers is None else markers
         named = {self.path(f) for m in markers.values() for f in m["files"].values()}
         stale = [i.path for kind in KINDS for i in self.listing(kind)
                  if i.path not in named and os.path.basename(i.path).startswith(("part-", "."))]
-        stale += [i.path for i in self.listing(MARKERS) if os.path.basename(i.path).startswith(".")]
-        self.delete(stale)
+        extra = [i.path for i in self.listing(MARKERS)
+                 if os.path.basename(i.path).startswith(".")
+                 or os.path.basename(i.path).startswith("part-") and os.path.basename(i.path)[:-5] not in markers]
+        self.delete(extra + stale)  # markers first: a reader never sees a marker naming a deleted part
         return len(stale)
 
 
