@@ -7,7 +7,7 @@ Gauss-Legendre reference integral over the same layers:
 * top-10 overlap: |top-10 neurons of s  ∩  top-10 of s_ref| / 10;
 * evaluations: forward/backward rows per (prompt, layer), the baseline row included.
 
-    PYTHONPATH=. python benchmarks/quadrature.py --prompts 24 --layers 20-29 > benchmarks/quadrature.md
+    PYTHONPATH=. python benchmarks/quadrature.py --prompts 16 --layers 20-29 > benchmarks/quadrature.md
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def metrics(got, ref) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pararel", default="/work/shared/data/pararel")
-    ap.add_argument("--prompts", type=int, default=24)
+    ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--layers", default="20-29", help="first-last layer (inclusive)")
     ap.add_argument("--reference-nodes", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
@@ -80,9 +80,9 @@ def main() -> None:
     print(f"SmolLM2-135M, fp32, {len(ok)} PARAREL prompts (causal templates, seed {args.seed}), layers {lo}-{hi}; "
           f"reference: Gauss-Legendre {args.reference_nodes} nodes ({ref_s:.0f} s). "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}.\n")
-    mid, _ = run("midpoint", args.reference_nodes)
+    mid, _ = run("midpoint", args.reference_nodes // 2)
     check = np.mean([metrics(mid[i].scores, ref[i].scores)[0] for i in ok])
-    print(f"Reference check: midpoint-{args.reference_nodes} vs the reference, mean relative L2 {check:.2e}.\n")
+    print(f"Reference check: midpoint-{args.reference_nodes // 2} vs the reference, mean relative L2 {check:.2e}.\n")
     print("| rule | evaluations / (prompt, layer) | mean rel. L2 | max rel. L2 | mean top-10 overlap | "
           "min top-10 overlap | median completeness / abs(P - P0) | seconds |")
     print("|---|---|---|---|---|---|---|---|")
