@@ -235,10 +235,19 @@ def test_cli_writes_the_documented_edits_table(run_dir, capsys):
     assert set(edits.op) == {"suppress", "amplify", "update", "erase"}
     assert {"op", "relation", "fact_id", "prompt_id", "condition", "prob_before", "prob_after", "rel_change",
             "metric", "value"} <= set(edits.columns)
-    scale = edits[edits.op == "suppress"]
+    scale = edits[(edits.op == "suppress") & edits.prompt_id.notna()]
     assert scale.groupby("relation").fact_id.nunique().max() <= 2
     assert np.allclose(scale.rel_change, (scale.prob_after - scale.prob_before) / scale.prob_before)
+    assert scale.top_id_before.notna().all() and scale.top_id_after.notna().all()
+    assert {("kn", "same_relation"), ("random", "same_relation"), ("activation", "target")} <= \
+        set(scale.groupby(["condition", "scope"]).size().index)
     summary = json.loads((run_dir / "edits" / "summary.json").read_text())
+    criteria = pd.DataFrame(summary["criteria"])
+    assert {"reliability", "locality_same_relation", "locality_other_relation"} <= set(criteria.metric)
+    assert {"kn", "random", "activation"} <= set(criteria[criteria.op == "suppress"].condition)
+    valued = criteria[criteria.n_edits > 0]  # (a criterion with no prompt that counts has no value)
+    assert len(valued) and (valued.ci_low <= valued["mean"] + 1e-12).all() and (valued["mean"] <= valued.ci_high + 1e-12).all()
+    assert "criteria, mean over edits" in printed
     assert set(summary["results"]["suppress"]) == {"kn", "activation", "random", "other_relation"}
     assert {"ALL", "P36", "P37"} <= set(summary["results"]["suppress"]["kn"])
     assert summary["runs"]["update"]["settings"]["lambda2"] == 8.0
@@ -280,3 +289,29 @@ def test_ray_actors_give_the_rows_of_a_local_run(run_dir, runner, ray_local):
     assert sorted(remote) == [u.index for u in units]
     for unit in units:
         assert_same_edit_rows(remote[unit.index], runner.run(unit))  # 1-thread actors vs this process
+
+
+def test_corpus_builds_the_prompts_of_the_criteria(tmp_path):
+    """Held-out templates with neurons from the others, the reversed fact of a symmetric relation,
+    and other facts of the relation, all from the run's tables."""
+    template = "[X] is a twin city of [Y]."
+    rows, neurons = [], []
+    for fact, (subject, obj) in {"P190-paris": ("paris", "rome"), "P190-berlin": ("berlin", "london")}.items():
+        for i, wrap in enumerate(TEMPLATES):
+            pid = f"{fact}-{i}"
+            rows.append(dict(prompt_id=pid, fact_id=fact, relation="P190", subject=subject, object=obj,
+                             template=template, prompt=wrap.format(f"{subject} is a twin city of"), target=" " + obj,
+                             status="ok", max_score=1.0))
+            neurons += [dict(prompt_id=pid, fact_id=fact, relation="P190", layer=1, neuron=7, score=1.0),
+                        dict(prompt_id=pid, fact_id=fact, relation="P190", layer=2, neuron=9 + i, score=0.5),
+                        dict(prompt_id=pid, fact_id=fact, relation="P190", layer=0, neuron=3, score=0.1)]  # below t
+    kn = pd.DataFrame([dict(fact_id=f, relation="P190", layer=1, neuron=7, method="ig") for f in ("P190-paris", "P190-berlin")])
+    out = write_tables(tmp_path / "out", None, prompts=pd.DataFrame(rows), neurons=pd.DataFrame(neurons),
+                       knowledge_neurons=kn)
+    items = {item.fact_id: item for item in EditCorpus(out).scale_items(EditSettings(ppl_facts=1))}
+    paris = items["P190-paris"]
+    assert [(r.prompt, r.target) for r in paris.reverse] == [("rome is a twin city of", " paris")] * 2
+    assert len(paris.heldout) == 1 and paris.heldout[0] in paris.prompts
+    seen = next(i for i, r in enumerate(paris.prompts) if r not in paris.heldout)
+    assert paris.seen_kn == sorted([(1, 7), (2, 9 + seen)])  # the seen prompt's coarse neurons (n = 1)
+    assert {r.prompt_id for r in paris.same_relation} == {"P190-berlin-0", "P190-berlin-1"}

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import pyarrow.dataset as ds
 
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.stages.edit.options import OPS, EditSettings
+from kn_ray.stages.edit.criteria import SYMMETRIC_RELATIONS, reversed_prompt
 
 Neurons = list[tuple[int, int]]  # (layer, neuron)
 NEW_OBJECT_CANDIDATES = 8
@@ -40,8 +42,11 @@ class FactItem:
     controls: list[PromptRef] = field(default_factory=list)  # other relations' prompts, control (a)
     new_objects: list[str] = field(default_factory=list)  # update: candidates in seeded order (the worker
     # takes the first the tokenizer can tell apart from the old object)
-    same_relation: list[PromptRef] = field(default_factory=list)  # update: other facts, same relation
+    same_relation: list[PromptRef] = field(default_factory=list)  # other facts, same relation (locality)
     other_relation: list[PromptRef] = field(default_factory=list)  # update: facts of other relations
+    reverse: list[PromptRef] = field(default_factory=list)  # symmetric relations: the reversed fact's prompts
+    heldout: list[PromptRef] = field(default_factory=list)  # the fact's prompts that `seen_kn` was not found from
+    seen_kn: Neurons = field(default_factory=list)  # knowledge neurons from the fact's other prompts only
 
 
 @dataclass
@@ -79,8 +84,8 @@ class EditCorpus:
         self.run = RunDirectory(out).require()
         if not self.run.has("knowledge_neurons"):
             raise missing_aggregate(self.run, "knowledge_neurons")
-        prompts = read_parts(self.run, "prompts", ["prompt_id", "fact_id", "relation", "object", "prompt", "target",
-                                              "status"])
+        prompts = read_parts(self.run, "prompts", ["prompt_id", "fact_id", "relation", "subject", "object", "template",
+                                              "prompt", "target", "status", "max_score"])
         prompts = prompts[prompts.status == "ok"].drop(columns="status")
         kn = read_parts(self.run, "knowledge_neurons", ["fact_id", "relation", "layer", "neuron", "method"])
         if relations:
@@ -95,6 +100,7 @@ class EditCorpus:
         self._neurons = {key: list(zip(g.layer.astype(int).tolist(), g.neuron.astype(int).tolist()))
                          for key, g in kn.groupby(["fact_id", "method"], sort=False)}
         self._by_fact = {f: _refs(g) for f, g in self.prompts.groupby("fact_id", sort=False)}
+        self._relation_of = dict(zip(self.all_facts.fact_id, self.all_facts.relation))
         self._relation_rn: pd.DataFrame | None = None
 
     # ---- lookups ----------------------------------------------------------------------------
@@ -155,12 +161,66 @@ class EditCorpus:
 
     # ---- items ------------------------------------------------------------------------------
     def scale_items(self, settings: EditSettings) -> list[FactItem]:
-        """Suppress / amplify: each fact's ig and activation neurons, and other-relation controls."""
+        """Suppress / amplify: each fact's ig and activation neurons, other-relation controls, and
+        the criteria's prompts: other facts of the relation, the reversed fact, held-out templates."""
+        facts = self.facts(settings)
+        splits = {f: self.template_split(f, settings.seed) for f in facts.fact_id}
+        seen = self.neurons_from(facts.fact_id, {f: s for f, (s, _) in splits.items()})
         return [FactItem(f.fact_id, f.relation, self.refs(f.fact_id), self.neurons(f.fact_id, "ig"),
                          activation=self.neurons(f.fact_id, "activation"),
                          controls=self.other_relation_prompts(f.relation, settings.control_prompts,
-                                                              rng_for(settings.seed, f.fact_id, "controls")))
-                for f in self.facts(settings).itertuples()]
+                                                              rng_for(settings.seed, f.fact_id, "controls")),
+                         same_relation=self.same_relation_facts(f.fact_id, f.relation, settings.ppl_facts,
+                                                                rng_for(settings.seed, f.fact_id, "same_relation")),
+                         reverse=self.reversed_refs(f.fact_id), heldout=splits[f.fact_id][1],
+                         seen_kn=seen.get(f.fact_id, []))
+                for f in facts.itertuples()]
+
+    # ---- the criteria's prompts ---------------------------------------------------------------
+    def reversed_refs(self, fact_id: str) -> list[PromptRef]:
+        """Symmetric relations: the prompts of the reversed fact (object and subject swapped), from
+        the fact's own templates; [] for other relations."""
+        if self._relation_of.get(fact_id) not in SYMMETRIC_RELATIONS:
+            return []
+        rows = self.prompts[self.prompts.fact_id == fact_id]
+        refs = []
+        for r in rows.itertuples():
+            pair = reversed_prompt(r.template, r.subject, r.object)
+            if pair is not None:
+                refs.append(PromptRef(f"{r.prompt_id}:reverse", *pair))
+        return refs
+
+    def template_split(self, fact_id: str, seed: int) -> tuple[list[PromptRef], list[PromptRef]]:
+        """(seen, held out): a seeded half of the fact's prompts (rounded up), and the rest."""
+        refs = self.refs(fact_id)
+        if len(refs) < 2:
+            return refs, []
+        order = rng_for(seed, fact_id, "templates").permutation(len(refs))
+        cut = (len(refs) + 1) // 2
+        return [refs[i] for i in sorted(order[:cut])], [refs[i] for i in sorted(order[cut:])]
+
+    def neurons_from(self, fact_ids, seen: dict[str, list[PromptRef]]) -> dict[str, Neurons]:
+        """Knowledge neurons of each fact from its `seen` prompts only: the aggregate stage's rule
+        (coarse: score >= t x the prompt's max; refined: coarse in >= max(p n, min(min_prompts, n))
+        of the n seen prompts), with its t, p and min_prompts from aggregate.json."""
+        params = (self.run.read_json("aggregate.json") or {}).get("parameters", {})
+        t, p, least = params.get("t", 0.2), params.get("p", 0.7), params.get("min_prompts", 3)
+        ids = {ref.prompt_id: f for f, refs in seen.items() for ref in refs}
+        if not ids or not self.run.has("neurons"):
+            return {}
+        dataset = self.run.dataset("neurons", self.run.table_files("neurons"))
+        if not {"prompt_id", "layer", "neuron", "score"} <= set(dataset.schema.names):
+            return {}  # a dense layout: no per-neuron rows to threshold here
+        rows = dataset.to_table(columns=["prompt_id", "layer", "neuron", "score"],
+                                filter=ds.field("prompt_id").isin(list(ids))).to_pandas()
+        top = self.prompts.set_index("prompt_id").max_score
+        rows = rows[rows.score >= t * rows.prompt_id.map(top) - 1e-9]
+        rows["fact_id"] = rows.prompt_id.map(ids)
+        counts = rows.groupby(["fact_id", "layer", "neuron"]).prompt_id.nunique().reset_index()
+        n = counts.fact_id.map({f: len(refs) for f, refs in seen.items()})
+        need = np.maximum(p * n, np.minimum(least, n)) - 1e-9
+        kept = counts[counts.prompt_id >= need].sort_values(["fact_id", "layer", "neuron"])
+        return {f: list(zip(g.layer.astype(int), g.neuron.astype(int))) for f, g in kept.groupby("fact_id")}
 
     def update_items(self, settings: EditSettings) -> list[FactItem]:
         """Update: new-object candidates per fact (a seeded order of its relation's other objects)
@@ -178,7 +238,8 @@ class EditCorpus:
                 same_relation=self.same_relation_facts(f.fact_id, f.relation, settings.ppl_facts,
                                                        rng_for(settings.seed, f.fact_id, "same_relation")),
                 other_relation=self.other_relation_facts(f.relation, settings.ppl_facts,
-                                                         rng_for(settings.seed, f.fact_id, "other_relation"))))
+                                                         rng_for(settings.seed, f.fact_id, "other_relation")),
+                reverse=self.reversed_refs(f.fact_id)))
         return items
 
     def erase_items(self, settings: EditSettings) -> list[RelationItem]:

@@ -24,6 +24,7 @@ from kn_ray.engine.editing import add_to_value_slots, edited, set_value_slots, v
 from kn_ray.engine.probe import Probe
 from kn_ray.stages.edit.tables import metric_rows, prompt_row
 from kn_ray.stages.edit.corpus import FactItem, Neurons, PromptRef, RelationItem, WorkUnit, retarget, rng_for
+from kn_ray.stages.edit.criteria import criteria_rows
 
 FACTORS = {"suppress": 0.0, "amplify": 2.0}
 
@@ -119,8 +120,10 @@ class EditRunner:
         """Prompt rows of the unit, followed by its metric rows (update / erase)."""
         experiment = {"update": self.update, "erase": self.erase}.get(unit.op, self.scale)
         rows = pd.DataFrame.from_records(experiment(unit))
-        metrics = metric_rows(rows) if len(rows) else None
-        return pd.concat([rows, metrics], ignore_index=True) if metrics is not None and len(metrics) else rows
+        if not len(rows):
+            return rows
+        metrics = [m for m in (metric_rows(rows), criteria_rows(rows)) if len(m)]
+        return pd.concat([rows, *metrics], ignore_index=True)
 
     def probe(self, refs: Sequence[PromptRef], targets: Sequence[str] | None = None, *,
               neurons=None, factor: float = 1.0) -> list[Probe]:
@@ -130,14 +133,26 @@ class EditRunner:
     def scale(self, unit: WorkUnit) -> list[dict]:
         """Suppress / amplify: per fact, its ig neurons on its prompts ('kn'), on other relations'
         prompts ('other_relation'), its activation neurons ('activation') and random neurons in the
-        same layers ('random') on its prompts; all scaled at the target position by FACTORS[op]."""
+        same layers ('random') on its prompts; all scaled at the target position by FACTORS[op].
+        The criteria's scopes (edit.criteria): each condition also on other facts of the relation
+        ('same_relation') and the reversed fact ('reverse'); the neurons found from half the
+        fact's templates, and random ones like them, on the other half ('heldout')."""
         jobs = []  # (item, condition, scope, ref, neurons)
         for item in unit.items:
             rnd = random_neurons(item.kn, self.lm.num_neurons, rng_for(unit.settings.seed, item.fact_id, "random"))
+            rnd_seen = random_neurons(item.seen_kn, self.lm.num_neurons,
+                                      rng_for(unit.settings.seed, item.fact_id, "random_seen"))
             for condition, scope, neurons, refs in (("kn", "target", item.kn, item.prompts),
                                                     ("activation", "target", item.activation, item.prompts),
                                                     ("random", "target", rnd, item.prompts),
-                                                    ("other_relation", "other_relation", item.kn, item.controls)):
+                                                    ("other_relation", "other_relation", item.kn, item.controls),
+                                                    ("kn", "heldout", item.seen_kn, item.heldout),
+                                                    ("random", "heldout", rnd_seen, item.heldout),
+                                                    *((c, s, n, r) for c, n in (("kn", item.kn),
+                                                                                ("activation", item.activation),
+                                                                                ("random", rnd))
+                                                      for s, r in (("same_relation", item.same_relation),
+                                                                   ("reverse", item.reverse)))):
                 jobs += [(item, condition, scope, ref, neurons) for ref in refs if neurons]
         if not jobs:
             return []
@@ -159,9 +174,9 @@ class EditRunner:
             if chosen is None:
                 continue
             new_object, old_id, new_id = chosen
-            refs = item.prompts + item.same_relation + item.other_relation
+            refs = item.prompts + item.same_relation + item.other_relation + item.reverse
             scopes = (["target"] * len(item.prompts) + ["same_relation"] * len(item.same_relation)
-                      + ["other_relation"] * len(item.other_relation))
+                      + ["other_relation"] * len(item.other_relation) + ["reverse"] * len(item.reverse))
             new_targets = [retarget(r.target, new_object) for r in item.prompts]
             pairs = refs + item.prompts, [r.target for r in refs] + new_targets
             before = self.probe(*pairs)

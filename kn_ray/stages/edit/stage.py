@@ -20,6 +20,8 @@ from kn_ray.stages.edit.corpus import EditCorpus, WorkUnit
 from kn_ray.stages.edit.options import EditOptions
 from kn_ray.stages.edit.runner import ModelSpec
 from kn_ray.stages.edit.tables import as_table, metric_summary, scale_summary, summary_dict, summary_text
+from kn_ray.stages.edit.criteria import criteria_summary, criteria_text
+from kn_ray.stages.edit.tables import _json_number
 
 SUMMARY = "summary.json"
 
@@ -82,9 +84,14 @@ def write_summary(run: RunDirectory, options: EditOptions, spec: ModelSpec, unit
     with connect() as con:
         edits = source(con, run, "edits", union_by_name=True)
         scale, metrics = scale_summary(con, edits), metric_summary(con, edits)
-    summary = dict(runs=runs, results=summary_dict(scale, metrics))
+        per_edit = con.execute(f"SELECT op, condition, metric, value FROM {edits} WHERE metric IS NOT NULL").df()
+    criteria = criteria_summary(per_edit, seed=options.settings.seed)
+    summary = dict(runs=runs, results=summary_dict(scale, metrics),
+                   criteria=[{k: _json_number(v) if isinstance(v, float) else v for k, v in r.items()}
+                             for r in criteria.to_dict("records")])
     run.write_json(summary, "edits", SUMMARY)
-    return dict(summary, text=summary_text(scale, metrics))
+    text = "\n\n".join(t for t in (summary_text(scale, metrics), criteria_text(criteria)) if t)
+    return dict(summary, text=text)
 
 
 def save_edit(out, options: EditOptions, directory) -> dict:

@@ -22,13 +22,15 @@ EDITS = pa.schema([
     ("fact_id", pa.string()),  # the edited fact (null for erase, which edits a relation)
     ("prompt_id", pa.string()),  # the prompt measured (null on metric rows)
     ("condition", pa.string()),  # which neurons: kn | activation | random | other_relation
-    ("scope", pa.string()),  # which prompts: target | other_relation | same_relation
+    ("scope", pa.string()),  # which prompts: target | heldout | same_relation | other_relation | reverse
     ("n_neurons", pa.int32()),
     ("prob_before", pa.float64()),  # P(gold target | prompt), unedited
     ("prob_after", pa.float64()),  # ... edited
     ("rel_change", pa.float64()),  # (after - before) / before
     ("correct_before", pa.bool_()),  # top-1 is the gold target's first token
     ("correct_after", pa.bool_()),
+    ("top_id_before", pa.int64()),  # the model's top next token (the argmax), unedited
+    ("top_id_after", pa.int64()),  # ... edited
     ("ppl_before", pa.float64()),  # exp(-log P(gold) / target tokens)
     ("ppl_after", pa.float64()),
     ("new_object", pa.string()),  # update: the object the fact was changed to
@@ -47,12 +49,13 @@ METRIC_COLUMNS = ["op", "condition", "relation", "metric", "n_edits", "mean"]
 
 def prompt_row(op: str, relation: str, fact_id: str | None, condition: str, scope: str, n_neurons: int,
                prompt_id: str, before, after) -> dict:
-    """One prompt row from the probes (kn_ray.engine.Probe: gold_prob, correct, perplexity)
+    """One prompt row from the probes (kn_ray.engine.Probe: gold_prob, correct, top_id, perplexity)
     of the prompt before and after the edit."""
     return dict(op=op, relation=relation, fact_id=fact_id, prompt_id=prompt_id, condition=condition,
                 scope=scope, n_neurons=n_neurons, prob_before=before.gold_prob, prob_after=after.gold_prob,
                 rel_change=float(relative_change(before.gold_prob, after.gold_prob)),
                 correct_before=before.correct, correct_after=after.correct,
+                top_id_before=before.top_id, top_id_after=after.top_id,
                 ppl_before=before.perplexity, ppl_after=after.perplexity)
 
 
