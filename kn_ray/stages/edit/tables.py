@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from kn_ray.stages.edit.criteria import CRITERIA
+
 ALL = "ALL"
 EDITS = pa.schema([
     ("op", pa.string()),  # suppress | amplify | update | erase
@@ -125,6 +127,7 @@ def scale_summary(con, source: str) -> pd.DataFrame:
                avg(rel_change) AS mean_rel_change, median(rel_change) AS median_rel_change,
                avg(prob_before) AS mean_prob_before, avg(prob_after) AS mean_prob_after
         FROM {source} WHERE op IN {SCALE_OPS} AND rel_change IS NOT NULL AND NOT isnan(rel_change)
+          AND (scope = 'target' OR condition = 'other_relation')  -- the paper's rows, not the criteria's scopes
         GROUP BY GROUPING SETS ((op, condition, relation), (op, condition))
         ORDER BY op, condition, grouping(relation) DESC, relation""").df()
     return frame[SCALE_COLUMNS] if len(frame) else pd.DataFrame(columns=SCALE_COLUMNS)
@@ -135,7 +138,7 @@ def metric_summary(con, source: str) -> pd.DataFrame:
     edits and the mean of the per-edit metric."""
     frame = con.execute(f"""
         SELECT op, condition, {_relation_or_all()}, metric, count(value) AS n_edits, avg(value) AS mean
-        FROM {source} WHERE metric IS NOT NULL
+        FROM {source} WHERE metric IS NOT NULL AND metric NOT IN {CRITERIA}  -- those: edit.criteria
         GROUP BY GROUPING SETS ((op, condition, relation, metric), (op, condition, metric))
         ORDER BY op, condition, grouping(relation) DESC, relation, metric""").df()
     return frame[METRIC_COLUMNS] if len(frame) else pd.DataFrame(columns=METRIC_COLUMNS)

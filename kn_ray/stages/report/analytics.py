@@ -124,6 +124,11 @@ class Analytics:
             return pd.DataFrame(columns=METRIC_COLUMNS)
         return metric_summary(self._con, self._source("edits"))
 
+    def edit_criteria(self) -> pd.DataFrame:
+        """Today's criteria per (op, condition, metric) with bootstrap CIs: OUT/edits/summary.json."""
+        rows = self.run._json("edits/summary.json").get("criteria", []) if self.has_edits() else []
+        return pd.DataFrame(rows, columns=["op", "condition", "metric", "n_edits", "mean", "ci_low", "ci_high"])
+
     def context(self) -> dict:
         """What the figures came from: model, corpus slice and aggregation thresholds."""
         stats = self.run_stats()

@@ -86,6 +86,12 @@ def _edit_sections(analytics: Analytics, context: str) -> list[tuple[Section, ob
     metrics = analytics.edit_metrics()
     if len(metrics):
         sections.append((Section("Update and erase metrics", tables=(metrics[metrics.relation == ALL],)), None))
+    criteria = analytics.edit_criteria()
+    if len(criteria):
+        note = ("Per edit: reliability (the argmax flips as the op intends), generalization (the same on held-out "
+                "templates, neurons from the others), locality (other facts' argmax unchanged), symmetry (the "
+                "reversed fact of a symmetric relation); mean over edits with a 95% bootstrap CI (docs/experiments.md).")
+        sections.append((Section("Edits judged by today's criteria", note=note, tables=(criteria,)), None))
     return sections
 
 
