@@ -127,7 +127,7 @@ def scale_summary(con, source: str) -> pd.DataFrame:
                avg(rel_change) AS mean_rel_change, median(rel_change) AS median_rel_change,
                avg(prob_before) AS mean_prob_before, avg(prob_after) AS mean_prob_after
         FROM {source} WHERE op IN {SCALE_OPS} AND rel_change IS NOT NULL AND NOT isnan(rel_change)
-          AND (scope = 'target' OR condition = 'other_relation')  -- the paper's rows, not the criteria's scopes
+          AND (coalesce(scope, 'target') = 'target' OR condition = 'other_relation')  -- the paper's rows, not the criteria's
         GROUP BY GROUPING SETS ((op, condition, relation), (op, condition))
         ORDER BY op, condition, grouping(relation) DESC, relation""").df()
     return frame[SCALE_COLUMNS] if len(frame) else pd.DataFrame(columns=SCALE_COLUMNS)
