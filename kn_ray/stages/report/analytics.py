@@ -126,7 +126,7 @@ class Analytics:
 
     def edit_criteria(self) -> pd.DataFrame:
         """Today's criteria per (op, condition, metric) with bootstrap CIs: OUT/edits/summary.json."""
-        rows = self.run._json("edits/summary.json").get("criteria", []) if self.has_edits() else []
+        rows = (self.run.read_json("edits", "summary.json") or {}).get("criteria", []) if self.has_edits() else []
         return pd.DataFrame(rows, columns=["op", "condition", "metric", "n_edits", "mean", "ci_low", "ci_high"])
 
     def context(self) -> dict:
