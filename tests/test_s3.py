@@ -126,15 +126,21 @@ def assert_only_committed_parts(run: RunDirectory) -> None:
     assert len(named) == 3 * run.record().identity["plan"]["shards"]
 
 
-def test_s3_run_equals_a_local_run(world, local_run, s3_server):
-    """Facts read from S3, two actors writing parts to S3, the driver committing: the rows of
-    the local single-actor run; nothing secret recorded."""
+@pytest.fixture(scope="module")
+def s3_run(world, s3_server, ray_local):
+    """Facts read from S3, two actors writing parts to S3, the driver committing."""
     import boto3
 
     boto3.client("s3").upload_file(str(world["facts"]), BUCKET, "inputs/facts.jsonl")
     uri = f"s3://{BUCKET}/runs/equal"
     report = run_pipeline(options(world, uri, facts=f"s3://{BUCKET}/inputs/facts.jsonl", workers=2), progress=False)
     assert report.ok and report.written == report.shards > 2
+    return uri
+
+
+def test_s3_run_equals_a_local_run(s3_run, local_run, s3_server):
+    """The rows of the local single-actor run; only committed parts left; nothing secret recorded."""
+    uri = s3_run
     assert_same(local_run, uri)
     run = RunDirectory(uri)
     assert_only_committed_parts(run)
@@ -178,7 +184,7 @@ def test_killed_driver_resumes_on_s3_without_rewriting_finished_parts(world, loc
     assert_same(local_run, uri)  # no missing or duplicated prompt
 
 
-def test_aggregate_edit_and_report_over_an_s3_run(world, local_run, s3_server):
+def test_aggregate_edit_and_report_over_an_s3_run(s3_run, local_run, s3_server):
     """The downstream stages read the S3 run through its markers and write their tables back to
     the bucket: the same knowledge neurons and edit rows as over the local run, and a report."""
     from kn_ray.stages.aggregate import AggregateParams, aggregate
@@ -186,8 +192,7 @@ def test_aggregate_edit_and_report_over_an_s3_run(world, local_run, s3_server):
     from kn_ray.stages.edit.stage import EditOptions, run_edits
     from kn_ray.stages.report.html import write_report
 
-    uri = f"s3://{BUCKET}/runs/stages"
-    assert run_pipeline(options(world, uri), progress=False).ok
+    uri = s3_run
     params = AggregateParams(p=0.3, min_prompts=1)
     got = {out: aggregate(out, params) for out in (str(local_run), uri)}
     assert got[uri]["counts"] == got[str(local_run)]["counts"] and got[uri]["counts"]["ig"]["knowledge_neurons"] > 0
