@@ -201,9 +201,9 @@ def test_weight_dtype_names_and_auto():
     cpu = torch.device("cpu")
     assert resolve_dtype("auto", "bf16", cpu) == torch.float32  # CPUs keep fp32 weights unless asked
     assert resolve_dtype("bf16", "auto", cpu) == torch.bfloat16
-    assert resolve_dtype(torch.float16, "fp16", cpu) == torch.float16
+    assert resolve_dtype(torch.float16, "fp16", cpu) == resolve_dtype("float16", "auto", cpu) == torch.float16
     with pytest.raises(ValueError, match="dtype must be one of"):
-        resolve_dtype("int8", "auto", cpu)
+        resolve_dtype("fp8", "auto", cpu)
 
 
 def test_smoothing_is_the_seeded_mean_of_noisy_copies(tmp_path):

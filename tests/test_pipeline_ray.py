@@ -85,7 +85,7 @@ def test_results_equal_the_engine_run_directly(world, reference):
     prompts = got["prompts"].set_index("prompt_id")
     neurons = got["neurons"].groupby("prompt_id")
     assert (prompts["status"] == "ok").sum() > 10
-    assert RunDirectory(reference).record().identity["model_info"]["dtype"] == "float32"  # weights, as loaded
+    assert RunDirectory(reference).record().identity["model_info"]["dtype"] == "fp32"  # weights, as loaded
     keep = KeepPolicy()
     for spec, res in zip(specs, direct):
         row = prompts.loc[spec.prompt_id]

@@ -70,8 +70,8 @@ def test_bf16_ranks_neurons_like_fp32(smollm2, fp32_results):
 
 def test_bf16_weights_rank_neurons_like_fp32_weights(fp32_results):
     """Half the weight memory: bf16 weights (bf16 compute, fp32 accumulation) against fp32 weights.
-    Measured values are in the README ("Big models"). On CPUs without native bf16 the case is
-    the smaller CASE above."""
+    Measured (README, "Big models"): Spearman 0.996-0.997, 9-10 of the top 10 shared. On CPUs
+    without native bf16 the case is the smaller CASE above."""
     lm = load_model("smollm2", device="cpu", dtype="bf16")
     assert lm.dtype == torch.bfloat16
     attr = Attributor(lm)  # precision auto follows the weights

@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .attribution import Attributor
 from .loading import LoadedModel
+from .precision import dtype_name
 from .published import PublishedAttributor
 
 
@@ -132,7 +133,7 @@ def benchmark(
         rows.append(
             BenchRow(
                 model=name, method=method, device=",".join(map(str, lm.devices)), precision=engine.precision,
-                dtype=str(lm.dtype).removeprefix("torch."), n_steps=n_steps,
+                dtype=dtype_name(lm.dtype), n_steps=n_steps,
                 prompts=len(ps), mean_tokens=sum(tokens[: len(ps)]) / len(ps), seconds_per_prompt=per_prompt,
                 prompts_per_second=1 / per_prompt, peak_memory_mb=memory.mb, gflop_per_prompt=flops / 1e9,
                 achieved_gflops=flops / 1e9 / per_prompt, peak_memory_mb_by_device=memory.by_device,

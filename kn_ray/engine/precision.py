@@ -29,7 +29,9 @@ def cpu_has_native_bf16() -> bool:
 
 
 def dtype_name(dtype: str | torch.dtype) -> str:
-    """'fp32' | 'bf16' | 'fp16' | 'auto' for a name or a torch dtype (torch.float32 -> 'fp32')."""
+    """'fp32' | 'bf16' | 'fp16' | 'auto' for a name or a torch dtype (torch.float32, "float32" -> 'fp32')."""
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        dtype = getattr(torch, dtype)  # "float32", "bfloat16", "float16"
     if isinstance(dtype, torch.dtype):
         if dtype not in _NAMES:
             raise ValueError(f"weight dtype must be float32, bfloat16 or float16, got {dtype}")

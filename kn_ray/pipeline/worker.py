@@ -39,6 +39,7 @@ class ShardComputer:
         import torch
 
         from kn_ray.engine import Attributor, load_model
+        from kn_ray.engine.precision import dtype_name
 
         if threads:
             torch.set_num_threads(threads)
@@ -46,6 +47,7 @@ class ShardComputer:
                         dtype=dtype, precision=precision, device_map=device_map, max_memory=max_memory,
                         offload_folder=offload_dir)
         self.lm = lm
+        self.dtype = dtype_name(lm.dtype)  # the weights, as loaded: fp32 | bf16 | fp16
         self.attributor = Attributor(lm, precision=precision, max_batch_prompts=batch_prompts)
 
     def info(self) -> dict:
@@ -53,7 +55,7 @@ class ShardComputer:
         lm = self.lm
         return dict(name=lm.name, source=lm.source, revision=lm.revision, masked=lm.adapter.masked,
                     num_layers=lm.num_layers, num_neurons=lm.num_neurons, precision=self.attributor.precision,
-                    dtype=str(lm.dtype).removeprefix("torch."), device=str(lm.device),
+                    dtype=self.dtype, device=str(lm.device),
                     devices=[str(d) for d in lm.devices])
 
     def compute(self, shard_id: int, specs: list[PromptSpec], n_steps: int | str, method: str, keep: KeepPolicy,

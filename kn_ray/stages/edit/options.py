@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kn_ray.choices import PRECISIONS
+from kn_ray.choices import DTYPES, PRECISIONS
 from kn_ray.fields import option
 
 OPS = ("suppress", "amplify", "update", "erase")
@@ -52,6 +52,7 @@ class EditOptions:
     settings: EditSettings = option(factory=EditSettings)
     model: str | None = option(None, "model to edit (default: the run's model from run.json)")
     precision: str | None = option(None, "compute precision (default: the run's)", choices=PRECISIONS)
+    dtype: str | None = option(None, "weights (default: the run's)", choices=DTYPES)
     batch_prompts: int = option(32, "prompts per forward pass")
     relations: tuple[str, ...] = option((), "only this relation (repeatable)", flag="--relation", action="extend",
                                         metavar="RELATION")

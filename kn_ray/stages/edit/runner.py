@@ -84,12 +84,13 @@ class ModelSpec:
     precision: str = "auto"
     batch_prompts: int = 32
     threads: int | None = None  # torch CPU threads (CPU actors)
+    dtype: str = "auto"  # weights
 
     def runner(self) -> "EditRunner":
         if self.threads:
             torch.set_num_threads(self.threads)
         lm = load_model(self.name, revision=self.revision, allow_pickle=self.allow_pickle,
-                        trust_remote_code=self.trust_remote_code)
+                        trust_remote_code=self.trust_remote_code, dtype=self.dtype, precision=self.precision)
         return EditRunner(lm, precision=self.precision, batch_prompts=self.batch_prompts)
 
 

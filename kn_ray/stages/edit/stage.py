@@ -36,10 +36,11 @@ def model_spec(run: RunDirectory, options: EditOptions) -> ModelSpec:
         raise ValueError(f"{run.location('run.json')} names no model; pass --model")
     same_model = options.model is None or options.model == (record.model or recorded.get("model"))
     precision = options.precision or record.lookup("model_info", "precision") or recorded.get("precision") or "auto"
+    dtype = options.dtype or record.lookup("model_info", "dtype") or recorded.get("dtype") or "auto"  # the weights
     return ModelSpec(str(name), revision=recorded.get("revision") if same_model else None,
                      allow_pickle=bool(recorded.get("allow_pickle")),
                      trust_remote_code=bool(recorded.get("trust_remote_code")),
-                     precision=precision, batch_prompts=options.batch_prompts)
+                     precision=precision, batch_prompts=options.batch_prompts, dtype=dtype)
 
 
 def run_edits(out, options: EditOptions, *, progress: bool = True) -> dict:
@@ -77,7 +78,7 @@ def write_summary(run: RunDirectory, options: EditOptions, spec: ModelSpec, unit
     except ValueError:  # a damaged summary is rebuilt
         previous = {}
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    runs = {**previous, **{op: dict(model=spec.name, revision=spec.revision, precision=spec.precision,
+    runs = {**previous, **{op: dict(model=spec.name, revision=spec.revision, precision=spec.precision, dtype=spec.dtype,
                                     settings=asdict(options.settings), relations=list(options.relations),
                                     fact_ids=list(options.fact_ids), units=units[op], created=now)
                            for op in options.ops}}
