@@ -114,7 +114,11 @@ class _Recomputed(nn.Module):
                 layer.keys, layer.values, layer.is_initialized = keys, values, ready
             return self.block(*inputs, **kwargs)
 
-        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+        # no early stop: recomputation runs the whole block, so Accelerate's post-forward hooks
+        # return every reloaded weight to disk/`meta` (an early stop would leave the block's last
+        # layer holding its weights after backward)
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
 
 @contextlib.contextmanager
