@@ -310,3 +310,15 @@ def test_the_documented_spec_shows_the_declared_defaults():
     block = text.split("## Job specs")[1].split("```yaml\n")[1].split("```")[0]
     documented = {k: v for k, v in yaml.safe_load(block).items() if k not in ("model", "facts", "output")}
     assert documented == declared_mod.spec_defaults(RunOptions)
+
+
+def test_actors_of_several_gpus_load_with_a_balanced_device_map(monkeypatch):
+    from kn_ray.pipeline import execute
+
+    seen = []
+    monkeypatch.setattr(execute, "ActorPool", lambda cls, args, kwargs, res: seen.append(kwargs))
+    for gpus, device_map in ((4, "auto"), (1, None), (None, None)):
+        options = options_from_spec(dict(BASE, dtype="bf16", max_memory="0=60GiB,cpu=1GiB", workers=dict(gpus=gpus)))
+        execute.attribution_pool(options)
+        assert seen[-1]["device_map"] == device_map
+        assert seen[-1]["dtype"] == "bf16" and seen[-1]["max_memory"] == {0: "60GiB", "cpu": "1GiB"}
