@@ -231,3 +231,12 @@ def test_smoothing_is_the_seeded_mean_of_noisy_copies(tmp_path):
             copies.append(attr.attribute(prompts, targets, n_steps=4))
     for i, o in enumerate(one):
         np.testing.assert_allclose(o.scores, np.mean([c[i].scores for c in copies], axis=0), rtol=1e-6, atol=1e-9)
+
+
+def test_published_flops_are_linear_in_the_layer(tmp_path):
+    """The bench counts the published method's FLOPs on its first and last layer only."""
+    from kn_ray.engine.bench import count_flops
+
+    published = PublishedAttributor(*tiny_model("llama", tmp_path), precision="fp32")
+    run = lambda layers=None: count_flops(lambda: published.attribute_one("the city of", " rome", n_steps=3, layers=layers))  # noqa: E731
+    assert run() == published.lm.num_layers * (run([0]) + run([published.lm.num_layers - 1])) // 2

@@ -128,7 +128,12 @@ def benchmark(
             fn(ps, ts)
             _sync(lm.devices)
             seconds = time.perf_counter() - start
-        flops = count_flops(lambda: fn(prompts[:1], targets[:1]))
+        if method == "engine":
+            flops = count_flops(lambda: fn(prompts[:1], targets[:1]))
+        else:  # a layer's cost is linear in its index (backward stops at it): the first and last give the sum
+            first, last = (count_flops(lambda layer=layer: published.attribute_one(
+                prompts[0], targets[0], n_steps=n_steps, layers=[layer])) for layer in (0, lm.num_layers - 1))
+            flops = lm.num_layers * (first + last) // 2
         per_prompt = seconds / len(ps)
         rows.append(
             BenchRow(
