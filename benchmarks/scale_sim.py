@@ -85,7 +85,7 @@ class SyntheticEngine:
         return SimpleNamespace(ok=True, status="ok", reason=None, gold_prob=0.5, top_token=" o", top_prob=0.5,
                                layers=tuple(range(self.layers)), scores=scores, activations=acts,
                                max_score=float(scores.max()), completeness=np.zeros(self.layers, np.float32),
-                               seconds=0.01)
+                               seconds=0.01, evaluations=None)
 
 
 def simulate(actors: int, prompts: int, rate: float, layout: str, shard_size: int, root: str) -> dict:
