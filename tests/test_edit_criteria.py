@@ -26,8 +26,9 @@ def test_reliability_counts_argmax_flips_the_way_each_op_intends():
         row("suppress", "target", False, False),  # wrong before: cannot flip away, not counted
         row("amplify", "target", False, True), row("amplify", "target", True, True),  # right before: not counted
         row("update", "target", True, False, new=True), row("update", "target", True, True, new=False),
+        row("update", "reverse", True, False), row("update", "reverse", False, False),  # the reversed fact lost?
     ])
-    np.testing.assert_array_equal(flipped(rows).to_numpy(), [1, 0, np.nan, 1, np.nan, 1, 0])
+    np.testing.assert_array_equal(flipped(rows).to_numpy(), [1, 0, np.nan, 1, np.nan, 1, 0, 1, np.nan])
     got = criteria_rows(rows).set_index(["op", "metric"]).value
     assert got["suppress", "reliability"] == 0.5 and got["amplify", "reliability"] == 1.0
     assert got["update", "reliability"] == 0.5

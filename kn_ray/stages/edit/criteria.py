@@ -13,8 +13,9 @@ target's first token:
 * locality, on other facts (scopes `same_relation`, `other_relation`): the share of prompts
   whose argmax did not change (1 = the edit left them alone).
 * symmetry, for symmetric relations (P190 twinned city, ...), on the reversed fact's
-  prompts (scope `reverse`: object and subject swapped): reliability measured there, and
-  the mean relative change of P.
+  prompts (scope `reverse`: object and subject swapped): reliability measured there (update:
+  of the reversed prompts right before, the share no longer right), and the mean relative
+  change of P.
 
 The summary gives, per (op, condition, criterion), the mean over edits and a 95% bootstrap
 confidence interval over edits (facts; relations for erase).
@@ -41,14 +42,13 @@ def flipped(rows: pd.DataFrame) -> pd.Series:
     before = rows.correct_before.astype(bool)
     after = rows.correct_after.astype(bool)
     out = pd.Series(np.nan, index=rows.index)
-    lose = rows.op.isin(["suppress", "erase"])
+    new = rows.new_top1_after if "new_top1_after" in rows else pd.Series(None, index=rows.index, dtype=object)
+    update_new = (rows.op == "update") & new.notna()  # the edited fact's prompts: did the new object win?
+    lose = rows.op.isin(["suppress", "erase"]) | ((rows.op == "update") & new.isna())  # e.g. its reversed fact
     gain = rows.op == "amplify"
-    update = rows.op == "update"
     out[lose & before] = (~after[lose & before]).astype(float)
     out[gain & ~before] = after[gain & ~before].astype(float)
-    if "new_top1_after" in rows:
-        new = rows.new_top1_after
-        out[update & new.notna()] = new[update & new.notna()].astype(float)
+    out[update_new] = new[update_new].astype(float)
     return out
 
 
