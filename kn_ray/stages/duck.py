@@ -30,18 +30,20 @@ def read_parquet(files: list[str], union_by_name: bool = False) -> str:
     return f"read_parquet([{listed}]{', union_by_name = true' if union_by_name else ''})"
 
 
-def source(con, run, table: str, union_by_name: bool = False) -> str:
+def source(con, run, table: str, union_by_name: bool = False, local_dir: Path | None = None) -> str:
     """SQL for a table of the run (`kn_ray.pipeline.rundir.RunDirectory`): only the parts its
-    markers name. Local parts are read by DuckDB's own reader; parts elsewhere (S3, GCS, ...)
-    through a pyarrow dataset DuckDB scans batch by batch (no DuckDB extension, bounded
-    memory). Dense `neurons` (one list of scores per layer) read as one row per neuron."""
+    markers name. Local parts are read by DuckDB's own reader. Parts elsewhere (S3, GCS, ...)
+    are copied into `local_dir` when given (aggregation: DuckDB's reader then keeps its joins
+    within the memory limit, spilling to disk), else reach DuckDB as a pyarrow dataset it scans
+    batch by batch (no DuckDB extension needed). Dense `neurons` read as one row per neuron."""
     files = run.required_files(table)
     if run.local:
         sql = read_parquet(files, union_by_name)
+    elif local_dir is not None:
+        sql = read_parquet(_download(run, files, Path(local_dir) / table), union_by_name)
     else:
-        import pyarrow.dataset as ds
-
         import pyarrow as pa
+        import pyarrow.dataset as ds
         import pyarrow.parquet as pq
 
         schema = pa.unify_schemas([pq.read_schema(f, filesystem=run.fs) for f in files]) if union_by_name else None
@@ -52,6 +54,20 @@ def source(con, run, table: str, union_by_name: bool = False) -> str:
         sql = (f"(SELECT prompt_id, fact_id, relation, layer, CAST(unnest(range(len(scores))) AS INTEGER) AS neuron, "
                f"CAST(unnest(scores) AS FLOAT) AS score FROM {sql})")
     return sql
+
+
+def _download(run, files: list[str], directory: Path) -> list[str]:
+    """Copy parts to `directory` (16 at a time); returns the local paths."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.fs as pafs
+
+    directory.mkdir(parents=True, exist_ok=True)
+    local = [str(directory / f"{i:06d}-{f.rsplit('/', 1)[-1]}") for i, f in enumerate(files)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda pair: pafs.copy_files(pair[0], pair[1], source_filesystem=run.fs,
+                                                    destination_filesystem=pafs.LocalFileSystem()), zip(files, local)))
+    return local
 
 
 def write_query(con, query: str, schema: pa.Schema, directory: Path, rows_per_part: int = ROWS_PER_PART) -> int:

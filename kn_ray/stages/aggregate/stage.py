@@ -54,7 +54,7 @@ def aggregate(out, params: AggregateParams | None = None) -> dict:
     started = time.perf_counter()
     try:
         with run.scratch("aggregate-spill") as temp_dir, connect(params.memory_limit, params.threads, temp_dir) as con:
-            summary = _aggregate(con, run, methods, params)
+            summary = _aggregate(con, run, methods, params, temp_dir)
     except duckdb.OutOfMemoryException as error:
         reason = str(error).splitlines()[0]
         raise MemoryError(f"memory limit {params.memory_limit} is too small for this run, raise it ({reason})") from None
@@ -63,13 +63,14 @@ def aggregate(out, params: AggregateParams | None = None) -> dict:
     return summary
 
 
-def _aggregate(con, run: RunDirectory, methods: list[Method], params: AggregateParams) -> dict:
-    _load_facts(con, run)
+def _aggregate(con, run: RunDirectory, methods: list[Method], params: AggregateParams, scratch) -> dict:
+    """`scratch`: local space; parts on an object store are copied there for DuckDB's reader."""
+    _load_facts(con, run, scratch)
     summary = {"parameters": _parameters(run, methods, params), "p_per_relation": {}, "counts": _fact_counts(con, params)}
     summary["counts"]["parts_of_unfinished_shards"] = {t: run.unmarked_parts(t) for t in ATTRIBUTE_TABLES}
     kn_queries = []
     for method in methods:
-        summary["counts"][method.name] = _load_candidates(con, run, method, params)
+        summary["counts"][method.name] = _load_candidates(con, run, method, params, scratch)
         chosen = choose_p(con, method.name, params)
         summary["p_per_relation"][method.name] = chosen
         con.register(f"p_{method.name}", pd.DataFrame({"relation": list(chosen), "p": [c["p"] for c in chosen.values()]}))
@@ -93,9 +94,9 @@ def _parameters(run: RunDirectory, methods: list[Method], params: AggregateParam
             "adaptive_target": list(ADAPTIVE_TARGET)}
 
 
-def _load_facts(con, run: RunDirectory) -> None:
+def _load_facts(con, run: RunDirectory, scratch) -> None:
     """Usable prompts (status 'ok'), facts with their usable prompt count, relations with their fact count."""
-    prompts = source(con, run, "prompts")
+    prompts = source(con, run, "prompts", local_dir=scratch)
     duplicated = con.execute(f"SELECT count(*) - count(DISTINCT prompt_id) FROM {prompts}").fetchall()[0][0]
     if duplicated:
         raise ValueError(f"{run.location('prompts')}: {duplicated} repeated prompt_id rows (a shard written twice?)")
@@ -111,10 +112,10 @@ def _fact_counts(con, params: AggregateParams) -> dict:
     return dict(zip(["usable_prompts", "facts", "facts_below_min_prompts", "relations"], row))
 
 
-def _load_candidates(con, run: RunDirectory, method: Method, params: AggregateParams) -> dict:
+def _load_candidates(con, run: RunDirectory, method: Method, params: AggregateParams, scratch) -> dict:
     """Per (fact, neuron): usable prompts where it was coarse and its mean value there, kept
     only if that count reaches min_prompts (no p can admit the others)."""
-    rows = source(con, run, method.table)
+    rows = source(con, run, method.table, local_dir=scratch)
     con.execute(f"CREATE TEMP TABLE max_{method.name} AS SELECT r.prompt_id, max(r.{method.column}) AS top "
                 f"FROM {rows} r SEMI JOIN usable u ON r.prompt_id = u.prompt_id GROUP BY r.prompt_id")
     con.execute(f"""
