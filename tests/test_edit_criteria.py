@@ -71,3 +71,5 @@ def test_reversed_prompt_swaps_subject_and_object_in_causal_templates():
     assert reversed_prompt("[X] is a twin city of [Y].", "Paris", "Rome") == ("Rome is a twin city of", " Paris")
     assert reversed_prompt("[Y] is a twin city of [X].", "Paris", "Rome") is None  # object not at the end
     assert reversed_prompt(None, "Paris", "Rome") is None
+    assert reversed_prompt("[Y] is a twin city of [X].", "paris", "rome", masked=True) == \
+        ("[MASK] is a twin city of rome.", "paris")  # masked LMs: every template, object masked

@@ -185,7 +185,7 @@ class EditCorpus:
         rows = self.prompts[self.prompts.fact_id == fact_id]
         refs = []
         for r in rows.itertuples():
-            pair = reversed_prompt(r.template, r.subject, r.object)
+            pair = reversed_prompt(r.template, r.subject, r.object, masked="[MASK]" in r.prompt)
             if pair is not None:
                 refs.append(PromptRef(f"{r.prompt_id}:reverse", *pair))
         return refs

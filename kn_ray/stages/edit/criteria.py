@@ -121,12 +121,16 @@ def criteria_text(summary: pd.DataFrame) -> str:
     return "\n\n".join(parts)
 
 
-def reversed_prompt(template: str | None, subject: str, obj: str) -> tuple[str, str] | None:
-    """(prompt, target) of the reversed fact (obj, r, subject) from a causal template, filled as
-    the attribute stage fills it (kn_ray.pipeline.prompts.fill_template); None if it cannot be."""
+def reversed_prompt(template: str | None, subject: str, obj: str, masked: bool = False) -> tuple[str, str] | None:
+    """(prompt, target) of the reversed fact (obj, r, subject) from a template, filled as the
+    attribute stage fills it (kn_ray.pipeline.prompts.fill_template; masked LMs: [Y] -> [MASK]);
+    None if it cannot be."""
     if not template or template.count("[X]") != 1 or template.count("[Y]") != 1:
         return None
     head, tail = template.split("[Y]")
+    target = (" " if head[-1:].isspace() else "") + subject
+    if masked:
+        return (head + "[MASK]" + tail).replace("[X]", obj), target
     if tail.strip() not in ("", ".") or "[X]" not in head or not head.strip():
         return None
-    return head.replace("[X]", obj).rstrip(), (" " if head[-1:].isspace() else "") + subject
+    return head.replace("[X]", obj).rstrip(), target
