@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, adapter_for
+from .hooks import offloaded
 from .embedded import EMBEDDED, ensure_embedded, file_sha256, gguf_cache_path, gguf_to_safetensors
 from .precision import dtype_name, resolve_dtype
 
@@ -57,7 +58,7 @@ class LoadedModel:
     @property
     def offloaded(self) -> bool:
         """True if some weights live off their execution device (CPU or disk offload)."""
-        return any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in self.model.modules())
+        return offloaded(self.model)
 
     @property
     def num_layers(self) -> int:
@@ -163,12 +164,17 @@ def _as_device(value) -> torch.device:
     return torch.device("cuda", value) if isinstance(value, int) else torch.device(value)
 
 
+def hook_device(module: nn.Module) -> torch.device | None:
+    """The execution device of the Accelerate hook on `module`, if it has one."""
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    return None if device is None else _as_device(device)
+
+
 def input_device(model: nn.Module) -> torch.device:
     """The device the input embedding runs on (its Accelerate hook's execution device, else its weight's)."""
     embed = model.get_input_embeddings()
-    hook_device = getattr(getattr(embed, "_hf_hook", None), "execution_device", None)
-    if hook_device is not None:
-        return _as_device(hook_device)
+    if (hooked := hook_device(embed)) is not None:
+        return hooked
     device = embed.weight.device
     return torch.device("cpu") if device.type == "meta" else device
 
@@ -177,9 +183,8 @@ def module_device(module: nn.Module) -> torch.device:
     """Where a module runs: its (or its nearest hooked submodule's) Accelerate execution device,
     else its first resident parameter's device."""
     for sub in module.modules():
-        hook_device = getattr(getattr(sub, "_hf_hook", None), "execution_device", None)
-        if hook_device is not None:
-            return _as_device(hook_device)
+        if (hooked := hook_device(sub)) is not None:
+            return hooked
     return next((p.device for p in module.parameters() if p.device.type != "meta"), torch.device("cpu"))
 
 
@@ -187,10 +192,7 @@ def execution_devices(model: nn.Module) -> list[torch.device]:
     """The devices computations run on: each Accelerate hook's execution device, and the
     devices of resident (non-meta) parameters. Offloaded parts run on their hook's device."""
     found = {input_device(model)}
-    for module in model.modules():
-        hook_device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
-        if hook_device is not None:
-            found.add(_as_device(hook_device))
+    found.update(d for d in map(hook_device, model.modules()) if d is not None)
     found.update(p.device for p in model.parameters() if p.device.type != "meta")
     return sorted(found, key=str)
 

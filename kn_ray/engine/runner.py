@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from .encoding import Batch, Encoded, SkipPrompt, collate, encode, max_positions
-from .loading import LoadedModel
+from .loading import LoadedModel, module_device
 from .precision import resolve_precision
 
 
@@ -106,8 +106,6 @@ class ModelRunner:
 
 def block_devices(lm: LoadedModel) -> list[torch.device]:
     """The execution device of each transformer block."""
-    from .loading import module_device
-
     return [module_device(block) for block in lm.adapter.blocks(lm.model)]
 
 
