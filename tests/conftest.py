@@ -16,7 +16,7 @@ def ray_local():
     """A local Ray with 4 logical CPUs; yields its GCS address (for subprocess drivers)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
         yield ray.get_runtime_context().gcs_address
     finally:

@@ -55,14 +55,16 @@ class DispatchResult:
 
 
 def connect(min_cpus: float = 0) -> bool:
-    """Join $RAY_ADDRESS, or start a local loopback-only Ray; True if this call started it."""
+    """Join $RAY_ADDRESS, or start a fresh local loopback-only Ray (never a cluster that an earlier
+    `ray start` left in Ray's current-cluster file, even a dead one); True if this call started it."""
     if ray.is_initialized():
         return False
     kwargs = dict(log_to_driver=False, logging_level="WARNING")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus)), include_dashboard=False, **kwargs)
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus)), include_dashboard=False,
+                 **kwargs)
     return True
 
 
