@@ -93,6 +93,7 @@ def simulate(actors: int, prompts: int, rate: float, layout: str, shard_size: in
 
     from kn_ray.pipeline import execute
     from kn_ray.pipeline.options import KeepPolicy, Resources, RunOptions
+    from kn_ray.placement import Placement
     from kn_ray.pipeline.plan import plan_shards
     from kn_ray.pipeline.prompts import PromptSpec
     from kn_ray.pipeline.rundir import RunDirectory, RunRecord, config_hash
@@ -102,7 +103,7 @@ def simulate(actors: int, prompts: int, rate: float, layout: str, shard_size: in
     specs = [PromptSpec(f"{i:016x}", f"fact-{i // 8}", f"P{i % 46}", "Subject", "Object", "[X] is in [Y] .",
                         "Subject is in [MASK] .", "Object") for i in range(prompts)]
     shards = plan_shards(specs, shard_size)
-    options = RunOptions(model="synthetic", facts="-", output=out, shard_size=shard_size,
+    options = RunOptions(Placement("synthetic"), facts="-", output=out, shard_size=shard_size,
                          keep=KeepPolicy(dense=layout == "dense"),
                          resources=Resources(workers=actors, cpus_per_worker=max(0.01, 1.0 / actors), in_flight=4))
     run = RunDirectory(out)

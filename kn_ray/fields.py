@@ -27,3 +27,17 @@ def option(default=MISSING, help: str = "", *, factory=MISSING, key: str | None 
     """
     meta = dict(help=help, key=key, flag=flag, choices=choices, types=types, section=section, group=group, cli=cli)
     return field(default=default, default_factory=factory, metadata={"option": meta})
+
+
+def int_or_auto(text: str) -> int | str:
+    """A CLI value that is a count or `auto` (n_steps, batch_prompts)."""
+    import argparse
+
+    from kn_ray.choices import AUTO
+
+    if text == AUTO:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None

@@ -14,8 +14,8 @@ JOB = "jobs/pararel-bert-base.yaml"
 
 def test_pararel_job_is_valid_and_wants_gpus():
     options = load_job(ROOT / JOB)
-    assert options.model == "bert-base-cased" and options.facts_format == "pararel"
-    assert options.resources.gpus_per_worker == 1 and options.n_steps == 20 and options.keep.ratio == 0.1
+    assert options.placement.model == "bert-base-cased" and options.facts_format == "pararel"
+    assert options.placement.gpus_per_worker == 1 and options.n_steps == 20 and options.keep.ratio == 0.1
 
 
 def test_kuberay_rayjob_runs_the_job_on_gpu_workers():

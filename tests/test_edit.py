@@ -14,9 +14,10 @@ import torch
 from kn_ray.engine import LoadedModel, Prober, load_model
 from kn_ray.engine.editing import add_to_value_slots, edited, value_slot, word_embedding
 from kn_ray.interfaces.cli import main
+from kn_ray.placement import Placement
 from kn_ray.stages.edit.corpus import EditCorpus, rng_for
 from kn_ray.stages.edit.options import EditOptions, EditSettings
-from kn_ray.stages.edit.runner import (EditRunner, ModelSpec, apply_erase, apply_update, erase_value, random_neurons,
+from kn_ray.stages.edit.runner import (EditRunner, apply_erase, apply_update, erase_value, random_neurons,
                                        update_delta)
 from kn_ray.stages.edit.stage import save_edit
 from kn_ray.stages.edit.tables import EDITS, corpus_ppl, metric_rows, relative_change
@@ -284,8 +285,8 @@ def test_ray_actors_give_the_rows_of_a_local_run(run_dir, runner, ray_local):
     from kn_ray.stages.edit.actors import run_units
 
     units = EditCorpus(run_dir).units("suppress", EditSettings(control_prompts=2), unit_facts=2)
-    spec = ModelSpec(str(run_dir.parent / "model"), precision="fp32")
-    remote = {unit.index: rows for unit, rows in run_units(units, spec, workers=2)}
+    placement = Placement(str(run_dir.parent / "model"), precision="fp32")
+    remote = {unit.index: rows for unit, rows in run_units(units, placement, workers=2)}
     assert sorted(remote) == [u.index for u in units]
     for unit in units:
         assert_same_edit_rows(remote[unit.index], runner.run(unit))  # 1-thread actors vs this process

@@ -23,6 +23,7 @@ from kn_ray.interfaces.commands.submit import entrypoint
 from kn_ray.interfaces.jobs import SpecError, load_job, options_from_spec
 from kn_ray.pipeline.facts import read_facts
 from kn_ray.pipeline.options import RunOptions
+from kn_ray.placement import Placement
 from kn_ray.pipeline.prompts import build_prompts
 from kn_ray.stages.aggregate import AggregateParams
 from kn_ray.stages.edit.options import EditOptions
@@ -33,7 +34,7 @@ BASE = dict(model="m", facts="f.jsonl", output="out")
 
 def test_demo_job_uses_the_bundled_facts():
     options = load_job(ROOT / "jobs" / "demo.yaml")
-    assert options.model == "smollm2" and Path(options.facts).name == "demo_facts.jsonl"
+    assert options.placement.model == "smollm2" and Path(options.facts).name == "demo_facts.jsonl"
     facts = read_facts(options.facts)
     assert not facts.bad and 6 <= len(facts.facts) <= 10
     prompts = build_prompts(facts, masked=False).prompts
@@ -85,21 +86,21 @@ def test_big_model_flags_describe_the_same_run_as_a_spec(tmp_path):
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     options = load_job(tmp_path / "job.yaml")
     assert options_from_spec(spec_from_args(args)) == options
-    assert options.max_memory == {0: "70GiB", 1: "70GiB", "cpu": "200GiB"} and options.dtype == "bf16"
+    assert options.placement.max_memory == {0: "70GiB", 1: "70GiB", "cpu": "200GiB"} and options.placement.dtype == "bf16"
 
 
 @pytest.mark.parametrize("job", sorted(p.name for p in (ROOT / "jobs").glob("*.yaml")))
 def test_shipped_jobs_validate(job):
     options = load_job(ROOT / "jobs" / job)
-    assert options.model and options.output
+    assert options.placement.model and options.output
 
 
 def test_big_model_jobs_split_models_as_documented():
     eight = load_job(ROOT / "jobs" / "llama3-8b-8gpu.yaml")
-    assert eight.dtype == "bf16" and eight.resources.gpus_per_worker == 1 and eight.resources.workers == 8
+    assert eight.placement.dtype == "bf16" and eight.placement.gpus_per_worker == 1 and eight.resources.workers == 8
     seventy = load_job(ROOT / "jobs" / "llama3-70b-4gpu-actors.yaml")
-    assert seventy.resources.gpus_per_worker == 4 and seventy.dtype == "bf16"
-    assert set(seventy.max_memory) == {0, 1, 2, 3, "cpu"}
+    assert seventy.placement.gpus_per_worker == 4 and seventy.placement.dtype == "bf16"
+    assert set(seventy.placement.max_memory) == {0, 1, 2, 3, "cpu"}
 
 
 def test_auto_steps_from_flags_and_spec_enter_the_run_identity(tmp_path):
@@ -252,7 +253,7 @@ def _get(obj, path):
 
 
 REQUIRED_ARGS = ["--model", "m", "--facts", "f.jsonl", "--output", "out"]
-COMMANDS = [("attribute", RunOptions, REQUIRED_ARGS, dict(model="m", facts="f.jsonl", output="out")),
+COMMANDS = [("attribute", RunOptions, REQUIRED_ARGS, dict(placement=Placement("m"), facts="f.jsonl", output="out")),
             ("aggregate", AggregateParams, ["OUT"], {}), ("edit", EditOptions, ["OUT"], {})]
 
 
@@ -261,7 +262,7 @@ def test_every_option_has_one_default_for_cli_and_spec(command, cls, required, v
     args = build_parser().parse_args([command, *required])
     assert declared_mod.from_args(cls, args) == cls(**values)  # unset flags: the dataclass defaults
     if cls is RunOptions:
-        assert declared_mod.from_spec(cls, values) == cls(**values)  # absent keys: the same defaults
+        assert declared_mod.from_spec(cls, BASE) == cls(**values)  # absent keys: the same defaults
         assert options_from_spec(spec_from_args(args)) == options_from_spec(BASE)
 
 
@@ -272,7 +273,7 @@ def test_every_dataclass_field_is_a_flag_and_a_spec_key(command, cls, required, 
             hint = typing.get_type_hints(c)[f.name]
             if dataclasses.is_dataclass(hint):
                 yield from leaves(hint, path + (f.name,))
-            else:
+            elif not (c is EditOptions and f.name == "placement"):  # overrides of run.json's: below
                 yield path + (f.name,)
 
     options = declared_mod.declared(cls)
@@ -287,7 +288,7 @@ def test_every_dataclass_field_is_a_flag_and_a_spec_key(command, cls, required, 
         assert _get(got, d.path) == value, d.flag
         assert d.flag in help_text
         if cls is RunOptions:  # the same option through a job spec
-            spec = dict(values)
+            spec = dict(BASE)
             (spec.setdefault(d.section, {}) if d.section else spec)[d.key] = list(value) if isinstance(value, tuple) \
                 else value
             assert declared_mod.from_spec(cls, spec) == got, d.key
@@ -301,7 +302,7 @@ def _help_of(command: str) -> str:
 
 def test_help_shows_the_dataclass_defaults():
     text = " ".join(_help_of("attribute").split())
-    assert "(default: 20)" in text and "(default: 0.1)" in text and "(default: 32)" in text
+    assert "(default: 20)" in text and "(default: 0.1)" in text and "(default: auto)" in text
     assert "(default: 0.7)" in " ".join(_help_of("aggregate").split())
 
 
@@ -313,12 +314,44 @@ def test_the_documented_spec_shows_the_declared_defaults():
 
 
 def test_actors_of_several_gpus_load_with_a_balanced_device_map(monkeypatch):
+    import kn_ray.engine
     from kn_ray.pipeline import execute
 
-    seen = []
-    monkeypatch.setattr(execute, "ActorPool", lambda cls, args, kwargs, res: seen.append(kwargs))
+    pools, loads = [], []
+    monkeypatch.setattr(execute, "ActorPool", lambda cls, args, kwargs, res, gpus: pools.append((args, gpus)))
+    monkeypatch.setattr(kn_ray.engine, "load_model", lambda name, **kwargs: loads.append(kwargs))
     for gpus, device_map in ((4, "auto"), (1, None), (None, None)):
         options = options_from_spec(dict(BASE, dtype="bf16", max_memory="0=60GiB,cpu=1GiB", workers=dict(gpus=gpus)))
         execute.attribution_pool(options)
-        assert seen[-1]["device_map"] == device_map
-        assert seen[-1]["dtype"] == "bf16" and seen[-1]["max_memory"] == {0: "60GiB", "cpu": "1GiB"}
+        (placement,), pool_gpus = pools[-1]
+        assert placement == options.placement and pool_gpus == gpus  # Ray reserves what the placement asks
+        placement.load()  # what each actor does
+        assert loads[-1]["device_map"] == device_map
+        assert loads[-1]["dtype"] == "bf16" and loads[-1]["max_memory"] == {0: "60GiB", "cpu": "1GiB"}
+
+
+def test_edit_takes_attributes_placement_flags_as_overrides_of_the_run():
+    """Every placement flag of `kn-ray attribute` is a flag of `kn-ray edit`; set, it overrides
+    run.json's placement; unset, run.json's value stays."""
+    from kn_ray.pipeline.rundir import RunRecord
+
+    attribute_flags = {d.flag for d in declared_mod.declared(RunOptions) if d.path[0] == "placement"}
+    help_text = _help_of("edit")
+    record = RunRecord(identity=dict(model="run-model", model_info=dict(precision="bf16", dtype="fp32")),
+                       options=dict(placement=dict(Placement("run-model", revision="r1", max_memory={"cpu": "1GiB"},
+                                                             offload_dir="/off", batch_prompts=8).as_dict())))
+    assert record.placement() == Placement("run-model", revision="r1", precision="bf16", dtype="fp32",
+                                           max_memory={"cpu": "1GiB"}, offload_dir="/off", batch_prompts=8)
+    for d in declared_mod.declared(Placement):
+        assert d.flag in attribute_flags and d.flag in help_text
+        text, value = _sample(d)
+        args = build_parser().parse_args(["edit", "OUT", d.flag] + ([] if text is None else [text]))
+        overrides = declared_mod.overrides(Placement, args)
+        assert overrides == {d.dest: value}
+        options = declared_mod.from_args(EditOptions, args, placement=overrides)
+        placement = record.placement(**options.check().placement)
+        expected = Placement("run-model", revision="r1", precision="bf16", dtype="fp32", max_memory={"cpu": "1GiB"},
+                             offload_dir="/off", batch_prompts=8)
+        if d.dest == "model":
+            expected = dataclasses.replace(expected, revision=None)  # another model: not the run's revision
+        assert placement == dataclasses.replace(expected, **{d.dest: value}).check(), d.flag

@@ -19,6 +19,7 @@ from kn_ray.pipeline.driver import run_pipeline
 from kn_ray.pipeline.facts import read_facts
 from kn_ray.pipeline.faults import ENV as FAULTS
 from kn_ray.pipeline.options import KeepPolicy, Resources, RunOptions
+from kn_ray.placement import Placement
 from kn_ray.pipeline.prompts import build_prompts
 from kn_ray.pipeline.rundir import RunConflict, RunDirectory
 from kn_ray.pipeline.tables import kept
@@ -39,7 +40,7 @@ def world(tmp_path_factory):
 
 def options(world, out: Path, model="bert", workers=1, facts=None, **kw) -> RunOptions:
     kw = {"n_steps": N_STEPS, "shard_size": 10, **kw}
-    return RunOptions(model=str(world[model]), facts=str(facts or world["data"]), output=str(out),
+    return RunOptions(Placement(str(world[model])), facts=str(facts or world["data"]), output=str(out),
                       resources=Resources(workers=workers, **kw.pop("res", {})), **kw)
 
 

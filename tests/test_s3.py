@@ -22,6 +22,7 @@ import pytest
 from kn_ray.pipeline.driver import run_pipeline
 from kn_ray.pipeline.faults import ENV as FAULTS
 from kn_ray.pipeline.options import Resources, RunOptions
+from kn_ray.placement import Placement
 from kn_ray.pipeline.rundir import MARKERS, RunDirectory
 from kn_ray.pipeline.tables import KINDS
 from tests.pipeline_fixtures import save_tiny_model
@@ -88,7 +89,7 @@ def world(tmp_path_factory):
 
 
 def options(world, output: str, facts: str | None = None, workers: int = 1) -> RunOptions:
-    return RunOptions(model=str(world["model"]), facts=facts or str(world["facts"]), output=output,
+    return RunOptions(Placement(str(world["model"])), facts=facts or str(world["facts"]), output=output,
                       n_steps=N_STEPS, shard_size=3, resources=Resources(workers=workers))
 
 

@@ -33,7 +33,7 @@ from .encoding import Batch
 from .hooks import edit_neurons, first_arg, gather_head_input, pre_hooks, recompute_offloaded_blocks, start_at_layer
 from .precision import autocast
 from .quadrature import AUTO, quadrature
-from .adaptive import integrate_adaptive
+from .adaptive import FIRST_LEVEL, integrate_adaptive
 from .smoothing import smoothed
 from .runner import ModelRunner, batches, describe, gold_prob, is_oom
 
@@ -138,7 +138,8 @@ class Attributor(ModelRunner):
         results: list[Attribution | None] = [None] * len(prompts)
         for i, reason in skipped.items():
             results[i] = Attribution(prompts[i], targets[i], status="skipped", reason=reason)
-        for chunk in batches(ready, self.max_batch_prompts):
+        rows = 2**FIRST_LEVEL + 1 if alphas is None else len(alphas) + 1  # per prompt and layer (+ P(baseline))
+        for chunk in batches(ready, self.batch_size(rows, suffix_rows=not self.adapter.masked)):
             for i, res in self._attribute_safely(chunk, prompts, targets, alphas, weights, layers, baselines):
                 results[i] = res
             if progress:

@@ -101,9 +101,10 @@ def benchmark(
     precision: str = "fp32",
     published_prompts: int = 2,
     name: str | None = None,
+    max_batch_prompts: int | None = None,
 ) -> list[BenchRow]:
     """Time the engine on all prompts and the published method on the first `published_prompts`."""
-    engine = Attributor(lm, precision=precision)
+    engine = Attributor(lm, precision=precision, max_batch_prompts=max_batch_prompts)
     published = PublishedAttributor(lm, precision=engine.precision)
     name = name or lm.name
     tokens = [engine.encode(p, t).length for p, t in zip(prompts, targets)]

@@ -63,7 +63,7 @@ class Prober(ModelRunner):
         results: list[Probe | None] = [None] * len(prompts)
         for i, reason in skipped.items():
             results[i] = Probe(prompts[i], targets[i], status="skipped", reason=reason)
-        for chunk in batches(ready, self.max_batch_prompts):
+        for chunk in batches(ready, self.batch_size()):
             for (i, enc), out in zip(chunk, self._probe_batch(chunk, per_prompt, factor)):
                 results[i] = Probe(prompts[i], targets[i], n_target_tokens=len(enc.object_ids), first_target_id=enc.object_ids[0], **out)
         return results  # type: ignore[return-value]

@@ -19,8 +19,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kn_ray.choices import AUTO  # noqa: F401 - n_steps="auto": adaptive steps
+
 METHODS = ("left", "right", "midpoint", "trapezoid", "gausslegendre")
-AUTO = "auto"
 
 
 def quadrature(n_steps: int, method: str = "left") -> tuple[torch.Tensor, torch.Tensor]:

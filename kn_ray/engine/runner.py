@@ -11,6 +11,9 @@ from .encoding import Batch, Encoded, SkipPrompt, collate, encode, max_positions
 from .loading import LoadedModel, module_device
 from .precision import resolve_precision
 
+CPU_BATCH_PROMPTS = 32  # prompts per batch on a CPU (rows of all of them share each pass)
+AUTO_MAX_PROMPTS = 1024  # a GPU batch's bound: the clean pass caches every layer's input per prompt
+
 
 class ModelRunner:
     """Holds a LoadedModel and runs batched, padded forward passes over (prompt, target) pairs."""
@@ -29,7 +32,7 @@ class ModelRunner:
         self.device = self.lm.device
         self.precision = resolve_precision(precision, self.device, self.lm.dtype)
         self.max_batch_tokens = max_batch_tokens or self._default_batch_tokens()
-        self.max_batch_prompts = max_batch_prompts or (256 if self.device.type == "cuda" else 32)
+        self.max_batch_prompts = max_batch_prompts  # a cap; None: `batch_size` sizes batches to the device
         self.max_length = max_positions(self.model.config)
         self.pad_id = next((int(t) for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if t is not None), 0)
 
@@ -78,6 +81,23 @@ class ModelRunner:
         if bad or not layers:
             raise ValueError(f"layers must be a non-empty subset of 0..{n - 1}; got {bad or 'none'}")
         return layers
+
+    def batch_size(self, rows_per_prompt: int = 1, *, suffix_rows: bool = False):
+        """Prompts per batch, as a function of a group of (index, Encoded) of one object length
+        (`batches`): on a CPU, CPU_BATCH_PROMPTS or the cap `max_batch_prompts`; on a GPU, as many
+        prompts as make one pass of `max_batch_tokens` row-tokens (each prompt brings
+        `rows_per_prompt` rows of its length, or with `suffix_rows` of its object's length: causal
+        rows start at the target), at most AUTO_MAX_PROMPTS and the cap."""
+        cap = self.max_batch_prompts
+
+        def size(group) -> int:
+            if not any(d.type == "cuda" for d in self.lm.devices):
+                return cap or CPU_BATCH_PROMPTS
+            per_row = len(group[0][1].object_ids) if suffix_rows else max(e.length for _, e in group)
+            fit = max(1, min(AUTO_MAX_PROMPTS, self.max_batch_tokens // (rows_per_prompt * per_row)))
+            return min(fit, cap or fit)
+
+        return size
 
     def _default_batch_tokens(self) -> int:
         """Row-tokens per forward/backward, sized to the free memory of every GPU the model runs
@@ -143,16 +163,18 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:500]
 
 
-def batches(ready: list[tuple[int, Encoded]], size: int):
-    """Batches of at most `size` prompts whose objects have the same number of tokens.
+def batches(ready: list[tuple[int, Encoded]], size):
+    """Batches of at most `size` prompts (an int, or a function of the group, `batch_size`) whose
+    objects have the same number of tokens.
 
     Every row of a batch is padded to its longest object, so mixing a 1-token object with
     a 3-token one would triple the work of the short one's rows.
     """
     for _, group in itertools.groupby(ready, key=lambda item: len(item[1].object_ids)):
         group = list(group)
-        for lo in range(0, len(group), size):
-            yield group[lo : lo + size]
+        n = size(group) if callable(size) else size
+        for lo in range(0, len(group), n):
+            yield group[lo : lo + n]
 
 
 def _as_list(value) -> list[str]:

@@ -75,20 +75,24 @@ def _bases(hint) -> list:
 
 
 # ---- CLI ----------------------------------------------------------------------------------------
-def add_flags(parser: argparse.ArgumentParser, cls, groups: dict[str, str] | None = None) -> None:
-    """One argparse argument per declared option with a flag; `groups` titles sections."""
+def add_flags(parser: argparse.ArgumentParser, cls, groups: dict[str, str] | None = None, *,
+              defaults_from: str | None = None, skip: tuple[str, ...] = ()) -> None:
+    """One argparse argument per declared option with a flag; `groups` titles sections.
+    `defaults_from`: unset flags take their values from there (e.g. "the run's"), so no flag is
+    required and the help says so (read them with `overrides`). `skip`: dests left out."""
     made: dict[str, argparse._ArgumentGroup] = {}
     for d in declared(cls):
-        if d.flag is None:
+        if d.flag is None or d.dest in skip:
             continue
         title = d.meta["group"] or (groups or {}).get(d.section or "")
         target = parser if title is None else made.setdefault(title, parser.add_argument_group(title))
         cli = dict(d.meta["cli"])
         aliases = cli.pop("aliases", ())
-        kwargs = dict(dest=d.dest, default=None, help=_help(d), **{**_cli_type(d), **cli})
+        text = _help(d) if defaults_from is None else f"{d.meta['help']}; unset: {defaults_from}"
+        kwargs = dict(dest=d.dest, default=None, help=text, **{**_cli_type(d), **cli})
         if d.meta["choices"] is not None:
             kwargs.update(choices=d.meta["choices"], metavar=None)
-        if d.required:
+        if d.required and defaults_from is None:
             kwargs["required"] = True
         target.add_argument(d.flag, *aliases, **kwargs)
 
@@ -127,8 +131,18 @@ def from_args(cls, args: argparse.Namespace, **fixed):
     for d in declared(cls):
         value = getattr(args, d.dest, None)
         if d.flag is not None and value is not None:
-            _put(tree, d.path, tuple(value) if _bases(d.hint)[0] is tuple else value)
+            _put(tree, d.path, _value(d, value))
     return _build(cls, tree, fixed)
+
+
+def overrides(cls, args: argparse.Namespace) -> dict:
+    """{dest: value} of the flags that were set (for flags added with `defaults_from`)."""
+    return {d.dest: _value(d, getattr(args, d.dest)) for d in declared(cls)
+            if d.flag is not None and getattr(args, d.dest, None) is not None}
+
+
+def _value(d: Declared, value):
+    return tuple(value) if _bases(d.hint)[0] is tuple else value
 
 
 def spec_from_args(cls, args: argparse.Namespace) -> dict:
@@ -164,7 +178,7 @@ def from_spec(cls, spec, **fixed):
                 missing += [key] if d.required else []
                 continue
             _check_type(d, value)
-            _put(tree, d.path, tuple(value) if _bases(d.hint)[0] is tuple else value)
+            _put(tree, d.path, _value(d, value))
     if missing:
         raise SpecError(f"missing required key(s): {', '.join(missing)}")
     return _build(cls, tree, fixed)

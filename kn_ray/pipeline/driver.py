@@ -55,7 +55,7 @@ def option_identity(options: RunOptions, fmt: str) -> dict:
     """The part of the run's identity known before the model loads."""
     return dict(
         kn_ray_version=__version__,
-        model=options.model,
+        model=options.placement.model,
         attribution=options.attribution(),
         keep=options.as_dict()["keep"],
         input=dict(format=fmt, filters=options.filters.as_dict()),

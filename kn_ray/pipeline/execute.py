@@ -84,11 +84,12 @@ FORWARDED_ENV = (faults.ENV, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACC
                  "AWS_SHARED_CREDENTIALS_FILE", "GOOGLE_APPLICATION_CREDENTIALS")
 
 
-def actor_resources(res: Resources) -> tuple[int, dict]:
-    """(number of actors, Ray options for each): one actor per GPU on a GPU cluster, else by
-    default one actor of `cpus_per_worker` CPUs per that many of the cluster's CPUs (every core)."""
+def actor_resources(res: Resources, gpus: float | None = None) -> tuple[int, dict]:
+    """(number of actors, Ray options for each): one actor per `gpus` GPUs (default 1) on a GPU
+    cluster, else by default one actor of `cpus_per_worker` CPUs per that many of the cluster's
+    CPUs (every core)."""
     cluster = ray.cluster_resources()
-    gpus = res.gpus_per_worker if res.gpus_per_worker is not None else (1 if cluster.get("GPU", 0) >= 1 else 0)
+    gpus = gpus if gpus is not None else (1 if cluster.get("GPU", 0) >= 1 else 0)
     if res.workers:
         count = res.workers
     elif gpus:
@@ -114,10 +115,10 @@ def describe_plan(count: int, opts: dict, chosen: bool) -> str:
 class ActorPool:
     """Actors of one class that each load the model once, their in-flight counts, and which are
     waiting on a health ping (`info()`). `actor_class(*args, threads=N, **kwargs)`: N torch
-    threads on CPU actors, None on GPU actors."""
+    threads on CPU actors, None on GPU actors; `gpus` per actor (`Placement.gpus_per_worker`)."""
 
-    def __init__(self, actor_class, args: tuple, kwargs: dict, res: Resources):
-        count, opts = actor_resources(res)
+    def __init__(self, actor_class, args: tuple, kwargs: dict, res: Resources, gpus: float | None = None):
+        count, opts = actor_resources(res, gpus)
         self.plan = describe_plan(count, opts, bool(res.workers))
         threads = None if opts["num_gpus"] else max(1, int(opts["num_cpus"]))
         remote = ray.remote(actor_class).options(**opts)
@@ -253,14 +254,14 @@ class TasksFailed(RuntimeError):
 
 
 def run_tasks(actor_class, args: tuple, kwargs: dict, res: Resources, tasks, *, method: str = "run",
-              key=lambda task: task.name, size=lambda task: 1):
+              key=lambda task: task.name, size=lambda task: 1, gpus: float | None = None):
     """Yield (task, result) of `actor_class(*args, **kwargs).<method>(task)` over a pool, as they
     finish; raises TasksFailed at the end if a task failed on every attempt. Starts a local Ray
     (or joins $RAY_ADDRESS) if none is running."""
     started = connect(min_cpus=(res.workers or 1) * res.cpus_per_worker)
     pool = None
     try:
-        pool = ActorPool(actor_class, args, kwargs, res)
+        pool = ActorPool(actor_class, args, kwargs, res, gpus)
         pool.model_info()
         dispatcher = Dispatcher(pool, lambda actor, task: (getattr(actor, method).remote(task), None),
                                 max_attempts=res.max_attempts, key=key, size=size)
@@ -278,14 +279,7 @@ def run_tasks(actor_class, args: tuple, kwargs: dict, res: Resources, tasks, *, 
 
 # ---- attribution: shards, written by the workers, committed by the driver -------------------------
 def attribution_pool(options: RunOptions) -> ActorPool:
-    # an actor of several GPUs splits the model over them (Accelerate's balanced device map)
-    several = (options.resources.gpus_per_worker or 0) > 1
-    return ActorPool(ShardComputer, (options.model,),
-                     dict(precision=options.precision, batch_prompts=options.batch_prompts, revision=options.revision,
-                          allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code,
-                          dtype=options.dtype, device_map="auto" if several else None, max_memory=options.max_memory,
-                          offload_dir=options.offload_dir),
-                     options.resources)
+    return ActorPool(ShardComputer, (options.placement,), {}, options.resources, options.placement.gpus_per_worker)
 
 
 def run_shards(pool: ActorPool, shards: list[Shard], run: RunDirectory, run_hash: str, options: RunOptions,

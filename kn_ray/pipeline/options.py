@@ -1,17 +1,17 @@
 """Everything a pipeline run needs, declared and validated in one place.
 
-Each option is declared once, here (`kn_ray.fields.option`): its default, help text, CLI flag
-and job-spec key and section. `kn-ray attribute`'s flags and the job-spec schema
+Each option is declared once, here or in `kn_ray.placement` (how actors load the model, shared
+with `kn-ray edit` and `kn-ray bench`), with `kn_ray.fields.option`: its default, help text, CLI
+flag and job-spec key and section. `kn-ray attribute`'s flags and the job-spec schema
 (`kn_ray.interfaces.jobs`) are derived from these declarations.
 """
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict, dataclass, fields
 
-from kn_ray.choices import DTYPES, PRECISIONS
-from kn_ray.fields import option
+from kn_ray.fields import int_or_auto, option
+from kn_ray.placement import Placement
 
 from .facts import FORMATS, Filters
 
@@ -37,14 +37,13 @@ class KeepPolicy:
 
 @dataclass(frozen=True)
 class Resources:
-    """Actors: one per GPU when the cluster has GPUs (unless `gpus_per_worker` is 0), else
-    CPU actors of `cpus_per_worker` logical CPUs each, by default as many as the cluster's CPUs hold."""
+    """Actors: one per `Placement.gpus_per_worker` GPUs when the cluster has GPUs (unless that is
+    0), else CPU actors of `cpus_per_worker` logical CPUs each, by default as many as the
+    cluster's CPUs hold."""
 
     workers: int | None = option(None, "actors (default: one per GPU, else one per CPU of the cluster)", key="count",
                                  flag="--workers")
     cpus_per_worker: float = option(1.0, "logical CPUs per actor", key="cpus", flag="--cpus-per-worker")
-    gpus_per_worker: float | None = option(None, "GPUs per actor (default: 1 if the cluster has GPUs)", key="gpus",
-                                         flag="--gpus-per-worker")
     in_flight: int = option(2, "shards queued per actor, so it never waits for the driver")
     max_attempts: int = option(3, "attempts per shard before it is failed")
     max_restarts: int = option(4, "Ray restarts of a crashed actor (reloads the model; -1: unlimited)")
@@ -54,8 +53,6 @@ class Resources:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
-        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
-            raise ValueError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
         for name in ("in_flight", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -65,14 +62,14 @@ class Resources:
 
 @dataclass(frozen=True)
 class RunOptions:
-    model: str = option(help="hub id, checkpoint dir, .gguf file or embedded name (smollm2)")
+    placement: Placement = option(help="how each actor loads and runs the model (kn_ray.placement)")
     facts: str = option(help="PARAREL-layout dir, JSON Lines file (path or URI), or builtin:demo")
     output: str = option(help="output directory: a path or URI (file://, s3://, gs://, any pyarrow.fs/fsspec "
                               "filesystem)", aliases=("-o",))
     facts_format: str = option("auto", "facts format", key="format", choices=FORMATS)
     filters: Filters = option(factory=Filters, section="filters")
     n_steps: int | str = option(20, "integration steps, or auto (adaptive, see --tolerance)", section="attribution",
-                                type=lambda text: text if text == "auto" else _int(text))
+                                type=int_or_auto)
     method: str = option("left", "quadrature rule: left (the paper with 20 steps), right, midpoint, trapezoid, "
                                  "gausslegendre (kn_ray.engine.METHODS checks it)", section="attribution")
     tolerance: float = option(0.01, "--n-steps auto: completeness residual <= T x |P - P(layer at baseline)|",
@@ -81,20 +78,8 @@ class RunOptions:
                              section="attribution")
     stdevs: float = option(0.1, "smoothing noise per token, x its embedding's RMS", section="attribution")
     nt_seed: int = option(0, "seed of the smoothing noise", section="attribution")
-    precision: str = option("auto", "compute (autocast)", choices=PRECISIONS, section="attribution")
-    dtype: str = option("auto", "weights (auto: bf16 on bf16 GPUs when precision is bf16/auto, else fp32)",
-                        choices=DTYPES, group="model placement")
-    max_memory: dict | None = option(None, "per actor, Accelerate's max_memory as device=size pairs: "
-                                           "0=70GiB,1=70GiB,cpu=200GiB", types=(dict, str), group="model placement",
-                                     type=str)
-    offload_dir: str | None = option(None, "per actor, offload to this local directory what fits nowhere else",
-                                     group="model placement")
     keep: KeepPolicy = option(factory=KeepPolicy, section="keep")
     shard_size: int | None = option(None, "prompts per shard (default: 64, fewer for small inputs)", group="workers")
-    batch_prompts: int = option(32, "prompts per engine batch", section="attribution")
-    revision: str | None = option(None, "model revision (hub)")
-    allow_pickle: bool = option(False, "allow pickle weights (trusted sources)")
-    trust_remote_code: bool = option(False, "run the model repository's own code (trusted sources)")
     resources: Resources = option(factory=Resources, section="workers")
     report_facts: int = option(3, "facts whose top neurons are printed at the end")
 
@@ -105,23 +90,15 @@ class RunOptions:
             raise ValueError(f"facts format must be one of {', '.join(FORMATS)}, got {self.facts_format!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.max_memory is not None:
-            from kn_ray.engine.loading import parse_max_memory
-
-            object.__setattr__(self, "max_memory", parse_max_memory(self.max_memory))
+        self.placement.check()
         if self.n_steps != AUTO and (isinstance(self.n_steps, (bool, str)) or self.n_steps < 1):
             raise ValueError(f"n_steps must be >= 1 or 'auto', got {self.n_steps!r}")
         if not self.tolerance > 0:
             raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
         if self.nt_samples < 0 or self.stdevs < 0:
             raise ValueError(f"nt_samples and stdevs must be >= 0, got {self.nt_samples}, {self.stdevs}")
-        for name in ("shard_size", "batch_prompts"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.shard_size is not None and self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
         for name in ("max_facts_per_relation", "max_templates"):
             value = getattr(self.filters, name)
             if value is not None and value < 1:
@@ -132,7 +109,7 @@ class RunOptions:
 
     def attribution(self) -> dict:
         """The options that change the scores (the run's identity records them)."""
-        return dict(n_steps=self.n_steps, method=self.method, precision=self.precision, **self.engine_extra())
+        return dict(n_steps=self.n_steps, method=self.method, precision=self.placement.precision, **self.engine_extra())
 
     def engine_extra(self) -> dict:
         """`Attributor.attribute` keywords beyond n_steps and method, only where they apply."""
@@ -145,9 +122,3 @@ class RunOptions:
         return {f.name: asdict(v) if hasattr(v, "__dataclass_fields__") else v
                 for f in fields(self) for v in [getattr(self, f.name)]}
 
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None

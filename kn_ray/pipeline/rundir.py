@@ -129,6 +129,23 @@ class RunRecord:
     def model(self) -> str | None:
         return self.lookup("model")
 
+    def placement(self, **overrides):
+        """How the run loaded its model (`options.placement`; the resolved precision and dtype from
+        `identity.model_info`), with `overrides` (field -> value) on top. Another model forgets
+        the recorded revision."""
+        from kn_ray.placement import Placement, names
+
+        saved = self.options.get("placement") or self.options  # hand-built runs record these keys flat
+        values = {name: saved[name] for name in names() if saved.get(name) is not None}
+        values["model"] = self.model or values.get("model")
+        values.update({k: v for k in ("precision", "dtype") if (v := self.lookup("model_info", k))})
+        if overrides.get("model") not in (None, values["model"]):
+            values.pop("revision", None)
+        values.update(overrides)
+        if not values.get("model"):
+            raise ValueError("names no model; pass --model")
+        return Placement(**values).check()
+
     @property
     def revision(self) -> str | None:
         return self.lookup("model_info", "revision")

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from kn_ray.placement import Placement
+
 from . import faults
 from .options import KeepPolicy
 from .prompts import PromptSpec
@@ -32,23 +34,15 @@ class ShardOutput:
 
 
 class ShardComputer:
-    def __init__(self, model: str, *, precision: str = "auto", batch_prompts: int = 32, revision: str | None = None,
-                 allow_pickle: bool = False, trust_remote_code: bool = False, threads: int | None = None,
-                 dtype: str = "auto", device_map: str | None = None, max_memory: dict | None = None,
-                 offload_dir: str | None = None):
-        import torch
-
-        from kn_ray.engine import Attributor, load_model
+    def __init__(self, placement: Placement, threads: int | None = None):
+        from kn_ray.engine import Attributor
         from kn_ray.engine.precision import dtype_name
 
-        if threads:
-            torch.set_num_threads(threads)
-        lm = load_model(model, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                        dtype=dtype, precision=precision, device_map=device_map, max_memory=max_memory,
-                        offload_folder=offload_dir)
+        placement = placement.for_actor(threads)
+        lm = placement.load()
         self.lm = lm
         self.dtype = dtype_name(lm.dtype)  # the weights, as loaded: fp32 | bf16 | fp16
-        self.attributor = Attributor(lm, precision=precision, max_batch_prompts=batch_prompts)
+        self.attributor = Attributor(lm, precision=placement.precision, max_batch_prompts=placement.batch_cap)
 
     def info(self) -> dict:
         """What the run records about the model, as this worker loaded it."""

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kn_ray.choices import DTYPES, PRECISIONS
+from kn_ray.interfaces import declared
+from kn_ray.placement import Placement
 
 DEFAULT_PARAREL = Path("../shared/data/pararel")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="time the engine against the straightforward published method")
+    p = sub.add_parser("bench", help="time the engine against the straightforward published method",
+                       description="The model loads and batches as `kn-ray attribute` loads and batches it "
+                                   "(the same placement flags), in this process.")
     p.add_argument("--model", action="append", help="model name/path, or a random-weight preset: bert-base-random, "
                    "gpt2-small-random, llama3.2-1b-random, llama3-8b-random, qwen2.5-7b-random (repeatable; default: smollm2)")
     p.add_argument("--facts", type=Path, default=None, help=f"PARAREL dir or facts JSONL for prompts (default: {DEFAULT_PARAREL} if present, else the demo facts)")
@@ -19,20 +22,16 @@ def register(sub) -> None:
     p.add_argument("--published-prompts", type=int, default=8, help="the first N of those prompts timed for the published method, one at a time (default 8)")
     p.add_argument("--tokens", default="8-15", help="prompt length window in model tokens, PARAREL-style (default 8-15)")
     p.add_argument("--n-steps", type=int, default=20)
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="compute (default fp32)")
-    p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="weights (default auto: bf16 on bf16 GPUs when precision is bf16/auto, else fp32)")
-    p.add_argument("--max-memory", help="Accelerate's max_memory for loaded checkpoints: 0=70GiB,1=70GiB,cpu=200GiB")
-    p.add_argument("--offload-dir", help="offload to disk what fits nowhere else (loaded checkpoints)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    declared.add_flags(p, Placement, skip=("model",))
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     import torch
 
-    from kn_ray.engine import best_device, load_model
+    from kn_ray.engine import best_device
     from kn_ray.engine.bench import benchmark, markdown_table
     from kn_ray.engine.precision import resolve_dtype
     from kn_ray.engine.random_models import PRESETS, random_model
@@ -41,17 +40,17 @@ def run(args) -> int:
     facts = args.facts or (DEFAULT_PARAREL if DEFAULT_PARAREL.is_dir() else _demo_facts())
     rows = []
     for name in args.model or ["smollm2"]:
+        placement = declared.from_args(Placement, args, model=name).check()
         if name in PRESETS:
-            dtype = resolve_dtype(args.dtype, args.precision, torch.device(device))
+            dtype = resolve_dtype(placement.dtype, placement.precision, torch.device(device))
             lm = random_model(name, corpus_text(facts), device=device, dtype=dtype)
         else:
-            lm = load_model(name, device=device, dtype=args.dtype, precision=args.precision,
-                            max_memory=args.max_memory, offload_folder=args.offload_dir)
+            lm = placement.load(device=device)
         low, high = (int(x) for x in args.tokens.split("-"))
         prompts, targets = sample_prompts(facts, masked=lm.adapter.masked, n=args.prompts,
                                           keep=lambda s: low <= _length(lm, s.prompt, s.target) <= high)
-        rows += benchmark(lm, prompts, targets, n_steps=args.n_steps, precision=args.precision,
-                          published_prompts=args.published_prompts, name=name)
+        rows += benchmark(lm, prompts, targets, n_steps=args.n_steps, precision=placement.precision,
+                          published_prompts=args.published_prompts, name=name, max_batch_prompts=placement.batch_cap)
         print(markdown_table(rows), flush=True)
     if args.json:
         args.json.write_text(json.dumps([r.as_dict() for r in rows], indent=2))

@@ -7,6 +7,7 @@ import json
 from dataclasses import replace
 
 from kn_ray.interfaces import declared
+from kn_ray.placement import Placement
 from kn_ray.stages.edit.options import EditOptions
 
 
@@ -14,9 +15,12 @@ def register(sub) -> None:
     p = sub.add_parser("edit", help="knowledge-neuron experiments: suppress, amplify, update, erase",
                        description="Reads OUT/prompts, OUT/knowledge_neurons and OUT/relation_neurons (run "
                                    "`kn-ray aggregate OUT` first); writes OUT/edits/part-<op>-*.parquet and "
-                                   "OUT/edits/summary.json. The model is edited in memory only.")
+                                   "OUT/edits/summary.json. The model is edited in memory only. It loads as the "
+                                   "run loaded it (run.json); the placement flags, the same as `kn-ray attribute`'s, "
+                                   "change that.")
     p.add_argument("out", help="output directory of `kn-ray attribute` + `kn-ray aggregate`")
     declared.add_flags(p, EditOptions)
+    declared.add_flags(p, Placement, defaults_from="the run's")
     p.add_argument("--keep-shared-neurons", action="store_true", help="update: edit all the fact's ig neurons")
     p.add_argument("--save", metavar="DIR", help="apply one update (--fact-id) or erase (--relation) and save the "
                                                   "edited model to DIR (safetensors) instead of experimenting")
@@ -27,7 +31,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from kn_ray.stages.edit.stage import run_edits, save_edit
 
-    options = declared.from_args(EditOptions, args)
+    options = declared.from_args(EditOptions, args, placement=declared.overrides(Placement, args))
     if args.keep_shared_neurons:
         options = replace(options, settings=replace(options.settings, shared_share=None))
     if args.save:

@@ -1,7 +1,7 @@
 """Edit work units on the pipeline's actor pool (`kn_ray.pipeline.execute`; the only edit module
 that imports ray).
 
-The same pool as attribution: one actor per GPU when the cluster has GPUs, else CPU actors of
+The same pool as attribution: one actor per `gpus_per_worker` GPUs when the cluster has GPUs, else CPU actors of
 `cpus_per_worker` CPUs with as many torch threads; each loads the model once. Failures are
 handled as in attribution: Ray retries nothing, the driver resubmits a unit whose actor died
 (after a health ping) or whose experiment raised, to any live actor, up to `max_attempts`
@@ -11,17 +11,17 @@ attempts; a unit is deterministic and undoes its edits, so a rerun gives the sam
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 
 from kn_ray.pipeline.execute import run_tasks
 from kn_ray.pipeline.options import Resources
+from kn_ray.placement import Placement
 from kn_ray.stages.edit.corpus import WorkUnit
-from kn_ray.stages.edit.runner import ModelSpec
+from kn_ray.stages.edit.runner import EditRunner
 
 
 class EditWorker:
-    def __init__(self, spec: ModelSpec, threads: int | None = None):
-        self.runner = replace(spec, threads=threads).runner()
+    def __init__(self, placement: Placement, threads: int | None = None):
+        self.runner = EditRunner.load(placement.for_actor(threads))
 
     def info(self) -> dict:
         """What the pool checks every actor loaded alike (and pings after a failure)."""
@@ -32,10 +32,11 @@ class EditWorker:
         return self.runner.run(unit)
 
 
-def run_units(units: Sequence[WorkUnit], spec: ModelSpec, workers: int, *, cpus_per_worker: float = 1.0,
+def run_units(units: Sequence[WorkUnit], placement: Placement, workers: int, *, cpus_per_worker: float = 1.0,
               in_flight: int = 2, max_attempts: int = 3, max_restarts: int = 2) -> Iterator[tuple[WorkUnit, object]]:
     """Yield (unit, its rows) as units finish, `in_flight` queued per actor; raises
     `TasksFailed` at the end if a unit failed on every attempt."""
     res = Resources(workers=workers, cpus_per_worker=cpus_per_worker, in_flight=in_flight, max_attempts=max_attempts,
                     max_restarts=max_restarts)
-    yield from run_tasks(EditWorker, (spec,), {}, res, units, key=lambda unit: f"{unit.op}-{unit.index:05d}")
+    yield from run_tasks(EditWorker, (placement,), {}, res, units, key=lambda unit: f"{unit.op}-{unit.index:05d}",
+                         gpus=placement.gpus_per_worker)

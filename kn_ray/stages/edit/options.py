@@ -3,10 +3,10 @@ them (kn_ray.interfaces.declared). Importing this module is cheap (no torch, no 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from kn_ray.choices import DTYPES, PRECISIONS
 from kn_ray.fields import option
+from kn_ray.placement import names as placement_names
 
 OPS = ("suppress", "amplify", "update", "erase")
 ERASE_VALUES = ("zero", "unk")
@@ -45,15 +45,13 @@ class EditSettings:
 
 @dataclass(frozen=True)
 class EditOptions:
-    """Which edits run where: the ops, the selection, the model and the workers."""
+    """Which edits run where: the ops, the selection and the workers. How the model loads is the
+    run's `Placement` (run.json) with `placement`'s fields on top (`kn-ray edit` takes the same
+    placement flags as `kn-ray attribute`)."""
 
     ops: tuple[str, ...] = option(OPS, "suppress, amplify, update, erase; repeat or comma-separate", flag="--op",
                                   action="extend", metavar="OP")
     settings: EditSettings = option(factory=EditSettings)
-    model: str | None = option(None, "model to edit (default: the run's model from run.json)")
-    precision: str | None = option(None, "compute precision (default: the run's)", choices=PRECISIONS)
-    dtype: str | None = option(None, "weights (default: the run's)", choices=DTYPES)
-    batch_prompts: int = option(32, "prompts per forward pass")
     relations: tuple[str, ...] = option((), "only this relation (repeatable)", flag="--relation", action="extend",
                                         metavar="RELATION")
     fact_ids: tuple[str, ...] = option((), "only this fact (repeatable)", flag="--fact-id", action="extend",
@@ -61,13 +59,17 @@ class EditOptions:
     unit_facts: int = option(16, "facts per work unit")
     workers: int = option(1, "Ray actors; 1 runs in this process")
     local: bool = option(False, "run in this process, without Ray")
+    placement: dict = field(default_factory=dict)  # Placement fields set on the command line; the rest: run.json's
 
     def check(self) -> "EditOptions":
         object.__setattr__(self, "ops", tuple(dict.fromkeys(self.ops)))  # --op a,b --op a: once each
         unknown = [op for op in self.ops if op not in OPS]
         if unknown or not self.ops:
             raise ValueError(f"--op must name some of {', '.join(OPS)}; got {', '.join(self.ops) or 'none'}")
-        if self.workers < 1 or self.unit_facts < 1 or self.batch_prompts < 1:
-            raise ValueError("workers, unit facts and batch prompts must be >= 1")
+        if self.workers < 1 or self.unit_facts < 1:
+            raise ValueError("workers and unit facts must be >= 1")
+        unknown = sorted(set(self.placement) - set(placement_names()))
+        if unknown:
+            raise ValueError(f"unknown placement option(s): {', '.join(unknown)}")
         self.settings.check()
         return self

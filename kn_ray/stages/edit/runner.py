@@ -13,15 +13,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
-
 import numpy as np
 import pandas as pd
 import torch
 
-from kn_ray.engine import LoadedModel, Prober, SkipPrompt, load_model
+from kn_ray.engine import LoadedModel, Prober, SkipPrompt
 from kn_ray.engine.editing import add_to_value_slots, edited, set_value_slots, value_slot, word_embedding
 from kn_ray.engine.probe import Probe
+from kn_ray.placement import Placement
 from kn_ray.stages.edit.tables import metric_rows, prompt_row
 from kn_ray.stages.edit.corpus import FactItem, Neurons, PromptRef, RelationItem, WorkUnit, retarget, rng_for
 from kn_ray.stages.edit.criteria import criteria_rows
@@ -73,33 +72,17 @@ def apply_erase(lm: LoadedModel, slots: Neurons, value: torch.Tensor | float) ->
 
 
 # ---- the experiments ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelSpec:
-    """How a worker loads the model (picklable, so a Ray actor can load it itself)."""
-
-    name: str
-    revision: str | None = None
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    precision: str = "auto"
-    batch_prompts: int = 32
-    threads: int | None = None  # torch CPU threads (CPU actors)
-    dtype: str = "auto"  # weights
-
-    def runner(self) -> "EditRunner":
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        lm = load_model(self.name, revision=self.revision, allow_pickle=self.allow_pickle,
-                        trust_remote_code=self.trust_remote_code, dtype=self.dtype, precision=self.precision)
-        return EditRunner(lm, precision=self.precision, batch_prompts=self.batch_prompts)
-
-
 class EditRunner:
     """Runs work units on one loaded model (locally, or inside a Ray actor)."""
 
-    def __init__(self, lm: LoadedModel, *, precision: str = "auto", batch_prompts: int = 32):
+    def __init__(self, lm: LoadedModel, *, precision: str = "auto", batch_prompts: int | None = None):
         self.lm = lm
-        self.prober = Prober(lm, precision=precision, max_batch_prompts=batch_prompts)
+        self.prober = Prober(lm, precision=precision, max_batch_prompts=batch_prompts)  # None: sized to the device
+
+    @classmethod
+    def load(cls, placement: Placement) -> "EditRunner":
+        """Load the model as `placement` says (in this process or a Ray actor)."""
+        return cls(placement.load(), precision=placement.precision, batch_prompts=placement.batch_cap)
 
     def apply(self, op: str, item: FactItem | RelationItem, settings) -> dict:
         """Apply one item's 'kn' edit for good (for saving an edited model); returns what was done."""

@@ -18,7 +18,8 @@ from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.stages.duck import connect, source
 from kn_ray.stages.edit.corpus import EditCorpus, WorkUnit
 from kn_ray.stages.edit.options import EditOptions
-from kn_ray.stages.edit.runner import ModelSpec
+from kn_ray.placement import Placement
+from kn_ray.stages.edit.runner import EditRunner
 from kn_ray.stages.edit.tables import as_table, metric_summary, scale_summary, summary_dict, summary_text
 from kn_ray.stages.edit.criteria import criteria_summary, criteria_text
 from kn_ray.stages.edit.tables import _json_number
@@ -26,21 +27,13 @@ from kn_ray.stages.edit.tables import _json_number
 SUMMARY = "summary.json"
 
 
-def model_spec(run: RunDirectory, options: EditOptions) -> ModelSpec:
-    """How to load the model: the options' model / precision, else what run.json recorded (the
-    requested revision and loading flags from its options, the resolved precision)."""
-    record = run.config
-    recorded = record.options
-    name = options.model or record.model or recorded.get("model")
-    if not name:
-        raise ValueError(f"{run.location('run.json')} names no model; pass --model")
-    same_model = options.model is None or options.model == (record.model or recorded.get("model"))
-    precision = options.precision or record.lookup("model_info", "precision") or recorded.get("precision") or "auto"
-    dtype = options.dtype or record.lookup("model_info", "dtype") or recorded.get("dtype") or "auto"  # the weights
-    return ModelSpec(str(name), revision=recorded.get("revision") if same_model else None,
-                     allow_pickle=bool(recorded.get("allow_pickle")),
-                     trust_remote_code=bool(recorded.get("trust_remote_code")),
-                     precision=precision, batch_prompts=options.batch_prompts, dtype=dtype)
+def placement_for(run: RunDirectory, options: EditOptions) -> Placement:
+    """How to load the model: what run.json recorded (the resolved precision and dtype), with the
+    placement options given to `kn-ray edit` on top."""
+    try:
+        return run.config.placement(**options.placement)
+    except ValueError as error:
+        raise ValueError(f"{run.location('run.json')}: {error}") from None
 
 
 def run_edits(out, options: EditOptions, *, progress: bool = True) -> dict:
@@ -48,37 +41,38 @@ def run_edits(out, options: EditOptions, *, progress: bool = True) -> dict:
     options.check()
     run = RunDirectory(out).require()
     corpus = EditCorpus(out, relations=options.relations, fact_ids=options.fact_ids)
-    spec = model_spec(run, options)
+    placement = placement_for(run, options)
     units = [unit for op in options.ops for unit in corpus.units(op, options.settings, options.unit_facts)]
     replaced = tuple(f"part-{op}-" for op in options.ops)
     with run.staged("edits", replace=lambda name: name.startswith(replaced)) as staging:
-        for unit, rows in _progress(_execute(units, spec, options), len(units), progress):
+        for unit, rows in _progress(_execute(units, placement, options), len(units), progress):
             pq.write_table(as_table(rows), staging / _part_name(unit))
-    return write_summary(run, options, spec, {op: sum(u.op == op for u in units) for op in options.ops})
+    return write_summary(run, options, placement, {op: sum(u.op == op for u in units) for op in options.ops})
 
 
-def _execute(units: list[WorkUnit], spec: ModelSpec, options: EditOptions):
+def _execute(units: list[WorkUnit], placement: Placement, options: EditOptions):
     """(unit, rows) for every unit: in this process, or on Ray actors when workers > 1."""
     if options.local or options.workers == 1:
-        runner = spec.runner()
+        runner = EditRunner.load(placement)
         return ((unit, runner.run(unit)) for unit in units)
     from kn_ray.stages.edit.actors import run_units
 
-    return run_units(units, spec, options.workers)
+    return run_units(units, placement, options.workers)
 
 
 def _part_name(unit: WorkUnit) -> str:
     return f"part-{unit.op}-{unit.index:05d}.parquet"
 
 
-def write_summary(run: RunDirectory, options: EditOptions, spec: ModelSpec, units: dict[str, int]) -> dict:
+def write_summary(run: RunDirectory, options: EditOptions, placement: Placement, units: dict[str, int]) -> dict:
     """Summarise every part under OUT/edits (ops of earlier runs included) into summary.json."""
     try:
         previous = (run.read_json("edits", SUMMARY) or {}).get("runs", {})
     except ValueError:  # a damaged summary is rebuilt
         previous = {}
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    runs = {**previous, **{op: dict(model=spec.name, revision=spec.revision, precision=spec.precision, dtype=spec.dtype,
+    p = placement
+    runs = {**previous, **{op: dict(model=p.model, revision=p.revision, precision=p.precision, dtype=p.dtype,
                                     settings=asdict(options.settings), relations=list(options.relations),
                                     fact_ids=list(options.fact_ids), units=units[op], created=now)
                            for op in options.ops}}
@@ -109,11 +103,11 @@ def save_edit(out, options: EditOptions, directory) -> dict:
     if len(items) != 1:
         what = "fact (--fact-id)" if op == "update" else "relation (--relation)"
         raise ValueError(f"--save edits exactly one {what}; the selection gives {len(items)} {op} edits")
-    spec = model_spec(RunDirectory(out).require(), options)
-    runner = spec.runner()
+    placement = placement_for(RunDirectory(out).require(), options)
+    runner = EditRunner.load(placement)
     edit = runner.apply(op, items[0], options.settings)
     directory = save_model(runner.lm, directory)
-    edit = dict(edit, model=spec.name, revision=spec.revision)
+    edit = dict(edit, model=placement.model, revision=placement.revision)
     (directory / "kn_ray_edit.json").write_text(json.dumps(edit, indent=2) + "\n")
     return edit
 
