@@ -242,7 +242,7 @@ def test_cli_writes_the_documented_edits_table(run_dir, capsys):
     assert scale.top_id_before.notna().all() and scale.top_id_after.notna().all()
     assert {("kn", "same_relation"), ("random", "same_relation"), ("activation", "target")} <= \
         set(scale.groupby(["condition", "scope"]).size().index)
-    summary = json.loads((run_dir / "edits" / "summary.json").read_text())
+    summary = json.loads((run_dir / "edits.json").read_text())
     criteria = pd.DataFrame(summary["criteria"])
     assert {"reliability", "locality_same_relation", "locality_other_relation"} <= set(criteria.metric)
     assert {"kn", "random", "activation"} <= set(criteria[criteria.op == "suppress"].condition)

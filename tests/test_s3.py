@@ -217,6 +217,6 @@ def test_aggregate_edit_and_report_over_an_s3_run(s3_run, local_run, s3_server):
     run = RunDirectory(uri)
     names = objects(run)
     assert "report/index.html" in names and any(n.startswith("report/") and n.endswith(".png") for n in names)
-    assert "aggregate.json" in names and "edits/summary.json" in names
+    assert "aggregate.json" in names and "edits.json" in names
     with run.fs.open_input_stream(run.path("report", "index.html")) as stream:
         assert b"Knowledge neurons of" in stream.read()

@@ -6,7 +6,10 @@ Layout::
     OUT/{prompts,neurons,activations}/part-NNNNN-ATTEMPT.parquet   a shard's parts, per attempt
     OUT/_shards/part-NNNNN.json                    done marker: names the committed attempt's parts
     OUT/{knowledge_neurons,relation_neurons,edits}/part-*.parquet, OUT/report/   later stages
-    OUT/aggregate.json, OUT/edits/summary.json     later stages' summaries
+    OUT/aggregate.json, OUT/edits.json             later stages' summaries, beside their tables
+
+Every table folder holds Parquet parts and nothing else, so any dataset reader (pandas,
+pyarrow, DuckDB, Polars, Spark) opens it as one table; `TABLES` is the catalogue of them.
 
 OUT is a local path or any URI `pyarrow.fs` resolves (`file://`, `s3://`, `gs://`, `hdfs://`),
 else one fsspec resolves (wrapped in `PyFileSystem`). S3 endpoint and credentials come from
@@ -45,8 +48,18 @@ from .tables import KINDS, SCHEMAS
 
 RUN_FILE = "run.json"
 MARKERS = "_shards"
+REPORT = "report"  # HTML and PNG files: a folder, not a table
 METADATA_KEY = b"kn_ray"
 IO_THREADS = 16  # parallel small reads (markers, footers): object stores answer each in ~10-50 ms
+
+
+
+# ---- the catalogue: every table folder and summary file of OUT, and the command that writes it ---
+TABLES: dict[str, str] = {**{kind: "attribute" for kind in KINDS},
+                          "knowledge_neurons": "aggregate", "relation_neurons": "aggregate",
+                          "edits": "edit"}
+SUMMARIES: dict[str, str] = {"aggregate": "aggregate.json", "edit": "edits.json"}
+LEGACY_SUMMARIES: dict[str, tuple[str, ...]] = {"edit": ("edits", "summary.json")}  # runs before edits.json
 
 
 class RunConflict(ValueError):
@@ -459,6 +472,28 @@ class RunDirectory:
 
     def has(self, table: str) -> bool:
         return bool(self.table_files(table))
+
+    def tables(self) -> list[str]:
+        """The catalogued tables OUT holds parts of, in catalogue order."""
+        return [table for table in TABLES if self.has(table)]
+
+    # ---- summaries beside the tables ------------------------------------------------------
+    def summary(self, stage: str) -> dict | None:
+        """The JSON summary a stage wrote (`SUMMARIES`), or None."""
+        found = self.read_json(SUMMARIES[stage])
+        if found is None and stage in LEGACY_SUMMARIES:
+            found = self.read_json(*LEGACY_SUMMARIES[stage])
+        return found
+
+    def write_summary(self, stage: str, data: dict) -> None:
+        """Write a stage's summary; a summary left inside a table folder by an older kn-ray is
+        removed, so the folder holds Parquet parts only."""
+        self.write_json(data, SUMMARIES[stage])
+        if stage in LEGACY_SUMMARIES:
+            self.delete([self.path(*LEGACY_SUMMARIES[stage])])
+
+    def summary_location(self, stage: str) -> str:
+        return self.location(SUMMARIES[stage])
 
     @contextlib.contextmanager
     def staged(self, table: str, replace=None):

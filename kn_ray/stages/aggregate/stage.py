@@ -59,7 +59,7 @@ def aggregate(out, params: AggregateParams | None = None) -> dict:
         reason = str(error).splitlines()[0]
         raise MemoryError(f"memory limit {params.memory_limit} is too small for this run, raise it ({reason})") from None
     summary["seconds"] = round(time.perf_counter() - started, 3)
-    run.write_json(summary, "aggregate.json")
+    run.write_summary("aggregate", summary)
     return summary
 
 

@@ -1,7 +1,7 @@
 """`kn-ray edit`: the knowledge-neuron experiments (suppress, amplify, update, erase).
 
 options  EditOptions and EditSettings, the declared options (the CLI's flags come from them)
-stage    the command: work units in, edits/ parts and summary.json out
+stage    the command: work units in, edits/ parts and edits.json out
 corpus   the run's prompts and neurons cut into picklable work units
 runner   the experiments on one work unit (a loaded model -> prompt rows)
 tables   the edits table: schema, row builders, metric rows, summaries

@@ -203,7 +203,7 @@ class EditCorpus:
         """Knowledge neurons of each fact from its `seen` prompts only: the aggregate stage's rule
         (coarse: score >= t x the prompt's max; refined: coarse in >= max(p n, min(min_prompts, n))
         of the n seen prompts), with its t, p and min_prompts from aggregate.json."""
-        params = (self.run.read_json("aggregate.json") or {}).get("parameters", {})
+        params = (self.run.summary("aggregate") or {}).get("parameters", {})
         t, p, least = params.get("t", 0.2), params.get("p", 0.7), params.get("min_prompts", 3)
         ids = {ref.prompt_id: f for f, refs in seen.items() for ref in refs}
         if not ids or not self.run.has("neurons"):

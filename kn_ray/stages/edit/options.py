@@ -14,7 +14,7 @@ ERASE_VALUES = ("zero", "unk")
 
 @dataclass(frozen=True)
 class EditSettings:
-    """What the experiments do; every result depends on these (summary.json records them)."""
+    """What the experiments do; every result depends on these (edits.json records them)."""
 
     seed: int = option(0, "seed of every sample and random control")
     max_facts: int | None = option(None, "at most N facts per relation, a seeded sample (default: all)")

@@ -2,7 +2,7 @@
 
 Reads the prompts and the aggregated neurons of OUT, cuts them into work units, runs the units
 locally or on Ray actors, and writes `OUT/edits/part-<op>-NNNNN.parquet` plus
-`OUT/edits/summary.json` (OUT: a path or URI). Re-running an op replaces that op's parts only:
+`OUT/edits.json` (OUT: a path or URI). Re-running an op replaces that op's parts only:
 new parts are staged locally and published into OUT once every unit has finished.
 """
 
@@ -24,9 +24,6 @@ from kn_ray.stages.edit.tables import as_table, metric_summary, scale_summary, s
 from kn_ray.stages.edit.criteria import criteria_summary, criteria_text
 from kn_ray.stages.edit.tables import _json_number
 
-SUMMARY = "summary.json"
-
-
 def placement_for(run: RunDirectory, options: EditOptions) -> Placement:
     """How to load the model: what run.json recorded (the resolved precision and dtype), with the
     placement options given to `kn-ray edit` on top."""
@@ -37,7 +34,7 @@ def placement_for(run: RunDirectory, options: EditOptions) -> Placement:
 
 
 def run_edits(out, options: EditOptions, *, progress: bool = True) -> dict:
-    """Run the ops, write their parts and summary.json; returns the summary (with 'text')."""
+    """Run the ops, write their parts and edits.json; returns the summary (with 'text')."""
     options.check()
     run = RunDirectory(out).require()
     corpus = EditCorpus(out, relations=options.relations, fact_ids=options.fact_ids)
@@ -65,9 +62,9 @@ def _part_name(unit: WorkUnit) -> str:
 
 
 def write_summary(run: RunDirectory, options: EditOptions, placement: Placement, units: dict[str, int]) -> dict:
-    """Summarise every part under OUT/edits (ops of earlier runs included) into summary.json."""
+    """Summarise every part under OUT/edits (ops of earlier runs included) into OUT/edits.json."""
     try:
-        previous = (run.read_json("edits", SUMMARY) or {}).get("runs", {})
+        previous = (run.summary("edit") or {}).get("runs", {})
     except ValueError:  # a damaged summary is rebuilt
         previous = {}
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -84,7 +81,7 @@ def write_summary(run: RunDirectory, options: EditOptions, placement: Placement,
     summary = dict(runs=runs, results=summary_dict(scale, metrics),
                    criteria=[{k: _json_number(v) if isinstance(v, float) else v for k, v in r.items()}
                              for r in criteria.to_dict("records")])
-    run.write_json(summary, "edits", SUMMARY)
+    run.write_summary("edit", summary)
     text = "\n\n".join(t for t in (summary_text(scale, metrics), criteria_text(criteria)) if t)
     return dict(summary, text=text)
 

@@ -1,6 +1,6 @@
 """The edits table, its one owner: the schema, the prompt-row builder, the per-edit metric rows
 and the summaries (suppress / amplify effects, update / erase metrics) that both `kn-ray edit`
-(summary.json) and the report read.
+(edits.json) and the report read.
 
 Prompt rows (one per op, edit, prompt, condition, scope) hold the measurements; metric rows
 (prompt_id null) are derived from them per edit, so every number in the summary traces back
@@ -145,7 +145,7 @@ def metric_summary(con, source: str) -> pd.DataFrame:
 
 
 def summary_dict(scale: pd.DataFrame, metrics: pd.DataFrame) -> dict:
-    """{op: {condition: {relation: {name: value}}}} for summary.json."""
+    """{op: {condition: {relation: {name: value}}}} for edits.json."""
     out: dict = {}
     for row in scale.itertuples(index=False):
         out.setdefault(row.op, {}).setdefault(row.condition, {})[row.relation] = {

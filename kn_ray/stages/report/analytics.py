@@ -125,15 +125,15 @@ class Analytics:
         return metric_summary(self._con, self._source("edits"))
 
     def edit_criteria(self) -> pd.DataFrame:
-        """Today's criteria per (op, condition, metric) with bootstrap CIs: OUT/edits/summary.json."""
-        rows = (self.run.read_json("edits", "summary.json") or {}).get("criteria", []) if self.has_edits() else []
+        """Today's criteria per (op, condition, metric) with bootstrap CIs: OUT/edits.json."""
+        rows = (self.run.summary("edit") or {}).get("criteria", []) if self.has_edits() else []
         return pd.DataFrame(rows, columns=["op", "condition", "metric", "n_edits", "mean", "ci_low", "ci_high"])
 
     def context(self) -> dict:
         """What the figures came from: model, corpus slice and aggregation thresholds."""
         stats = self.run_stats()
         total = stats[stats.relation == ALL].iloc[0] if len(stats) else None
-        parameters = (self.run.read_json("aggregate.json") or {}).get("parameters", {})
+        parameters = (self.run.summary("aggregate") or {}).get("parameters", {})
         config = self.run.config
         return {"model": config.model_label, "input": config.input_label or str(self.run).rsplit("/", 1)[-1],
                 "relations": int(len(stats) - 1) if total is not None else 0,

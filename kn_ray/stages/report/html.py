@@ -65,7 +65,7 @@ def build_sections(analytics: Analytics, context: str) -> list[tuple[Section, ob
 
 
 def _chosen_p(analytics: Analytics) -> pd.DataFrame:
-    chosen = (analytics.run.read_json("aggregate.json") or {}).get("p_per_relation", {})
+    chosen = (analytics.run.summary("aggregate") or {}).get("p_per_relation", {})
     rows = [{"method": method, "relation": relation, **values}
             for method, per_relation in chosen.items() for relation, values in per_relation.items()]
     return pd.DataFrame(rows)
