@@ -7,17 +7,20 @@ or its GCS address, and their children. Never `ray stop`, which stops every Ray 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
-RAY = str(Path(sys.executable).parent / "ray")
+BIN = str(Path(sys.executable).parent)
+RAY = os.path.join(BIN, "ray")
 
 
 def free_port() -> int:
@@ -36,20 +39,21 @@ class Head:
     tmp: Path  # RAY_TMPDIR of the head and of every command meant to see it
     address: str  # GCS address
     dashboard: str | None  # http://127.0.0.1:PORT when started with one
+    started: list = field(default_factory=list)  # its processes right after the start
 
     @property
     def env(self) -> dict:
-        return dict(os.environ, RAY_TMPDIR=str(self.tmp))
+        """This process's environment with the head's RAY_TMPDIR, no RAY_ADDRESS, and this
+        interpreter's bin first on PATH (a Ray Job's `python` is this one)."""
+        env = dict(os.environ, RAY_TMPDIR=str(self.tmp), PATH=os.pathsep.join([BIN, os.environ.get("PATH", "")]))
+        env.pop("RAY_ADDRESS", None)
+        return env
 
     def processes(self) -> list[psutil.Process]:
+        """The head's processes: those started with it (`started`), those naming its temp dir,
+        and their children (psutil never signals a reused PID)."""
         me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-        roots = []
-        for proc in psutil.process_iter(["cmdline"]):
-            try:
-                if proc.pid not in me and any(str(self.tmp) in a or self.address in a for a in proc.info["cmdline"] or ()):
-                    roots.append(proc)
-            except psutil.Error:
-                pass
+        roots = [*self.started, *_naming(str(self.tmp))]
         found = {}
         for root in roots:
             try:
@@ -61,13 +65,43 @@ class Head:
 
     def kill(self) -> None:
         """SIGKILL every process of the head (its current-cluster file stays behind)."""
-        procs = self.processes()
-        for proc in procs:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(procs, timeout=10)
+        _signal(self.processes(), psutil.Process.kill)
+
+    def stop(self) -> None:
+        """SIGTERM every process of the head, SIGKILL what is left after 10 s; remove its temp dir."""
+        _signal(self.processes(), psutil.Process.terminate)
+        self.kill()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _naming(text: str) -> list[psutil.Process]:
+    procs = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(text in arg for arg in proc.info["cmdline"] or ()):
+                procs.append(proc)
+        except psutil.Error:
+            pass
+    return procs
+
+
+def _signal(procs: list[psutil.Process], send) -> None:
+    for proc in procs:
+        try:
+            send(proc)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+@contextlib.contextmanager
+def running_head(**kwargs):
+    """A started head (`start_head`), stopped by PID at the end."""
+    head = start_head(**kwargs)
+    try:
+        yield head
+    finally:
+        head.stop()
 
 
 def start_head(*, dashboard: bool = False, num_cpus: int = 1) -> Head:
@@ -84,7 +118,6 @@ def start_head(*, dashboard: bool = False, num_cpus: int = 1) -> Head:
     head = Head(tmp, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{ports['dashboard_port']}" if dashboard else None)
     try:
         subprocess.run(cmd, env=head.env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
-    except BaseException:
-        head.kill()
-        raise
+    finally:  # the Ray client server names the GCS address only, not the temp dir
+        head.started = _naming(str(tmp)) + _naming(f"--address={head.address}")
     return head

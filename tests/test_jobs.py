@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import socket
+import shlex
 import subprocess
 import sys
-import tempfile
 import typing
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
@@ -27,6 +24,9 @@ from kn_ray.placement import Placement
 from kn_ray.pipeline.prompts import build_prompts
 from kn_ray.stages.aggregate import AggregateParams
 from kn_ray.stages.edit.options import EditOptions
+from kn_ray.pipeline.rundir import RunDirectory
+from tests.ray_head import running_head
+from tests.s3_server import BUCKET, s3_server  # noqa: F401  (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = dict(model="m", facts="f.jsonl", output="out")
@@ -145,57 +145,27 @@ def test_submit_needs_the_spec_in_the_working_dir_and_an_absolute_output(tmp_pat
     assert command.endswith("run job.yaml --no-progress --output /abs/out")
     with pytest.raises(ValueError, match="not inside the working dir"):
         entrypoint(spec, tmp_path / "elsewhere", "/abs/out")
+    for uri in ("s3://bucket/runs/a b", "gs://bucket/run", "file:///abs/run"):  # any URI, quoted for the shell
+        assert shlex.split(entrypoint(spec, tmp_path / "wd", uri))[-2:] == ["--output", uri]
+    spec.write_text(yaml.safe_dump(dict(BASE, output="s3://bucket/run")))
+    assert entrypoint(spec, tmp_path / "wd", None).endswith("run job.yaml --no-progress")
+    with pytest.raises(ValueError, match="'rel/out' is relative; give an absolute path on the cluster"):
+        entrypoint(spec, tmp_path / "wd", "rel/out")
+    uri = f"file://{spec}"  # a spec URI: read as it is, by the cluster, wherever it lies
+    assert load_job(uri).output == "s3://bucket/run"
+    assert shlex.split(entrypoint(uri, tmp_path / "elsewhere", None))[-2:] == [uri, "--no-progress"]
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_job(f"file://{tmp_path}/missing.yaml")
 
 
 # ---- a real cluster --------------------------------------------------------------------------
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-@pytest.fixture
-def ray_head():
-    """`ray start --head` on 127.0.0.1, free ports, no token auth, in its own temp dir; its
-    processes are stopped by PID afterwards (found by that temp dir), never by name."""
-    temp = Path(tempfile.mkdtemp(prefix="knr-"))
-    gcs, dash, agent, agent_grpc, metrics, client, runtime_env = _free_ports(7)
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    env.pop("RAY_ADDRESS", None)
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
-           f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-           f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
-           f"--runtime-env-agent-port={runtime_env}", "--num-cpus=4", f"--temp-dir={temp}", "--disable-usage-stats"]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
-    try:
-        yield f"http://127.0.0.1:{dash}", env
-    finally:
-        _stop_processes_under(temp)
-
-
-def _stop_processes_under(temp: Path) -> None:
-    mine = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if any(str(temp) in part for part in proc.info["cmdline"] or []):
-            mine.append(proc)
-    for proc in mine:
-        proc.terminate()
-    _, alive = psutil.wait_procs(mine, timeout=10)
-    for proc in alive:
-        proc.kill()
-
-
 @pytest.mark.slow
-def test_submit_runs_a_job_on_a_real_cluster(ray_head, tmp_path):
+def test_submit_writes_to_a_bucket_and_the_stages_read_it(s3_server, tmp_path):
+    """`kn-ray submit --output s3://...` to a `ray start --head` with its dashboard (AWS settings in
+    the cluster's environment, as a pod's): the job succeeds and every prompt is in the bucket
+    once; aggregate, edit and report take the URI; a failing job exits 1."""
     from tests.pipeline_fixtures import save_tiny_model
 
-    address, env = ray_head
     facts = tmp_path / "facts.jsonl"
     facts.write_text('{"id": "f1", "relation": "capital", "subject": "France", "object": "Paris", '
                      '"templates": ["The capital of [X] is [Y] .", "[X] has capital [Y] ."]}\n'
@@ -205,23 +175,27 @@ def test_submit_runs_a_job_on_a_real_cluster(ray_head, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     (work / "job.yaml").write_text(yaml.safe_dump(dict(
-        model=str(model), facts=str(facts), output=str(tmp_path / "out"), attribution=dict(n_steps=3),
+        model=str(model), facts=str(facts), output="relative/out", attribution=dict(n_steps=3),
         workers=dict(count=2), shard_size=1)))
-    done = subprocess.run([sys.executable, "-m", "kn_ray.interfaces.cli", "submit", "job.yaml", "--address", address,
-                           "--working-dir", "."], cwd=work, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCEEDED" in done.stdout and "3 done, 0 skipped, 0 errors" in done.stdout
-    from kn_ray.pipeline.rundir import RunDirectory
-
-    prompts = RunDirectory(tmp_path / "out").read("prompts").to_pandas()
+    uri = f"s3://{BUCKET}/submitted/run"
+    with running_head(dashboard=True, num_cpus=2) as head:
+        submit = [sys.executable, "-m", "kn_ray.interfaces.cli", "submit", "job.yaml", "--address", head.dashboard]
+        done = subprocess.run(submit + ["--working-dir", ".", "--output", uri], cwd=work, env=head.env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "SUCCEEDED" in done.stdout and "3 done, 0 skipped, 0 errors" in done.stdout
+        (work / "job.yaml").write_text(yaml.safe_dump(dict(model=str(tmp_path / "no-such-model"), facts=str(facts),
+                                                           output=f"s3://{BUCKET}/submitted/failing")))
+        failed = subprocess.run(submit, cwd=work, env=head.env, capture_output=True, text=True, timeout=300)
+        assert failed.returncode == 1 and "FAILED" in failed.stdout, failed.stdout + failed.stderr
+    run = RunDirectory(uri)
+    prompts = run.read("prompts").to_pandas()
     assert sorted(prompts["fact_id"]) == ["f1", "f1", "f2"] and set(prompts["status"]) == {"ok"}
-    assert RunDirectory(tmp_path / "out").read("neurons").num_rows > 0
-
-    (work / "job.yaml").write_text(yaml.safe_dump(dict(model=str(tmp_path / "no-such-model"), facts=str(facts),
-                                                       output=str(tmp_path / "out2"))))
-    failed = subprocess.run([sys.executable, "-m", "kn_ray.interfaces.cli", "submit", "job.yaml", "--address", address],
-                            cwd=work, env=env, capture_output=True, text=True, timeout=300)
-    assert failed.returncode == 1 and "FAILED" in failed.stdout, failed.stdout + failed.stderr
+    assert run.read("neurons").num_rows > 0 and run.record().options["output"] == uri
+    assert main(["aggregate", uri, "--p", "0.3", "--min-prompts", "1"]) == 0
+    assert main(["edit", uri, "--op", "suppress", "--quiet"]) == 0
+    assert main(["report", uri]) == 0
+    assert run.exists("edits", "summary.json") and run.exists("report", "index.html")
 
 
 # ---- options declared once: flags and spec keys derived from the dataclasses -------------------

@@ -40,11 +40,11 @@ def test_a_stale_current_cluster_file_still_gives_a_fresh_local_ray(world, tmp_p
     try:
         stale = head.tmp / "ray" / "ray_current_cluster"
         assert stale.read_text().strip() == head.address
-    finally:
         head.kill()
-    assert stale.exists() and not head.processes()
-    env = {k: v for k, v in head.env.items() if k != "RAY_ADDRESS"}
-    done = attribute(world, str(tmp_path / "out"), env)
-    assert done.returncode == 0, done.stderr[-2000:]
+        assert stale.exists() and not head.processes()
+        done = attribute(world, str(tmp_path / "out"), head.env)  # no RAY_ADDRESS, the head's RAY_TMPDIR
+        assert done.returncode == 0, done.stderr[-2000:]
+    finally:
+        head.stop()
     ids = RunDirectory(tmp_path / "out").read("prompts", ["prompt_id"]).column("prompt_id").to_pylist()
     assert len(ids) == len(set(ids)) == len(FACTS) * len(TEMPLATES)

@@ -9,12 +9,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -26,54 +23,13 @@ from kn_ray.placement import Placement
 from kn_ray.pipeline.rundir import MARKERS, RunDirectory
 from kn_ray.pipeline.tables import KINDS
 from tests.pipeline_fixtures import save_tiny_model
+from tests.s3_server import BUCKET, s3_server  # noqa: F401  (a fixture)
 
-BUCKET = "kn-ray-test"
 N_STEPS = 3
 RELATIONS = {"capital": ("[X] has its capital in [Y] .", "The capital of [X] is [Y] .", "[X] is governed from [Y] ."),
              "language": ("People in [X] speak [Y] .", "The language of [X] is [Y] .", "[X] talks in [Y] .")}
 FACTS = {"capital": [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Peru", "Lima")],
          "language": [("France", "French"), ("Japan", "Japanese"), ("Italy", "Italian"), ("Peru", "Spanish")]}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    """moto's S3 server on a free loopback port, with the AWS environment pointing at it."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    env = dict(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing-key", AWS_SECRET_ACCESS_KEY="testing-secret",
-               AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
-    saved = {k: os.environ.get(k) for k in env}
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                urllib.request.urlopen(endpoint, timeout=1)
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError("moto server did not start") from None
-                time.sleep(0.2)
-        os.environ.update(env)
-        import boto3
-
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
-        yield env
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +146,7 @@ def test_aggregate_edit_and_report_over_an_s3_run(s3_run, local_run, s3_server):
     the bucket: the same knowledge neurons and edit rows as over the local run, and a report."""
     from kn_ray.stages.aggregate import AggregateParams, aggregate
     from kn_ray.stages.edit.corpus import EditSettings, read_parts
-    from kn_ray.stages.edit.stage import EditOptions, run_edits
+    from kn_ray.stages.edit.stage import EditOptions, run_edits, save_edit
     from kn_ray.stages.report.html import write_report
 
     uri = s3_run
@@ -211,6 +167,14 @@ def test_aggregate_edit_and_report_over_an_s3_run(s3_run, local_run, s3_server):
             ["op", "relation", "condition", "prompt_id", "prob_before"]).reset_index(drop=True)
     assert len(rows[uri]) > 0
     pd.testing.assert_frame_equal(rows[uri], rows[str(local_run)], check_exact=False, atol=1e-6)
+
+    erase = EditOptions(ops=("erase",), relations=("capital",), local=True)
+    saved = {uri: save_edit(uri, erase, f"s3://{BUCKET}/edited/capital"),
+             str(local_run): save_edit(str(local_run), erase, local_run.parent / "edited")}
+    assert saved[uri] == saved[str(local_run)] and saved[uri]["neurons"]
+    bucket = {i.path.rsplit("/", 1)[-1]: i.size for i in RunDirectory(f"s3://{BUCKET}/edited/capital").listing()}
+    assert bucket == {p.name: p.stat().st_size for p in (local_run.parent / "edited").iterdir()}
+    assert {"config.json", "model.safetensors", "kn_ray_edit.json"} <= set(bucket)
 
     index = write_report(uri)
     assert index == f"{uri}/report/index.html"

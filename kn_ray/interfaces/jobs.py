@@ -25,11 +25,13 @@ __all__ = ["SpecError", "load_job", "options_from_spec", "resolve_facts", "run_a
 
 
 def load_job(path: str | Path, overrides: dict | None = None) -> RunOptions:
+    """The options of the job spec at `path` (a local path or a URI such as s3://bucket/job.yaml)."""
     import yaml
 
-    path = Path(path)
+    from kn_ray.pipeline.rundir import read_text
+
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = yaml.safe_load(read_text(path))
     except yaml.YAMLError as error:
         raise SpecError(f"{path}: not valid YAML: {error}") from error
     if not isinstance(spec, dict):

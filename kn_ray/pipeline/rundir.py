@@ -71,10 +71,15 @@ class CommitError(RuntimeError):
 
 
 # ---- filesystems -------------------------------------------------------------------------------
+def is_uri(uri: str | os.PathLike) -> bool:
+    """A URI (`s3://b/run`, `file:///abs`), not a local path."""
+    return "://" in os.fspath(uri)
+
+
 def filesystem(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) of a local path or URI."""
     text = os.fspath(uri)
-    if "://" not in text:
+    if not is_uri(text):
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(text))
     try:
         fs, path = pafs.FileSystem.from_uri(text)
@@ -93,7 +98,7 @@ def is_local(uri: str | os.PathLike) -> bool:
 def public_uri(uri: str | os.PathLike) -> str:
     """What may be recorded: an absolute local path, or the URI without user info and query."""
     text = os.fspath(uri)
-    if "://" not in text:
+    if not is_uri(text):
         return os.path.abspath(os.path.expanduser(text))
     parts = urlsplit(text)
     host = parts.hostname or ""
@@ -581,3 +586,12 @@ def local_copy(uri: str, directory: str) -> str:
     else:
         pafs.copy_files(path, target, source_filesystem=fs)
     return target
+
+
+def read_text(uri: str | os.PathLike) -> str:
+    """The text of one file at a local path or URI."""
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise FileNotFoundError(f"no such file: {public_uri(uri)}")
+    with fs.open_input_stream(path) as stream:
+        return stream.read().decode()

@@ -18,12 +18,13 @@ def register(sub) -> None:
                                    "OUT/edits.json. The model is edited in memory only. It loads as the "
                                    "run loaded it (run.json); the placement flags, the same as `kn-ray attribute`'s, "
                                    "change that.")
-    p.add_argument("out", help="output directory of `kn-ray attribute` + `kn-ray aggregate`")
+    p.add_argument("out", help="output directory of `kn-ray attribute` + `kn-ray aggregate`: a path or URI")
     declared.add_flags(p, EditOptions)
     declared.add_flags(p, Placement, defaults_from="the run's")
     p.add_argument("--keep-shared-neurons", action="store_true", help="update: edit all the fact's ig neurons")
     p.add_argument("--save", metavar="DIR", help="apply one update (--fact-id) or erase (--relation) and save the "
-                                                  "edited model to DIR (safetensors) instead of experimenting")
+                                                  "edited model to DIR (safetensors; a path or URI) instead of "
+                                                  "experimenting")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

@@ -9,6 +9,7 @@ new parts are staged locally and published into OUT once every unit has finished
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from datetime import datetime, timezone
 
@@ -88,7 +89,8 @@ def write_summary(run: RunDirectory, options: EditOptions, placement: Placement,
 
 def save_edit(out, options: EditOptions, directory) -> dict:
     """Apply one update (one fact) or erase (one relation) to the model and save it as a
-    safetensors checkpoint in `directory`, with kn_ray_edit.json describing the edit."""
+    safetensors checkpoint in `directory` (a path or URI; what it held is replaced), with
+    kn_ray_edit.json describing the edit."""
     from kn_ray.engine.editing import save_model
 
     options.check()
@@ -103,9 +105,11 @@ def save_edit(out, options: EditOptions, directory) -> dict:
     placement = placement_for(RunDirectory(out).require(), options)
     runner = EditRunner.load(placement)
     edit = runner.apply(op, items[0], options.settings)
-    directory = save_model(runner.lm, directory)
     edit = dict(edit, model=placement.model, revision=placement.revision)
-    (directory / "kn_ray_edit.json").write_text(json.dumps(edit, indent=2) + "\n")
+    target = os.fspath(directory).rstrip("/")
+    with RunDirectory(os.path.dirname(target) or ".").staged(os.path.basename(target)) as local:
+        save_model(runner.lm, local)
+        (local / "kn_ray_edit.json").write_text(json.dumps(edit, indent=2) + "\n")
     return edit
 
 
