@@ -30,12 +30,14 @@ def read_parquet(files: list[str], union_by_name: bool = False) -> str:
     return f"read_parquet([{listed}]{', union_by_name = true' if union_by_name else ''})"
 
 
-def source(con, run, table: str, union_by_name: bool = False, local_dir: Path | None = None) -> str:
+def source(con, run, table: str, union_by_name: bool = False, local_dir: Path | None = None,
+           dense_rows: bool = True) -> str:
     """SQL for a table of the run (`kn_ray.pipeline.rundir.RunDirectory`): only the parts its
     markers name. Local parts are read by DuckDB's own reader. Parts elsewhere (S3, GCS, ...)
     are copied into `local_dir` when given (aggregation: DuckDB's reader then keeps its joins
     within the memory limit, spilling to disk), else reach DuckDB as a pyarrow dataset it scans
-    batch by batch (no DuckDB extension needed). Dense `neurons` read as one row per neuron."""
+    batch by batch (no DuckDB extension needed). Dense `neurons` read as one row per neuron
+    (`dense_rows=False`: as stored, one `scores` list per (prompt, layer))."""
     files = run.required_files(table)
     if run.local:
         sql = read_parquet(files, union_by_name)
@@ -50,7 +52,7 @@ def source(con, run, table: str, union_by_name: bool = False, local_dir: Path | 
         name = f"t_{table}_{uuid.uuid4().hex[:8]}"
         con.register(name, ds.dataset(files, schema=schema, format="parquet", filesystem=run.fs))
         sql = name
-    if table == "neurons" and run.config.dense:
+    if table == "neurons" and dense_rows and run.config.dense:
         sql = (f"(SELECT prompt_id, fact_id, relation, layer, CAST(unnest(range(len(scores))) AS INTEGER) AS neuron, "
                f"CAST(unnest(scores) AS FLOAT) AS score FROM {sql})")
     return sql

@@ -1,0 +1,413 @@
+"""`kn-ray explore OUT`: a read-only web app over one run directory (Starlette, Jinja2 templates,
+figures drawn by the report's matplotlib definitions as SVG; no JavaScript, nothing from a CDN).
+
+Every page is a set of `RunQueries` (DuckDB over the parts the run's markers name, parameters
+bound). The app re-lists the run at most every `refresh` seconds and opens a new snapshot when
+shards were committed or a later stage wrote its tables, so a run in progress can be watched.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, urlencode
+
+import pandas as pd
+from jinja2 import Environment, FileSystemLoader, Undefined, select_autoescape
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from kn_ray.pipeline.rundir import MARKERS, RUN_FILE, RunDirectory
+from kn_ray.stages.explore.queries import OPS, PAGE_SIZE, VIEW_RATIO, Listing, RunQueries, overall
+from kn_ray.stages.report import figures
+from kn_ray.stages.report.html import describe
+
+HERE = Path(__file__).parent
+LOG = logging.getLogger("kn_ray.explore")
+MAX_QUERY = 200  # characters of search text
+WATCHED = (MARKERS, "prompts", "knowledge_neurons", "relation_neurons", "edits")  # listings that change a snapshot
+NEURON_QUERY = re.compile(r"^\s*L?\s*(\d+)\s*(?:[,:/ ]|\s*N)\s*N?\s*(\d+)\s*$", re.IGNORECASE)
+
+
+# ---- URLs (one place: templates and figures link through these) ---------------------------------
+def fact_url(fact_id: str) -> str:
+    return "/fact/" + quote(str(fact_id), safe="")
+
+
+def relation_url(relation: str) -> str:
+    return "/relation/" + quote(str(relation), safe="")
+
+
+def neuron_url(layer: int, neuron: int) -> str:
+    return f"/neuron/{int(layer)}/{int(neuron)}"
+
+
+# ---- the run's state ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunState:
+    """What OUT holds: `missing`, `not_run`, `empty` (no shard committed yet) or `ready`."""
+
+    kind: str
+    location: str
+    message: str = ""
+    committed: int | None = None  # shards with a marker
+    planned: int | None = None  # shards of the plan (run.json)
+    unmarked: int = 0  # parts of shards not committed (yet)
+
+    @property
+    def in_progress(self) -> bool:
+        return self.planned is not None and self.committed is not None and self.committed < self.planned
+
+
+def inspect(run: RunDirectory) -> RunState:
+    location = str(run)
+    if not run.exists():
+        return RunState("missing", location, f"{location} does not exist.")
+    try:
+        record = run.record()
+    except ValueError as error:
+        return RunState("not_run", location, f"{RUN_FILE} cannot be read: {error}")
+    if record is None:
+        return RunState("not_run", location, f"{location} has no {RUN_FILE}: it is not the output directory of "
+                                             "`kn-ray attribute` or `kn-ray run`.")
+    planned = record.lookup("plan", "shards")
+    committed = len(run.markers(record.config_hash)) if record.config_hash else None
+    unmarked = run.unmarked_parts("prompts") if record.config_hash else 0
+    kind = "ready" if run.has("prompts") else "empty"
+    message = "" if kind == "ready" else "The run has started but no shard is committed yet."
+    return RunState(kind, location, message, committed, int(planned) if planned is not None else None, unmarked)
+
+
+class Explorer:
+    """The run behind the app: a snapshot of its committed parts, renewed when they change."""
+
+    def __init__(self, out: str, memory_limit: str = "512MB", refresh: float = 5.0):
+        self.run = RunDirectory(out)
+        self.memory_limit, self.refresh = memory_limit, refresh
+        self.lock = threading.RLock()  # one query at a time on the snapshot's DuckDB connection
+        self._checked = -float("inf")
+        self._signature = None
+        self.state: RunState | None = None
+        self.queries: RunQueries | None = None
+
+    def _listing_signature(self) -> tuple:
+        files = []
+        for name in (RUN_FILE, "aggregate.json"):
+            info = self.run.fs.get_file_info(self.run.path(name))
+            files.append((name, info.type.value, info.mtime_ns, info.size))
+        for folder in WATCHED:
+            files += sorted((i.path, i.mtime_ns, i.size) for i in self.run.listing(folder))
+        return tuple(files)
+
+    def current(self) -> tuple[RunState, RunQueries | None]:
+        with self.lock:
+            if time.monotonic() - self._checked >= self.refresh:
+                self._checked = time.monotonic()
+                signature = self._listing_signature() if self.run.exists() else None
+                if signature != self._signature or self.state is None:
+                    self._open(signature)
+            return self.state, self.queries
+
+    def _open(self, signature) -> None:
+        if self.queries is not None:
+            self.queries.close()
+        self.state, self.queries, self._signature = inspect(self.run), None, signature
+        if self.state.kind == "ready":
+            self.queries = RunQueries(self.run, self.memory_limit)
+
+
+# ---- rendering ---------------------------------------------------------------------------------
+def _number(value, digits: int = 3) -> str:
+    """Integers with thousands separators, other numbers to `digits` significant digits, '–' for none."""
+    if value is None or isinstance(value, Undefined) or (isinstance(value, float) and value != value) or value is pd.NA:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int) or (hasattr(value, "is_integer") and float(value).is_integer() and abs(value) >= 1e3):
+        return f"{int(value):,}"
+    try:
+        return f"{float(value):.{digits}g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _signed(value) -> str:
+    text = _number(value)
+    return text if text == "–" or text.startswith("-") else "+" + text
+
+
+def _templates() -> Jinja2Templates:
+    env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True),
+                      trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(num=_number, signed=_signed)
+    env.globals.update(fact_url=fact_url, relation_url=relation_url, neuron_url=neuron_url, ops=OPS,
+                       view_ratio=VIEW_RATIO)
+    return Jinja2Templates(env=env)
+
+
+TEMPLATES = _templates()
+
+
+def _link(request: Request, **changes) -> str:
+    """This page's URL with some query parameters changed (None removes one)."""
+    params = {**request.query_params, **{k: v for k, v in changes.items()}}
+    params = {k: v for k, v in params.items() if v not in (None, "")}
+    return request.url.path + ("?" + urlencode(params) if params else "")
+
+
+def _sort_link(request: Request, key: str) -> str:
+    """Sort by `key`; clicking the current sort column flips the direction."""
+    current = request.query_params.get("sort")
+    desc = "0" if current == key and request.query_params.get("desc") == "1" else "1"
+    return _link(request, sort=key, desc=desc, page=None)
+
+
+def render(request: Request, template: str, context: dict, status: int = 200) -> Response:
+    state = context.get("state")
+    base = dict(request=request, link=lambda **c: _link(request, **c), sort_link=lambda k: _sort_link(request, k),
+                search=request.query_params.get("q", "")[:MAX_QUERY] if template == "search.html" else "",
+                state=state)
+    return TEMPLATES.TemplateResponse(request, template, {**base, **context}, status_code=status)
+
+
+def problem(request: Request, status: int, title: str, message: str, hint: str = "", state=None) -> Response:
+    return render(request, "problem.html", dict(title=title, message=message, hint=hint, state=state), status)
+
+
+def _listing(request: Request, default_sort: str = "", default_desc: bool = False) -> Listing:
+    params = request.query_params
+    return Listing(q=params.get("q", "")[:MAX_QUERY].strip(), sort=params.get("sort", default_sort),
+                   desc=params.get("desc", "1" if default_desc else "0") == "1", page=_positive(params.get("page")))
+
+
+def _positive(text: str | None) -> int:
+    return int(text) if text and text.isdigit() and 0 < len(text) < 9 and int(text) > 0 else 1
+
+
+def _records(frame: pd.DataFrame) -> list[dict]:
+    """Rows as dicts with missing values as None (templates print them as '–')."""
+    return frame.astype(object).where(frame.notna(), None).to_dict("records") if len(frame) else []
+
+
+# ---- pages -------------------------------------------------------------------------------------
+class Pages:
+    """The request handlers; each takes the current snapshot and renders one template."""
+
+    def __init__(self, explorer: Explorer):
+        self.explorer = explorer
+
+    def _snapshot(self, request: Request):
+        """(state, queries), or a Response explaining why there is nothing to show."""
+        state, queries = self.explorer.current()
+        if state.kind == "missing":
+            return problem(request, 404, "No such run directory", state.message,
+                           "Start `kn-ray explore` on the OUT of `kn-ray attribute` or `kn-ray run`.", state)
+        if state.kind == "not_run":
+            return problem(request, 404, "Not a kn-ray run", state.message,
+                           "A run directory holds run.json, prompts/, neurons/ and _shards/ (docs/output-schema.md).",
+                           state)
+        if state.kind == "empty":
+            return problem(request, 503, "Run in progress: nothing committed yet",
+                           f"{state.message} 0 of {state.planned or '?'} shards are committed; this page shows them "
+                           f"as they are committed (it checks every {self.explorer.refresh:g} s).", state=state)
+        return state, queries
+
+    def overview(self, request: Request) -> Response:
+        got = self._snapshot(request)
+        if isinstance(got, Response):
+            return got
+        state, q = got
+        with self.explorer.lock:
+            stats = q.run_stats()
+            total = overall(stats)
+            context = dict(
+                title="Overview", state=state, record=q.record, location=state.location, run=q.run,
+                total=total.iloc[0].to_dict() if len(total) else {}, relations=int((stats.relation != "ALL").sum()),
+                neuron_rows=q.neuron_rows(), tables=q.tables, aggregate=q.aggregate_json, t=q.t,
+                layers=_layer_counts(q), edits=_edit_overview(q))
+        return render(request, "overview.html", context)
+
+    def relations(self, request: Request) -> Response:
+        got = self._snapshot(request)
+        if isinstance(got, Response):
+            return got
+        state, q = got
+        listing = _listing(request)
+        with self.explorer.lock:
+            rows = _records(q.relations(listing))
+        return render(request, "relations.html", dict(title="Relations", state=state, rows=rows, listing=listing,
+                                                      tables=q.tables))
+
+    def relation(self, request: Request) -> Response:
+        got = self._snapshot(request)
+        if isinstance(got, Response):
+            return got
+        state, q = got
+        relation = request.path_params["relation"]
+        listing = _listing(request)
+        with self.explorer.lock:
+            summary = q.relation_summary(relation)
+            if summary.empty:
+                return problem(request, 404, "Unknown relation", f"The run has no relation {relation!r}.",
+                               "See the list of relations.", state)
+            facts = q.facts(listing, relation)
+            context = dict(title=f"Relation {relation}", state=state, relation=relation,
+                           summary=_records(summary)[0], facts=facts, fact_rows=_records(facts.rows), listing=listing,
+                           neurons=_records(q.relation_neurons(relation)), erase=_erase_table(q.relation_erase(relation)),
+                           tables=q.tables)
+        return render(request, "relation.html", context)
+
+    def fact(self, request: Request) -> Response:
+        got = self._snapshot(request)
+        if isinstance(got, Response):
+            return got
+        state, q = got
+        fact_id = request.path_params["fact_id"]
+        with self.explorer.lock:
+            fact = q.fact(fact_id)
+            if fact is None:
+                return problem(request, 404, "Unknown fact", f"The run has no fact with id {fact_id!r}.",
+                               "Search for it by subject or object instead.", state)
+            prompts = q.fact_prompts(fact_id)
+            scores = q.fact_scores(fact_id)
+            kn = q.fact_knowledge_neurons(fact_id)
+            cells = q.fact_neurons(fact_id, scores, kn)
+            layers, width = q.shape
+            caption = (f"Model {q.record.model_label}; fact {fact_id} ({fact['subject']} -> {fact['object']}); "
+                       f"{fact['ok']} usable prompts. Shown: neurons scoring >= {min(VIEW_RATIO, q.t):g} x a prompt's "
+                       f"max; coarse: >= t = {q.t:g} x max.")
+            with figures.DRAWING:
+                figure = figures.svg(figures.neuron_map(cells, layers or int(cells.layer.max() + 1 if len(cells) else 1),
+                                                        width or int(cells.neuron.max() + 1 if len(cells) else 1),
+                                                        caption, neuron_url))
+            edits = {op: _records(t) for op, t in q.fact_edits(fact_id).items()}
+        coarse = scores[scores.coarse].groupby("prompt_id")[["layer", "neuron"]].apply(
+            lambda f: list(f.itertuples(index=False, name=None))).to_dict() if len(scores) else {}
+        kn_ig = {(int(r.layer), int(r.neuron)) for r in kn[kn.method == "ig"].itertuples()}
+        context = dict(title=f"Fact {fact_id}", state=state, fact=fact, prompts=_records(prompts), coarse=coarse,
+                       kn_ig=kn_ig, cells=_records(cells.head(200)), n_cells=len(cells), kn=_records(kn), figure=figure,
+                       edits=edits, tables=q.tables, t=q.t)
+        return render(request, "fact.html", context)
+
+    def neuron(self, request: Request) -> Response:
+        got = self._snapshot(request)
+        if isinstance(got, Response):
+            return got
+        state, q = got
+        layer_text, neuron_text = request.path_params["layer"], request.path_params["neuron"]
+        layers, width = q.shape
+        shape = f"{layers} layers x {width} neurons" if layers and width else "the model's shape is not in run.json"
+        if not (layer_text.isdigit() and neuron_text.isdigit() and len(layer_text) < 6 and len(neuron_text) < 10
+                and q.neuron_in_range(int(layer_text), int(neuron_text))):
+            return problem(request, 404, "Unknown neuron", f"No neuron at layer {layer_text!r}, index {neuron_text!r} "
+                           f"({shape}; both count from 0).", state=state)
+        layer, neuron = int(layer_text), int(neuron_text)
+        only = request.query_params.get("relation") or None
+        page = _positive(request.query_params.get("page"))
+        with self.explorer.lock:
+            facts = q.neuron_facts(layer, neuron)
+            relations = _records(q.neuron_relations(layer, neuron))
+        chosen = facts[facts.relation == only] if only else facts
+        start = (page - 1) * PAGE_SIZE
+        context = dict(title=f"Neuron L{layer} N{neuron}", state=state, layer=layer, neuron=neuron, shape=(layers, width),
+                       by_relation=_records(q.by_relation(facts)), relations=relations, only=only, page=page,
+                       pages=max(1, -(-len(chosen) // PAGE_SIZE)), total=len(chosen),
+                       facts=_records(chosen.iloc[start:start + PAGE_SIZE]), tables=q.tables, t=q.t)
+        return render(request, "neuron.html", context)
+
+    def search(self, request: Request) -> Response:
+        got = self._snapshot(request)
+        if isinstance(got, Response):
+            return got
+        state, q = got
+        listing = _listing(request)
+        neuron = NEURON_QUERY.match(listing.q)
+        with self.explorer.lock:
+            facts = q.facts(listing) if listing.q else None
+            relations = _records(q.relations(Listing(q=listing.q))) if listing.q else []
+        context = dict(title="Search", state=state, listing=listing, facts=facts,
+                       fact_rows=_records(facts.rows) if facts is not None else [], relations=relations,
+                       neuron=(int(neuron[1]), int(neuron[2])) if neuron else None, tables=q.tables)
+        return render(request, "search.html", context)
+
+    def figure(self, request: Request) -> Response:
+        got = self._snapshot(request)
+        if isinstance(got, Response):
+            return got
+        _, q = got
+        name = request.path_params["name"]
+        with self.explorer.lock:
+            caption = describe(q.context())
+            if name == "layers" and q.has("knowledge_neurons"):
+                frame, draw = q.layer_histogram(), figures.layer_histogram
+            elif name in ("suppress", "amplify") and q.has("edits"):
+                frame, draw = q.edit_summary(), lambda f, c: figures.edit_effects(f, name, c)
+            else:
+                raise HTTPException(404, f"no figure {name!r} for this run")
+            with figures.DRAWING:
+                text = figures.svg(draw(frame, caption))
+        return Response(text, media_type="image/svg+xml")
+
+
+def _layer_counts(q: RunQueries) -> list[dict]:
+    frame = q.kn_per_layer()
+    if frame.empty:
+        return []
+    table = frame.pivot_table(index="layer", columns="method", values="n_neurons", aggfunc="first").reset_index()
+    return _records(table)
+
+
+def _edit_overview(q: RunQueries) -> dict:
+    """The edit experiments in brief: suppress / amplify per condition (ALL), criteria with
+    CIs (summary.json), update / erase headline metrics (ALL)."""
+    if not q.has("edits"):
+        return {}
+    scale = overall(q.edit_summary())
+    metrics = overall(q.edit_metrics())
+    return dict(scale=_records(scale), criteria=_records(q.edit_criteria()), metrics=_records(metrics))
+
+
+def _erase_table(frame: pd.DataFrame) -> list[dict]:
+    if frame.empty:
+        return []
+    return _records(frame.pivot_table(index="metric", columns="condition", values="value", aggfunc="first")
+                    .reset_index())
+
+
+# ---- the app -----------------------------------------------------------------------------------
+def create_app(out: str, memory_limit: str = "512MB", refresh: float = 5.0) -> Starlette:
+    pages = Pages(Explorer(out, memory_limit, refresh))
+
+    async def not_found(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 404:
+            return problem(request, 404, "Not found", f"Nothing here: {request.url.path}",
+                           "Pages: the overview, relations, a relation, a fact, a neuron (/neuron/LAYER/NEURON).")
+        return problem(request, exc.status_code, "Bad request", str(exc.detail))
+
+    async def failed(request: Request, exc: Exception) -> Response:
+        LOG.exception("explore: %s failed", request.url.path)
+        return problem(request, 500, "This page failed", f"{type(exc).__name__}: {exc}",
+                       "The server's log has the details.")
+
+    routes = [
+        Route("/", pages.overview, name="overview"),
+        Route("/relations", pages.relations, name="relations"),
+        Route("/relation/{relation:path}", pages.relation, name="relation"),
+        Route("/fact/{fact_id:path}", pages.fact, name="fact"),
+        Route("/neuron/{layer}/{neuron}", pages.neuron, name="neuron"),
+        Route("/search", pages.search, name="search"),
+        Route("/figures/{name}.svg", pages.figure, name="figure"),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: failed})
+    app.state.explorer = pages.explorer
+    return app

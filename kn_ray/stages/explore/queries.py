@@ -1,0 +1,365 @@
+"""The explorer's questions as DuckDB queries over one run's committed parts.
+
+Every user value (fact id, relation, layer, neuron, search text, page) is a bound parameter;
+the only SQL text built from a request is a sort column and direction picked from a fixed
+table of names. Each page reads only the rows it shows: filters go down into DuckDB's Parquet
+scan, lists are paged (LIMIT/OFFSET), and no query materialises a table of the run.
+
+`RunQueries` extends the report's `Analytics` (same sources, same corpus numbers) with the
+per-relation, per-fact and per-neuron views.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import pandas as pd
+
+from kn_ray.pipeline.rundir import RunDirectory
+from kn_ray.stages.aggregate.params import AggregateParams
+from kn_ray.stages.duck import source
+from kn_ray.stages.edit.criteria import CRITERIA
+from kn_ray.stages.report.analytics import ALL, Analytics
+
+VIEW_RATIO = 0.1  # the fact view shows a prompt's neurons scoring >= this share of its max (either layout)
+PAGE_SIZE = 50
+CONDITIONS = ("kn", "activation", "random", "other_relation")
+OPS = ("suppress", "amplify", "update", "erase")
+Z95 = 1.959964  # normal quantile of a 95% interval
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a longer list: its rows, the total number of rows and where it starts."""
+
+    rows: pd.DataFrame
+    total: int
+    page: int
+    size: int
+
+    @property
+    def pages(self) -> int:
+        return max(1, math.ceil(self.total / self.size))
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A list request: search text, sort key (one of the view's names), direction, page (1-based)."""
+
+    q: str = ""
+    sort: str = ""
+    desc: bool = False
+    page: int = 1
+
+    def order(self, columns: dict[str, str], default: str) -> str:
+        """ORDER BY text: a whitelisted column name, never request text."""
+        column = columns.get(self.sort) or columns[default]
+        return f"{column} {'DESC' if self.desc else 'ASC'} NULLS LAST"
+
+
+class RunQueries(Analytics):
+    """One snapshot of a run (the parts committed when it was opened)."""
+
+    def __init__(self, run: RunDirectory, memory_limit: str = "512MB"):
+        super().__init__(run.uri, memory_limit)
+        self.run = run
+        self.record = run.config
+        self.tables = {t: run.has(t) for t in ("prompts", "neurons", "knowledge_neurons", "relation_neurons", "edits")}
+        self.aggregate_json = run.read_json("aggregate.json") or {}
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def df(self, query: str, params: dict | None = None) -> pd.DataFrame:
+        """A query's rows; `params` bind the query's `$name` placeholders."""
+        return self._con.execute(query, params or {}).df()
+
+    def has(self, table: str) -> bool:
+        return self.tables.get(table, False)
+
+    def src(self, table: str) -> str:
+        return self._source(table)
+
+    def raw_neurons(self) -> str:
+        """`neurons` as stored (dense: one scores list per prompt and layer)."""
+        if "neurons_raw" not in self._sources:
+            self._sources["neurons_raw"] = source(self._con, self.run, "neurons", dense_rows=False)
+        return self._sources["neurons_raw"]
+
+    @property
+    def dense(self) -> bool:
+        return self.record.dense
+
+    @property
+    def t(self) -> float:
+        """The coarse threshold the aggregation used (its default before `kn-ray aggregate`)."""
+        value = self.aggregate_json.get("parameters", {}).get("t")
+        return float(AggregateParams.t if value is None else value)
+
+    @property
+    def shape(self) -> tuple[int | None, int | None]:
+        info = self.record.lookup("model_info") or {}
+        return info.get("num_layers"), info.get("num_neurons")
+
+    def _empty(self, columns: str) -> str:
+        """A relation with these columns and no rows (a table that does not exist yet)."""
+        return f"(SELECT {columns} WHERE false)"
+
+    def _kn(self) -> str:
+        return self.src("knowledge_neurons") if self.has("knowledge_neurons") else self._empty(
+            "NULL::VARCHAR AS fact_id, NULL::VARCHAR AS relation, NULL::SMALLINT AS layer, NULL::INTEGER AS neuron, "
+            "NULL::INTEGER AS n_prompts, NULL::DOUBLE AS share, NULL::FLOAT AS mean_score, NULL::VARCHAR AS method")
+
+    def _rn(self) -> str:
+        return self.src("relation_neurons") if self.has("relation_neurons") else self._empty(
+            "NULL::VARCHAR AS relation, NULL::SMALLINT AS layer, NULL::INTEGER AS neuron, NULL::INTEGER AS n_facts, "
+            "NULL::DOUBLE AS share, NULL::VARCHAR AS method")
+
+    def _fact_effects(self) -> str:
+        """Per edited fact: mean relative change of P(gold) on its own prompts under its
+        knowledge neurons (suppress, amplify) and the update's success rate."""
+        if not self.has("edits"):
+            return self._empty("NULL::VARCHAR AS fact_id, NULL::VARCHAR AS relation, NULL::DOUBLE AS suppress, "
+                               "NULL::DOUBLE AS amplify, NULL::DOUBLE AS update_success")
+        return f"""(SELECT fact_id, any_value(relation) AS relation,
+                   avg(rel_change) FILTER (WHERE op = 'suppress' AND prompt_id IS NOT NULL) AS suppress,
+                   avg(rel_change) FILTER (WHERE op = 'amplify' AND prompt_id IS NOT NULL) AS amplify,
+                   avg(value) FILTER (WHERE op = 'update' AND metric = 'success_rate') AS update_success
+            FROM {self.src('edits')}
+            WHERE fact_id IS NOT NULL AND condition = 'kn' AND coalesce(scope, 'target') = 'target'
+              AND (rel_change IS NULL OR NOT isnan(rel_change))
+            GROUP BY fact_id)"""
+
+    # ---- overview -----------------------------------------------------------------------------
+    def neuron_rows(self) -> int:
+        """Stored neuron rows (dense: rows x the layer width)."""
+        rows = self.df(f"SELECT count(*) AS n FROM {self.raw_neurons()}").n.iloc[0] if self.has("neurons") else 0
+        width = self.shape[1] if self.dense else 1
+        return int(rows) * int(width or 1)
+
+    def kn_per_layer(self) -> pd.DataFrame:
+        return self.layer_histogram() if self.has("knowledge_neurons") else pd.DataFrame()
+
+    # ---- relations ----------------------------------------------------------------------------
+    RELATION_SORT = {"relation": "s.relation", "facts": "s.facts", "prompts": "s.prompts", "ok": "s.ok",
+                     "gold": "s.mean_gold_prob", "kn": "kn_per_fact", "relation_neurons": "relation_neurons",
+                     "suppress": "suppress", "amplify": "amplify"}
+
+    def relations(self, listing: Listing) -> pd.DataFrame:
+        """Per relation: facts, prompts, mean P(gold), knowledge neurons per fact, relation
+        neurons, and the suppress / amplify effect of the facts' knowledge neurons: mean over
+        edited facts of the per-fact mean relative change, with a 95% normal interval over facts."""
+        order = listing.order(self.RELATION_SORT, "relation")
+        return self.df(f"""
+            WITH s AS (SELECT relation, count(DISTINCT fact_id) AS facts, count(*) AS prompts,
+                              count(*) FILTER (WHERE status = 'ok') AS ok,
+                              count(*) FILTER (WHERE status = 'skipped') AS skipped,
+                              count(*) FILTER (WHERE status = 'error') AS error,
+                              avg(gold_prob) FILTER (WHERE status = 'ok') AS mean_gold_prob,
+                              count(DISTINCT fact_id) FILTER (WHERE status = 'ok') AS usable_facts
+                       FROM {self.src('prompts')} GROUP BY relation),
+                 k AS (SELECT relation, count(*) AS n_kn FROM {self._kn()} WHERE method = 'ig' GROUP BY relation),
+                 r AS (SELECT relation, count(*) AS relation_neurons FROM {self._rn()} WHERE method = 'ig' GROUP BY relation),
+                 e AS (SELECT relation, count(suppress) AS suppress_facts, avg(suppress) AS suppress,
+                              {Z95} * stddev_samp(suppress) / sqrt(count(suppress)) AS suppress_ci,
+                              count(amplify) AS amplify_facts, avg(amplify) AS amplify,
+                              {Z95} * stddev_samp(amplify) / sqrt(count(amplify)) AS amplify_ci
+                       FROM {self._fact_effects()} GROUP BY relation)
+            SELECT s.*, k.n_kn / nullif(s.usable_facts, 0) AS kn_per_fact, r.relation_neurons,
+                   e.suppress, e.suppress_ci, e.suppress_facts, e.amplify, e.amplify_ci, e.amplify_facts
+            FROM s LEFT JOIN k USING (relation) LEFT JOIN r USING (relation) LEFT JOIN e USING (relation)
+            WHERE $q = '' OR strpos(lower(s.relation), lower($q)) > 0
+            ORDER BY {order}, s.relation""", {"q": listing.q})
+
+    def relation_summary(self, relation: str) -> pd.DataFrame:
+        """One row of `relations` (empty if the relation is unknown)."""
+        frame = self.relations(Listing(q=relation))
+        return frame[frame.relation == relation]
+
+    def relation_neurons(self, relation: str) -> pd.DataFrame:
+        return self.df(f"""SELECT layer, neuron, n_facts, share, method FROM {self._rn()}
+                           WHERE relation = $relation ORDER BY method, n_facts DESC, layer, neuron""",
+                       {"relation": relation})
+
+    def relation_erase(self, relation: str) -> pd.DataFrame:
+        """The erase experiment of the relation: its metric rows per condition."""
+        if not self.has("edits"):
+            return pd.DataFrame(columns=["condition", "metric", "value"])
+        return self.df(f"""SELECT condition, metric, avg(value) AS value FROM {self.src('edits')}
+                           WHERE op = 'erase' AND relation = $relation AND metric IS NOT NULL
+                           GROUP BY ALL ORDER BY metric, condition""", {"relation": relation})
+
+    FACT_SORT = {"fact": "f.fact_id", "subject": "f.subject", "object": "f.object", "prompts": "f.prompts",
+                 "gold": "f.mean_gold_prob", "kn": "n_kn", "suppress": "e.suppress", "amplify": "e.amplify",
+                 "update": "e.update_success"}
+
+    def facts(self, listing: Listing, relation: str | None = None, size: int = PAGE_SIZE) -> Page:
+        """Facts (of one relation, or all) matching the search text in id, subject or object:
+        prompts, mean P(gold), the most frequent top prediction, knowledge neurons, edit effects."""
+        order = listing.order(self.FACT_SORT, "fact")
+        page = max(1, listing.page)
+        frame = self.df(f"""
+            WITH f AS (SELECT fact_id, any_value(relation) AS relation, any_value(subject) AS subject,
+                              any_value(object) AS object, count(*) AS prompts,
+                              count(*) FILTER (WHERE status = 'ok') AS ok,
+                              avg(gold_prob) FILTER (WHERE status = 'ok') AS mean_gold_prob,
+                              mode(top_token) FILTER (WHERE status = 'ok') AS top_token
+                       FROM {self.src('prompts')}
+                       WHERE ($relation IS NULL OR relation = $relation) AND fact_id IS NOT NULL AND fact_id <> ''
+                       GROUP BY fact_id),
+                 k AS (SELECT fact_id, count(*) AS n_kn FROM {self._kn()}
+                       WHERE method = 'ig' AND ($relation IS NULL OR relation = $relation) GROUP BY fact_id)
+            SELECT f.*, coalesce(k.n_kn, 0) AS n_kn, e.suppress, e.amplify, e.update_success,
+                   count(*) OVER () AS total
+            FROM f LEFT JOIN k USING (fact_id) LEFT JOIN {self._fact_effects()} e USING (fact_id)
+            WHERE $q = '' OR strpos(lower(f.fact_id), lower($q)) > 0 OR strpos(lower(f.subject), lower($q)) > 0
+                  OR strpos(lower(f.object), lower($q)) > 0
+            ORDER BY {order}, f.fact_id LIMIT $limit OFFSET $offset""",
+            {"relation": relation, "q": listing.q, "limit": size, "offset": (page - 1) * size})
+        total = int(frame.total.iloc[0]) if len(frame) else self._count_facts(listing, relation) if page > 1 else 0
+        return Page(frame.drop(columns="total"), total, page, size)
+
+    def _count_facts(self, listing: Listing, relation: str | None) -> int:
+        """The total of a request paged past its end."""
+        return self.facts(replace(listing, page=1), relation, 1).total
+
+    # ---- one fact -----------------------------------------------------------------------------
+    def fact(self, fact_id: str) -> dict | None:
+        frame = self.df(f"""SELECT fact_id, any_value(relation) AS relation, any_value(subject) AS subject,
+                                   any_value(object) AS object, count(*) AS prompts,
+                                   count(*) FILTER (WHERE status = 'ok') AS ok
+                            FROM {self.src('prompts')} WHERE fact_id = $fact GROUP BY fact_id""", {"fact": fact_id})
+        return frame.iloc[0].to_dict() if len(frame) else None
+
+    def fact_prompts(self, fact_id: str) -> pd.DataFrame:
+        return self.df(f"""SELECT prompt_id, template, prompt, target, status, error, gold_prob, top_token, top_prob,
+                                  max_score FROM {self.src('prompts')} WHERE fact_id = $fact ORDER BY prompt_id""",
+                       {"fact": fact_id})
+
+    def fact_scores(self, fact_id: str) -> pd.DataFrame:
+        """The fact's (prompt, layer, neuron, score) rows scoring >= VIEW_RATIO x the prompt's max,
+        with `rel` = score / max and `coarse` = score >= t x max (the aggregation's rule)."""
+        if self.dense:
+            rows = f"""(SELECT prompt_id, layer, CAST(unnest(range(len(scores))) AS INTEGER) AS neuron,
+                               CAST(unnest(scores) AS FLOAT) AS score
+                        FROM {self.raw_neurons()} WHERE fact_id = $fact)"""
+        else:
+            rows = f"(SELECT prompt_id, layer, neuron, score FROM {self.raw_neurons()} WHERE fact_id = $fact)"
+        return self.df(f"""
+            SELECT n.prompt_id, n.layer, n.neuron, n.score, n.score / p.max_score AS rel,
+                   n.score >= $t * p.max_score AS coarse
+            FROM {rows} n JOIN (SELECT prompt_id, max_score FROM {self.src('prompts')}
+                                WHERE fact_id = $fact AND status = 'ok' AND max_score > 0) p USING (prompt_id)
+            WHERE n.score > 0 AND n.score >= $view * p.max_score
+            ORDER BY n.prompt_id, n.layer, n.neuron""", {"fact": fact_id, "t": self.t, "view": min(VIEW_RATIO, self.t)})
+
+    def fact_knowledge_neurons(self, fact_id: str) -> pd.DataFrame:
+        return self.df(f"""SELECT method, layer, neuron, n_prompts, share, mean_score FROM {self._kn()}
+                           WHERE fact_id = $fact ORDER BY method DESC, layer, neuron""", {"fact": fact_id})
+
+    def fact_neurons(self, fact_id: str, scores: pd.DataFrame | None = None,
+                     kn: pd.DataFrame | None = None) -> pd.DataFrame:
+        """Per (layer, neuron) of the fact's view: prompts where it is coarse, mean score and
+        relative score over the prompts showing it, and whether it is a knowledge neuron (ig,
+        activation). Knowledge neurons first, then by coarse prompts."""
+        scores = self.fact_scores(fact_id) if scores is None else scores
+        kn = self.fact_knowledge_neurons(fact_id) if kn is None else kn
+        per = scores.groupby(["layer", "neuron"]).agg(coarse_prompts=("coarse", "sum"), shown_prompts=("score", "size"),
+                                                      mean_score=("score", "mean"), mean_rel=("rel", "mean"))
+        per = per.reset_index()
+        for method in ("ig", "activation"):
+            keys = kn[kn.method == method][["layer", "neuron"]].assign(**{f"kn_{method}": True})
+            per = per.merge(keys, on=["layer", "neuron"], how="outer")
+        for method in ("ig", "activation"):
+            per[f"kn_{method}"] = per[f"kn_{method}"].astype("boolean").fillna(False).astype(bool)
+        per[["coarse_prompts", "shown_prompts"]] = per[["coarse_prompts", "shown_prompts"]].fillna(0).astype(int)
+        per = per[(per.coarse_prompts > 0) | per.kn_ig | per.kn_activation]
+        return per.sort_values(["kn_ig", "coarse_prompts", "mean_rel"], ascending=False, ignore_index=True)
+
+    def fact_edits(self, fact_id: str) -> dict[str, pd.DataFrame]:
+        """Per op, one row per condition: the fact's prompts (their mean P(gold) before and
+        after, mean relative change; `other_relation`: the control prompts), and each per-edit
+        criterion `kn-ray edit` computed for the fact. Erase edits the fact's relation: its
+        rows are the fact's prompts under the relation's erase."""
+        if not self.has("edits"):
+            return {}
+        edits = self.src("edits")
+        measured = self.df(f"""
+            SELECT op, condition, count(*) AS prompts, any_value(n_neurons) AS neurons,
+                   avg(prob_before) AS p_before, avg(prob_after) AS p_after,
+                   avg(rel_change) FILTER (WHERE NOT isnan(rel_change)) AS rel_change,
+                   avg(correct_before::INTEGER) AS top1_before, avg(correct_after::INTEGER) AS top1_after,
+                   any_value(new_object) AS new_object, avg(new_prob_after) AS new_p_after
+            FROM {edits}
+            WHERE prompt_id IS NOT NULL AND (coalesce(scope, 'target') = 'target' OR condition = 'other_relation')
+              AND (fact_id = $fact OR op = 'erase' AND prompt_id IN (SELECT prompt_id FROM {self.src('prompts')}
+                                                                      WHERE fact_id = $fact))
+            GROUP BY op, condition""", {"fact": fact_id})
+        metrics = self.df(f"""SELECT op, condition, metric, avg(value) AS value FROM {edits}
+                              WHERE fact_id = $fact AND metric IS NOT NULL GROUP BY ALL""", {"fact": fact_id})
+        out = {}
+        for op in OPS:
+            rows = measured[measured.op == op].drop(columns="op").set_index("condition")
+            wide = metrics[metrics.op == op].pivot_table(index="condition", columns="metric", values="value",
+                                                         aggfunc="first")
+            if rows.empty and wide.empty:
+                continue
+            order = [c for c in CRITERIA if c in wide] + sorted(c for c in wide if c not in CRITERIA)
+            table = rows.join(wide[order], how="outer") if len(rows) else wide[order]
+            present = list(table.index)
+            table = table.reindex([c for c in CONDITIONS if c in present] + sorted(set(present) - set(CONDITIONS)))
+            out[op] = table.rename_axis("condition").reset_index().dropna(axis=1, how="all")
+        return out
+
+    # ---- one neuron ---------------------------------------------------------------------------
+    def neuron_in_range(self, layer: int, neuron: int) -> bool:
+        layers, width = self.shape
+        return 0 <= layer < (layers or 2 ** 15) and 0 <= neuron < (width or 2 ** 31)
+
+    def neuron_facts(self, layer: int, neuron: int) -> pd.DataFrame:
+        """Every fact where (layer, neuron) is a knowledge neuron (ig or activation) or a coarse
+        neuron of a usable prompt: its prompts where coarse, the mean score and mean share of
+        the prompt's max over the prompts that stored it; by relation, knowledge neurons first."""
+        if self.dense:
+            rows = f"""(SELECT prompt_id, fact_id, CAST(list_extract(scores, $neuron + 1) AS FLOAT) AS score
+                        FROM {self.raw_neurons()} WHERE layer = $layer)"""
+        else:
+            rows = f"(SELECT prompt_id, fact_id, score FROM {self.raw_neurons()} WHERE layer = $layer AND neuron = $neuron)"
+        return self.df(f"""
+            WITH hits AS (SELECT n.fact_id, count(*) FILTER (WHERE n.score >= $t * p.max_score) AS coarse_prompts,
+                                 avg(n.score) AS mean_score, avg(n.score / p.max_score) AS mean_rel
+                          FROM {rows} n JOIN {self.src('prompts')} p USING (prompt_id)
+                          WHERE p.status = 'ok' AND p.max_score > 0 AND n.score > 0 AND n.score >= $view * p.max_score
+                          GROUP BY n.fact_id),
+                 kn AS (SELECT fact_id, bool_or(method = 'ig') AS kn_ig, bool_or(method = 'activation') AS kn_activation,
+                               max(share) FILTER (WHERE method = 'ig') AS kn_share
+                        FROM {self._kn()} WHERE layer = $layer AND neuron = $neuron GROUP BY fact_id),
+                 found AS (SELECT fact_id FROM hits WHERE coarse_prompts > 0 UNION SELECT fact_id FROM kn),
+                 info AS (SELECT fact_id, any_value(relation) AS relation, any_value(subject) AS subject,
+                                 any_value(object) AS object, count(*) FILTER (WHERE status = 'ok') AS usable_prompts
+                          FROM {self.src('prompts')} WHERE fact_id IN (SELECT fact_id FROM found) GROUP BY fact_id)
+            SELECT i.relation, i.fact_id, i.subject, i.object, i.usable_prompts,
+                   coalesce(h.coarse_prompts, 0) AS coarse_prompts, h.mean_score, h.mean_rel,
+                   coalesce(k.kn_ig, false) AS kn_ig, coalesce(k.kn_activation, false) AS kn_activation, k.kn_share
+            FROM found JOIN info i USING (fact_id) LEFT JOIN hits h USING (fact_id) LEFT JOIN kn k USING (fact_id)
+            ORDER BY i.relation, kn_ig DESC, coarse_prompts DESC, i.fact_id""",
+            {"layer": layer, "neuron": neuron, "t": self.t, "view": min(VIEW_RATIO, self.t)})
+
+    def neuron_relations(self, layer: int, neuron: int) -> pd.DataFrame:
+        return self.df(f"""SELECT relation, n_facts, share, method FROM {self._rn()}
+                           WHERE layer = $layer AND neuron = $neuron ORDER BY method DESC, n_facts DESC""",
+                       {"layer": layer, "neuron": neuron})
+
+    @staticmethod
+    def by_relation(facts: pd.DataFrame) -> pd.DataFrame:
+        """Per relation of a neuron's facts: how many hold it as a knowledge / coarse neuron."""
+        if facts.empty:
+            return pd.DataFrame(columns=["relation", "facts", "kn_ig", "kn_activation", "coarse", "mean_score"])
+        return facts.groupby("relation").agg(
+            facts=("fact_id", "size"), kn_ig=("kn_ig", "sum"), kn_activation=("kn_activation", "sum"),
+            coarse=("coarse_prompts", lambda c: int((c > 0).sum())), mean_score=("mean_score", "mean"),
+        ).reset_index().sort_values(["kn_ig", "coarse"], ascending=False, ignore_index=True)
+
+
+def overall(frame: pd.DataFrame) -> pd.DataFrame:
+    """The ALL rows of a summary."""
+    return frame[frame.relation == ALL] if len(frame) else frame

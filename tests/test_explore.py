@@ -1,0 +1,336 @@
+"""kn-ray explore: the queries against pandas over the same Parquet files, the pages through
+Starlette's TestClient, run states (not a run, in progress, no aggregate), and URL tricks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from starlette.testclient import TestClient
+
+from kn_ray.interfaces.cli import main as cli
+from kn_ray.pipeline.rundir import RunDirectory
+from kn_ray.pipeline.tables import dense_schema
+from kn_ray.stages.aggregate import AggregateParams, aggregate
+from kn_ray.stages.explore.app import create_app, fact_url
+from kn_ray.stages.explore.options import ExploreOptions
+from kn_ray.stages.explore.queries import Listing, RunQueries
+from tests.synthetic import SyntheticSpec, write_synthetic_edits, write_synthetic_run
+
+T = AggregateParams.t
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("explore") / "run"
+    write_synthetic_run(out, SyntheticSpec(facts=90, relations=3, layers=6, neurons=256, seed=3))
+    aggregate(out)
+    write_synthetic_edits(out, facts=30)
+    return out
+
+
+@pytest.fixture(scope="module")
+def queries(run):
+    q = RunQueries(RunDirectory(run))
+    yield q
+    q.close()
+
+
+@pytest.fixture(scope="module")
+def client(run):
+    return TestClient(create_app(str(run), refresh=0), raise_server_exceptions=False)
+
+
+def _read(run, table) -> pd.DataFrame:
+    return pd.concat([pq.read_table(f).to_pandas() for f in sorted((run / table).glob("part-*.parquet"))])
+
+
+def _coarse(run) -> pd.DataFrame:
+    """(fact_id, prompt_id, layer, neuron, score) of the coarse rows of usable prompts, in pandas."""
+    prompts = _read(run, "prompts")
+    rows = _read(run, "neurons").merge(prompts[prompts.status == "ok"][["prompt_id", "max_score"]], on="prompt_id")
+    return rows[rows.score >= T * rows.max_score]
+
+
+def _edited_fact(run) -> str:
+    edits = _read(run, "edits")
+    return sorted(edits[edits.op == "suppress"].fact_id.dropna().unique())[0]
+
+
+# ---- queries ------------------------------------------------------------------------------------
+def test_relations_match_pandas(run, queries):
+    prompts, kn = _read(run, "prompts"), _read(run, "knowledge_neurons")
+    frame = queries.relations(Listing()).set_index("relation")
+    expected = prompts.groupby("relation").agg(facts=("fact_id", "nunique"), prompts=("prompt_id", "size"))
+    assert frame.facts.to_dict() == expected.facts.to_dict() and frame.prompts.to_dict() == expected.prompts.to_dict()
+    usable = prompts[prompts.status == "ok"].groupby("relation").fact_id.nunique()
+    per_fact = kn[kn.method == "ig"].groupby("relation").size() / usable
+    np.testing.assert_allclose(frame.kn_per_fact.sort_index(), per_fact.sort_index(), rtol=0, atol=1e-12)
+    edits = _read(run, "edits")
+    rows = edits[(edits.op == "suppress") & (edits.condition == "kn") & edits.prompt_id.notna()]
+    facts = rows.groupby(["relation", "fact_id"]).rel_change.mean().groupby("relation")
+    np.testing.assert_allclose(frame.suppress.sort_index(), facts.mean().sort_index(), rtol=0, atol=1e-12)
+    half = 1.959964 * facts.std(ddof=1) / np.sqrt(facts.size())
+    np.testing.assert_allclose(frame.suppress_ci.sort_index(), half.sort_index(), rtol=0, atol=1e-12)
+
+
+def test_relations_sort_and_filter(queries):
+    by_facts = queries.relations(Listing(sort="facts", desc=True))
+    assert list(by_facts.facts) == sorted(by_facts.facts, reverse=True)
+    assert list(queries.relations(Listing(q="p19")).relation) == ["P19"]
+    assert queries.relations(Listing(q="nothing-like-this")).empty
+
+
+def test_facts_search_sort_and_pages(run, queries):
+    prompts = _read(run, "prompts")
+    p19 = prompts[prompts.relation == "P19"]
+    first = queries.facts(Listing(sort="gold", desc=True), "P19", size=10)
+    assert first.total == p19.fact_id.nunique() and first.pages == -(-first.total // 10)
+    gold = first.rows.mean_gold_prob.to_numpy()
+    assert (np.diff(gold) <= 0).all()
+    seen = set()
+    for page in range(1, first.pages + 1):
+        seen |= set(queries.facts(Listing(sort="gold", desc=True, page=page), "P19", size=10).rows.fact_id)
+    assert seen == set(p19.fact_id)
+    subject = p19.subject.iloc[0]
+    found = queries.facts(Listing(q=subject.upper()))
+    assert set(found.rows.fact_id) == set(prompts[prompts.subject.str.lower().str.contains(subject.lower())].fact_id)
+
+
+def test_fact_view_counts_coarse_prompts_like_the_aggregation(run, queries):
+    coarse, kn = _coarse(run), _read(run, "knowledge_neurons")
+    for fact_id in kn[kn.method == "ig"].fact_id.unique()[:5]:
+        cells = queries.fact_neurons(fact_id).set_index(["layer", "neuron"])
+        expected = coarse[coarse.fact_id == fact_id].groupby(["layer", "neuron"]).size()
+        assert cells.coarse_prompts[cells.coarse_prompts > 0].to_dict() == expected.to_dict()
+        mine = kn[(kn.fact_id == fact_id) & (kn.method == "ig")].set_index(["layer", "neuron"])
+        assert set(cells.index[cells.kn_ig]) == set(mine.index)
+        # a knowledge neuron's n_prompts is the aggregation's own count of the same coarse prompts
+        assert cells.loc[mine.index, "coarse_prompts"].to_dict() == mine.n_prompts.to_dict()
+
+
+def test_fact_edits_rows_per_condition(run, queries):
+    fact_id = _edited_fact(run)
+    edits = _read(run, "edits")
+    tables = queries.fact_edits(fact_id)
+    assert {"suppress", "amplify", "update"} <= set(tables)
+    suppress = tables["suppress"].set_index("condition")
+    assert list(suppress.index) == ["kn", "activation", "random", "other_relation"]
+    rows = edits[(edits.op == "suppress") & (edits.fact_id == fact_id) & (edits.condition == "random")]
+    assert suppress.loc["random", "prompts"] == len(rows)
+    assert suppress.loc["random", "rel_change"] == pytest.approx(rows.rel_change.mean(), abs=1e-12)
+    update = tables["update"].set_index("condition")
+    metric = edits[(edits.op == "update") & (edits.fact_id == fact_id) & (edits.metric == "success_rate")]
+    assert update.loc["kn", "success_rate"] == pytest.approx(metric[metric.condition == "kn"].value.iloc[0])
+
+
+def test_neuron_reverse_index(run, queries):
+    coarse, kn = _coarse(run), _read(run, "knowledge_neurons")
+    layer, neuron = kn[kn.method == "ig"].groupby(["layer", "neuron"]).size().idxmax()
+    facts = queries.neuron_facts(int(layer), int(neuron)).set_index("fact_id")
+    holders = kn[(kn.layer == layer) & (kn.neuron == neuron)]
+    assert set(facts.index[facts.kn_ig]) == set(holders[holders.method == "ig"].fact_id)
+    expected = coarse[(coarse.layer == layer) & (coarse.neuron == neuron)].groupby("fact_id").size()
+    assert facts.coarse_prompts[facts.coarse_prompts > 0].to_dict() == expected.to_dict()
+    assert set(facts.index) == set(expected.index) | set(holders.fact_id)
+    assert list(facts.relation) == sorted(facts.relation)  # grouped by relation
+
+
+def _dense_copy(run, out):
+    """The same run in the dense layout: every (prompt, layer) row holds all scores, unstored ones 0."""
+    config = json.loads((run / "run.json").read_text())
+    config["identity"]["keep"]["dense"] = True
+    layers, width = config["identity"]["model_info"]["num_layers"], config["identity"]["model_info"]["num_neurons"]
+    prompts, neurons = _read(run, "prompts"), _read(run, "neurons")
+    ok = prompts[prompts.status == "ok"]
+    grid = np.zeros((len(ok), layers, width), np.float32)
+    index = pd.Series(np.arange(len(ok)), index=ok.prompt_id)
+    mine = neurons[neurons.prompt_id.isin(index.index)]
+    grid[index[mine.prompt_id].to_numpy(), mine.layer.to_numpy(), mine.neuron.to_numpy()] = mine.score.to_numpy()
+    keys = ok.loc[ok.index.repeat(layers)]
+    table = pa.table({"prompt_id": keys.prompt_id.to_numpy(), "fact_id": keys.fact_id.to_numpy(),
+                      "relation": keys.relation.to_numpy(), "layer": np.tile(np.arange(layers, dtype=np.int16), len(ok)),
+                      "scores": pa.FixedSizeListArray.from_arrays(pa.array(grid.reshape(-1)), width)},
+                     schema=dense_schema(width))
+    for name in ("prompts", "knowledge_neurons", "relation_neurons"):
+        (out / name).mkdir(parents=True)
+        for part in (run / name).glob("part-*.parquet"):
+            (out / name / part.name).write_bytes(part.read_bytes())
+    (out / "neurons").mkdir()
+    pq.write_table(table, out / "neurons" / "part-00000.parquet")
+    (out / "run.json").write_text(json.dumps(config))
+
+
+def test_dense_layout_shows_what_the_sparse_one_shows(run, queries, tmp_path):
+    _dense_copy(run, tmp_path)
+    dense = RunQueries(RunDirectory(tmp_path))
+    kn = _read(run, "knowledge_neurons")
+    fact_id = kn.fact_id.iloc[0]
+    columns = ["layer", "neuron", "coarse_prompts", "kn_ig", "kn_activation"]
+    pd.testing.assert_frame_equal(dense.fact_neurons(fact_id)[columns], queries.fact_neurons(fact_id)[columns])
+    layer, neuron = int(kn.layer.iloc[0]), int(kn.neuron.iloc[0])
+    columns = ["fact_id", "coarse_prompts", "kn_ig"]
+    pd.testing.assert_frame_equal(dense.neuron_facts(layer, neuron)[columns], queries.neuron_facts(layer, neuron)[columns])
+    assert dense.neuron_rows() == queries.shape[0] * queries.shape[1] * (_read(run, "prompts").status == "ok").sum()
+    dense.close()
+    client = TestClient(create_app(str(tmp_path)), raise_server_exceptions=False)
+    assert client.get(fact_url(fact_id)).status_code == 200
+    assert client.get(f"/neuron/{layer}/{neuron}").status_code == 200
+
+
+# ---- pages --------------------------------------------------------------------------------------
+def test_every_page_renders_with_links(run, client):
+    fact_id = _edited_fact(run)
+    kn = _read(run, "knowledge_neurons")
+    mine = kn[(kn.fact_id == fact_id) & (kn.method == "ig")]
+    overview = client.get("/")
+    assert overview.status_code == 200 and "synthetic/bert-base-like" in overview.text
+    assert "/figures/layers.svg" in overview.text and "kn-ray aggregate" not in overview.text
+    assert client.get("/figures/layers.svg").headers["content-type"].startswith("image/svg+xml")
+    assert client.get("/figures/suppress.svg").status_code == 200
+    relations = client.get("/relations?sort=kn&desc=1")
+    assert relations.status_code == 200 and 'href="/relation/P19"' in relations.text
+    relation = client.get("/relation/P19")
+    assert relation.status_code == 200 and "/fact/P19%3A" in relation.text
+    fact = client.get(fact_url(fact_id))
+    assert fact.status_code == 200 and "<svg" in fact.text
+    for layer, neuron in zip(mine.layer, mine.neuron):
+        assert f'href="/neuron/{layer}/{neuron}"' in fact.text
+    assert 'id="edit-suppress"' in fact.text and 'id="edit-update"' in fact.text
+    layer, neuron = int(mine.layer.iloc[0]), int(mine.neuron.iloc[0])
+    page = client.get(f"/neuron/{layer}/{neuron}")
+    assert page.status_code == 200 and f'href="{fact_url(fact_id)}"' in page.text
+    search = client.get("/search", params={"q": fact_id})
+    assert f'href="{fact_url(fact_id)}"' in search.text
+    assert 'href="/neuron/3/17"' in client.get("/search", params={"q": "L3 N17"}).text
+
+
+def test_run_without_aggregate_or_edits_names_the_commands(tmp_path):
+    write_synthetic_run(tmp_path, SyntheticSpec(facts=20, relations=2, layers=4, neurons=64, seed=4))
+    client = TestClient(create_app(str(tmp_path)), raise_server_exceptions=False)
+    overview = client.get("/")
+    assert overview.status_code == 200
+    assert f"kn-ray aggregate {tmp_path}" in overview.text and f"kn-ray edit {tmp_path}" in overview.text
+    fact_id = _read(tmp_path, "prompts").fact_id.iloc[0]
+    for url in ("/relations", "/relation/P17", fact_url(fact_id), "/neuron/1/2"):
+        page = client.get(url)
+        assert page.status_code == 200 and "kn-ray aggregate" in page.text, url
+    assert client.get("/figures/layers.svg").status_code == 404
+
+
+def _commit(out, shard: str, attempt: str, tables: dict, run_hash: str) -> None:
+    files, rows, sizes = {}, {}, {}
+    for kind, table in tables.items():
+        (out / kind).mkdir(exist_ok=True)
+        path = out / kind / f"{shard}-{attempt}.parquet"
+        pq.write_table(table.replace_schema_metadata({"kn_ray": json.dumps({"config_hash": run_hash})}), path)
+        files[kind], rows[kind], sizes[kind] = f"{kind}/{path.name}", table.num_rows, path.stat().st_size
+    (out / "_shards").mkdir(exist_ok=True)
+    (out / "_shards" / f"{shard}.json").write_text(json.dumps(dict(shard=shard, attempt=attempt, config_hash=run_hash,
+                                                                   files=files, rows=rows, bytes=sizes)))
+
+
+def test_run_in_progress_shows_committed_shards_only(tmp_path):
+    source = tmp_path / "source"
+    write_synthetic_run(source, SyntheticSpec(facts=10, relations=2, layers=4, neurons=64, facts_per_part=5, seed=5))
+    out = tmp_path / "run"
+    out.mkdir()
+    config = json.loads((source / "run.json").read_text())
+    config["identity"]["plan"] = {"shards": 2}
+    config["config_hash"] = "sha256:test"
+    (out / "run.json").write_text(json.dumps(config))
+    client = TestClient(create_app(str(out), refresh=0), raise_server_exceptions=False)
+    empty = client.get("/")
+    assert empty.status_code == 503 and "nothing committed yet" in empty.text
+    parts = {kind: pq.read_table(source / kind / "part-00000.parquet") for kind in ("prompts", "neurons", "activations")}
+    _commit(out, "part-00000", "a1", parts, "sha256:test")
+    (out / "prompts" / "part-00001-b2.parquet").write_bytes((source / "prompts" / "part-00001.parquet").read_bytes())
+    page = client.get("/")
+    assert page.status_code == 200 and "1 of 2 shards are committed" in page.text
+    facts = parts["prompts"].to_pandas().fact_id.nunique()
+    assert f'id="facts-count">{facts}<' in page.text
+    later = pq.read_table(source / "prompts" / "part-00001.parquet").to_pandas().fact_id.iloc[0]
+    assert client.get(fact_url(later)).status_code == 404  # in an uncommitted part: not shown
+
+
+@pytest.mark.parametrize("make, title", [
+    (lambda p: p / "nowhere", "No such run directory"),
+    (lambda p: (p / "stuff.txt").write_text("x") and p, "Not a kn-ray run"),
+    (lambda p: (p / "run.json").write_text("{not json") and p, "Not a kn-ray run"),
+])
+def test_not_a_run_gets_a_clear_page(tmp_path, make, title):
+    client = TestClient(create_app(str(make(tmp_path))), raise_server_exceptions=False)
+    for url in ("/", "/relations", "/fact/x", "/neuron/1/2"):
+        page = client.get(url)
+        assert page.status_code == 404 and title in page.text and "Traceback" not in page.text
+
+
+def test_cli_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
+    assert cli(["explore", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli(["explore", str(tmp_path), "--port", "70000"]) == 2
+
+
+def test_binding_beyond_loopback_is_flagged():
+    assert ExploreOptions().loopback and ExploreOptions(host="::1").loopback and ExploreOptions(host="localhost").loopback
+    assert not ExploreOptions(host="0.0.0.0").loopback and not ExploreOptions(host="10.1.2.3").loopback
+
+
+# ---- URL tricks ---------------------------------------------------------------------------------
+SECRET = "kn-ray-explore-test-secret"
+
+
+@pytest.fixture(scope="module")
+def guarded(run, tmp_path_factory):
+    """A file beside the run that no page may reveal."""
+    (run.parent / "secret.txt").write_text(SECRET)
+    return TestClient(create_app(str(run)), raise_server_exceptions=False)
+
+
+@pytest.mark.parametrize("url", [
+    "/static/../../secret.txt", "/static/..%2F..%2F..%2Fsecret.txt", "/static/%2e%2e/%2e%2e/app.py",
+    "/fact/../../secret.txt", "/fact/..%2F..%2Fsecret.txt", "/relation/..%2Frun.json", "/figures/..%2Fsecret.svg",
+    "/neuron/..%2F..%2Fsecret.txt/1",
+])
+def test_path_tricks_reveal_nothing(guarded, url):
+    page = guarded.get(url)
+    assert page.status_code == 404 and SECRET not in page.text and "import " not in page.text
+
+
+@pytest.mark.parametrize("url", [
+    "/fact/x' OR '1'='1", "/fact/P17:0000001'; DROP TABLE prompts; --",
+    "/relation/P17' UNION SELECT * FROM read_text('/etc/passwd') --",
+    "/fact/\" OR 1=1 --", "/neuron/1 OR 1=1/2", "/neuron/1;SELECT 1/2", "/neuron/-1/2", "/neuron/99999999999/1",
+])
+def test_sql_in_paths_is_data(guarded, url):
+    page = guarded.get(url)
+    assert page.status_code == 404 and "root:" not in page.text and "Traceback" not in page.text
+
+
+def test_sql_in_parameters_is_data(run, guarded):
+    everything = _read(run, "prompts").fact_id.nunique()
+    for q in ("' OR 1=1 --", "%", "_", "') UNION SELECT * FROM read_text('/etc/passwd') --"):
+        page = guarded.get("/search", params={"q": q})
+        assert page.status_code == 200 and "No fact matches." in page.text and "root:" not in page.text
+    for sort in ("relation; DROP TABLE x", "facts DESC, (SELECT 1)", "1"):
+        page = guarded.get("/relations", params={"sort": sort, "desc": "1"})
+        assert page.status_code == 200 and page.text.count('href="/relation/') == 3
+    for page_number in ("-1", "0", "abc", "99999999999999", "1e9"):
+        page = guarded.get("/relation/P17", params={"page": page_number})
+        assert page.status_code == 200
+    assert everything > 0
+
+
+def test_a_failing_page_shows_no_traceback(run, monkeypatch):
+    client = TestClient(create_app(str(run)), raise_server_exceptions=False)
+
+    def broken(self, listing):
+        raise RuntimeError("the disk went away")
+
+    monkeypatch.setattr(RunQueries, "relations", broken)
+    page = client.get("/relations")
+    assert page.status_code == 500 and "the disk went away" in page.text and "Traceback" not in page.text
