@@ -8,6 +8,7 @@ shards were committed or a later stage wrote its tables, so a run in progress ca
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -199,6 +200,18 @@ def _records(frame: pd.DataFrame) -> list[dict]:
 
 
 # ---- pages -------------------------------------------------------------------------------------
+def _on_run(handler):
+    """A page of the run: called with the current snapshot (state, queries), unless the run has
+    nothing to show, which gets the page saying why."""
+
+    @functools.wraps(handler)
+    def page(self, request: Request) -> Response:
+        got = self._snapshot(request)
+        return got if isinstance(got, Response) else handler(self, request, *got)
+
+    return page
+
+
 class Pages:
     """The request handlers; each takes the current snapshot and renders one template."""
 
@@ -221,11 +234,8 @@ class Pages:
                            f"as they are committed (it checks every {self.explorer.refresh:g} s).", state=state)
         return state, queries
 
-    def overview(self, request: Request) -> Response:
-        got = self._snapshot(request)
-        if isinstance(got, Response):
-            return got
-        state, q = got
+    @_on_run
+    def overview(self, request: Request, state: RunState, q: RunQueries) -> Response:
         with self.explorer.lock:
             stats = q.run_stats()
             total = overall(stats)
@@ -236,22 +246,16 @@ class Pages:
                 layers=_layer_counts(q), edits=_edit_overview(q))
         return render(request, "overview.html", context)
 
-    def relations(self, request: Request) -> Response:
-        got = self._snapshot(request)
-        if isinstance(got, Response):
-            return got
-        state, q = got
+    @_on_run
+    def relations(self, request: Request, state: RunState, q: RunQueries) -> Response:
         listing = _listing(request)
         with self.explorer.lock:
             rows = _records(q.relations(listing))
         return render(request, "relations.html", dict(title="Relations", state=state, rows=rows, listing=listing,
                                                       tables=q.tables))
 
-    def relation(self, request: Request) -> Response:
-        got = self._snapshot(request)
-        if isinstance(got, Response):
-            return got
-        state, q = got
+    @_on_run
+    def relation(self, request: Request, state: RunState, q: RunQueries) -> Response:
         relation = request.path_params["relation"]
         listing = _listing(request)
         with self.explorer.lock:
@@ -266,11 +270,8 @@ class Pages:
                            tables=q.tables)
         return render(request, "relation.html", context)
 
-    def fact(self, request: Request) -> Response:
-        got = self._snapshot(request)
-        if isinstance(got, Response):
-            return got
-        state, q = got
+    @_on_run
+    def fact(self, request: Request, state: RunState, q: RunQueries) -> Response:
         fact_id = request.path_params["fact_id"]
         with self.explorer.lock:
             fact = q.fact(fact_id)
@@ -298,11 +299,8 @@ class Pages:
                        edits=edits, tables=q.tables, t=q.t)
         return render(request, "fact.html", context)
 
-    def neuron(self, request: Request) -> Response:
-        got = self._snapshot(request)
-        if isinstance(got, Response):
-            return got
-        state, q = got
+    @_on_run
+    def neuron(self, request: Request, state: RunState, q: RunQueries) -> Response:
         layer_text, neuron_text = request.path_params["layer"], request.path_params["neuron"]
         layers, width = q.shape
         shape = f"{layers} layers x {width} neurons" if layers and width else "the model's shape is not in run.json"
@@ -324,11 +322,8 @@ class Pages:
                        facts=_records(chosen.iloc[start:start + PAGE_SIZE]), tables=q.tables, t=q.t)
         return render(request, "neuron.html", context)
 
-    def search(self, request: Request) -> Response:
-        got = self._snapshot(request)
-        if isinstance(got, Response):
-            return got
-        state, q = got
+    @_on_run
+    def search(self, request: Request, state: RunState, q: RunQueries) -> Response:
         listing = _listing(request)
         neuron = NEURON_QUERY.match(listing.q)
         with self.explorer.lock:
@@ -339,11 +334,8 @@ class Pages:
                        neuron=(int(neuron[1]), int(neuron[2])) if neuron else None, tables=q.tables)
         return render(request, "search.html", context)
 
-    def figure(self, request: Request) -> Response:
-        got = self._snapshot(request)
-        if isinstance(got, Response):
-            return got
-        _, q = got
+    @_on_run
+    def figure(self, request: Request, state: RunState, q: RunQueries) -> Response:
         name = request.path_params["name"]
         with self.explorer.lock:
             caption = describe(q.context())
