@@ -13,14 +13,16 @@ import torch
 
 from kn_ray.engine import LoadedModel, Prober, load_model
 from kn_ray.engine.editing import add_to_value_slots, edited, value_slot, word_embedding
-from kn_ray.interfaces.cli import main
+from kn_ray.interfaces.cli import build_parser, main
+from kn_ray.interfaces.commands.attribute import spec_from_args
+from kn_ray.interfaces.jobs import options_from_spec
 from kn_ray.placement import Placement
 from kn_ray.stages.edit.corpus import EditCorpus, rng_for
 from kn_ray.stages.edit.options import EditOptions, EditSettings
 from kn_ray.stages.edit.runner import (EditRunner, apply_erase, apply_update, erase_value, random_neurons,
                                        update_delta)
 from kn_ray.stages.edit.stage import save_edit
-from kn_ray.stages.edit.tables import EDITS, corpus_ppl, metric_rows, relative_change
+from kn_ray.stages.edit.tables import EDITS, as_table, corpus_ppl, metric_rows, relative_change
 from tests.pipeline_fixtures import save_tiny_model
 from tests.synthetic import write_tables
 from tests.tolerances import CHANGE_ATOL, PROB_ATOL, assert_same_edit_rows
@@ -256,6 +258,33 @@ def test_cli_writes_the_documented_edits_table(run_dir, capsys):
     assert main(["edit", str(run_dir), "--op", "amplify", "--max-facts", "1", "--quiet"]) == 0
     again = _edits(run_dir).to_pandas()
     assert again[again.op == "amplify"].fact_id.nunique() == 2 and (again.op == "update").sum() == (edits.op == "update").sum()
+
+
+def test_cli_edits_a_run_made_offloaded_offloaded_with_the_resident_numbers(run_dir, runner, tmp_path, monkeypatch):
+    """A run attributed with --max-memory cpu=64KiB --offload-dir D: `kn-ray edit` loads the model
+    as run.json recorded it (blocks offloaded to D) and writes the rows of the resident model."""
+    offload = tmp_path / "offload"
+    flags = ["attribute", "--model", str(run_dir.parent / "model"), "--facts", "f.jsonl", "--output", "o",
+             "--precision", "fp32", "--max-memory", "cpu=64KiB", "--offload-dir", str(offload)]
+    recorded = options_from_spec(spec_from_args(build_parser().parse_args(flags))).as_dict()  # run.json's options
+    prompts = _prompts()
+    kn, rn = _neurons(prompts)
+    out = write_tables(tmp_path / "out", {"identity": {"model": str(run_dir.parent / "model")}, "options": recorded},
+                       prompts=prompts, knowledge_neurons=kn, relation_neurons=rn)
+    loaded = []
+    load = EditRunner.load.__func__
+    monkeypatch.setattr(EditRunner, "load", classmethod(lambda cls, placement: loaded.append(load(cls, placement))
+                                                         or loaded[-1]))
+    assert main(["edit", str(out), "--op", "suppress,update,erase", "--max-facts", "1", "--quiet"]) == 0
+    [edit_runner] = loaded
+    assert edit_runner.lm.offloaded and "disk" in set(edit_runner.lm.model.hf_device_map.values())
+    summary = json.loads((out / "edits" / "summary.json").read_text())
+    assert summary["runs"]["update"]["offload_dir"] == str(offload)
+    for op in ("suppress", "update", "erase"):
+        for unit in EditCorpus(out).units(op, EditSettings(max_facts=1)):
+            got = pq.read_table(out / "edits" / f"part-{op}-{unit.index:05d}.parquet").to_pandas()
+            assert len(got)
+            assert_same_edit_rows(got, as_table(runner.run(unit)).to_pandas())  # the resident model's rows
 
 
 def test_cli_explains_a_run_without_aggregation(tmp_path, capsys):

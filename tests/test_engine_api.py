@@ -240,3 +240,24 @@ def test_published_flops_are_linear_in_the_layer(tmp_path):
     published = PublishedAttributor(*tiny_model("llama", tmp_path), precision="fp32")
     run = lambda layers=None: count_flops(lambda: published.attribute_one("the city of", " rome", n_steps=3, layers=layers))  # noqa: E731
     assert run() == published.lm.num_layers * (run([0]) + run([published.lm.num_layers - 1])) // 2
+
+
+def test_auto_batches_fill_one_pass_on_a_gpu_and_keep_32_prompts_on_a_cpu(monkeypatch, tmp_path):
+    """batch_prompts auto: a CPU keeps 32 prompts a batch (a number caps it instead); a GPU takes
+    as many prompts as make one pass of max_batch_tokens row-tokens, within the cap."""
+    from kn_ray.engine.encoding import Encoded
+    from kn_ray.engine.runner import AUTO_MAX_PROMPTS, CPU_BATCH_PROMPTS, batches
+
+    model, tok = tiny_model("llama", tmp_path)
+    group = [(i, Encoded(tuple(range(9)), (5, 6), 8)) for i in range(3000)]  # 9 prompt + 2 object tokens: length 10
+    for cap, cpu in ((None, CPU_BATCH_PROMPTS), (7, 7), (100, 100)):
+        runner = Attributor(model, tok, max_batch_prompts=cap, max_batch_tokens=4200)
+        assert runner.batch_size(21, suffix_rows=True)(group) == cpu
+    monkeypatch.setattr(LoadedModel, "devices", property(lambda self: [torch.device("cuda", 0)]))
+    auto = Attributor(model, tok, max_batch_tokens=4200)
+    assert auto.batch_size(21, suffix_rows=True)(group) == 4200 // (21 * 2)  # causal rows: the object's 2 tokens
+    assert auto.batch_size(21)(group) == 4200 // (21 * 10)  # whole rows (masked LMs)
+    assert auto.batch_size(1)(group) == 420  # probes: one row a prompt
+    assert Attributor(model, tok, max_batch_tokens=10**9).batch_size(1)(group) == AUTO_MAX_PROMPTS
+    assert Attributor(model, tok, max_batch_prompts=7, max_batch_tokens=4200).batch_size(21)(group) == 7  # a cap
+    assert [len(b) for b in batches(group[:250], auto.batch_size(21, suffix_rows=True))] == [100, 100, 50]

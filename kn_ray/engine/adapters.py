@@ -69,12 +69,13 @@ class UnsupportedArchitecture(ValueError):
     pass
 
 
-def value_matrix(ffn_out: nn.Module) -> torch.Tensor:
-    """The output projection's weight as [hidden, neurons]: column i is neuron i's value slot.
+def value_matrix(ffn_out: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The output projection's weight (or `weight`, a copy of it) as [hidden, neurons]: column i
+    is neuron i's value slot.
 
     nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out] (so we return its transpose view).
     """
-    weight = ffn_out.weight
+    weight = ffn_out.weight if weight is None else weight
     if isinstance(ffn_out, nn.Linear):
         return weight
     return weight.t()

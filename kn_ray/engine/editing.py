@@ -20,30 +20,32 @@ from .loading import LoadedModel
 def value_slot(lm: LoadedModel, layer: int, neuron: int) -> torch.Tensor:
     """A writable view of neuron `neuron`'s value slot in `layer`: shape [hidden]."""
     module = lm.adapter.ffn_out_module(lm.model, layer)
-    if module.weight.device.type == "meta":
-        return _offloaded_value_matrix(module)[:, neuron]
-    return value_matrix(module)[:, neuron]
+    return value_matrix(module, resident_weight(module, writable=True))[:, neuron]
 
 
-def _offloaded_value_matrix(module: torch.nn.Module) -> torch.Tensor:
-    """The value matrix of an offloaded projection, made resident and editable: its weight is
-    copied into the offload loader's in-memory state dict, which Accelerate reads before the
-    disk files, so edits reach every later forward pass."""
+def resident_weight(module: torch.nn.Module, *, writable: bool = False) -> torch.Tensor:
+    """A module's weight in memory, also where Accelerate offloaded it (its parameter then sits
+    on `meta`): read from the offload, or, `writable`, copied into the offload loader's
+    in-memory state dict, which Accelerate reads before the disk files, so edits reach every
+    later forward pass."""
+    if module.weight.device.type != "meta":
+        return module.weight
     weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
     loader = getattr(weights, "dataset", None)
     if loader is None or not hasattr(loader, "state_dict"):
-        raise NotImplementedError("value-slot edits need the FFN output projection's weights in memory or in "
-                                  "Accelerate's offload; load the model without this device map")
+        raise NotImplementedError(f"{type(module).__name__}'s weights are neither in memory nor in Accelerate's "
+                                  "offload; load the model without this device map")
     key = weights.prefix + "weight"
     if key not in loader.state_dict:
+        if not writable:
+            return weights["weight"]
         loader.state_dict[key] = weights["weight"].clone()
-    weight = loader.state_dict[key]
-    return weight if isinstance(module, torch.nn.Linear) else weight.t()
+    return loader.state_dict[key]
 
 
 def word_embedding(lm: LoadedModel, token_ids: Sequence[int]) -> torch.Tensor:
     """The input embedding of a word: the mean over its token ids (one id for single-token words)."""
-    table = lm.model.get_input_embeddings().weight
+    table = resident_weight(lm.model.get_input_embeddings())
     return table[torch.as_tensor(list(token_ids), device=table.device)].float().mean(0)
 
 

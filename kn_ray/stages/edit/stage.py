@@ -69,8 +69,7 @@ def write_summary(run: RunDirectory, options: EditOptions, placement: Placement,
     except ValueError:  # a damaged summary is rebuilt
         previous = {}
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    p = placement
-    runs = {**previous, **{op: dict(model=p.model, revision=p.revision, precision=p.precision, dtype=p.dtype,
+    runs = {**previous, **{op: dict(placement.as_dict(),  # how the model was loaded: model, revision, precision, ...
                                     settings=asdict(options.settings), relations=list(options.relations),
                                     fact_ids=list(options.fact_ids), units=units[op], created=now)
                            for op in options.ops}}
