@@ -278,7 +278,7 @@ def test_cli_edits_a_run_made_offloaded_offloaded_with_the_resident_numbers(run_
     assert main(["edit", str(out), "--op", "suppress,update,erase", "--max-facts", "1", "--quiet"]) == 0
     [edit_runner] = loaded
     assert edit_runner.lm.offloaded and "disk" in set(edit_runner.lm.model.hf_device_map.values())
-    summary = json.loads((out / "edits" / "summary.json").read_text())
+    summary = json.loads((out / "edits.json").read_text())
     assert summary["runs"]["update"]["offload_dir"] == str(offload)
     for op in ("suppress", "update", "erase"):
         for unit in EditCorpus(out).units(op, EditSettings(max_facts=1)):
