@@ -22,12 +22,23 @@ FFN_OUT = {
     "gemma": lambda m, l: m.model.layers[l].mlp.down_proj,
 }
 
+ATTN_OUT = {  # the attention output projections: their input is the heads (attn.hook_z)
+    "bert": lambda m, l: m.bert.encoder.layer[l].attention.output.dense,
+    "roberta": lambda m, l: m.roberta.encoder.layer[l].attention.output.dense,
+    "gpt2": lambda m, l: m.transformer.h[l].attn.c_proj,
+    "gpt_neox": lambda m, l: m.gpt_neox.layers[l].attention.dense,
+    "llama": lambda m, l: m.model.layers[l].self_attn.o_proj,
+    "mistral": lambda m, l: m.model.layers[l].self_attn.o_proj,
+    "qwen2": lambda m, l: m.model.layers[l].self_attn.o_proj,
+    "gemma": lambda m, l: m.model.layers[l].self_attn.o_proj,
+}
+
 
 def float64(model):
     return copy.deepcopy(model).double()
 
 
-def reference_ig(model64, family, tokenizer, prompt, target, layer, alphas, weights, masked):
+def reference_ig(model64, family, tokenizer, prompt, target, layer, alphas, weights, masked, modules=FFN_OUT):
     """(scores [neurons], P(x), P(layer zeroed)) for one prompt and layer."""
     if masked:
         ids = tokenizer(prompt.replace("[MASK]", tokenizer.mask_token))["input_ids"]
@@ -41,7 +52,7 @@ def reference_ig(model64, family, tokenizer, prompt, target, layer, alphas, weig
         target_pos = len(p_ids) - 1
         pred_pos = [target_pos + k for k in range(len(gold))]
     input_ids = torch.tensor([ids])
-    module = FFN_OUT[family](model64, layer)
+    module = modules[family](model64, layer)
     state = {}
 
     def hook(_m, args):

@@ -32,7 +32,7 @@ def integrate_adaptive(attributor, batch, clean, layer: int, baseline: float, to
     a, gold = clean.acts[layer], clean.gold_prob.float()
     todo = torch.arange(B, device=dev)
     used = torch.zeros(B, dtype=torch.int32)
-    estimate = torch.zeros(B, attributor.lm.num_neurons, device=dev)
+    estimate = torch.zeros(B, attributor._width, device=dev)
     p_zero = torch.zeros(B, device=dev)
     row: list[torch.Tensor] = []  # the Romberg table's last row, R(j-1, 0..j-1), for all B prompts
     for level in range(MAX_LEVEL + 1):

@@ -1,4 +1,4 @@
-"""Integrated gradients over FFN neurons, computed without redundant work.
+"""Integrated gradients over FFN neurons (or attention heads), computed without redundant work.
 
 For a prompt, layer l and step alpha, the published method runs the whole model forward
 and backward on a copy of the prompt whose layer-l activation at the target position is
@@ -13,6 +13,10 @@ scaled by alpha. Almost all of that is recomputation. Here:
 * no parameter gradients: gradients flow only to the scaled activations;
 * rows of many (prompt, step) pairs share each forward/backward, sized to memory, and the
   batch shrinks instead of failing on out-of-memory.
+
+The same engine scores attention heads (`site="attn.hook_z"`): the scaled activation is then
+the input of the attention output projection, and a head's score is the sum of its head_dim
+units' scores (its summed contribution; completeness is unchanged).
 
 The result equals the straightforward computation up to floating-point rounding (the tests
 compare against a float64 one-layer-one-step reference).
@@ -30,7 +34,8 @@ import numpy as np
 import torch
 
 from .encoding import Batch
-from .hooks import edit_neurons, first_arg, gather_head_input, pre_hooks, recompute_offloaded_blocks, start_at_layer
+from .adapters import attention_shape
+from .hooks import edit_site, first_arg, gather_head_input, pre_hooks, recompute_offloaded_blocks, start_at_layer
 from .precision import autocast
 from .quadrature import AUTO, quadrature
 from .adaptive import FIRST_LEVEL, integrate_adaptive
@@ -51,12 +56,13 @@ class Attribution:
     top_token: str | None = None  # the model's top prediction at the target position
     top_prob: float = math.nan
     layers: tuple[int, ...] = ()
-    scores: np.ndarray | None = None  # [len(layers), neurons] float32
-    activations: np.ndarray | None = None  # [len(layers), neurons] clean activations at the target
+    scores: np.ndarray | None = None  # [len(layers), neurons (or heads)] float32
+    activations: np.ndarray | None = None  # [len(layers), neurons] clean activations at the target (heads: |z_h|)
     baseline_prob: np.ndarray | None = None  # [len(layers)] P with that layer's activation at the baseline
     completeness: np.ndarray | None = None  # [len(layers)] |sum(scores) - (P - P_baseline)|
     evaluations: np.ndarray | None = None  # [len(layers)] forward/backward rows spent per layer (quadrature nodes)
     seconds: float = 0.0
+    site: str = "mlp.hook_post"  # the attributed site (adapters.SITES): neurons or "attn.hook_z" heads
 
     @property
     def ok(self) -> bool:
@@ -67,7 +73,7 @@ class Attribution:
         return float(self.scores.max()) if self.scores is not None and self.scores.size else math.nan
 
     def top_neurons(self, k: int = 10) -> list[tuple[int, int, float]]:
-        """The k highest-scoring (layer, neuron, score) triples."""
+        """The k highest-scoring (layer, neuron or head, score) triples."""
         if self.scores is None:
             return []
         flat = np.argsort(self.scores, axis=None)[::-1][:k]
@@ -85,13 +91,23 @@ class _Clean:
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer prefix keys/values [B, H, start_col, dh]
 
 
+ATTRIBUTED_SITES = ("mlp.hook_post", "attn.hook_z")
+
+
 class Attributor(ModelRunner):
-    """Integrated gradients of the gold object's probability w.r.t. FFN neurons.
+    """Integrated gradients of the gold object's probability w.r.t. FFN neurons (or heads).
 
     >>> attr = Attributor(load_model("smollm2"))
     >>> [res] = attr.attribute(["The capital of France is"], [" Paris"], n_steps=20)
     >>> res.top_neurons(5)
     """
+
+    _site = "mlp.hook_post"  # what `attribute` scores (ATTRIBUTED_SITES)
+
+    @property
+    def _width(self) -> int:
+        """Units per layer of the attributed site."""
+        return self.adapter.site_width(self.model, self._site)
 
     # ---- public API -------------------------------------------------------------------
     def attribute(
@@ -107,6 +123,7 @@ class Attributor(ModelRunner):
         nt_samples: int = 0,
         stdevs: float = 0.0,
         nt_seed: int = 0,
+        site: str = "mlp.hook_post",
         progress: Callable[[int], None] | None = None,
     ) -> list[Attribution]:
         """Score every neuron of `layers` (default: all) for each (prompt, target).
@@ -117,12 +134,16 @@ class Attributor(ModelRunner):
         the completeness residual <= `tolerance` x |P - P(layer at baseline)| (`adaptive`).
         `nt_samples` > 0: the mean over that many copies with noisy input embeddings, noise
         `stdevs` x each embedding's RMS, seeded by `nt_seed` (`smoothing`).
+        `site="attn.hook_z"`: score every attention head instead (the sum over its units).
         """
+        if site not in ATTRIBUTED_SITES:
+            raise ValueError(f"site must be one of {ATTRIBUTED_SITES}, got {site!r}")
+        self._site = site
         if nt_samples:
             if nt_samples < 1 or stdevs < 0:
                 raise ValueError(f"nt_samples must be >= 1 and stdevs >= 0, got {nt_samples}, {stdevs}")
             results = smoothed(lambda: self.attribute(prompts, targets, n_steps=n_steps, method=method,
-                                                      tolerance=tolerance, layers=layers, baselines=baselines),
+                                                      tolerance=tolerance, layers=layers, baselines=baselines, site=site),
                                self.model, nt_samples, stdevs, nt_seed)
             if progress:
                 progress(len(results))
@@ -163,7 +184,8 @@ class Attributor(ModelRunner):
         seconds = (time.perf_counter() - start) / len(chunk)
         done = []
         for (i, enc), out in zip(chunk, outs):
-            done.append((i, Attribution(prompts[i], targets[i], target_ids=enc.object_ids, layers=tuple(layers), seconds=seconds, **out)))
+            done.append((i, Attribution(prompts[i], targets[i], target_ids=enc.object_ids, layers=tuple(layers),
+                                        seconds=seconds, site=self._site, **out)))
         return done
 
     def _attribute_batch(self, encs, alphas, weights, layers, baseline) -> list[dict]:
@@ -189,6 +211,10 @@ class Attributor(ModelRunner):
         scores_d, base_d = torch.stack(scores, 1), torch.stack(base_prob, 1)  # [B, L, F], [B, L]
         acts_d = torch.stack([clean.acts[layer] for layer in layers], 1)
         completeness_d = (scores_d.sum(-1) - (clean.gold_prob[:, None] - base_d)).abs()
+        if self._site == "attn.hook_z":  # a head's score: the sum over its units
+            heads = attention_shape(self.model.config)[0]
+            scores_d = scores_d.unflatten(-1, (heads, -1)).sum(-1)
+            acts_d = acts_d.unflatten(-1, (heads, -1)).norm(dim=-1)
         scores, acts, base_prob, completeness, gold, top_prob = (
             t.cpu() for t in (scores_d, acts_d, base_d, completeness_d, clean.gold_prob, clean.top_prob))
         tops = self.token_texts(clean.top_ids.tolist())
@@ -221,11 +247,11 @@ class Attributor(ModelRunner):
             inputs = first_arg(args, kwargs)
             acts[i] = inputs[rows.to(inputs.device), batch.target_col.to(inputs.device)].float().to(self.device)
 
-        ffn_outs = [adapter.ffn_out_module(model, i) for i in range(self.lm.num_layers)]
+        sites = [adapter.site_module(model, self._site, i)[0] for i in range(self.lm.num_layers)]
         with (
             autocast(self.precision, self.device),
             pre_hooks(list(adapter.blocks(model)), save_hidden),
-            pre_hooks(ffn_outs, save_act),
+            pre_hooks(sites, save_act),
             gather_head_input(model, adapter, batch.pred_cols),
         ):
             out = model(**self._inputs(batch, rows, 0), use_cache=not adapter.masked)
@@ -246,7 +272,7 @@ class Attributor(ModelRunner):
         prompts = torch.arange(B, device=dev) if prompts is None else prompts.to(dev)
         prompt_of = prompts.repeat_interleave(A)
         step_of = torch.arange(A, device=dev).repeat(len(prompts))
-        grad_sum = torch.zeros(B, self.lm.num_neurons, dtype=torch.float32, device=dev)
+        grad_sum = torch.zeros(B, self._width, dtype=torch.float32, device=dev)
         p_zero = torch.zeros(B, dtype=torch.float32, device=dev)
         tokens_per_row = batch.input_ids.shape[1] - batch.start_col
         lo = 0
@@ -292,7 +318,7 @@ class Attributor(ModelRunner):
             torch.enable_grad(),
             autocast(self.precision, dev),
             start_at_layer(self.model, self.adapter, layer, hidden[pi.to(hidden.device)]),
-            edit_neurons(self.model, self.adapter, layer, put),
+            edit_site(self.model, self.adapter, self._site, layer, put),
             gather_head_input(self.model, self.adapter, batch.pred_cols[pi] - sc),
             recompute_offloaded_blocks(self.model, self.adapter, layer, inputs.get("past_key_values")),
         ):

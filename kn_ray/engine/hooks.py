@@ -53,11 +53,19 @@ def gather_head_input(model: nn.Module, adapter: Adapter, cols: torch.Tensor):
 
 def edit_neurons(model: nn.Module, adapter: Adapter, layer: int, edit: Callable[[torch.Tensor], torch.Tensor]):
     """Rewrite the input of `layer`'s FFN output projection with `edit(inputs) -> inputs`."""
+    return edit_site(model, adapter, "mlp.hook_post", layer, edit)
+
+
+def edit_site(model: nn.Module, adapter: Adapter, site: str, layer: int, edit: Callable[[torch.Tensor], torch.Tensor]):
+    """Rewrite a site read at a module's input (neurons, heads, a block's input) with `edit`."""
+    module, side = adapter.site_module(model, site, layer)
+    if side != "input":
+        raise ValueError(f"edit_site rewrites input sites; {site!r} is an output")
 
     def fn(_i, args, kwargs):
         return withfirst_arg(args, kwargs, edit(first_arg(args, kwargs)))
 
-    return pre_hooks([adapter.ffn_out_module(model, layer)], fn)
+    return pre_hooks([module], fn)
 
 
 class _Passthrough(nn.Module):
