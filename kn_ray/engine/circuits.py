@@ -1,0 +1,339 @@
+"""Edge attribution (EAP-IG, Hanna et al. 2024) and circuit faithfulness on Hugging Face models.
+
+For a fact, a clean prompt and a corrupted one (the same template with another subject of the
+same relation, the same number of tokens) are run once each, recording what every sender
+writes. The score of edge u -> v is
+
+    (out_u(clean) - out_u(corrupted)) . sum_k w_k dM/d(input_v) at e(alpha_k)
+
+summed over positions, where e(alpha) = e_corrupted + alpha (e_clean - e_corrupted) are the
+input embeddings, (alpha_k, w_k) a quadrature rule (`quadrature`: Gauss-Legendre by default)
+and the gradient runs through v's own copy of the residual stream (`receivers`). One
+forward/backward per (prompt, alpha) row gives every receiver's gradient, so every edge;
+rows of many prompts share a pass. The gradients are summed over alpha first and the dot
+products taken once per prompt (one [senders, T d] x [T d, receivers] product), not once
+per alpha.
+
+The metric M is log P(gold object) (teacher forced over its tokens), or the logit difference
+between the gold object's first token and the corrupted fact's at the target position.
+
+Completeness: the edges out of `input` sum to M(clean) - M(corrupted) as the rule gets finer
+(integrated gradients along the embedding path; the residual is reported). The edges into
+`logits` need not: they integrate the final residual's gradient along the embedding path, not
+along a straight line at the final residual.
+
+Faithfulness of a circuit C (a set of edges): every receiver reads
+input_v - sum_{u -> v not in C} (out_u - out_u(corrupted)) in one patched forward on the
+clean prompt; (M(C) - M(corrupted)) / (M(clean) - M(corrupted)).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .adapters import attention_shape
+from .encoding import Batch, SkipPrompt
+from .graph import Graph
+from .hooks import gather_head_input
+from .precision import autocast
+from .quadrature import quadrature
+from .receivers import record_senders, require_circuits, split_receivers
+from .runner import ModelRunner, batches, describe, is_oom
+
+METRICS = ("logprob", "logit_diff")
+
+
+@dataclass
+class EdgeAttribution:
+    """EAP-IG result for one (clean prompt, corrupted prompt, target)."""
+
+    prompt: str
+    target: str
+    corrupted: str
+    status: str = "ok"
+    reason: str | None = None
+    metric: str = "logprob"
+    clean_metric: float = math.nan
+    corrupted_metric: float = math.nan
+    scores: np.ndarray | None = None  # [senders, receivers] float32; 0 where no edge exists
+    completeness: float = math.nan  # |sum of edges out of input - (M(clean) - M(corrupted))|
+    logits_sum: float = math.nan  # sum of the edges into the logits (not bound to the change)
+    evaluations: int = 0  # forward/backward rows (quadrature nodes)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def change(self) -> float:
+        return self.clean_metric - self.corrupted_metric
+
+    def top_edges(self, graph: Graph, k: int) -> list[tuple[str, float]]:
+        """The k edges of largest |score|, as ("u->v", score)."""
+        flat = top_edge_indices(self.scores, graph, k)
+        return list(zip(graph.edge_names(flat), self.scores.flat[flat].tolist()))
+
+
+def top_edge_indices(scores: np.ndarray, graph: Graph, k: int) -> np.ndarray:
+    """Flat indices of the k valid edges of largest |score| (ties: lower index first)."""
+    flat_valid = np.flatnonzero(graph.valid)
+    order = np.argsort(-np.abs(scores.flat[flat_valid]), kind="stable")
+    return flat_valid[order[:k]]
+
+
+@dataclass
+class _Pair:
+    clean: Batch
+    corrupted: Batch
+    other_ids: torch.Tensor  # [B] the corrupted object's first token (logit_diff)
+
+
+class EdgeAttributor(ModelRunner):
+    """EAP-IG edge scores and circuit faithfulness for causal LMs with pre-LN blocks.
+
+    >>> eap = EdgeAttributor(load_model("smollm2"))
+    >>> [res] = eap.attribute_edges(["The capital of France is"], [" Paris"], ["The capital of Spain is"])
+    >>> res.top_edges(eap.graph, 10)
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        layout = require_circuits(self.model, self.adapter)
+        if self.adapter.masked:
+            raise ValueError("circuits are for causal LMs")
+        self.heads = attention_shape(self.model.config)[0]
+        self.graph = Graph(self.lm.num_layers, self.heads, parallel=layout == "parallel")
+        self._valid = torch.from_numpy(self.graph.valid).to(self.device)
+
+    # ---- public API -------------------------------------------------------------------
+    def attribute_edges(
+        self,
+        prompts: str | Sequence[str],
+        targets: str | Sequence[str],
+        corrupted: str | Sequence[str],
+        *,
+        corrupted_targets: Sequence[str] | None = None,
+        n_steps: int = 5,
+        method: str = "gausslegendre",
+        metric: str = "logprob",
+        progress: Callable[[int], None] | None = None,
+    ) -> list[EdgeAttribution]:
+        """Score every edge for each (prompt, target, corrupted prompt); `corrupted_targets`
+        (the corrupted facts' objects) are needed for metric="logit_diff"."""
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        alphas, weights = quadrature(n_steps, method)
+        items = self._pairs(prompts, targets, corrupted, corrupted_targets, metric)
+        results: list[EdgeAttribution | None] = [None] * len(items[0])
+        for i, reason in items[3].items():
+            results[i] = EdgeAttribution(items[0][i], items[1][i], items[2][i], status="skipped", reason=reason, metric=metric)
+        for chunk in _batches(items[4], self.max_batch_prompts):
+            for i, res in self._safely(chunk, items, alphas, weights, metric):
+                results[i] = res
+            if progress:
+                progress(len(chunk))
+        if progress and items[3]:
+            progress(len(items[3]))
+        return results  # type: ignore[return-value]
+
+    def faithfulness(self, result: EdgeAttribution, circuits: np.ndarray, corrupted_target: str | None = None) -> np.ndarray:
+        """Faithfulness of each circuit [n, senders, receivers] (bool: the edges kept clean) for
+        the fact of `result`: (M(C) - M(corrupted)) / (M(clean) - M(corrupted))."""
+        _, _, _, skipped, ready = self._pairs([result.prompt], [result.target], [result.corrupted],
+                                              None if corrupted_target is None else [corrupted_target], result.metric)
+        if skipped:
+            raise ValueError(f"cannot patch {result.prompt!r}: {skipped[0]}")
+        pair = self._collate_pair([ready[0][1]])
+        keep = torch.as_tensor(circuits, device=self.device).bool()
+        clean_m, corr_m, values = self._patched(pair, keep, result.metric)
+        return ((values - corr_m) / (clean_m - corr_m)).cpu().numpy()
+
+    # ---- inputs -----------------------------------------------------------------------
+    def _pairs(self, prompts, targets, corrupted, corrupted_targets, metric):
+        prompts, targets, corrupted = ([x] if isinstance(x, str) else list(x) for x in (prompts, targets, corrupted))
+        if not len(prompts) == len(targets) == len(corrupted):
+            raise ValueError(f"{len(prompts)} prompts, {len(targets)} targets, {len(corrupted)} corrupted prompts")
+        if metric == "logit_diff" and (corrupted_targets is None or len(corrupted_targets) != len(prompts)):
+            raise ValueError("metric='logit_diff' needs one corrupted target per prompt")
+        ready, skipped = [], {}
+        for i, (p, t, c) in enumerate(zip(prompts, targets, corrupted)):
+            try:
+                enc, enc_c = self.encode(p, t), self.encode(c, t)
+                if len(enc.prompt_ids) != len(enc_c.prompt_ids) or enc.object_ids != enc_c.object_ids:
+                    raise SkipPrompt(f"corrupted prompt is {len(enc_c.prompt_ids)} tokens, the clean one "
+                                     f"{len(enc.prompt_ids)}: positions must match")
+                other = self.encode(c, corrupted_targets[i]).object_ids[0] if metric == "logit_diff" else 0
+                ready.append((i, (enc, enc_c, other)))
+            except SkipPrompt as skip:
+                skipped[i] = str(skip)
+        ready.sort(key=lambda item: (len(item[1][0].object_ids), item[1][0].length))
+        return prompts, targets, corrupted, skipped, ready
+
+    def _collate_pair(self, encs) -> _Pair:
+        clean = self._collate([e for e, _, _ in encs])
+        corr = self._collate([c for _, c, _ in encs])
+        return _Pair(clean, corr, torch.tensor([o for _, _, o in encs], device=self.device))
+
+    # ---- batches ----------------------------------------------------------------------
+    def _safely(self, chunk, items, alphas, weights, metric):
+        prompts, targets, corrupted = items[0], items[1], items[2]
+        start = time.perf_counter()
+        try:
+            outs = self._batch([e for _, e in chunk], alphas, weights, metric)
+        except Exception as error:  # noqa: BLE001 - isolated and reported per prompt below
+            if len(chunk) == 1:
+                i = chunk[0][0]
+                return [(i, EdgeAttribution(prompts[i], targets[i], corrupted[i], status="error", reason=describe(error), metric=metric))]
+            warnings.warn(f"kn-ray: a batch of {len(chunk)} prompts failed ({describe(error)}); retrying them one by one")
+            return [pair for item in chunk for pair in self._safely([item], items, alphas, weights, metric)]
+        seconds = (time.perf_counter() - start) / len(chunk)
+        return [(i, EdgeAttribution(prompts[i], targets[i], corrupted[i], metric=metric, seconds=seconds, **out))
+                for (i, _), out in zip(chunk, outs)]
+
+    def _batch(self, encs, alphas, weights, metric) -> list[dict]:
+        pair = self._collate_pair(encs)
+        clean = self._run_senders(pair.clean, pair, metric)
+        corr = self._run_senders(pair.corrupted, pair, metric)
+        real = pair.clean.attention_mask[:, None, :, None].to(clean[0].dtype)
+        delta = (clean[0] - corr[0]) * real  # [B, U, T, d]
+        grads = self._integrate(pair, clean[1], corr[1], alphas.float().to(self.device), weights.float().to(self.device), metric)
+        scores = torch.einsum("butd,bvtd->buv", delta, grads * real) * self._valid
+        change = clean[2] - corr[2]
+        completeness = (scores[:, 0].sum(-1) - change).abs()
+        logits_sum = scores[:, :, -1].sum(-1)
+        scores, completeness, logits_sum, m_clean, m_corr = (t.cpu() for t in (scores, completeness, logits_sum, clean[2], corr[2]))
+        return [dict(clean_metric=float(m_clean[b]), corrupted_metric=float(m_corr[b]), scores=scores[b].numpy(),
+                     completeness=float(completeness[b]), logits_sum=float(logits_sum[b]), evaluations=len(alphas))
+                for b in range(pair.clean.size)]
+
+    @torch.no_grad()
+    def _run_senders(self, batch: Batch, pair: _Pair, metric: str):
+        """(sender outputs [B, U, T, d] fp32, input embeddings [B, T, d], metric [B])."""
+        outputs: list[torch.Tensor] = []
+        embeds: list[torch.Tensor] = []
+
+        def sink(kind, _layer, out):
+            outputs.append(out.float().to(self.device) if kind == "heads" else out.float().to(self.device).unsqueeze(-2))
+
+        rows = torch.arange(batch.size, device=self.device)
+        emb = self.model.get_input_embeddings()
+        handle = emb.register_forward_hook(lambda _m, _a, out: embeds.append(out.detach()))
+        try:
+            with autocast(self.precision, self.device), record_senders(self.model, self.adapter, sink), \
+                    gather_head_input(self.model, self.adapter, batch.pred_cols):
+                logits = self.model(**self._inputs(batch, rows)).logits.to(self.device)
+        finally:
+            handle.remove()
+        return torch.cat(outputs, -2).transpose(1, 2), embeds[0], self._metric(logits, pair, rows, metric)
+
+    def _metric(self, logits, pair: _Pair, rows, metric) -> torch.Tensor:
+        logp_or_logits = logits.float()
+        if metric == "logit_diff":
+            first = logp_or_logits[:, 0]
+            return first.gather(1, pair.clean.gold_ids[rows, :1])[:, 0] - first.gather(1, pair.other_ids[rows, None])[:, 0]
+        logp = logp_or_logits.log_softmax(-1).gather(2, pair.clean.gold_ids[rows, :, None])[..., 0]
+        return (logp * pair.clean.gold_valid[rows]).sum(-1)
+
+    # ---- gradients ----------------------------------------------------------------------
+    def _integrate(self, pair, e_clean, e_corr, alphas, weights, metric) -> torch.Tensor:
+        """sum_k w_k dM/d(input_v) for every receiver v: [B, V, T, d] fp32."""
+        B, A, T = pair.clean.size, len(alphas), pair.clean.input_ids.shape[1]
+        H, V, d = self.heads, self.graph.num_receivers, e_clean.shape[-1]
+        prompt_of = torch.arange(B, device=self.device).repeat_interleave(A)
+        step_of = torch.arange(A, device=self.device).repeat(B)
+        grads = torch.zeros(B, V, T, d, device=self.device)
+        lo = 0
+        while lo < len(prompt_of):
+            n_rows = max(1, self.max_batch_tokens // (T * max(1, H // 2)))
+            pi, si = prompt_of[lo: lo + n_rows], step_of[lo: lo + n_rows]
+            try:
+                g = self._rows(pair, pi, alphas[si], e_clean, e_corr, metric)
+            except Exception as error:  # noqa: BLE001
+                if not is_oom(error) or n_rows == 1:
+                    raise
+                self._back_off()
+                continue
+            grads.index_add_(0, pi, g.transpose(1, 2) * weights[si][:, None, None, None])
+            lo += len(pi)
+        return grads
+
+    def _rows(self, pair, pi, alpha, e_clean, e_corr, metric) -> torch.Tensor:
+        """One forward/backward over rows (prompt, alpha): dM/d(input_v) as [R, T, V, d]."""
+        R, (T, d) = len(pi), e_clean.shape[1:]
+        H, L = self.heads, self.lm.num_layers
+        eps = torch.zeros(R, T, self.graph.num_receivers, d, device=self.device, requires_grad=True)
+        mixed = e_corr[pi] + alpha[:, None, None].to(e_clean.dtype) * (e_clean[pi] - e_corr[pi])
+        handle = self.model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: mixed.to(out.dtype))
+        try:
+            with torch.enable_grad(), autocast(self.precision, self.device), \
+                    split_receivers(self.model, self.adapter, _slices(eps, H, L)), \
+                    gather_head_input(self.model, self.adapter, pair.clean.pred_cols[pi]):
+                logits = self.model(**self._inputs(pair.clean, pi)).logits.to(self.device)
+                values = self._metric(logits, pair, pi, metric)
+                (grad,) = torch.autograd.grad(values.sum(), eps)
+        finally:
+            handle.remove()
+        return grad.float()
+
+    # ---- patching -----------------------------------------------------------------------
+    @torch.no_grad()
+    def _patched(self, pair: _Pair, keep: torch.Tensor, metric: str):
+        """(M(clean), M(corrupted), M with only `keep`'s edges clean [n]) for a one-prompt pair."""
+        clean = self._run_senders(pair.clean, pair, metric)
+        corr = self._run_senders(pair.corrupted, pair, metric)
+        corrupted_edges = (self._valid & ~keep).float()  # [n, U, V]
+        values = []
+        T = pair.clean.input_ids.shape[1]
+        step = max(1, self.max_batch_tokens // (T * max(1, self.heads // 2)))
+        for lo in range(0, len(keep), step):
+            values.append(self._patched_rows(pair, corr[0][0], corrupted_edges[lo: lo + step], metric))
+        return clean[2][0], corr[2][0], torch.cat(values)
+
+    def _patched_rows(self, pair, corr_out, corrupted_edges, metric):
+        R = len(corrupted_edges)
+        H, L = self.heads, self.lm.num_layers
+        T, d = corr_out.shape[1:]
+        correction = torch.zeros(R, T, self.graph.num_receivers, d, device=self.device)
+        offset = [0]
+
+        def sink(kind, layer, out):  # what changed from the corrupted run, sent down the corrupted edges
+            out = out.float() if kind == "heads" else out.float().unsqueeze(-2)
+            lo = offset[0]
+            offset[0] += out.shape[-2]
+            diff = out - corr_out[lo: offset[0]].transpose(0, 1)  # [R, T, g, d]
+            correction.sub_(torch.einsum("rtgd,rgv->rtvd", diff, corrupted_edges[:, lo: offset[0]]))
+
+        rows = torch.zeros(R, dtype=torch.long, device=self.device)
+        with autocast(self.precision, self.device), record_senders(self.model, self.adapter, sink), \
+                split_receivers(self.model, self.adapter, _slices(correction, H, L)), \
+                gather_head_input(self.model, self.adapter, pair.clean.pred_cols[rows]):
+            logits = self.model(**self._inputs(pair.clean, rows)).logits.to(self.device)
+        return self._metric(logits, pair, rows, metric)
+
+
+def _slices(per_receiver: torch.Tensor, heads: int, layers: int):
+    """extra(kind, layer) for `split_receivers` from a [R, T, receivers, d] tensor."""
+
+    def extra(kind, layer):
+        base = layer * (heads + 1)
+        if kind == "heads":
+            return per_receiver[:, :, base: base + heads]
+        return per_receiver[:, :, base + heads] if kind == "mlp" else per_receiver[:, :, -1]
+
+    return extra
+
+
+def _batches(ready, size):
+    """`runner.batches` over (index, (clean, corrupted, other)) items: same object length per batch."""
+    keyed = [(i, encs[0]) for i, encs in ready]
+    by_index = dict(ready)
+    for chunk in batches(keyed, size):
+        yield [(i, by_index[i]) for i, _ in chunk]

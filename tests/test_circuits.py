@@ -1,0 +1,81 @@
+"""EAP-IG edge scores equal an edge-by-edge float64 reference; completeness; faithfulness ends."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kn_ray.engine import quadrature
+from kn_ray.engine.adapters import UnsupportedArchitecture
+from kn_ray.engine.circuits import EdgeAttributor
+from kn_ray.engine.graph import Graph
+from reference import float64
+from reference_edges import PATHS, reference_edges
+from tiny_models import tiny_model
+
+# clean / corrupted prompts of the same length; one two-token object; ragged lengths in one batch
+PROMPTS = ["the capital of france is", "paris was born in the city of", "rome is located in"]
+CORRUPTED = ["the capital of italy is", "rome was born in the city of", "paris is located in"]
+TARGETS = [" paris", " san francisco", " italy"]
+OTHERS = [" rome", " new york", " france"]
+
+
+def scale_err(got, want):
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.mark.parametrize("family", sorted(PATHS))
+def test_edge_scores_match_edge_by_edge_float64_reference(family, tmp_path):
+    model, tok = tiny_model(family, tmp_path)
+    model64 = float64(model)
+    eap = EdgeAttributor(model, tok, precision="fp32")
+    alphas, weights = quadrature(2, "gausslegendre")
+    metric = "logit_diff" if family == "llama" else "logprob"
+    results = eap.attribute_edges(PROMPTS, TARGETS, CORRUPTED, corrupted_targets=OTHERS, n_steps=2, metric=metric)
+    for i in (0, 1):  # a padded row of a two-prompt batch, and a two-token object
+        res = results[i]
+        assert res.ok, res.reason
+        want, m_clean, m_corr = reference_edges(model64, family, tok, PROMPTS[i], CORRUPTED[i], TARGETS[i], alphas,
+                                                weights, metric, OTHERS[i])
+        assert res.scores.shape == want.shape == (eap.graph.num_senders, eap.graph.num_receivers)
+        assert np.array_equal(res.scores != 0, want != 0)  # the same edges exist
+        assert scale_err(res.scores, want) <= 1e-4
+        assert res.clean_metric == pytest.approx(m_clean, rel=1e-5) and res.corrupted_metric == pytest.approx(m_corr, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+def test_edges_out_of_the_input_sum_to_the_metric_change(family, tmp_path):
+    """Completeness along the embedding path: the residual falls as the rule's nodes grow (random tiny
+    models have sharp paths: 4 nodes miss by up to 90%, 128 Gauss-Legendre nodes by < 0.2%)."""
+    model, tok = tiny_model(family, tmp_path)
+    eap = EdgeAttributor(model, tok, precision="fp32")
+    coarse, fine = (eap.attribute_edges(PROMPTS, TARGETS, CORRUPTED, n_steps=n) for n in (4, 128))
+    for c, f in zip(coarse, fine):
+        assert f.completeness <= 2e-3 * abs(f.change) + 1e-5
+        assert f.completeness <= c.completeness + 1e-5
+    assert sum(f.completeness for f in fine) < 0.1 * sum(c.completeness for c in coarse)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_faithfulness_is_one_with_every_edge_and_zero_with_none(family, tmp_path):
+    model, tok = tiny_model(family, tmp_path)
+    eap = EdgeAttributor(model, tok, precision="fp32")
+    [res] = eap.attribute_edges(PROMPTS[1:2], TARGETS[1:2], CORRUPTED[1:2], n_steps=2)
+    valid = eap.graph.valid
+    faith = eap.faithfulness(res, np.stack([valid, np.zeros_like(valid)]))
+    np.testing.assert_allclose(faith, [1.0, 0.0], rtol=0, atol=1e-4)
+
+
+def test_graph_edges():
+    g = Graph(layers=2, heads=2)
+    assert g.senders == ["input", "a0.h0", "a0.h1", "m0", "a1.h0", "a1.h1", "m1"]
+    assert g.receivers == ["a0.h0", "a0.h1", "m0", "a1.h0", "a1.h1", "m1", "logits"]
+    # input -> all 7; a0.* -> m0, layer 1 (3), logits = 5 each; m0 -> layer 1 + logits = 4; a1.* -> m1, logits; m1 -> logits
+    assert g.num_edges == 7 + 2 * 5 + 4 + 2 * 2 + 1
+    assert Graph(layers=2, heads=2, parallel=True).num_edges == g.num_edges - 2 - 2
+
+
+def test_post_ln_families_are_refused(tmp_path):
+    model, tok = tiny_model("bert", tmp_path)
+    with pytest.raises(UnsupportedArchitecture, match="residual stream"):
+        EdgeAttributor(model, tok)
