@@ -11,27 +11,21 @@ import copy
 
 import torch
 
-FFN_OUT = {
-    "bert": lambda m, l: m.bert.encoder.layer[l].output.dense,
-    "roberta": lambda m, l: m.roberta.encoder.layer[l].output.dense,
-    "gpt2": lambda m, l: m.transformer.h[l].mlp.c_proj,
-    "gpt_neox": lambda m, l: m.gpt_neox.layers[l].mlp.dense_4h_to_h,
-    "llama": lambda m, l: m.model.layers[l].mlp.down_proj,
-    "mistral": lambda m, l: m.model.layers[l].mlp.down_proj,
-    "qwen2": lambda m, l: m.model.layers[l].mlp.down_proj,
-    "gemma": lambda m, l: m.model.layers[l].mlp.down_proj,
+_PATHS = {  # family: (blocks, FFN output projection, attention output projection), spelled out
+    "bert": ("bert.encoder.layer", "output.dense", "attention.output.dense"),
+    "roberta": ("roberta.encoder.layer", "output.dense", "attention.output.dense"),
+    "gpt2": ("transformer.h", "mlp.c_proj", "attn.c_proj"),
+    "gpt_neox": ("gpt_neox.layers", "mlp.dense_4h_to_h", "attention.dense"),
+    **{f: ("model.layers", "mlp.down_proj", "self_attn.o_proj") for f in ("llama", "mistral", "qwen2", "gemma")},
 }
 
-ATTN_OUT = {  # the attention output projections: their input is the heads (attn.hook_z)
-    "bert": lambda m, l: m.bert.encoder.layer[l].attention.output.dense,
-    "roberta": lambda m, l: m.roberta.encoder.layer[l].attention.output.dense,
-    "gpt2": lambda m, l: m.transformer.h[l].attn.c_proj,
-    "gpt_neox": lambda m, l: m.gpt_neox.layers[l].attention.dense,
-    "llama": lambda m, l: m.model.layers[l].self_attn.o_proj,
-    "mistral": lambda m, l: m.model.layers[l].self_attn.o_proj,
-    "qwen2": lambda m, l: m.model.layers[l].self_attn.o_proj,
-    "gemma": lambda m, l: m.model.layers[l].self_attn.o_proj,
-}
+
+def _module(blocks: str, path: str):
+    return lambda m, layer: m.get_submodule(blocks)[layer].get_submodule(path)
+
+
+FFN_OUT = {family: _module(blocks, ffn) for family, (blocks, ffn, _) in _PATHS.items()}
+ATTN_OUT = {family: _module(blocks, attn) for family, (blocks, _, attn) in _PATHS.items()}  # inputs: the heads
 
 
 def float64(model):
