@@ -2,13 +2,15 @@
 
 from .adapters import ADAPTERS, Adapter, UnsupportedArchitecture, adapter_for, supported_model_types, value_matrix
 from .attribution import Attribution, Attributor
+from .circuits import EdgeAttribution, EdgeAttributor
+from .graph import Graph
 from .encoding import SkipPrompt
 from .probe import Prober, Probe
 from .loading import LoadedModel, best_device, load_model
 from .quadrature import METHODS, quadrature, riemann
 
 __all__ = [
-    "ADAPTERS", "Adapter", "Attribution", "Attributor", "LoadedModel", "METHODS", "SkipPrompt",
+    "ADAPTERS", "Adapter", "Attribution", "Attributor", "EdgeAttribution", "EdgeAttributor", "Graph", "LoadedModel", "METHODS", "SkipPrompt",
     "UnsupportedArchitecture", "adapter_for", "best_device", "load_model", "quadrature", "riemann",
     "supported_model_types", "value_matrix",
 ]

@@ -135,7 +135,7 @@ class EdgeAttributor(ModelRunner):
         results: list[EdgeAttribution | None] = [None] * len(items[0])
         for i, reason in items[3].items():
             results[i] = EdgeAttribution(items[0][i], items[1][i], items[2][i], status="skipped", reason=reason, metric=metric)
-        for chunk in _batches(items[4], self.max_batch_prompts):
+        for chunk in _batches(items[4], self.batch_size(len(alphas))):
             for i, res in self._safely(chunk, items, alphas, weights, metric):
                 results[i] = res
             if progress:
