@@ -118,14 +118,14 @@ def test_fact_edits_rows_per_condition(run, queries):
     edits = _read(run, "edits")
     tables = queries.fact_edits(fact_id)
     assert {"suppress", "amplify", "update"} <= set(tables)
-    suppress = tables["suppress"].set_index("condition")
-    assert list(suppress.index) == ["kn", "activation", "random", "other_relation"]
+    suppress = tables["suppress"].set_index("measure")
+    assert list(suppress.columns) == ["kn", "activation", "random", "other_relation"]
     rows = edits[(edits.op == "suppress") & (edits.fact_id == fact_id) & (edits.condition == "random")]
-    assert suppress.loc["random", "prompts"] == len(rows)
-    assert suppress.loc["random", "rel_change"] == pytest.approx(rows.rel_change.mean(), abs=1e-12)
-    update = tables["update"].set_index("condition")
+    assert suppress.loc["prompts", "random"] == len(rows)
+    assert suppress.loc["rel_change", "random"] == pytest.approx(rows.rel_change.mean(), abs=1e-12)
+    update = tables["update"].set_index("measure")
     metric = edits[(edits.op == "update") & (edits.fact_id == fact_id) & (edits.metric == "success_rate")]
-    assert update.loc["kn", "success_rate"] == pytest.approx(metric[metric.condition == "kn"].value.iloc[0])
+    assert update.loc["success_rate", "kn"] == pytest.approx(metric[metric.condition == "kn"].value.iloc[0])
 
 
 def test_neuron_reverse_index(run, queries):

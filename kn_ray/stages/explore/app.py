@@ -28,7 +28,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from kn_ray.pipeline.rundir import MARKERS, RUN_FILE, RunDirectory
-from kn_ray.stages.explore.queries import OPS, PAGE_SIZE, VIEW_RATIO, Listing, RunQueries, overall
+from kn_ray.stages.explore.queries import MEASURES, OPS, PAGE_SIZE, VIEW_RATIO, Listing, RunQueries, overall
 from kn_ray.stages.report import figures
 from kn_ray.stages.report.html import describe
 
@@ -133,7 +133,7 @@ def _number(value, digits: int = 3) -> str:
         return "–"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, int) or (hasattr(value, "is_integer") and float(value).is_integer() and abs(value) >= 1e3):
+    if isinstance(value, int) or (hasattr(value, "is_integer") and float(value).is_integer() and 1e3 <= abs(value) < 1e15):
         return f"{int(value):,}"
     try:
         return f"{float(value):.{digits}g}"
@@ -151,7 +151,7 @@ def _templates() -> Jinja2Templates:
                       trim_blocks=True, lstrip_blocks=True)
     env.filters.update(num=_number, signed=_signed)
     env.globals.update(fact_url=fact_url, relation_url=relation_url, neuron_url=neuron_url, ops=OPS,
-                       view_ratio=VIEW_RATIO)
+                       view_ratio=VIEW_RATIO, measures=MEASURES)
     return Jinja2Templates(env=env)
 
 

@@ -27,6 +27,10 @@ PAGE_SIZE = 50
 CONDITIONS = ("kn", "activation", "random", "other_relation")
 OPS = ("suppress", "amplify", "update", "erase")
 Z95 = 1.959964  # normal quantile of a 95% interval
+MEASURES = {"prompts": "prompts", "neurons": "neurons scaled or edited", "p_before": "mean P(gold) before",
+            "p_after": "mean P(gold) after", "rel_change": "mean relative change of P(gold)",
+            "top1_before": "top-1 correct before", "top1_after": "top-1 correct after", "new_object": "new object",
+            "new_p_after": "P(new object) after"}  # fact_edits' measured rows; criteria keep their names
 
 
 @dataclass(frozen=True)
@@ -276,7 +280,7 @@ class RunQueries(Analytics):
         return per.sort_values(["kn_ig", "coarse_prompts", "mean_rel"], ascending=False, ignore_index=True)
 
     def fact_edits(self, fact_id: str) -> dict[str, pd.DataFrame]:
-        """Per op, one row per condition: the fact's prompts (their mean P(gold) before and
+        """Per op, a column per condition and a row per measure: the fact's prompts (their mean P(gold) before and
         after, mean relative change; `other_relation`: the control prompts), and each per-edit
         criterion `kn-ray edit` computed for the fact. Erase edits the fact's relation: its
         rows are the fact's prompts under the relation's erase."""
@@ -307,7 +311,8 @@ class RunQueries(Analytics):
             table = rows.join(wide[order], how="outer") if len(rows) else wide[order]
             present = list(table.index)
             table = table.reindex([c for c in CONDITIONS if c in present] + sorted(set(present) - set(CONDITIONS)))
-            out[op] = table.rename_axis("condition").reset_index().dropna(axis=1, how="all")
+            table = table.dropna(axis=1, how="all").astype(object).T  # a row per measure, a column per condition
+            out[op] = table.rename_axis("measure").reset_index().rename_axis(None, axis=1)
         return out
 
     # ---- one neuron ---------------------------------------------------------------------------
