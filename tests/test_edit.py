@@ -293,6 +293,60 @@ def test_cli_explains_a_run_without_aggregation(tmp_path, capsys):
     assert "kn-ray aggregate" in capsys.readouterr().err
 
 
+def _unaggregated(out):
+    """A hand-built run of two prompts per fact whose every prompt scores neuron (1, 7) highest."""
+    prompts = _prompts()
+    ok = prompts[prompts.status == "ok"]
+    neurons = pd.DataFrame([dict(prompt_id=r.prompt_id, fact_id=r.fact_id, relation=r.relation, layer=1, neuron=7,
+                                 score=1.0) for r in ok.itertuples()])
+    return write_tables(out, {"identity": {"model": str(out / "no-model-is-loaded")}}, prompts=prompts, neurons=neurons)
+
+
+def test_edit_with_no_knowledge_neurons_says_why_and_writes_an_empty_table(tmp_path, capsys):
+    """Two prompts per fact, the default minimum 3: aggregate finds none; edit says so with
+    aggregate.json's counts and thresholds, writes an empty table and edits.json, exits 0."""
+    from kn_ray.pipeline.rundir import RunDirectory
+
+    out = _unaggregated(tmp_path / "out")
+    assert main(["aggregate", str(out)]) == 0
+    assert RunDirectory(out).summary("aggregate")["counts"]["ig"]["knowledge_neurons"] == 0
+    capsys.readouterr()
+    assert main(["edit", str(out), "--quiet"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "suppress, amplify, update, erase: nothing to edit: no fact has knowledge neurons" in printed
+    assert "0 knowledge neurons (ig) over 7 facts" in printed and "7 of them have fewer than the 3 prompts required" in printed
+    assert "t = 0.2, p = 0.7 and at least 3 prompts" in printed and "--min-prompts" in printed
+    assert "Nothing was edited" in printed
+    edits = pd.read_parquet(out / "edits")
+    assert edits.empty and pq.read_schema(sorted((out / "edits").iterdir())[0]).equals(EDITS)
+    runs = json.loads((out / "edits.json").read_text())["runs"]
+    assert set(runs) == {"suppress", "amplify", "update", "erase"}
+    assert all(r["units"] == 0 and r["note"].startswith("nothing to edit: no fact has knowledge neurons") for r in runs.values())
+    from kn_ray.stages.report.analytics import Analytics
+    from kn_ray.stages.report.html import _edit_sections
+
+    [(section, figure)] = _edit_sections(Analytics(out), "")
+    assert figure is None and "edits has no rows. suppress, amplify, update, erase: nothing to edit" in section.note
+
+
+def test_edit_of_facts_without_knowledge_neurons_names_the_selection(tmp_path, capsys):
+    prompts = _prompts()
+    kn, rn = _neurons(prompts)
+    out = write_tables(tmp_path, None, prompts=prompts, knowledge_neurons=kn[kn.relation == "P36"],
+                       relation_neurons=rn[rn.relation == "P36"])
+    assert main(["edit", str(tmp_path), "--fact-id", "P37-france", "--fact-id", "P37-germany", "--quiet"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "nothing to edit: none of the 2 selected facts has knowledge neurons (4 facts of the run have some)" in printed
+    assert pd.read_parquet(out / "edits").empty
+
+
+@pytest.mark.parametrize("flag, value", [("--relation", "P999"), ("--fact-id", "P36-atlantis")])
+def test_edit_of_a_relation_or_fact_the_run_lacks_is_an_error_naming_it(run_dir, capsys, flag, value):
+    assert main(["edit", str(run_dir), flag, value, "--op", "suppress", "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert f"{flag} {value}: no such" in error and "P36" in error and "Traceback" not in error
+
+
 def test_save_reloads_to_the_same_edited_weights(run_dir, runner, tmp_path):
     edit = save_edit(run_dir, EditOptions(ops=("update",), fact_ids=("P36-germany",)), tmp_path / "edited")
     reloaded = load_model(str(tmp_path / "edited"), device="cpu")

@@ -76,6 +76,19 @@ def missing_aggregate(run: RunDirectory, table: str) -> FileNotFoundError:
     return FileNotFoundError(f"{run.location(table)}: no part-*.parquet files; run `kn-ray aggregate {run}` first")
 
 
+def refuse_unknown(run: RunDirectory, prompts: pd.DataFrame, **asked) -> None:
+    """ValueError naming the relations / fact ids asked for that no prompt of the run has."""
+    for name, values in asked.items():
+        column = name[:-1]  # relations -> relation, fact_ids -> fact_id
+        present = set(prompts[column])
+        missing = [v for v in dict.fromkeys(values or ()) if v not in present]
+        if missing:
+            flag = "--" + column.replace("_", "-")
+            some = ", ".join(sorted(present)[:8]) + (", ..." if len(present) > 8 else "")
+            raise ValueError(f"{flag} {', '.join(missing)}: no such {column.replace('_', ' ')} in "
+                             f"{run.location('prompts')} (it has {len(present)}: {some})")
+
+
 class EditCorpus:
     """The ok prompts and the aggregated neurons of one run, indexed once for building work units
     (per-fact lookups are dictionary hits, control draws are rejection samples: no scans per fact)."""
@@ -86,6 +99,7 @@ class EditCorpus:
             raise missing_aggregate(self.run, "knowledge_neurons")
         prompts = read_parts(self.run, "prompts", ["prompt_id", "fact_id", "relation", "subject", "object", "template",
                                               "prompt", "target", "status", "max_score"])
+        refuse_unknown(self.run, prompts, relations=relations, fact_ids=fact_ids)
         prompts = prompts[prompts.status == "ok"].drop(columns="status")
         kn = read_parts(self.run, "knowledge_neurons", ["fact_id", "relation", "layer", "neuron", "method"])
         if relations:
@@ -104,6 +118,11 @@ class EditCorpus:
         self._relation_rn: pd.DataFrame | None = None
 
     # ---- lookups ----------------------------------------------------------------------------
+    @property
+    def facts_with_neurons(self) -> int:
+        """Facts (of the selected relations) with ig knowledge neurons."""
+        return sum(method == "ig" for _, method in self._neurons)
+
     def neurons(self, fact_id: str, method: str) -> Neurons:
         return self._neurons.get((fact_id, method), [])
 

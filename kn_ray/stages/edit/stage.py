@@ -21,7 +21,8 @@ from kn_ray.stages.edit.corpus import EditCorpus, WorkUnit
 from kn_ray.stages.edit.options import EditOptions
 from kn_ray.placement import Placement
 from kn_ray.stages.edit.runner import EditRunner
-from kn_ray.stages.edit.tables import as_table, metric_summary, scale_summary, summary_dict, summary_text
+from kn_ray.stages.edit.nothing import nothing_to_edit, notes_text
+from kn_ray.stages.edit.tables import EDITS, as_table, metric_summary, scale_summary, summary_dict, summary_text
 from kn_ray.stages.edit.criteria import criteria_summary, criteria_text
 from kn_ray.stages.edit.tables import _json_number
 
@@ -40,16 +41,22 @@ def run_edits(out, options: EditOptions, *, progress: bool = True) -> dict:
     run = RunDirectory(out).require()
     corpus = EditCorpus(out, relations=options.relations, fact_ids=options.fact_ids)
     placement = placement_for(run, options)
-    units = [unit for op in options.ops for unit in corpus.units(op, options.settings, options.unit_facts)]
+    per_op = {op: corpus.units(op, options.settings, options.unit_facts) for op in options.ops}
+    notes = {op: nothing_to_edit(corpus, op, options.settings) for op, found in per_op.items() if not found}
+    units = [unit for op in options.ops for unit in per_op[op]]
     replaced = tuple(f"part-{op}-" for op in options.ops)
     with run.staged("edits", replace=lambda name: name.startswith(replaced)) as staging:
+        for op in notes:  # an op with nothing to edit: an empty part (its earlier parts are replaced)
+            pq.write_table(EDITS.empty_table(), staging / f"part-{op}-00000.parquet")
         for unit, rows in _progress(_execute(units, placement, options), len(units), progress):
             pq.write_table(as_table(rows), staging / _part_name(unit))
-    return write_summary(run, options, placement, {op: sum(u.op == op for u in units) for op in options.ops})
+    return write_summary(run, options, placement, {op: len(found) for op, found in per_op.items()}, notes)
 
 
 def _execute(units: list[WorkUnit], placement: Placement, options: EditOptions):
     """(unit, rows) for every unit: in this process, or on Ray actors when workers > 1."""
+    if not units:
+        return iter(())
     if options.local or options.workers == 1:
         runner = EditRunner.load(placement)
         return ((unit, runner.run(unit)) for unit in units)
@@ -62,8 +69,11 @@ def _part_name(unit: WorkUnit) -> str:
     return f"part-{unit.op}-{unit.index:05d}.parquet"
 
 
-def write_summary(run: RunDirectory, options: EditOptions, placement: Placement, units: dict[str, int]) -> dict:
-    """Summarise every part under OUT/edits (ops of earlier runs included) into OUT/edits.json."""
+def write_summary(run: RunDirectory, options: EditOptions, placement: Placement, units: dict[str, int],
+                  notes: dict[str, str] | None = None) -> dict:
+    """Summarise every part under OUT/edits (ops of earlier runs included) into OUT/edits.json;
+    `notes`: why an op had nothing to edit."""
+    notes = notes or {}
     try:
         previous = (run.summary("edit") or {}).get("runs", {})
     except ValueError:  # a damaged summary is rebuilt
@@ -71,7 +81,8 @@ def write_summary(run: RunDirectory, options: EditOptions, placement: Placement,
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     runs = {**previous, **{op: dict(placement.as_dict(),  # how the model was loaded: model, revision, precision, ...
                                     settings=asdict(options.settings), relations=list(options.relations),
-                                    fact_ids=list(options.fact_ids), units=units[op], created=now)
+                                    fact_ids=list(options.fact_ids), units=units[op], created=now,
+                                    **({"note": notes[op]} if op in notes else {}))
                            for op in options.ops}}
     with connect() as con:
         edits = source(con, run, "edits", union_by_name=True)
@@ -82,7 +93,10 @@ def write_summary(run: RunDirectory, options: EditOptions, placement: Placement,
                    criteria=[{k: _json_number(v) if isinstance(v, float) else v for k, v in r.items()}
                              for r in criteria.to_dict("records")])
     run.write_summary("edit", summary)
-    text = "\n\n".join(t for t in (summary_text(scale, metrics), criteria_text(criteria)) if t)
+    text = "\n\n".join(t for t in (notes_text(notes), summary_text(scale, metrics), criteria_text(criteria)) if t)
+    if notes and not any(units.values()):
+        text = "\n\n".join([notes_text(notes), f"Nothing was edited: {run.location('edits')} holds an empty part for "
+                             f"{', '.join(notes)}, and {run.summary_location('edit')} says why."])
     return dict(summary, text=text)
 
 

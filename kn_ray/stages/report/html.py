@@ -15,6 +15,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from kn_ray.stages.edit.nothing import notes_text
+from kn_ray.stages.edit.options import OPS
 from kn_ray.stages.report import figures
 from kn_ray.stages.report.analytics import ALL, Analytics
 
@@ -92,7 +94,15 @@ def _edit_sections(analytics: Analytics, context: str) -> list[tuple[Section, ob
                 "templates, neurons from the others), locality (other facts' argmax unchanged), symmetry (the "
                 "reversed fact of a symmetric relation); mean over edits with a 95% bootstrap CI (docs/experiments.md).")
         sections.append((Section("Edits judged by today's criteria", note=note, tables=(criteria,)), None))
+    if not sections:  # an edits table without rows: the edit stage found nothing to edit
+        runs = (analytics.run.summary("edit") or {}).get("runs", {})
+        why = notes_text({op: runs[op]["note"] for op in sorted(runs, key=_op_order) if runs[op].get("note")})
+        sections.append((Section("Knowledge editing", note=f"{analytics.run.location('edits')} has no rows. {why}"), None))
     return sections
+
+
+def _op_order(op: str) -> tuple:
+    return (OPS.index(op) if op in OPS else len(OPS), op)
 
 
 def _png(fig) -> bytes:

@@ -1,0 +1,62 @@
+"""Why an edit op found nothing to edit, in the user's terms: the selection, the aggregate's
+counts and the thresholds in force (aggregate.json), and what to change."""
+
+from __future__ import annotations
+
+from kn_ray.stages.edit.corpus import EditCorpus
+from kn_ray.stages.edit.options import EditSettings
+
+
+def thresholds(parameters: dict) -> str:
+    """'t = 0.2, p = 0.7 and at least 3 prompts' as aggregate.json recorded them."""
+    p = "p adapted per relation" if parameters.get("adaptive") else f"p = {parameters.get('p', '?')}"
+    return f"t = {parameters.get('t', '?')}, {p} and at least {parameters.get('min_prompts', '?')} prompts"
+
+
+def nothing_to_edit(corpus: EditCorpus, op: str, settings: EditSettings) -> str:
+    """Why `op` has no work unit for this corpus and selection, and what to change."""
+    return "nothing to edit: " + _reason(corpus, op, settings)
+
+
+def notes_text(notes: dict[str, str]) -> str:
+    """'op, op: note' lines, ops with the same note together."""
+    grouped: dict[str, list[str]] = {}
+    for op, note in notes.items():
+        grouped.setdefault(note, []).append(op)
+    return "\n\n".join(f"{', '.join(ops)}: {note}" for note, ops in grouped.items())
+
+
+def _reason(corpus: EditCorpus, op: str, settings: EditSettings) -> str:
+    aggregate = corpus.run.summary("aggregate") or {}
+    counts, parameters = aggregate.get("counts", {}), aggregate.get("parameters", {})
+    ig = counts.get("ig", {})
+    out = corpus.run
+    chosen = corpus.all_facts
+    if corpus.fact_ids is not None:
+        chosen = chosen[chosen.fact_id.isin(corpus.fact_ids)]
+    if chosen.empty:
+        return (f"the selection has no usable prompt (status 'ok') in {out.location('prompts')}. "
+                "Select other relations or facts (--relation, --fact-id).")
+    selected = len(corpus.facts(settings))
+    with_neurons = ig.get("facts_with_knowledge_neurons", corpus.facts_with_neurons)  # the run's, else the selection's
+    if not selected and not with_neurons:
+        return (f"no fact has knowledge neurons. {out.summary_location('aggregate')} counts "
+                f"{ig.get('knowledge_neurons', 0)} knowledge neurons (ig) over {counts.get('facts', '?')} facts with a "
+                f"usable prompt ({counts.get('facts_below_min_prompts', '?')} of them have fewer than the "
+                f"{parameters.get('min_prompts', '?')} prompts required) under {thresholds(parameters)}. "
+                f"To find some, aggregate again with lower thresholds (`kn-ray aggregate {out} --t 0.1 --p 0.5 "
+                "--min-prompts 1`, or --adaptive), or attribute more prompts per fact (templates); a model with "
+                "random weights may have none.")
+    if not selected:
+        return (f"none of the {len(chosen)} selected facts has knowledge neurons ({with_neurons} facts of the run "
+                "have some). Select others (--relation, --fact-id).")
+    if op == "update":
+        return (f"each of the {selected} facts with knowledge neurons lost them all to the "
+                f"shared-neuron filter (neurons of more than {settings.shared_share} of the relation's facts), or its "
+                "relation has no other object to write. --keep-shared-neurons keeps the shared neurons.")
+    if op == "erase":
+        share = parameters.get("relation_share", "?")
+        return (f"the selected relations have no relation neurons (knowledge neurons of at least {share} of a "
+                f"relation's facts; {out.summary_location('aggregate')} counts {ig.get('relation_neurons', 0)} in "
+                f"the run). Lower that share: `kn-ray aggregate {out} --relation-share 0.05`.")
+    return f"no work unit among the {selected} selected facts."
