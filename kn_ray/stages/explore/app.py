@@ -360,7 +360,7 @@ def _layer_counts(q: RunQueries) -> list[dict]:
 
 def _edit_overview(q: RunQueries) -> dict:
     """The edit experiments in brief: suppress / amplify per condition (ALL), criteria with
-    CIs (summary.json), update / erase headline metrics (ALL)."""
+    CIs (edits.json), update / erase headline metrics (ALL)."""
     if not q.has("edits"):
         return {}
     scale = overall(q.edit_summary())

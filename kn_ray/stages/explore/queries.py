@@ -70,7 +70,7 @@ class RunQueries(Analytics):
         self.run = run
         self.record = run.config
         self.tables = {t: run.has(t) for t in ("prompts", "neurons", "knowledge_neurons", "relation_neurons", "edits")}
-        self.aggregate_json = run.read_json("aggregate.json") or {}
+        self.aggregate_json = run.summary("aggregate") or {}
 
     # ---- helpers ------------------------------------------------------------------------------
     def df(self, query: str, params: dict | None = None) -> pd.DataFrame:
