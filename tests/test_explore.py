@@ -19,6 +19,7 @@ from kn_ray.stages.aggregate import AggregateParams, aggregate
 from kn_ray.stages.explore.app import create_app, fact_url
 from kn_ray.stages.explore.options import ExploreOptions
 from kn_ray.stages.explore.queries import Listing, RunQueries
+from tests.s3_server import BUCKET, s3_server  # noqa: F401  (a fixture)
 from tests.synthetic import SyntheticSpec, write_synthetic_edits, write_synthetic_run
 
 T = AggregateParams.t
@@ -334,3 +335,25 @@ def test_a_failing_page_shows_no_traceback(run, monkeypatch):
     monkeypatch.setattr(RunQueries, "relations", broken)
     page = client.get("/relations")
     assert page.status_code == 500 and "the disk went away" in page.text and "Traceback" not in page.text
+
+
+# ---- a run on S3 ---------------------------------------------------------------------------------
+def test_a_run_on_s3_shows_what_the_local_copy_shows(run, queries, s3_server):
+    import pyarrow.fs as pafs
+
+    from kn_ray.pipeline.rundir import filesystem
+
+    uri = f"s3://{BUCKET}/explore-run"
+    fs, path = filesystem(uri)
+    pafs.copy_files(str(run), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    remote = RunQueries(RunDirectory(uri))
+    kn = _read(run, "knowledge_neurons")
+    fact_id, layer, neuron = kn.fact_id.iloc[0], int(kn.layer.iloc[0]), int(kn.neuron.iloc[0])
+    pd.testing.assert_frame_equal(remote.fact_neurons(fact_id), queries.fact_neurons(fact_id))
+    pd.testing.assert_frame_equal(remote.neuron_facts(layer, neuron), queries.neuron_facts(layer, neuron))
+    pd.testing.assert_frame_equal(remote.relations(Listing()), queries.relations(Listing()))
+    remote.close()
+    client = TestClient(create_app(uri), raise_server_exceptions=False)
+    page = client.get(fact_url(fact_id))
+    assert page.status_code == 200 and f'href="/neuron/{layer}/{neuron}"' in page.text
+    assert uri in client.get("/").text
