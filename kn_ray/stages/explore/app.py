@@ -241,6 +241,7 @@ class Pages:
             total = overall(stats)
             context = dict(
                 title="Overview", state=state, record=q.record, location=state.location, run=q.run,
+                filters=", ".join(f"{k} {v}" for k, v in (q.record.lookup("input", "filters") or {}).items() if v),
                 total=total.iloc[0].to_dict() if len(total) else {}, relations=int((stats.relation != "ALL").sum()),
                 neuron_rows=q.neuron_rows(), tables=q.tables, aggregate=q.aggregate_json, t=q.t,
                 layers=_layer_counts(q), edits=_edit_overview(q))
@@ -354,8 +355,9 @@ def _layer_counts(q: RunQueries) -> list[dict]:
     frame = q.kn_per_layer()
     if frame.empty:
         return []
-    table = frame.pivot_table(index="layer", columns="method", values="n_neurons", aggfunc="first").reset_index()
-    return _records(table)
+    table = frame.pivot_table(index="layer", columns="method", values="n_neurons", aggfunc="first")
+    table = table[sorted(table.columns, key=lambda m: (m != "ig", m))]  # ig first, then the baselines
+    return _records(table[table.sum(axis=1) > 0].reset_index())
 
 
 def _edit_overview(q: RunQueries) -> dict:

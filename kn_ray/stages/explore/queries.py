@@ -181,7 +181,7 @@ class RunQueries(Analytics):
 
     def relation_neurons(self, relation: str) -> pd.DataFrame:
         return self.df(f"""SELECT layer, neuron, n_facts, share, method FROM {self._rn()}
-                           WHERE relation = $relation ORDER BY method, n_facts DESC, layer, neuron""",
+                           WHERE relation = $relation ORDER BY method DESC, n_facts DESC, layer, neuron""",
                        {"relation": relation})
 
     def relation_erase(self, relation: str) -> pd.DataFrame:
