@@ -94,7 +94,7 @@ class Explorer:
     def __init__(self, out: str, memory_limit: str = "512MB", refresh: float = 5.0):
         self.run = RunDirectory(out)
         self.memory_limit, self.refresh = memory_limit, refresh
-        self.lock = threading.RLock()  # one query at a time on the snapshot's DuckDB connection
+        self.lock = threading.RLock()  # one page at a time on the snapshot's DuckDB connection
         self._checked = -float("inf")
         self._signature = None
         self.state: RunState | None = None
@@ -202,7 +202,8 @@ def _records(frame: pd.DataFrame) -> list[dict]:
 # ---- pages -------------------------------------------------------------------------------------
 def _on_run(handler):
     """A page of the run: called with the current snapshot (state, queries), unless the run has
-    nothing to show, which gets the page saying why."""
+    nothing to show, which gets the page saying why. Pages run one at a time, so a snapshot is
+    never replaced (and its DuckDB connection closed) under a page that reads it."""
 
     @functools.wraps(handler)
     def page(self, request: Request) -> Response:
@@ -236,22 +237,20 @@ class Pages:
 
     @_on_run
     def overview(self, request: Request, state: RunState, q: RunQueries) -> Response:
-        with self.explorer.lock:
-            stats = q.run_stats()
-            total = overall(stats)
-            context = dict(
-                title="Overview", state=state, record=q.record, location=state.location, run=q.run,
-                filters=", ".join(f"{k} {v}" for k, v in (q.record.lookup("input", "filters") or {}).items() if v),
-                total=total.iloc[0].to_dict() if len(total) else {}, relations=int((stats.relation != "ALL").sum()),
-                neuron_rows=q.neuron_rows(), tables=q.tables, aggregate=q.aggregate_json, t=q.t,
-                layers=_layer_counts(q), edits=_edit_overview(q))
+        stats = q.run_stats()
+        total = overall(stats)
+        context = dict(
+            title="Overview", state=state, record=q.record, location=state.location, run=q.run,
+            filters=", ".join(f"{k} {v}" for k, v in (q.record.lookup("input", "filters") or {}).items() if v),
+            total=total.iloc[0].to_dict() if len(total) else {}, relations=int((stats.relation != "ALL").sum()),
+            neuron_rows=q.neuron_rows(), tables=q.tables, aggregate=q.aggregate_json, t=q.t,
+            layers=_layer_counts(q), edits=_edit_overview(q))
         return render(request, "overview.html", context)
 
     @_on_run
     def relations(self, request: Request, state: RunState, q: RunQueries) -> Response:
         listing = _listing(request)
-        with self.explorer.lock:
-            rows = _records(q.relations(listing))
+        rows = _records(q.relations(listing))
         return render(request, "relations.html", dict(title="Relations", state=state, rows=rows, listing=listing,
                                                       tables=q.tables))
 
@@ -259,39 +258,37 @@ class Pages:
     def relation(self, request: Request, state: RunState, q: RunQueries) -> Response:
         relation = request.path_params["relation"]
         listing = _listing(request)
-        with self.explorer.lock:
-            summary = q.relation_summary(relation)
-            if summary.empty:
-                return problem(request, 404, "Unknown relation", f"The run has no relation {relation!r}.",
-                               "See the list of relations.", state)
-            facts = q.facts(listing, relation)
-            context = dict(title=f"Relation {relation}", state=state, relation=relation,
-                           summary=_records(summary)[0], facts=facts, fact_rows=_records(facts.rows), listing=listing,
-                           neurons=_records(q.relation_neurons(relation)), erase=_erase_table(q.relation_erase(relation)),
-                           tables=q.tables)
+        summary = q.relation_summary(relation)
+        if summary.empty:
+            return problem(request, 404, "Unknown relation", f"The run has no relation {relation!r}.",
+                           "See the list of relations.", state)
+        facts = q.facts(listing, relation)
+        context = dict(title=f"Relation {relation}", state=state, relation=relation,
+                       summary=_records(summary)[0], facts=facts, fact_rows=_records(facts.rows), listing=listing,
+                       neurons=_records(q.relation_neurons(relation)), erase=_erase_table(q.relation_erase(relation)),
+                       tables=q.tables)
         return render(request, "relation.html", context)
 
     @_on_run
     def fact(self, request: Request, state: RunState, q: RunQueries) -> Response:
         fact_id = request.path_params["fact_id"]
-        with self.explorer.lock:
-            fact = q.fact(fact_id)
-            if fact is None:
-                return problem(request, 404, "Unknown fact", f"The run has no fact with id {fact_id!r}.",
-                               "Search for it by subject or object instead.", state)
-            prompts = q.fact_prompts(fact_id)
-            scores = q.fact_scores(fact_id)
-            kn = q.fact_knowledge_neurons(fact_id)
-            cells = q.fact_neurons(fact_id, scores, kn)
-            layers, width = q.shape
-            caption = (f"Model {q.record.model_label}; fact {fact_id} ({fact['subject']} -> {fact['object']}); "
-                       f"{fact['ok']} usable prompts. Shown: neurons scoring >= {min(VIEW_RATIO, q.t):g} x a prompt's "
-                       f"max; coarse: >= t = {q.t:g} x max.")
-            with figures.DRAWING:
-                figure = figures.svg(figures.neuron_map(cells, layers or int(cells.layer.max() + 1 if len(cells) else 1),
-                                                        width or int(cells.neuron.max() + 1 if len(cells) else 1),
-                                                        caption, neuron_url))
-            edits = {op: _records(t) for op, t in q.fact_edits(fact_id).items()}
+        fact = q.fact(fact_id)
+        if fact is None:
+            return problem(request, 404, "Unknown fact", f"The run has no fact with id {fact_id!r}.",
+                           "Search for it by subject or object instead.", state)
+        prompts = q.fact_prompts(fact_id)
+        scores = q.fact_scores(fact_id)
+        kn = q.fact_knowledge_neurons(fact_id)
+        cells = q.fact_neurons(fact_id, scores, kn)
+        layers, width = q.shape
+        caption = (f"Model {q.record.model_label}; fact {fact_id} ({fact['subject']} -> {fact['object']}); "
+                   f"{fact['ok']} usable prompts. Shown: neurons scoring >= {min(VIEW_RATIO, q.t):g} x a prompt's "
+                   f"max; coarse: >= t = {q.t:g} x max.")
+        with figures.DRAWING:
+            figure = figures.svg(figures.neuron_map(cells, layers or int(cells.layer.max() + 1 if len(cells) else 1),
+                                                    width or int(cells.neuron.max() + 1 if len(cells) else 1),
+                                                    caption, neuron_url))
+        edits = {op: _records(t) for op, t in q.fact_edits(fact_id).items()}
         coarse = scores[scores.coarse].groupby("prompt_id")[["layer", "neuron"]].apply(
             lambda f: list(f.itertuples(index=False, name=None))).to_dict() if len(scores) else {}
         kn_ig = {(int(r.layer), int(r.neuron)) for r in kn[kn.method == "ig"].itertuples()}
@@ -312,9 +309,8 @@ class Pages:
         layer, neuron = int(layer_text), int(neuron_text)
         only = request.query_params.get("relation") or None
         page = _positive(request.query_params.get("page"))
-        with self.explorer.lock:
-            facts = q.neuron_facts(layer, neuron)
-            relations = _records(q.neuron_relations(layer, neuron))
+        facts = q.neuron_facts(layer, neuron)
+        relations = _records(q.neuron_relations(layer, neuron))
         chosen = facts[facts.relation == only] if only else facts
         start = (page - 1) * PAGE_SIZE
         context = dict(title=f"Neuron L{layer} N{neuron}", state=state, layer=layer, neuron=neuron, shape=(layers, width),
@@ -327,9 +323,8 @@ class Pages:
     def search(self, request: Request, state: RunState, q: RunQueries) -> Response:
         listing = _listing(request)
         neuron = NEURON_QUERY.match(listing.q)
-        with self.explorer.lock:
-            facts = q.facts(listing) if listing.q else None
-            relations = _records(q.relations(Listing(q=listing.q))) if listing.q else []
+        facts = q.facts(listing) if listing.q else None
+        relations = _records(q.relations(Listing(q=listing.q))) if listing.q else []
         context = dict(title="Search", state=state, listing=listing, facts=facts,
                        fact_rows=_records(facts.rows) if facts is not None else [], relations=relations,
                        neuron=(int(neuron[1]), int(neuron[2])) if neuron else None, tables=q.tables)
@@ -338,16 +333,15 @@ class Pages:
     @_on_run
     def figure(self, request: Request, state: RunState, q: RunQueries) -> Response:
         name = request.path_params["name"]
-        with self.explorer.lock:
-            caption = describe(q.context())
-            if name == "layers" and q.has("knowledge_neurons"):
-                frame, draw = q.layer_histogram(), figures.layer_histogram
-            elif name in ("suppress", "amplify") and q.has("edits"):
-                frame, draw = q.edit_summary(), lambda f, c: figures.edit_effects(f, name, c)
-            else:
-                raise HTTPException(404, f"no figure {name!r} for this run")
-            with figures.DRAWING:
-                text = figures.svg(draw(frame, caption))
+        caption = describe(q.context())
+        if name == "layers" and q.has("knowledge_neurons"):
+            frame, draw = q.layer_histogram(), figures.layer_histogram
+        elif name in ("suppress", "amplify") and q.has("edits"):
+            frame, draw = q.edit_summary(), lambda f, c: figures.edit_effects(f, name, c)
+        else:
+            raise HTTPException(404, f"no figure {name!r} for this run")
+        with figures.DRAWING:
+            text = figures.svg(draw(frame, caption))
         return Response(text, media_type="image/svg+xml")
 
 
