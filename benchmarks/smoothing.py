@@ -1,22 +1,30 @@
-"""Knowledge neurons from 2 prompts, with and without smoothing, against those from all prompts (issue 11, part 2).
+"""Knowledge neurons from 2 prompts, with and without smoothing, against those from all prompts (issues 11, 16).
 
 For PARAREL facts with >= 6 usable causal prompts (SmolLM2):
 
 * reference: the paper's rule over all the fact's prompts (coarse: score >= t x the prompt's
   max, t = 0.2; knowledge neurons: coarse in >= max(p n, 3) prompts, p = 0.7);
 * 2 prompts: the same rule on 2 seeded prompts of the fact (coarse in both: p 2 = 1.4 -> 2;
-  the 3-prompt minimum cannot apply), plain and smoothed (nt_samples K, stdevs sigma);
+  the 3-prompt minimum cannot apply), plain and smoothed with K copies: SmoothGrad (input
+  noise, --stdevs), NoiseGrad (weight noise, --weight-stdevs, --noised-weights) and FusionGrad
+  (--fusion weight:input pairs);
 * Jaccard, precision and recall against the reference (over facts whose reference is not
   empty), and the suppress effect: the mean relative change of P over all the fact's prompts
   when the found neurons are zeroed at the target position.
 
     PYTHONPATH=. python benchmarks/smoothing.py --facts 16 --samples 8 --stdevs 0.05,0.15 --layers 20-29
+    PYTHONPATH=. python benchmarks/smoothing.py --facts 16 --samples 8 --stdevs= --weight-stdevs 0.05,0.1,0.2 \
+        --noised-weights all,above --fusion 0.1:0.15 --layers 20-29
+
+The time column is the attribution's wall time for the 2 prompts against the plain run's,
+measured interleaved fact by fact (weight noise adds drawing K noisy copies of the weights).
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
 
 import numpy as np
@@ -83,7 +91,10 @@ def main() -> None:
     ap.add_argument("--facts", type=int, default=12)
     ap.add_argument("--max-prompts", type=int, default=8)
     ap.add_argument("--samples", type=int, default=8, help="nt_samples K of the smoothed runs")
-    ap.add_argument("--stdevs", default="0.05,0.1,0.2")
+    ap.add_argument("--stdevs", default="0.05,0.1,0.2", help="SmoothGrad settings (input noise); empty: none")
+    ap.add_argument("--weight-stdevs", default="", help="NoiseGrad settings (weight noise sigma); empty: none")
+    ap.add_argument("--noised-weights", default="all", help="NoiseGrad: all and/or above, comma-separated")
+    ap.add_argument("--fusion", default="", help="FusionGrad settings, weight:input sigma pairs, comma-separated")
     ap.add_argument("--n-steps", type=int, default=6)
     ap.add_argument("--method", default="gausslegendre")
     ap.add_argument("--layers", default="0-29", help="first-last layer scored (inclusive)")
@@ -95,12 +106,11 @@ def main() -> None:
     rule = dict(n_steps=args.n_steps, method=args.method, layers=list(range(lo, hi + 1)))
     facts = facts_with_prompts(args.pararel, args.facts, 6, args.max_prompts, args.seed)
     rng = random.Random(args.seed)
-    settings = [("2 prompts", {})] + [(f"2 prompts, smoothed K={args.samples} stdevs={s}",
-                                      dict(nt_samples=args.samples, stdevs=float(s), nt_seed=args.seed))
-                                     for s in args.stdevs.split(",")]
+    settings = noise_settings(args)
     ps = sorted({P, 0.5}, reverse=True)  # the paper's share, and a looser one (more facts have a reference)
     rows = {(p, name): [] for p in ps for name, _ in settings}
     ref_effects, ref_sizes, n_prompts = {p: [] for p in ps}, {p: [] for p in ps}, []
+    seconds = {name: 0.0 for name, _ in settings}
     start = time.perf_counter()
     for fact, pairs in facts.items():
         all_scores = scores_of(attr, pairs, **rule)
@@ -109,7 +119,11 @@ def main() -> None:
         if not any(refs.values()):
             continue
         two = rng.sample(pairs, 2)
-        found = {name: knowledge_neurons(scores_of(attr, two, **rule, **smooth), 2, lo, P) for name, smooth in settings}
+        found = {}
+        for name, smooth in settings:
+            begin = time.perf_counter()
+            found[name] = knowledge_neurons(scores_of(attr, two, **rule, **smooth), 2, lo, P)
+            seconds[name] += time.perf_counter() - begin
         effect = {name: suppress_effect(prober, pairs, f) if f else 0.0 for name, f in found.items()}
         for p, ref in refs.items():
             if not ref:
@@ -120,22 +134,53 @@ def main() -> None:
                 inter = len(f & ref)
                 rows[p, name].append(dict(jaccard=inter / len(f | ref), precision=inter / len(f) if f else np.nan,
                                           recall=inter / len(ref), size=len(f), suppress=effect[name]))
-    print(f"SmolLM2-135M, fp32, {args.method}-{args.n_steps}, layers {lo}-{hi}, coarse t = {T}; {len(facts)} PARAREL "
-          f"facts with >= 6 causal prompts (at most {args.max_prompts} used, mean {np.mean(n_prompts):.1f}); 2 seeded "
-          f"prompts per fact (knowledge neurons: coarse in both); seed {args.seed}; {time.perf_counter() - start:.0f} s.\n")
-    print("Mean over facts [95% bootstrap CI over facts]; precision over the facts where the 2-prompt set is not empty.")
+        done = len(n_prompts)
+        print(f"[{done}/{len(facts)} facts, {time.perf_counter() - start:.0f} s]", file=sys.stderr, flush=True)
+        if done % 4 == 0 and done < len(facts):
+            report(args, facts, n_prompts, ps, ref_sizes, ref_effects, rows, settings, seconds, start, sys.stderr)
+    report(args, facts, n_prompts, ps, ref_sizes, ref_effects, rows, settings, seconds, start, sys.stdout)
+
+
+def report(args, facts, n_prompts, ps, ref_sizes, ref_effects, rows, settings, seconds, start, out) -> None:
+    lo, hi = map(int, args.layers.split("-"))
+    say = lambda text="": print(text, file=out, flush=True)  # noqa: E731
+    say(f"SmolLM2-135M, fp32, {args.method}-{args.n_steps}, layers {lo}-{hi}, coarse t = {T}; {len(n_prompts)} of "
+        f"{len(facts)} PARAREL facts with >= 6 causal prompts (at most {args.max_prompts} used, mean "
+        f"{np.mean(n_prompts):.1f}); 2 seeded prompts per fact (knowledge neurons: coarse in both); seed {args.seed}; "
+        f"{time.perf_counter() - start:.0f} s.\n")
+    say("Mean over facts [95% bootstrap CI over facts]; precision over the facts where the 2-prompt set is not empty; "
+        "Jaccard change: paired, against the plain 2-prompt run on the same facts.")
+    plain = settings[0][0]
     for p in ps:
-        print(f"\n**Reference: all prompts, p = {p}** (coarse in >= max({p} n, 3) prompts): {len(ref_sizes[p])} facts "
-              f"with knowledge neurons, mean {np.mean(ref_sizes[p]) if ref_sizes[p] else 0:.1f} per fact; suppress effect "
-              f"{ci(ref_effects[p])}.\n")
-        print("| knowledge neurons from | attribution cost | mean size | Jaccard | precision | recall | suppress effect (all prompts) |")
-        print("|---|---|---|---|---|---|---|")
+        say(f"\n**Reference: all prompts, p = {p}** (coarse in >= max({p} n, 3) prompts): {len(ref_sizes[p])} facts "
+            f"with knowledge neurons, mean {np.mean(ref_sizes[p]) if ref_sizes[p] else 0:.1f} per fact; suppress effect "
+            f"{ci(ref_effects[p])}.\n")
+        say("| knowledge neurons from | copies | time | mean size | Jaccard | Jaccard change | precision | recall | "
+            "suppress effect (all prompts) |")
+        say("|---|---|---|---|---|---|---|---|---|")
         for name, smooth in settings:
             r = rows[p, name]
             col = lambda k: ci([x[k] for x in r])  # noqa: E731
             size = np.mean([x["size"] for x in r]) if r else np.nan
-            print(f"| {name} | {smooth.get('nt_samples', 1)}x | {size:.1f} | {col('jaccard')} | {col('precision')} | "
-                  f"{col('recall')} | {col('suppress')} |", flush=True)
+            change = ci([x["jaccard"] - y["jaccard"] for x, y in zip(r, rows[p, plain])]) if name != plain else "-"
+            say(f"| {name} | {smooth.get('nt_samples', 1)} | {seconds[name] / max(seconds[plain], 1e-9):.1f}x | "
+                f"{size:.1f} | {col('jaccard')} | {change} | {col('precision')} | {col('recall')} | {col('suppress')} |")
+
+
+def noise_settings(args) -> list[tuple[str, dict]]:
+    """(name, Attributor.attribute keywords): plain first, then each smoothed setting."""
+    names = lambda text: [part for part in text.split(",") if part]  # noqa: E731
+    common = dict(nt_samples=args.samples, nt_seed=args.seed)
+    k = f"K={args.samples}"
+    settings = [("2 prompts", {})]
+    settings += [(f"SmoothGrad {k} stdevs={s}", dict(common, stdevs=float(s))) for s in names(args.stdevs)]
+    settings += [(f"NoiseGrad {k} weight_stdevs={w}" + ("" if scope == "all" else f" {scope}"),
+                  dict(common, noise="weights", weight_stdevs=float(w), noised_weights=scope))
+                 for scope in names(args.noised_weights) for w in names(args.weight_stdevs)]
+    settings += [(f"FusionGrad {k} weight_stdevs={w} stdevs={s}",
+                  dict(common, noise="both", weight_stdevs=float(w), stdevs=float(s)))
+                 for w, s in (pair.split(":") for pair in names(args.fusion))]
+    return settings
 
 
 if __name__ == "__main__":

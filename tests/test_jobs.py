@@ -126,6 +126,26 @@ def test_smoothing_flags_and_spec_enter_the_run_identity():
         options_from_spec(dict(BASE, attribution=dict(nt_samples=2, stdevs=-1)))
 
 
+def test_weight_noise_flags_and_spec_enter_the_run_identity():
+    args = build_parser().parse_args(["attribute", "--model", "m", "--facts", "f.jsonl", "--output", "out",
+                                      "--nt-samples", "10", "--noise", "weights", "--weight-stdevs", "0.1",
+                                      "--noised-weights", "above"])
+    options = options_from_spec(spec_from_args(args))
+    assert options == options_from_spec(dict(BASE, attribution=dict(nt_samples=10, noise="weights", weight_stdevs=0.1,
+                                                                     noised_weights="above")))
+    # input noise's stdevs does not apply to NoiseGrad; FusionGrad records both
+    assert options.engine_extra() == dict(nt_samples=10, nt_seed=0, noise="weights", weight_stdevs=0.1,
+                                          noised_weights="above")
+    fusion = options_from_spec(dict(BASE, attribution=dict(nt_samples=4, noise="both")))
+    assert fusion.attribution()["stdevs"] == 0.1 and fusion.attribution()["weight_stdevs"] == 0.2
+    for bad, match in [(dict(noise="grad"), "noise must be one of"), (dict(noised_weights="below"), "noised_weights"),
+                       (dict(weight_stdevs=-1.0), "weight_stdevs must be >= 0")]:
+        with pytest.raises(SpecError, match=match):
+            options_from_spec(dict(BASE, attribution=dict(nt_samples=2, **bad)))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["attribute", "--model", "m", "--facts", "f", "--output", "o", "--noise", "grad"])
+
+
 def test_cli_reports_a_bad_spec_with_exit_code_2(tmp_path, capsys):
     (tmp_path / "job.yaml").write_text("model: m\nfacts: f\noutput: o\nshard_size: -1\n")
     assert main(["run", str(tmp_path / "job.yaml")]) == 2

@@ -39,6 +39,7 @@ from .hooks import edit_site, first_arg, gather_head_input, pre_hooks, recompute
 from .precision import autocast
 from .quadrature import AUTO, quadrature
 from .adaptive import FIRST_LEVEL, integrate_adaptive
+from .noisegrad import WeightNoise, check_noise, execution_order, modules_from
 from .smoothing import smoothed
 from .runner import ModelRunner, batches, describe, gold_prob, is_oom
 
@@ -124,6 +125,9 @@ class Attributor(ModelRunner):
         stdevs: float = 0.0,
         nt_seed: int = 0,
         site: str = "mlp.hook_post",
+        noise: str = "input",
+        weight_stdevs: float = 0.2,
+        noised_weights: str = "all",
         progress: Callable[[int], None] | None = None,
     ) -> list[Attribution]:
         """Score every neuron of `layers` (default: all) for each (prompt, target).
@@ -133,7 +137,10 @@ class Attributor(ModelRunner):
         `n_steps="auto"`: per prompt and layer, Romberg on nested trapezoid rules, doubled until
         the completeness residual <= `tolerance` x |P - P(layer at baseline)| (`adaptive`).
         `nt_samples` > 0: the mean over that many copies with noisy input embeddings, noise
-        `stdevs` x each embedding's RMS, seeded by `nt_seed` (`smoothing`).
+        `stdevs` x each embedding's RMS, seeded by `nt_seed` (`smoothing`). `noise`: what the
+        copies perturb: `input` (SmoothGrad), `weights` (NoiseGrad: each weight x N(1,
+        `weight_stdevs`), the `noised_weights` `all`, or `above`: from the scaled layer's block up;
+        `noisegrad`) or `both` (FusionGrad).
         `site="attn.hook_z"`: score every attention head instead (the sum over its units).
         """
         if site not in ATTRIBUTED_SITES:
@@ -142,9 +149,13 @@ class Attributor(ModelRunner):
         if nt_samples:
             if nt_samples < 1 or stdevs < 0:
                 raise ValueError(f"nt_samples must be >= 1 and stdevs >= 0, got {nt_samples}, {stdevs}")
-            results = smoothed(lambda: self.attribute(prompts, targets, n_steps=n_steps, method=method,
-                                                      tolerance=tolerance, layers=layers, baselines=baselines, site=site),
-                               self.model, nt_samples, stdevs, nt_seed)
+            check_noise(noise, noised_weights, weight_stdevs)
+            results = smoothed(lambda group: self.attribute(prompts, targets, n_steps=n_steps, method=method,
+                                                            tolerance=tolerance, layers=group, baselines=baselines,
+                                                            site=site),
+                               self.model, self._check_layers(layers), nt_samples, nt_seed,
+                               stdevs=None if noise == "weights" else stdevs,
+                               weights=None if noise == "input" else self._weight_noise(weight_stdevs, noised_weights))
             if progress:
                 progress(len(results))
             return results
@@ -168,6 +179,16 @@ class Attributor(ModelRunner):
         if progress and skipped:
             progress(len(skipped))
         return results  # type: ignore[return-value]
+
+    def _weight_noise(self, sigma: float, noised_weights: str) -> WeightNoise:
+        if self.lm.offloaded:
+            raise ValueError("weight noise needs every weight in memory; this model offloads some (CPU or disk)")
+        if noised_weights == "all":
+            every = list(self.model.modules())
+            return WeightNoise(sigma, lambda _layer: every, per_layer=False)
+        order = execution_order(self.model, torch.full((1, 2), self.pad_id, device=self.device))
+        blocks = self.adapter.blocks(self.model)
+        return WeightNoise(sigma, lambda layer: modules_from(order, blocks[layer]), per_layer=True)
 
     # ---- batches ----------------------------------------------------------------------
     def _attribute_safely(self, chunk, prompts, targets, alphas, weights, layers, baseline):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from kn_ray.choices import NOISE, NOISED_WEIGHTS
 from kn_ray.fields import int_or_auto, option
 from kn_ray.placement import Placement
 
@@ -74,16 +75,22 @@ class RunOptions:
                                  "gausslegendre (kn_ray.engine.METHODS checks it)", section="attribution")
     tolerance: float = option(0.01, "--n-steps auto: completeness residual <= T x |P - P(layer at baseline)|",
                               section="attribution")
-    nt_samples: int = option(0, "smooth: average over K copies with noisy input embeddings (0: off)",
+    nt_samples: int = option(0, "smooth: average over K noisy copies (0: off); --noise says what they perturb",
                              section="attribution")
-    stdevs: float = option(0.1, "smoothing noise per token, x its embedding's RMS", section="attribution")
-    nt_seed: int = option(0, "seed of the smoothing noise", section="attribution")
+    noise: str = option("input", "what each copy perturbs: input embeddings (SmoothGrad), weights (NoiseGrad) or "
+                                 "both (FusionGrad)", choices=NOISE, section="attribution")
+    stdevs: float = option(0.1, "input noise per token, x its embedding's RMS", section="attribution")
+    weight_stdevs: float = option(0.2, "weight noise: each weight x N(1, S)", section="attribution")
+    noised_weights: str = option("all", "weight noise on all weights, or above: from the scaled layer's block up",
+                                 choices=NOISED_WEIGHTS, section="attribution")
+    nt_seed: int = option(0, "seed of the noise", section="attribution")
     keep: KeepPolicy = option(factory=KeepPolicy, section="keep")
     shard_size: int | None = option(None, "prompts per shard (default: 64, fewer for small inputs)", group="workers")
     resources: Resources = option(factory=Resources, section="workers")
     report_facts: int = option(3, "facts whose top neurons are printed at the end")
 
     def check(self) -> "RunOptions":
+        from kn_ray.engine.noisegrad import check_noise
         from kn_ray.engine.quadrature import AUTO, METHODS
 
         if self.facts_format not in FORMATS:
@@ -97,6 +104,7 @@ class RunOptions:
             raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
         if self.nt_samples < 0 or self.stdevs < 0:
             raise ValueError(f"nt_samples and stdevs must be >= 0, got {self.nt_samples}, {self.stdevs}")
+        check_noise(self.noise, self.noised_weights, self.weight_stdevs)
         if self.shard_size is not None and self.shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
         for name in ("max_facts_per_relation", "max_templates"):
@@ -114,8 +122,11 @@ class RunOptions:
     def engine_extra(self) -> dict:
         """`Attributor.attribute` keywords beyond n_steps and method, only where they apply."""
         extra = dict(tolerance=self.tolerance) if self.n_steps == "auto" else {}
-        if self.nt_samples:
-            extra.update(nt_samples=self.nt_samples, stdevs=self.stdevs, nt_seed=self.nt_seed)
+        if self.nt_samples:  # input noise alone keeps the identity it had before weight noise existed
+            extra.update(nt_samples=self.nt_samples, **({} if self.noise == "weights" else dict(stdevs=self.stdevs)),
+                         nt_seed=self.nt_seed)
+            if self.noise != "input":
+                extra.update(noise=self.noise, weight_stdevs=self.weight_stdevs, noised_weights=self.noised_weights)
         return extra
 
     def as_dict(self) -> dict:
