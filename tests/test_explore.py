@@ -357,3 +357,14 @@ def test_a_run_on_s3_shows_what_the_local_copy_shows(run, queries, s3_server):
     page = client.get(fact_url(fact_id))
     assert page.status_code == 200 and f'href="/neuron/{layer}/{neuron}"' in page.text
     assert uri in client.get("/").text
+
+
+def test_pages_requested_at_once_all_answer(run):
+    """A browser loads a page's figures in parallel: every one answers (one DuckDB connection)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = TestClient(create_app(str(run)), raise_server_exceptions=False)
+    urls = ["/figures/layers.svg", "/figures/suppress.svg", "/figures/amplify.svg", "/relations", "/"] * 2
+    with ThreadPoolExecutor(len(urls)) as pool:
+        codes = list(pool.map(lambda url: client.get(url).status_code, urls))
+    assert codes == [200] * len(urls)

@@ -207,8 +207,9 @@ def _on_run(handler):
 
     @functools.wraps(handler)
     def page(self, request: Request) -> Response:
-        got = self._snapshot(request)
-        return got if isinstance(got, Response) else handler(self, request, *got)
+        with self.explorer.lock:
+            got = self._snapshot(request)
+            return got if isinstance(got, Response) else handler(self, request, *got)
 
     return page
 
