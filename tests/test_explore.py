@@ -4,6 +4,7 @@ Starlette's TestClient, run states (not a run, in progress, no aggregate), and U
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -198,9 +199,15 @@ def test_every_page_renders_with_links(run, client):
     relation = client.get("/relation/P19")
     assert relation.status_code == 200 and "/fact/P19%3A" in relation.text
     fact = client.get(fact_url(fact_id))
-    assert fact.status_code == 200 and "<svg" in fact.text
+    assert fact.status_code == 200
     for layer, neuron in zip(mine.layer, mine.neuron):
         assert f'href="/neuron/{layer}/{neuron}"' in fact.text
+    data = json.loads(re.search(r'<script type="application/json" id="neuron-map-data">(.*?)</script>', fact.text,
+                                re.S)[1])
+    marked = {(p["y"], p["x"]) for p in data["points"] if p["kn"]}
+    assert marked == set(zip(mine.layer, mine.neuron)) and all(p["url"].startswith("/neuron/") for p in data["points"])
+    for asset in ("/static/vendor/chart.umd.min.js", "/static/neuron-map.js"):
+        assert asset in fact.text and client.get(asset).status_code == 200
     assert 'id="edit-suppress"' in fact.text and 'id="edit-update"' in fact.text
     layer, neuron = int(mine.layer.iloc[0]), int(mine.neuron.iloc[0])
     page = client.get(f"/neuron/{layer}/{neuron}")

@@ -128,7 +128,9 @@ def test_fact_neuron_fact_loop_in_chromium(server, browser, run_dir, tmp_path):
     assert len(rows) == len(fact["prompts"])
     golds = {f"{p:.3g}" for p in fact["prompts"].gold_prob.dropna()}
     assert golds <= {cell.text for cell in browser.find_elements(By.CSS_SELECTOR, "#prompts td.gold")}
-    assert browser.find_element(By.CSS_SELECTOR, "#neuron-map svg")
+    drawn = browser.execute_script("const c = Chart.getChart('neuron-map-canvas');"
+                                   "return c ? c.data.datasets[0].data.map(p => [p.y, p.x]) : null;")
+    assert sorted(map(tuple, drawn)) == cells  # the map rings exactly the fact's knowledge neurons
     layer, neuron = cells[0]
     browser.find_element(By.CSS_SELECTOR, f"#neurons a[href='/neuron/{layer}/{neuron}']").click()
     _no_console_errors(browser)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
+import matplotlib
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader, Undefined, select_autoescape
 from starlette.applications import Starlette
@@ -282,19 +283,13 @@ class Pages:
         kn = q.fact_knowledge_neurons(fact_id)
         cells = q.fact_neurons(fact_id, scores, kn)
         layers, width = q.shape
-        caption = (f"Model {q.record.model_label}; fact {fact_id} ({fact['subject']} -> {fact['object']}); "
-                   f"{fact['ok']} usable prompts. Shown: neurons scoring >= {min(VIEW_RATIO, q.t):g} x a prompt's "
-                   f"max; coarse: >= t = {q.t:g} x max.")
-        with figures.DRAWING:
-            figure = figures.svg(figures.neuron_map(cells, layers or int(cells.layer.max() + 1 if len(cells) else 1),
-                                                    width or int(cells.neuron.max() + 1 if len(cells) else 1),
-                                                    caption, neuron_url))
         edits = {op: _records(t) for op, t in q.fact_edits(fact_id).items()}
         coarse = scores[scores.coarse].groupby("prompt_id")[["layer", "neuron"]].apply(
             lambda f: list(f.itertuples(index=False, name=None))).to_dict() if len(scores) else {}
         kn_ig = {(int(r.layer), int(r.neuron)) for r in kn[kn.method == "ig"].itertuples()}
         context = dict(title=f"Fact {fact_id}", state=state, fact=fact, prompts=_records(prompts), coarse=coarse,
-                       kn_ig=kn_ig, cells=_records(cells.head(200)), n_cells=len(cells), kn=_records(kn), figure=figure,
+                       kn_ig=kn_ig, cells=_records(cells.head(200)), n_cells=len(cells), kn=_records(kn),
+                       map_data=_map_data(cells, layers, width, int(fact["ok"])), ramp=_ramp(), model=q.record.model_label,
                        edits=edits, tables=q.tables, t=q.t)
         return render(request, "fact.html", context)
 
@@ -344,6 +339,27 @@ class Pages:
         with figures.DRAWING:
             text = figures.svg(draw(frame, caption))
         return Response(text, media_type="image/svg+xml")
+
+
+COLOURS = matplotlib.colormaps["viridis"]  # the fact map's colour scale (the report's default colour map)
+
+
+def _map_data(cells: pd.DataFrame, layers: int | None, width: int | None, prompts: int) -> dict:
+    """The fact's neurons for static/neuron-map.js: position, colour (mean share of the
+    prompt's max), radius (prompts where coarse), the numbers its tooltip shows and its URL."""
+    colours = [matplotlib.colors.to_hex(c) for c in COLOURS(cells.mean_rel.fillna(0).clip(0, 1).to_numpy())]
+    points = [dict(x=int(c.neuron), y=int(c.layer), c=colour, r=round(2.5 + 1.5 * min(int(c.coarse_prompts), 8), 1),
+                   coarse=int(c.coarse_prompts), score=float(c.mean_score) if c.mean_score == c.mean_score else 0.0,
+                   rel=float(c.mean_rel) if c.mean_rel == c.mean_rel else 0.0, kn=bool(c.kn_ig),
+                   act=bool(c.kn_activation), url=neuron_url(c.layer, c.neuron))
+              for c, colour in zip(cells.itertuples(), colours)]
+    return dict(layers=layers or int(cells.layer.max() + 1 if len(cells) else 1),
+                width=width or int(cells.neuron.max() + 1 if len(cells) else 1), prompts=prompts, points=points)
+
+
+def _ramp(stops: int = 6) -> str:
+    """CSS gradient stops of the colour scale, 0 to 1."""
+    return ", ".join(matplotlib.colors.to_hex(COLOURS(i / (stops - 1))) for i in range(stops))
 
 
 def _layer_counts(q: RunQueries) -> list[dict]:

@@ -128,42 +128,6 @@ def edit_effects(summary: pd.DataFrame, op: str, caption: str):
     return _finish(fig, f"{op.capitalize()} knowledge neurons: effect on the gold probability", caption)
 
 
-def neuron_map(cells: pd.DataFrame, layers: int, width: int, caption: str, url=None):
-    """Layer x neuron view of one fact. `cells`: layer, neuron, coarse_prompts, mean_rel (mean
-    score / the prompt's max), kn_ig, kn_activation. Colour: mean_rel; size: prompts where the
-    neuron is coarse; red rings: knowledge neurons (ig), grey crosses: the activation
-    baseline's. `url(layer, neuron)`: a link per point (SVG output)."""
-    fig, ax = plt.subplots(figsize=(9, 4.2))
-    shown = ax.scatter(cells.neuron, cells.layer, c=cells.mean_rel, s=10 + 14 * cells.coarse_prompts, cmap="viridis",
-                       vmin=0, vmax=1, alpha=0.85, linewidths=0, zorder=2)
-    fig.colorbar(shown, ax=ax, pad=0.01, fraction=0.04).set_label("mean score / prompt's max", fontsize=8)
-    marked = []
-    for column, style in (("kn_ig", dict(facecolors="none", edgecolors="#d62728", linewidths=1.6, s=140,
-                                         label="knowledge neuron (ig)")),
-                          ("kn_activation", dict(c="#555555", marker="x", linewidths=1.2, s=60,
-                                                 label="knowledge neuron (activation baseline)"))):
-        chosen = cells[cells[column]]
-        if len(chosen):
-            marked.append((ax.scatter(chosen.neuron, chosen.layer, zorder=3, **style), chosen))
-    for (layer, neuron) in cells[cells.kn_ig][["layer", "neuron"]].head(24).itertuples(index=False):
-        ax.annotate(f"L{layer} N{neuron}", (neuron, layer), xytext=(5, 4), textcoords="offset points", fontsize=7,
-                    color="#d62728")
-    if url is not None:
-        for artist, frame in [(shown, cells)] + marked:
-            artist.set_urls([url(int(l), int(n)) for l, n in zip(frame.layer, frame.neuron)])
-    ax.set_xlim(-0.5, max(width, int(cells.neuron.max()) + 1 if len(cells) else 1) - 0.5)
-    ax.set_ylim(-0.5, max(layers, int(cells.layer.max()) + 1 if len(cells) else 1) - 0.5)
-    if layers <= 48:
-        ax.set_yticks(range(0, layers, 1 if layers <= 16 else 2))
-    ax.tick_params(labelsize=7)
-    ax.set_xlabel("neuron")
-    ax.set_ylabel("layer")
-    ax.grid(True, alpha=0.2)
-    if marked:
-        ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=2, frameon=False)
-    return _finish(fig, "Neurons of the fact, by layer", caption)
-
-
 DRAWING = threading.Lock()  # pyplot's state is global: one figure is drawn at a time
 
 
