@@ -34,26 +34,32 @@ def assert_same_probes(got, want) -> None:
     assert g_top == w_top
 
 
+def assert_changed(after, before, what: str) -> None:
+    """The edit matters: some probability moves by more than 1% (the comparisons are not vacuous)."""
+    assert np.abs(_numbers(after)[0] / _numbers(before)[0] - 1).max() > 0.01, what
+
+
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_edits_and_probes_of_an_offloaded_model_match_the_resident_model(family, tmp_path):
     _, resident, path = saved(family, tmp_path)
     offload = offloaded_copy(resident, path, tmp_path / "offload")  # max_memory cpu=64KiB: the blocks on disk
     assert offload.offloaded and "disk" in set(offload.model.hf_device_map.values())
-    assert_edits_match(resident, offload, family)
+    assert_edits_match(resident, offload, family, erase="zero")
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])  # Conv1D and tied embeddings; Linear and untied
-def test_edits_of_a_model_wholly_on_disk_match_the_resident_model(family, tmp_path):
-    """Also the input embedding on disk: update and erase-with-unk read word embeddings from it."""
+def test_edits_of_a_model_wholly_on_disk_match_the_resident_model(tmp_path):
+    """Also the input embedding on disk: update and erase-with-unk read word embeddings from it
+    (GPT-2: Conv1D projections, the LM head tied to the embedding)."""
+    family = "gpt2"
     _, resident, path = saved(family, tmp_path)
     offload = load_model(str(path), dtype="fp32", max_memory={"cpu": "1KiB"}, offload_folder=tmp_path / "offload")
     offload.tokenizer = resident.tokenizer
     assert offload.model.hf_device_map == {"": "disk"}
     assert offload.model.get_input_embeddings().weight.device.type == "meta"
-    assert_edits_match(resident, offload, family)
+    assert_edits_match(resident, offload, family, erase="unk")
 
 
-def assert_edits_match(resident, offload, family) -> None:
+def assert_edits_match(resident, offload, family: str, erase: str) -> None:
     runners = [EditRunner(lm, precision="fp32") for lm in (resident, offload)]
     prompts, targets = cases(family)
     clean = [r.prober.probe(prompts, targets) for r in runners]
@@ -63,12 +69,11 @@ def assert_edits_match(resident, offload, family) -> None:
         neurons = [SLOTS] * len(prompts)
         want, got = (r.prober.probe(prompts, targets, neurons=neurons, factor=factor) for r in runners)
         assert_same_probes(got, want)
-        assert np.abs(_numbers(want)[0] - _numbers(clean[0])[0]).max() > 100 * PROB_ATOL, op  # the scaling matters
+        assert_changed(want, clean[0], op)
 
     old_id, new_id = resident.tokenizer.convert_tokens_to_ids(["paris", "rome"])
     edits = {"update": lambda lm: apply_update(lm, SLOTS, old_id, new_id, 1.0, 8.0),
-             "erase zero": lambda lm: apply_erase(lm, SLOTS, erase_value(lm, "zero")),
-             "erase unk": lambda lm: apply_erase(lm, SLOTS, erase_value(lm, "unk"))}
+             f"erase {erase}": lambda lm: apply_erase(lm, SLOTS, erase_value(lm, erase))}
     for name, edit in edits.items():
         after = []
         for runner in runners:
@@ -76,6 +81,6 @@ def assert_edits_match(resident, offload, family) -> None:
                 edit(runner.lm)
                 after.append(runner.prober.probe(prompts, targets))
         assert_same_probes(after[1], after[0])
-        assert np.abs(_numbers(after[0])[0] - _numbers(clean[0])[0]).max() > 100 * PROB_ATOL, name  # it matters
+        assert_changed(after[0], clean[0], name)
     for runner, before in zip(runners, clean):  # every edit undone exactly
         np.testing.assert_array_equal(_numbers(runner.prober.probe(prompts, targets))[0], _numbers(before)[0])

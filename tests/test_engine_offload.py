@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kn_ray.engine import Attributor, LoadedModel, Prober, load_model, riemann
+from kn_ray.engine import Attributor, LoadedModel, load_model, riemann
 from kn_ray.engine.loading import parse_max_memory
 from reference import float64, reference_ig
 from test_engine_exact import cases, rel_err
@@ -56,17 +56,6 @@ def test_disk_offload_gives_the_same_scores(family, tmp_path):
             assert g.baseline_prob[layer] == pytest.approx(p_zero, rel=1e-4)
 
 
-def test_prober_under_offload(tmp_path):
-    _, lm, path = saved("llama", tmp_path)
-    resident = Prober(lm, precision="fp32")
-    offload = Prober(offloaded_copy(lm, path, tmp_path / "o"), precision="fp32")
-    prompts, targets = cases("llama")
-    neurons = [[(0, 3), (2, 7)]] * len(prompts)
-    for kwargs in ({}, dict(neurons=neurons, factor=0.0)):
-        for a, b in zip(resident.probe(prompts, targets, **kwargs), offload.probe(prompts, targets, **kwargs)):
-            assert b.gold_prob == pytest.approx(a.gold_prob, rel=1e-5) and a.top_id == b.top_id
-
-
 def test_max_memory_strings_parse_like_accelerate_expects():
     assert parse_max_memory("0=70GiB, 1=70GiB,cpu=200GiB") == {0: "70GiB", 1: "70GiB", "cpu": "200GiB"}
     assert parse_max_memory({"0": "1GiB", "disk": "9GiB"}) == {0: "1GiB", "disk": "9GiB"}
@@ -75,23 +64,4 @@ def test_max_memory_strings_parse_like_accelerate_expects():
             parse_max_memory(bad)
 
 
-def test_value_slot_edits_reach_an_offloaded_layer(tmp_path):
-    from kn_ray.engine.editing import edited, set_value_slots, value_slot
-
-    _, lm, path = saved("llama", tmp_path)
-    offload = offloaded_copy(lm, path, tmp_path / "o")
-    slots = [(1, 2), (2, 5)]
-    assert value_slot(offload, 1, 2).device.type == "cpu"
-    assert np.allclose(value_slot(offload, 1, 2).numpy(), value_slot(lm, 1, 2).numpy())
-    prompts, targets = cases("llama")
-    clean = Prober(offload, precision="fp32").probe(prompts, targets)
-    with edited(lm, slots), edited(offload, slots):
-        set_value_slots(lm, slots, 0.0)
-        set_value_slots(offload, slots, 0.0)
-        want = Prober(lm, precision="fp32").probe(prompts, targets)
-        got = Prober(offload, precision="fp32").probe(prompts, targets)
-        assert any(abs(w.gold_prob - c.gold_prob) > 1e-6 for w, c in zip(want, clean))  # the edit matters
-        for g, w in zip(got, want):
-            assert g.gold_prob == pytest.approx(w.gold_prob, rel=1e-5)
-    for g, c in zip(Prober(offload, precision="fp32").probe(prompts, targets), clean):
-        assert g.gold_prob == pytest.approx(c.gold_prob, rel=1e-6)  # restored
+# Probes and value-slot edits of offloaded models, every family: tests/test_edit_offload.py
