@@ -375,3 +375,26 @@ def test_pages_requested_at_once_all_answer(run):
     with ThreadPoolExecutor(len(urls)) as pool:
         codes = list(pool.map(lambda url: client.get(url).status_code, urls))
     assert codes == [200] * len(urls)
+
+
+def test_cli_prints_the_url_and_warns_beyond_loopback(run, monkeypatch, capsys):
+    import socket
+
+    import uvicorn
+
+    from kn_ray.interfaces.commands import explore
+
+    served = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: served.append(sockets))
+    real_bind = explore.bind
+    monkeypatch.setattr(explore, "bind", lambda options: real_bind(type(options)(host="127.0.0.1")))  # never 0.0.0.0
+    assert cli(["explore", str(run), "--host", "0.0.0.0"]) == 0
+    out, err = capsys.readouterr()
+    port = served[0][0].getsockname()[1]
+    assert f"http://127.0.0.1:{port}/" in out and "warning: binding 0.0.0.0" in err
+    served[0][0].close()
+    assert cli(["explore", str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert "http://127.0.0.1:" in out and not err
+    served[1][0].close()
+    assert isinstance(served[1][0], socket.socket)
