@@ -312,7 +312,7 @@ def test_actors_of_several_gpus_load_with_a_balanced_device_map(monkeypatch):
     from kn_ray.pipeline import execute
 
     pools, loads = [], []
-    monkeypatch.setattr(execute, "ActorPool", lambda cls, args, kwargs, res, gpus: pools.append((args, gpus)))
+    monkeypatch.setattr(execute, "ActorPool", lambda cls, args, kwargs, res, gpus, threads: pools.append((args, gpus)))
     monkeypatch.setattr(kn_ray.engine, "load_model", lambda name, **kwargs: loads.append(kwargs))
     for gpus, device_map in ((4, "auto"), (1, None), (None, None)):
         options = options_from_spec(dict(BASE, dtype="bf16", max_memory="0=60GiB,cpu=1GiB", workers=dict(gpus=gpus)))
@@ -322,6 +322,10 @@ def test_actors_of_several_gpus_load_with_a_balanced_device_map(monkeypatch):
         placement.load()  # what each actor does
         assert loads[-1]["device_map"] == device_map
         assert loads[-1]["dtype"] == "bf16" and loads[-1]["max_memory"] == {0: "60GiB", "cpu": "1GiB"}
+    cpu, gpu = dict(num_cpus=2, num_gpus=0), dict(num_cpus=8, num_gpus=1)
+    assert "(2 torch threads each)" in execute.describe_plan(3, cpu, False)
+    assert "(4 torch threads each)" in execute.describe_plan(3, cpu, False, threads=4)  # --threads-per-worker
+    assert "thread" not in execute.describe_plan(3, gpu, False)
 
 
 def test_edit_takes_attributes_placement_flags_as_overrides_of_the_run():

@@ -103,11 +103,11 @@ def actor_resources(res: Resources, gpus: float | None = None) -> tuple[int, dic
     return count, opts
 
 
-def describe_plan(count: int, opts: dict, chosen: bool) -> str:
+def describe_plan(count: int, opts: dict, chosen: bool, threads: int | None = None) -> str:
     """'2 actors x 1 CPU (1 torch thread each); why'."""
     what = f"{opts['num_gpus']:g} GPU" if opts["num_gpus"] else f"{opts['num_cpus']:g} CPU"
-    n = max(1, int(opts["num_cpus"]))
-    threads = "" if opts["num_gpus"] else f" ({n} torch thread{'s' * (n > 1)} each)"
+    n = threads or max(1, int(opts["num_cpus"]))
+    threads = "" if opts["num_gpus"] and not threads else f" ({n} torch thread{'s' * (n > 1)} each)"
     why = "--workers" if chosen else ("one per GPU" if opts["num_gpus"] else "default: every CPU of the cluster")
     return f"{count} actor{'s' * (count != 1)} x {what}{threads}; {why}"
 
@@ -115,12 +115,14 @@ def describe_plan(count: int, opts: dict, chosen: bool) -> str:
 class ActorPool:
     """Actors of one class that each load the model once, their in-flight counts, and which are
     waiting on a health ping (`info()`). `actor_class(*args, threads=N, **kwargs)`: N torch
-    threads on CPU actors, None on GPU actors; `gpus` per actor (`Placement.gpus_per_worker`)."""
+    threads (`threads`, else its logical CPUs on CPU actors, None on GPU actors); `gpus` per
+    actor (`Placement.gpus_per_worker` and `.threads`)."""
 
-    def __init__(self, actor_class, args: tuple, kwargs: dict, res: Resources, gpus: float | None = None):
+    def __init__(self, actor_class, args: tuple, kwargs: dict, res: Resources, gpus: float | None = None,
+                 threads: int | None = None):
         count, opts = actor_resources(res, gpus)
-        self.plan = describe_plan(count, opts, bool(res.workers))
-        threads = None if opts["num_gpus"] else max(1, int(opts["num_cpus"]))
+        self.plan = describe_plan(count, opts, bool(res.workers), threads)
+        threads = threads or (None if opts["num_gpus"] else max(1, int(opts["num_cpus"])))
         remote = ray.remote(actor_class).options(**opts)
         self.limit = res.in_flight
         self.actors = [remote.remote(*args, threads=threads, **kwargs) for _ in range(count)]
@@ -254,14 +256,15 @@ class TasksFailed(RuntimeError):
 
 
 def run_tasks(actor_class, args: tuple, kwargs: dict, res: Resources, tasks, *, method: str = "run",
-              key=lambda task: task.name, size=lambda task: 1, gpus: float | None = None):
+              key=lambda task: task.name, size=lambda task: 1, gpus: float | None = None,
+              threads: int | None = None):
     """Yield (task, result) of `actor_class(*args, **kwargs).<method>(task)` over a pool, as they
     finish; raises TasksFailed at the end if a task failed on every attempt. Starts a local Ray
     (or joins $RAY_ADDRESS) if none is running."""
     started = connect(min_cpus=(res.workers or 1) * res.cpus_per_worker)
     pool = None
     try:
-        pool = ActorPool(actor_class, args, kwargs, res, gpus)
+        pool = ActorPool(actor_class, args, kwargs, res, gpus, threads)
         pool.model_info()
         dispatcher = Dispatcher(pool, lambda actor, task: (getattr(actor, method).remote(task), None),
                                 max_attempts=res.max_attempts, key=key, size=size)
@@ -279,7 +282,8 @@ def run_tasks(actor_class, args: tuple, kwargs: dict, res: Resources, tasks, *, 
 
 # ---- attribution: shards, written by the workers, committed by the driver -------------------------
 def attribution_pool(options: RunOptions) -> ActorPool:
-    return ActorPool(ShardComputer, (options.placement,), {}, options.resources, options.placement.gpus_per_worker)
+    p = options.placement
+    return ActorPool(ShardComputer, (p,), {}, options.resources, p.gpus_per_worker, p.threads)
 
 
 def run_shards(pool: ActorPool, shards: list[Shard], run: RunDirectory, run_hash: str, options: RunOptions,

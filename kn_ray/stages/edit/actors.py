@@ -39,4 +39,4 @@ def run_units(units: Sequence[WorkUnit], placement: Placement, workers: int, *, 
     res = Resources(workers=workers, cpus_per_worker=cpus_per_worker, in_flight=in_flight, max_attempts=max_attempts,
                     max_restarts=max_restarts)
     yield from run_tasks(EditWorker, (placement,), {}, res, units, key=lambda unit: f"{unit.op}-{unit.index:05d}",
-                         gpus=placement.gpus_per_worker)
+                         gpus=placement.gpus_per_worker, threads=placement.threads)
