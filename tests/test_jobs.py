@@ -144,6 +144,10 @@ def test_weight_noise_flags_and_spec_enter_the_run_identity():
             options_from_spec(dict(BASE, attribution=dict(nt_samples=2, **bad)))
     with pytest.raises(SystemExit):
         build_parser().parse_args(["attribute", "--model", "m", "--facts", "f", "--output", "o", "--noise", "grad"])
+    from inspect import signature
+
+    from kn_ray.engine import Attributor  # the workers pass engine_extra() on as these keywords
+    assert set(fusion.engine_extra()) <= set(signature(Attributor.attribute).parameters)
 
 
 def test_cli_reports_a_bad_spec_with_exit_code_2(tmp_path, capsys):
