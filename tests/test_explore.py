@@ -398,3 +398,16 @@ def test_cli_prints_the_url_and_warns_beyond_loopback(run, monkeypatch, capsys):
     assert "http://127.0.0.1:" in out and not err
     served[1][0].close()
     assert isinstance(served[1][0], socket.socket)
+
+
+def test_text_from_the_run_is_escaped(tmp_path):
+    write_synthetic_run(tmp_path, SyntheticSpec(facts=6, relations=1, layers=4, neurons=64, seed=6))
+    part = tmp_path / "prompts" / "part-00000.parquet"
+    prompts = pq.read_table(part)
+    fact_id = prompts["fact_id"][0].as_py()
+    subject = pa.array(["<script>alert('kn')</script>" if f == fact_id else s for f, s
+                        in zip(prompts["fact_id"].to_pylist(), prompts["subject"].to_pylist())])
+    pq.write_table(prompts.set_column(prompts.schema.get_field_index("subject"), "subject", subject), part)
+    client = TestClient(create_app(str(tmp_path)), raise_server_exceptions=False)
+    for page in (client.get(fact_url(fact_id)), client.get("/search", params={"q": "script"})):
+        assert page.status_code == 200 and "&lt;script&gt;alert(" in page.text and "<script>alert(" not in page.text
