@@ -7,7 +7,9 @@ no network).
     python benchmarks/explore_latency.py OUT [--repeats 5]
 
 Per page: the first request after the app opened the run (`cold`: includes listing the parts
-and DuckDB reading the Parquet footers), then the median and max of `--repeats` further ones.
+and DuckDB reading the Parquet footers), then the median and max of `--repeats` further ones,
+and the median CPU time of the process per request (all threads: what the page costs whatever
+else shares the machine).
 Prints a Markdown table and the run's size.
 """
 
@@ -56,14 +58,15 @@ def measure(out: str, repeats: int) -> list[dict]:
     client = TestClient(create_app(out, refresh=3600))
     results = []
     for label, url in targets:
-        times = []
+        times, cpu = [], []
         for _ in range(repeats + 1):
-            started = time.perf_counter()
+            started, used = time.perf_counter(), time.process_time()
             response = client.get(url)
             times.append(time.perf_counter() - started)
+            cpu.append(time.process_time() - used)
             assert response.status_code == 200, (url, response.status_code)
         results.append(dict(page=label, url=url, cold=times[0], median=statistics.median(times[1:]),
-                            max=max(times[1:]), bytes=len(response.content)))
+                            max=max(times[1:]), cpu=statistics.median(cpu[1:]), bytes=len(response.content)))
     return results
 
 
@@ -75,9 +78,10 @@ def main() -> int:
     results = measure(args.out, args.repeats)
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs; load average "
           f"{os.getloadavg()[0]:.1f}")
-    print("| page | first request (s) | median of next (s) | max (s) | HTML/SVG bytes |\n|---|---|---|---|---|")
+    print("| page | first request (s) | median of next (s) | max (s) | CPU s (median, all threads) | bytes |\n"
+          "|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['page']} | {r['cold']:.3f} | {r['median']:.3f} | {r['max']:.3f} | {r['bytes']:,} |")
+        print(f"| {r['page']} | {r['cold']:.3f} | {r['median']:.3f} | {r['max']:.3f} | {r['cpu']:.3f} | {r['bytes']:,} |")
     return 0
 
 
