@@ -287,6 +287,27 @@ def test_cli_edits_a_run_made_offloaded_offloaded_with_the_resident_numbers(run_
             assert_same_edit_rows(got, as_table(runner.run(unit)).to_pandas())  # the resident model's rows
 
 
+def test_edits_run_on_the_cluster_at_ray_address_by_default(monkeypatch):
+    """A driver on a cluster's head node may have no GPU: with $RAY_ADDRESS and no --workers the
+    units go to one Ray actor; without it, or with --local, they run in this process."""
+    from kn_ray.stages.edit import actors, stage
+
+    calls = []
+    monkeypatch.setattr(actors, "run_units", lambda units, placement, workers: calls.append(("ray", workers)) or [])
+    monkeypatch.setattr(EditRunner, "load", classmethod(lambda cls, placement: calls.append(("here", None))))
+    placement, units = Placement("m"), ["unit"]
+    for address, options, where in ((None, EditOptions(), ("here", None)),
+                                    ("ray://head:10001", EditOptions(), ("ray", 1)),
+                                    ("ray://head:10001", EditOptions(local=True), ("here", None)),
+                                    (None, EditOptions(workers=3), ("ray", 3))):
+        if address:
+            monkeypatch.setenv("RAY_ADDRESS", address)
+        else:
+            monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        stage._execute(units, placement, options)
+        assert calls[-1] == where
+
+
 def test_cli_explains_a_run_without_aggregation(tmp_path, capsys):
     write_tables(tmp_path, None, prompts=_prompts())
     assert main(["edit", str(tmp_path), "--op", "suppress"]) == 2

@@ -57,7 +57,8 @@ class EditOptions:
     fact_ids: tuple[str, ...] = option((), "only this fact (repeatable)", flag="--fact-id", action="extend",
                                        metavar="FACT_ID")
     unit_facts: int = option(16, "facts per work unit")
-    workers: int = option(1, "Ray actors; 1 runs in this process")
+    workers: int | None = option(None, "Ray actors (default: one on the cluster at $RAY_ADDRESS when it is set, "
+                                       "else none: this process)")
     local: bool = option(False, "run in this process, without Ray")
     placement: dict = field(default_factory=dict)  # Placement fields set on the command line; the rest: run.json's
 
@@ -66,7 +67,7 @@ class EditOptions:
         unknown = [op for op in self.ops if op not in OPS]
         if unknown or not self.ops:
             raise ValueError(f"--op must name some of {', '.join(OPS)}; got {', '.join(self.ops) or 'none'}")
-        if self.workers < 1 or self.unit_facts < 1:
+        if (self.workers is not None and self.workers < 1) or self.unit_facts < 1:
             raise ValueError("workers and unit facts must be >= 1")
         unknown = sorted(set(self.placement) - set(placement_names()))
         if unknown:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import os
 from dataclasses import asdict
 from datetime import datetime, timezone
 
@@ -54,15 +55,16 @@ def run_edits(out, options: EditOptions, *, progress: bool = True) -> dict:
 
 
 def _execute(units: list[WorkUnit], placement: Placement, options: EditOptions):
-    """(unit, rows) for every unit: in this process, or on Ray actors when workers > 1."""
+    """(unit, rows) for every unit: in this process, or on Ray actors (`--workers N`, or one on
+    the cluster at $RAY_ADDRESS: a driver on a cluster's head node may have no GPU)."""
     if not units:
         return iter(())
-    if options.local or options.workers == 1:
+    if options.local or (options.workers is None and not os.environ.get("RAY_ADDRESS")):
         runner = EditRunner.load(placement)
         return ((unit, runner.run(unit)) for unit in units)
     from kn_ray.stages.edit.actors import run_units
 
-    return run_units(units, placement, options.workers)
+    return run_units(units, placement, options.workers or 1)
 
 
 def _part_name(unit: WorkUnit) -> str:
