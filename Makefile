@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install model browser test test-fast demo bench clean
+.PHONY: install model browser test test-numerics test-fast demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ browser:
 
 test: install model browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# the comparison-heavy tests under 1/2 threads, ATEN_CPU_CAPABILITY default/avx2/avx512, small/large batches
+test-numerics: install model
+	$(BIN)/python tests/numerics_matrix.py
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

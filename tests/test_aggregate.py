@@ -11,6 +11,7 @@ import pytest
 
 from kn_ray.interfaces.cli import main as cli
 from kn_ray.stages.aggregate import KNOWLEDGE_NEURONS, RELATION_NEURONS, AggregateParams, aggregate
+from tests.numerics import assert_same_numbers
 from tests.synthetic import SyntheticSpec, write_synthetic_run, write_tables
 
 KEYS = ["method", "fact_id", "layer", "neuron"]
@@ -186,8 +187,8 @@ def test_streamed_equals_pandas_reference(synthetic_run):
         assert len(got) > 100
         pd.testing.assert_frame_equal(got[KEYS + ["relation", "n_prompts"]], expected[KEYS + ["relation", "n_prompts"]],
                                       check_dtype=False)
-        np.testing.assert_allclose(got.share, expected.share)
-        np.testing.assert_allclose(got.mean_score, expected.mean_score, rtol=1e-5)
+        assert_same_numbers(got.share, expected.share, dtype="float64", what="share")
+        assert_same_numbers(got.mean_score, expected.mean_score, what="mean_score")
         got_rel = relation[relation.method == method]
         assert set(zip(got_rel.relation, got_rel.layer, got_rel.neuron, got_rel.n_facts)) == \
             set(zip(expected_rel.relation, expected_rel.layer, expected_rel.neuron, expected_rel.n_facts))

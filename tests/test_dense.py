@@ -10,6 +10,7 @@ from kn_ray.pipeline.options import KeepPolicy
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.pipeline.tables import sparse_rows
 from kn_ray.stages.aggregate import AggregateParams, aggregate
+from tests.numerics import assert_same_frames, assert_same_numbers
 from tests.test_s3 import local_run, options, world  # noqa: F401  (the tiny JSONL world, its model, a sparse run)
 
 
@@ -30,7 +31,8 @@ def test_dense_run_holds_every_score_and_aggregates_as_a_sparse_run(world, local
     rows = sparse_rows(table).to_pandas()
     sparse = RunDirectory(local_run).read("neurons").to_pandas()
     merged = sparse.merge(rows, on=["prompt_id", "layer", "neuron"], suffixes=("", "_dense"))
-    assert len(merged) == len(sparse) and np.allclose(merged.score, merged.score_dense, rtol=1e-5, atol=1e-7)
+    assert len(merged) == len(sparse)
+    assert_same_numbers(merged.score, merged.score_dense, what="dense vs sparse scores")
     top = rows.groupby("prompt_id").score.transform("max")
     assert ((rows.score >= 0.1 * top) & (rows.score > 0)).sum() == len(sparse)  # the sparse keep rule
 
@@ -41,4 +43,4 @@ def test_dense_run_holds_every_score_and_aggregates_as_a_sparse_run(world, local
         kn[name] = pd.read_parquet(path / "knowledge_neurons").sort_values(
             ["method", "fact_id", "layer", "neuron"]).reset_index(drop=True)
     assert len(kn["sparse"]) > 0
-    pd.testing.assert_frame_equal(kn["dense"], kn["sparse"], check_exact=False, rtol=1e-5)
+    assert_same_frames(kn["dense"], kn["sparse"], what="knowledge_neurons.")

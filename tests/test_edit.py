@@ -25,7 +25,7 @@ from kn_ray.stages.edit.stage import save_edit
 from kn_ray.stages.edit.tables import EDITS, as_table, corpus_ppl, metric_rows, relative_change
 from tests.pipeline_fixtures import save_tiny_model
 from tests.synthetic import write_tables
-from tests.tolerances import CHANGE_ATOL, PROB_ATOL, assert_same_edit_rows
+from tests.numerics import assert_same_edit_rows, assert_same_numbers
 from tests.tiny_models import tiny_model
 
 FACTS = {  # relation -> (template, [(subject, object)])
@@ -112,9 +112,9 @@ def test_apply_update_on_a_hand_made_slot_and_its_inverse(runner):
         apply_update(lm, slots, 5, 6, 1.0, 8.0)
         norms = original.norm(dim=1, keepdim=True)
         expected = original + norms * (8 * e_new / e_new.norm() - e_old / e_old.norm())
-        assert torch.allclose(torch.stack([value_slot(lm, l, n) for l, n in slots]), expected, atol=1e-6)
+        assert_same_numbers(torch.stack([value_slot(lm, l, n) for l, n in slots]), expected, what="updated slots")
         add_to_value_slots(lm, slots, -update_delta(original, e_old, e_new, 1.0, 8.0))  # the inverse edit
-        assert torch.allclose(torch.stack([value_slot(lm, l, n) for l, n in slots]), original, atol=1e-6)
+        assert_same_numbers(torch.stack([value_slot(lm, l, n) for l, n in slots]), original, what="reverted slots")
     assert torch.equal(torch.stack([value_slot(lm, l, n) for l, n in slots]), original)  # edited(): exact
 
 
@@ -206,10 +206,10 @@ def test_suppress_equals_a_manual_prober_call(run_dir, runner):
     after = prober.probe(prompts, targets, neurons=[item.kn] * len(prompts), factor=0.0)
     got = rows[(rows.fact_id == item.fact_id) & (rows.condition == "kn")].set_index("prompt_id")
     for ref, b, a in zip(item.prompts, before, after):
-        assert got.prob_before[ref.prompt_id] == pytest.approx(b.gold_prob, abs=PROB_ATOL)  # other batch shapes
-        assert got.prob_after[ref.prompt_id] == pytest.approx(a.gold_prob, abs=PROB_ATOL)
-        assert got.rel_change[ref.prompt_id] == pytest.approx((a.gold_prob - b.gold_prob) / b.gold_prob,
-                                                              abs=CHANGE_ATOL)
+        assert_same_numbers(got.prob_before[ref.prompt_id], b.gold_prob, what="prob_before")  # other batch shapes
+        assert_same_numbers(got.prob_after[ref.prompt_id], a.gold_prob, what="prob_after")
+        assert_same_numbers(got.rel_change[ref.prompt_id], (a.gold_prob - b.gold_prob) / b.gold_prob, scale=1.0,
+                            what="rel_change")
     assert set(rows.condition) == {"kn", "activation", "random", "other_relation"}
     counts = rows.groupby(["fact_id", "condition"]).n_neurons.first().unstack()
     assert (counts.random == counts.kn).all() and (counts.other_relation == counts.kn).all()
@@ -240,7 +240,8 @@ def test_cli_writes_the_documented_edits_table(run_dir, capsys):
             "metric", "value"} <= set(edits.columns)
     scale = edits[(edits.op == "suppress") & edits.prompt_id.notna()]
     assert scale.groupby("relation").fact_id.nunique().max() <= 2
-    assert np.allclose(scale.rel_change, (scale.prob_after - scale.prob_before) / scale.prob_before)
+    assert_same_numbers(scale.rel_change, (scale.prob_after - scale.prob_before) / scale.prob_before, scale=1.0,
+                        what="rel_change")
     assert scale.top_id_before.notna().all() and scale.top_id_after.notna().all()
     assert {("kn", "same_relation"), ("random", "same_relation"), ("activation", "target")} <= \
         set(scale.groupby(["condition", "scope"]).size().index)

@@ -13,7 +13,7 @@ from kn_ray.engine.editing import add_to_value_slots, edited, save_model, set_va
 from kn_ray.engine.precision import resolve_dtype
 from kn_ray.engine.published import PublishedAttributor
 from tests.tiny_models import tiny_model
-from tests.tolerances import PROB_ATOL
+from tests.numerics import assert_same_numbers, relative_error
 
 
 @pytest.fixture
@@ -39,8 +39,8 @@ def test_probe_zeroing_a_whole_layer_equals_the_ig_baseline(llama):
         every = [[(layer, i) for i in range(llama.num_neurons)]] * 2
         zeroed = prober.probe(prompts, targets, neurons=every, factor=0.0)
         for r, z, c in zip(res, zeroed, clean):
-            assert z.gold_prob == pytest.approx(r.baseline_prob[layer], abs=PROB_ATOL)
-            assert c.gold_prob == pytest.approx(r.gold_prob, abs=PROB_ATOL)
+            assert_same_numbers(z.gold_prob, r.baseline_prob[layer], what="zeroed layer")
+            assert_same_numbers(c.gold_prob, r.gold_prob, what="clean")
 
 
 def test_probe_scaling_matches_a_hand_hooked_forward(llama):
@@ -62,7 +62,7 @@ def test_probe_scaling_matches_a_hand_hooked_forward(llama):
         want = llama.model(ids).logits[0, -1].softmax(-1)[gold].item()
     for h in handles:
         h.remove()
-    assert probe.gold_prob == pytest.approx(want, abs=PROB_ATOL)
+    assert_same_numbers(probe.gold_prob, want, what="gold_prob")
     assert probe.n_target_tokens == 1 and probe.perplexity == pytest.approx(1 / probe.gold_prob)
 
 
@@ -71,10 +71,10 @@ def test_value_slot_edit_and_inverse_restore_the_weights(llama):
     slots = [(0, 1), (2, 5), (2, 6)]
     delta = word_embedding(llama, [llama.tokenizer.convert_tokens_to_ids("paris")])
     add_to_value_slots(llama, slots, 8 * delta)
-    assert torch.allclose(value_slot(llama, 2, 5), before["model.layers.2.mlp.down_proj.weight"][:, 5] + 8 * delta)
+    assert_same_numbers(value_slot(llama, 2, 5), before["model.layers.2.mlp.down_proj.weight"][:, 5] + 8 * delta, what="slot")
     add_to_value_slots(llama, slots, -8 * delta)
     for key, value in llama.model.state_dict().items():
-        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6)
+        assert_same_numbers(value, before[key], what=key)
     entry = {k: v.clone() for k, v in llama.model.state_dict().items()}
     with edited(llama, slots):
         set_value_slots(llama, slots, 0.0)
@@ -157,7 +157,7 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_scores(llama, monkeyp
     got = attr.attribute(prompts, targets, n_steps=4)
     assert attr.max_batch_tokens == 2 and max(seen) == 8 and all(r.ok for r in got)
     for g, w in zip(got, want):
-        np.testing.assert_allclose(g.scores, w.scores, rtol=1e-5, atol=1e-7 * np.abs(w.scores).max())
+        assert_same_numbers(g.scores, w.scores, what="scores")
 
 
 def test_a_prompt_that_keeps_failing_is_an_error_row_and_the_rest_complete(llama, monkeypatch):
@@ -194,7 +194,7 @@ def test_half_weights_compute_in_their_dtype_and_accumulate_in_fp32(tmp_path):
     res = attr.attribute(["the city of"], [" rome"], n_steps=4)[0]
     assert attr.precision == "bf16" and res.scores.dtype == np.float32 and isinstance(res.gold_prob, float)
     assert np.corrcoef(res.scores.ravel(), ref.scores.ravel())[0, 1] > 0.95
-    assert res.gold_prob == pytest.approx(ref.gold_prob, rel=0.05)
+    assert_same_numbers(res.gold_prob, ref.gold_prob, dtype="bfloat16", reduction=48, what="gold_prob")  # the FFN inner size
 
 
 def test_weight_dtype_names_and_auto():
@@ -219,18 +219,20 @@ def test_smoothing_is_the_seeded_mean_of_noisy_copies(tmp_path):
     again = attr.attribute(prompts, targets, n_steps=4, nt_samples=3, stdevs=0.3, nt_seed=1)
     other = attr.attribute(prompts, targets, n_steps=4, nt_samples=3, stdevs=0.3, nt_seed=2)
     for p, z, o, a, x in zip(plain, zero, one, again, other):
-        np.testing.assert_allclose(z.scores, p.scores, rtol=1e-6, atol=1e-7 * np.abs(p.scores).max())
-        assert z.gold_prob == pytest.approx(p.gold_prob, rel=1e-6) and z.evaluations.tolist() == [12, 12, 12]  # 3 copies x 4 left nodes
+        assert_same_numbers(z.scores, p.scores, what="scores")
+        assert_same_numbers(z.gold_prob, p.gold_prob, what="gold_prob")
+        assert z.evaluations.tolist() == [12, 12, 12]  # 3 copies x 4 left nodes
         np.testing.assert_array_equal(o.scores, a.scores)
-        assert not np.allclose(o.scores, p.scores, rtol=1e-2) and not np.allclose(o.scores, x.scores, rtol=1e-2)
-        np.testing.assert_allclose(o.completeness, np.abs(o.scores.sum(-1) - (o.gold_prob - o.baseline_prob)), atol=1e-6)
+        assert relative_error(o.scores, p.scores) > 1e-2 and relative_error(o.scores, x.scores) > 1e-2
+        assert_same_numbers(o.completeness, np.abs(o.scores.sum(-1) - (o.gold_prob - o.baseline_prob)),
+                            scale=max(o.gold_prob, 1e-3), what="completeness")
     # the mean really is over copies whose embeddings carry the seeded noise: recompute copy by copy
     copies = []
     for k in range(3):
         with embedding_noise(model, 0.3, torch.Generator().manual_seed(1 * 1_000_003 + k)):
             copies.append(attr.attribute(prompts, targets, n_steps=4))
     for i, o in enumerate(one):
-        np.testing.assert_allclose(o.scores, np.mean([c[i].scores for c in copies], axis=0), rtol=1e-6, atol=1e-9)
+        assert_same_numbers(o.scores, np.mean([c[i].scores for c in copies], axis=0), what="mean of copies")
 
 
 def test_published_flops_are_linear_in_the_layer(tmp_path):

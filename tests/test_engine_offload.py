@@ -8,7 +8,8 @@ import pytest
 from kn_ray.engine import Attributor, LoadedModel, load_model, riemann
 from kn_ray.engine.loading import parse_max_memory
 from reference import float64, reference_ig
-from test_engine_exact import cases, rel_err
+from numerics import assert_same_numbers, relative_error as rel_err
+from test_engine_exact import cases
 from tiny_models import CONFIGS, MASKED, tiny_model
 
 CAP = {"cpu": "64KiB"}  # smaller than one block: every block is offloaded to disk
@@ -45,8 +46,8 @@ def test_disk_offload_gives_the_same_scores(family, tmp_path):
     alphas, weights = riemann(n_steps, "left")
     for i, (prompt, target, g, w) in enumerate(zip(prompts, targets, got, want)):
         assert g.ok, g.reason
-        np.testing.assert_allclose(g.scores, w.scores, rtol=1e-5, atol=1e-6 * np.abs(w.scores).max())
-        assert g.gold_prob == pytest.approx(w.gold_prob, rel=1e-5)
+        assert_same_numbers(g.scores, w.scores, what="scores")
+        assert_same_numbers(g.gold_prob, w.gold_prob, what="gold_prob")
         if i % 2:
             continue  # the float64 reference on every other prompt (single- and multi-token objects)
         for layer in range(model.config.num_hidden_layers):

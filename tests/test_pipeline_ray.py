@@ -24,7 +24,7 @@ from kn_ray.pipeline.prompts import build_prompts
 from kn_ray.pipeline.rundir import RunConflict, RunDirectory
 from kn_ray.pipeline.tables import kept
 from tests.pipeline_fixtures import BAD_LINES, PARAREL, pararel_slice, save_tiny_model, texts_of_pararel
-from tests.tolerances import PROB_ATOL
+from tests.numerics import assert_same_frames, assert_same_numbers
 
 N_STEPS = 4
 
@@ -64,7 +64,7 @@ def assert_same_results(a: Path, b: Path) -> None:
     fa, fb = frames(a), frames(b)
     for kind in fa:
         x, y = fa[kind].drop(columns=["seconds"], errors="ignore"), fb[kind].drop(columns=["seconds"], errors="ignore")
-        pd.testing.assert_frame_equal(x, y, check_exact=False, rtol=1e-5, atol=1e-7)
+        assert_same_frames(x, y, what=f"{kind}.")
 
 
 def assert_each_prompt_once(out: Path, expected_ids: set[str]) -> None:
@@ -94,15 +94,15 @@ def test_results_equal_the_engine_run_directly(world, reference):
         if not res.ok:
             assert spec.prompt_id not in neurons.groups
             continue
-        assert np.isclose(row["gold_prob"], res.gold_prob, rtol=0, atol=PROB_ATOL)
+        assert_same_numbers(row["gold_prob"], res.gold_prob, what="gold_prob")
         mine = neurons.get_group(spec.prompt_id)
         want = {(int(res.layers[r]), int(c)) for r, c in zip(*kept(res.scores, keep.ratio, keep.dense))}
         have = set(zip(mine["layer"].astype(int), mine["neuron"].astype(int)))
         threshold = keep.ratio * res.scores.max()
         for layer, neuron in want ^ have:  # only borderline neurons may differ (batching rounding)
             assert abs(res.scores[layer, neuron] - threshold) < 1e-5 * res.scores.max()
-        for r in mine.itertuples():
-            assert np.isclose(r.score, res.scores[r.layer, r.neuron], rtol=1e-4, atol=1e-7)
+        assert_same_numbers(mine["score"], res.scores[mine["layer"], mine["neuron"]], scale=np.abs(res.scores).max(),
+                            what="kept scores")
 
 
 def test_bad_input_rows_carry_reasons_and_good_facts_are_computed(world, ray_local, tmp_path):
@@ -219,4 +219,4 @@ def test_auto_steps_reach_the_engine_through_ray(world, ray_local, tmp_path):
     assert all(res.ok for res in direct)
     for spec, res in zip(specs, direct):
         assert list(prompts.loc[spec.prompt_id, "evaluations"]) == res.evaluations.tolist()
-        assert np.isclose(prompts.loc[spec.prompt_id, "max_score"], res.max_score, rtol=1e-4)
+        assert_same_numbers(prompts.loc[spec.prompt_id, "max_score"], res.max_score, what="max_score")

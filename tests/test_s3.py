@@ -22,6 +22,7 @@ from kn_ray.pipeline.options import Resources, RunOptions
 from kn_ray.placement import Placement
 from kn_ray.pipeline.rundir import MARKERS, RunDirectory
 from kn_ray.pipeline.tables import KINDS
+from tests.numerics import assert_same_frames
 from tests.pipeline_fixtures import save_tiny_model
 from tests.s3_server import BUCKET, s3_server  # noqa: F401  (a fixture)
 
@@ -68,7 +69,7 @@ def assert_same(a, b) -> None:
     fa, fb = frames(a), frames(b)
     assert len(fa["prompts"]) == len(set(fa["prompts"].prompt_id)) == len(fb["prompts"]) > 0
     for kind in fa:
-        pd.testing.assert_frame_equal(fa[kind], fb[kind], check_exact=False, rtol=1e-5, atol=1e-7)
+        assert_same_frames(fa[kind], fb[kind], what=f"{kind}.")
 
 
 def objects(run: RunDirectory) -> dict[str, object]:
