@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import pandas as pd
 
 from kn_ray.pipeline.driver import run_pipeline
@@ -12,6 +13,8 @@ from kn_ray.pipeline.tables import sparse_rows
 from kn_ray.stages.aggregate import AggregateParams, aggregate
 from tests.numerics import assert_same_frames, assert_same_numbers
 from tests.test_s3 import local_run, options, world  # noqa: F401  (the tiny JSONL world, its model, a sparse run)
+
+pytestmark = pytest.mark.numerics  # comparisons of two computations: `make test-numerics` reruns them
 
 
 def test_dense_run_holds_every_score_and_aggregates_as_a_sparse_run(world, local_run, tmp_path):  # noqa: F811

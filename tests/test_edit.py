@@ -196,6 +196,7 @@ def test_erase_units_take_the_top_relation_neurons(run_dir):
 
 
 # ---- experiments ------------------------------------------------------------------------------
+@pytest.mark.numerics
 def test_suppress_equals_a_manual_prober_call(run_dir, runner):
     unit = _units(run_dir, "suppress")[0]
     rows = runner.run(unit)
@@ -261,6 +262,7 @@ def test_cli_writes_the_documented_edits_table(run_dir, capsys):
     assert again[again.op == "amplify"].fact_id.nunique() == 2 and (again.op == "update").sum() == (edits.op == "update").sum()
 
 
+@pytest.mark.numerics
 def test_cli_edits_a_run_made_offloaded_offloaded_with_the_resident_numbers(run_dir, runner, tmp_path, monkeypatch):
     """A run attributed with --max-memory cpu=64KiB --offload-dir D: `kn-ray edit` loads the model
     as run.json recorded it (blocks offloaded to D) and writes the rows of the resident model."""

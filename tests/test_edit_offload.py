@@ -18,7 +18,9 @@ from kn_ray.stages.edit.runner import FACTORS, EditRunner, apply_erase, apply_up
 from test_engine_exact import cases
 from test_engine_offload import offloaded_copy, saved
 from tiny_models import CONFIGS
-from tolerances import PROB_ATOL
+from numerics import assert_same_numbers
+
+pytestmark = pytest.mark.numerics  # comparisons of two computations: `make test-numerics` reruns them
 
 SLOTS = [(layer, neuron) for layer in range(3) for neuron in range(layer, 48, 4)]  # a quarter of each layer
 
@@ -30,7 +32,7 @@ def _numbers(probes) -> tuple[np.ndarray, list[int]]:
 
 def assert_same_probes(got, want) -> None:
     (g, g_top), (w, w_top) = _numbers(got), _numbers(want)
-    np.testing.assert_allclose(g, w, rtol=0, atol=PROB_ATOL)  # probabilities: an absolute bound (tolerances.py)
+    assert_same_numbers(g, w, what="gold_prob")
     assert g_top == w_top
 
 

@@ -15,6 +15,8 @@ from kn_ray.engine.published import PublishedAttributor
 from tests.tiny_models import tiny_model
 from tests.numerics import assert_same_numbers, relative_error
 
+pytestmark = pytest.mark.numerics  # comparisons of two computations: `make test-numerics` reruns them
+
 
 @pytest.fixture
 def llama(tmp_path):

@@ -11,6 +11,8 @@ from numerics import assert_same_numbers, relative_error as rel_err
 from reference import float64, reference_ig
 from tiny_models import CONFIGS, MASKED, tiny_model
 
+pytestmark = pytest.mark.numerics  # comparisons of two computations: `make test-numerics` reruns them
+
 CAUSAL_CASES = (
     ["the capital of france is", "rome is located in", "the city of", "paris was born in the city of"],
     [" paris", " italy", " new york", " san francisco"],  # single- and multi-token objects, ragged lengths

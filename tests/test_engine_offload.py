@@ -12,6 +12,8 @@ from numerics import assert_same_numbers, relative_error as rel_err
 from test_engine_exact import cases
 from tiny_models import CONFIGS, MASKED, tiny_model
 
+pytestmark = pytest.mark.numerics  # comparisons of two computations: `make test-numerics` reruns them
+
 CAP = {"cpu": "64KiB"}  # smaller than one block: every block is offloaded to disk
 
 

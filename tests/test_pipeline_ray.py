@@ -76,6 +76,7 @@ def planned_ids(world, masked=True) -> set[str]:
     return {p.prompt_id for p in build_prompts(read_facts(world["data"]), masked=masked).prompts}
 
 
+@pytest.mark.numerics
 def test_results_equal_the_engine_run_directly(world, reference):
     """Every prompt once; status, probabilities and kept neurons as the engine computes them."""
     specs = build_prompts(read_facts(world["data"]), masked=True).prompts
@@ -129,6 +130,7 @@ def test_bad_input_rows_carry_reasons_and_good_facts_are_computed(world, ray_loc
         assert (rows.loc[rows["status"] == "skipped", "error"].str.contains(why, regex=False)).sum() == 1, why
 
 
+@pytest.mark.numerics
 def test_two_actors_give_the_results_of_one(world, ray_local, tmp_path):
     one = run_pipeline(options(world, tmp_path / "one", model="llama", workers=1), progress=False)
     two = run_pipeline(options(world, tmp_path / "two", model="llama", workers=2), progress=False)

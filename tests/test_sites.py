@@ -9,8 +9,11 @@ from kn_ray.engine import Attributor, adapter_for, quadrature
 from kn_ray.engine.adapters import attention_shape, value_matrix
 from kn_ray.engine.sites import capture, parse_site, site_names
 from reference import ATTN_OUT, float64, reference_ig
-from test_engine_exact import cases, rel_err
+from numerics import assert_same_numbers, relative_error as rel_err
+from test_engine_exact import cases
 from tiny_models import CONFIGS, MASKED, tiny_model
+
+pytestmark = pytest.mark.numerics  # comparisons of two computations: `make test-numerics` reruns them
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
@@ -31,12 +34,12 @@ def test_sites_add_up_to_the_residual_stream(family, tmp_path):
         o_proj = adapter.attn_out_module(model, layer)
         per_head = torch.einsum("bthe,dhe->bd", z[:, -1:], value_matrix(o_proj).unflatten(1, (heads, head_dim)))
         bias = o_proj.bias if o_proj.bias is not None else 0
-        torch.testing.assert_close(per_head + bias, cache[f"blocks.{layer}.hook_attn_out"][:, -1], rtol=1e-4, atol=1e-5)
+        assert_same_numbers(per_head + bias, cache[f"blocks.{layer}.hook_attn_out"][:, -1], what="heads sum")
         if adapter.residual_of(model) == "post" or layer + 1 == model.config.num_hidden_layers:
             continue
         step = cache[f"blocks.{layer + 1}.hook_resid_pre"] - cache[f"blocks.{layer}.hook_resid_pre"]
         written = cache[f"blocks.{layer}.hook_attn_out"] + cache[f"blocks.{layer}.hook_mlp_out"]
-        torch.testing.assert_close(step, written, rtol=0, atol=1e-5 * float(written.abs().max()))
+        assert_same_numbers(step, written, what="residual step")
     assert cache["hook_embed"].shape[:2] == ids.shape
 
 
