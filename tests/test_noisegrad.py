@@ -11,14 +11,15 @@ import torch
 from kn_ray.engine import Attributor, adapter_for
 from kn_ray.engine.noisegrad import draw, execution_order, modules_from, swapped
 from kn_ray.engine.smoothing import embedding_noise
+from tests.numerics import assert_same_numbers, relative_error
 from tests.tiny_models import CONFIGS, tiny_model
+
+pytestmark = pytest.mark.numerics  # comparisons of two computations: `make test-numerics` reruns them
 
 PROMPTS, TARGETS = ["the capital of france is", "the city of", "rome is located in"], [" paris", " rome", " italy"]
 
 
-def close(actual: np.ndarray, expected: np.ndarray, c: float = 1e-5) -> None:
-    """Two fp32 computations of one quantity: a tolerance scaled by the expected magnitude."""
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=c * np.abs(expected).max())
+close = assert_same_numbers  # two fp32 computations of one quantity (tests/numerics.py)
 
 
 def by_hand(attr, copies: int, sigma: float, seed: int, stdevs: float | None = None, layers=None):
@@ -54,12 +55,12 @@ def test_noisegrad_is_the_seeded_mean_over_noisy_models_and_never_touches_the_we
             assert np.array_equal(getattr(z, name), getattr(p, name)), name
         assert z.gold_prob == p.gold_prob
         np.testing.assert_array_equal(o.scores, a.scores)  # seeded
-        assert not np.allclose(o.scores, p.scores, rtol=0.05) and not np.allclose(o.scores, x.scores, rtol=0.05)
+        assert relative_error(o.scores, p.scores) > 0.05 and relative_error(o.scores, x.scores) > 0.05
         close(o.scores, expected[i])  # the mean over draws = the mean of separate runs under each draw
         close(f.scores, fused[i])  # FusionGrad: each copy draws weight and input noise
-        assert o.gold_prob == pytest.approx(np.mean([run[i].gold_prob for run in runs]), rel=1e-5)
+        close(o.gold_prob, np.mean([run[i].gold_prob for run in runs]))
         assert o.evaluations.tolist() == [8, 8, 8]  # 2 draws x 4 left nodes (alpha = 0 among them)
-        np.testing.assert_allclose(o.completeness, np.abs(o.scores.sum(-1) - (o.gold_prob - o.baseline_prob)), atol=1e-6)
+        close(o.completeness, np.abs(o.scores.sum(-1) - (o.gold_prob - o.baseline_prob)), scale=max(o.gold_prob, 1e-3))
 
 
 def test_a_draw_is_shared_by_every_row_of_the_batch(tmp_path):
@@ -72,7 +73,8 @@ def test_a_draw_is_shared_by_every_row_of_the_batch(tmp_path):
     plain = Attributor(model, tok, precision="fp32").attribute(PROMPTS, TARGETS, n_steps=4)
     for b, a, p in zip(batched, alone, plain):
         close(b.scores, a.scores)
-        assert b.gold_prob == pytest.approx(a.gold_prob, rel=1e-5) and b.gold_prob != pytest.approx(p.gold_prob, rel=1e-3)
+        close(b.gold_prob, a.gold_prob)
+        assert relative_error(b.gold_prob, p.gold_prob) > 1e-3
 
 
 def test_draws_are_n_1_sigma_per_weight_and_tied_weights_share_one(tmp_path):
