@@ -344,6 +344,10 @@ def test_edit_takes_attributes_placement_flags_as_overrides_of_the_run():
                                                              offload_dir="/off", batch_prompts=8).as_dict())))
     assert record.placement() == Placement("run-model", revision="r1", precision="bf16", dtype="fp32",
                                            max_memory={"cpu": "1GiB"}, offload_dir="/off", batch_prompts=8)
+    for bad, message in ((dict(max_memory="0:1GiB"), "max_memory takes device=size pairs"),
+                         (dict(batch_prompts=0), "batch_prompts must be >= 1 or 'auto'")):
+        with pytest.raises(ValueError, match=message):
+            record.placement(**bad)
     for d in declared_mod.declared(Placement):
         assert d.flag in attribute_flags and d.flag in help_text
         text, value = _sample(d)

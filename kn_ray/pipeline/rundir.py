@@ -161,7 +161,7 @@ class RunRecord:
             values.pop("revision", None)
         values.update(overrides)
         if not values.get("model"):
-            raise ValueError("names no model; pass --model")
+            raise ValueError("no model; pass --model")
         return Placement(**values).check()
 
     @property

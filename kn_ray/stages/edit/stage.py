@@ -33,7 +33,7 @@ def placement_for(run: RunDirectory, options: EditOptions) -> Placement:
     try:
         return run.config.placement(**options.placement)
     except ValueError as error:
-        raise ValueError(f"{run.location('run.json')}: {error}") from None
+        raise ValueError(f"{error} (the placement of {run.location('run.json')} and the flags given)") from None
 
 
 def run_edits(out, options: EditOptions, *, progress: bool = True) -> dict:
