@@ -40,6 +40,7 @@ class RunReport:
     counts: dict[str, int] = field(default_factory=dict)  # status -> prompts, whole run
     workers: str = ""  # the actor plan, as chosen
     stale_removed: int = 0  # parts of unfinished attempts deleted
+    actors_back: int = 0  # lost actors that came back (restarted, model reloaded) and rejoined the pool
 
     @property
     def ok(self) -> bool:
@@ -126,7 +127,7 @@ def run_pipeline(options: RunOptions, *, progress: bool = True) -> RunReport:
     counts = run.read("prompts", ["status"]).column("status").value_counts().to_pylist()
     return RunReport(str(run), len(shards), len(shards) - len(todo), len(result.written), result.failed,
                      result.retries, result.actors_lost, result.prompts, time.perf_counter() - start, dispatch_seconds,
-                     {c["values"]: c["counts"] for c in counts}, pool.plan, stale)
+                     {c["values"]: c["counts"] for c in counts}, pool.plan, stale, result.actors_back)
 
 
 def _progress_bar(total: int, enabled: bool):

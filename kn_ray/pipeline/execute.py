@@ -5,8 +5,12 @@
   (`Resources`; GPU detection lives here only); each loads the model once. Ray restarts a crashed actor (`max_restarts`); the driver never lets Ray
   retry a shard behind its back (`max_task_retries=0`) but resubmits it itself, to any live
   actor, and counts attempts: after `max_attempts` failures the task is marked failed.
-* After any failure the actor is pinged (`info()`): a restarted actor answers once its model
-  is loaded again and gets work again; a permanently dead one is dropped from the pool.
+* After any failure the actor is pinged (`info()`, the one call Ray retries through restarts):
+  a restarted actor answers once its model is loaded again, wherever Ray placed it (a node
+  that replaced a lost one counts), and gets work again; a permanently dead one is dropped
+  from the pool. Meanwhile the other actors take its work. When no actor is left, the driver
+  waits `restart_wait` seconds for one to come back, then fails the remaining tasks: a lost
+  node never hangs a run.
 * Workers write, the driver commits: each attempt at a shard gets a fresh attempt id; the
   actor writes the shard's parts under names unique to that attempt straight to OUT and
   returns their names, row counts and sizes; the driver checks them and writes the shard's
@@ -50,7 +54,8 @@ class DispatchResult:
     written: list[str] = field(default_factory=list)  # keys of the tasks done
     failed: dict[str, str] = field(default_factory=dict)  # task key -> last error
     retries: int = 0
-    actors_lost: int = 0
+    actors_lost: int = 0  # calls that died with their actor (a crash, a lost node)
+    actors_back: int = 0  # actors that answered again after such a loss (restarted, model reloaded)
     prompts: int = 0  # size of the tasks done (prompts, for shards)
 
 
@@ -124,10 +129,15 @@ class ActorPool:
         self.plan = describe_plan(count, opts, bool(res.workers), threads)
         threads = threads or (None if opts["num_gpus"] else max(1, int(opts["num_cpus"])))
         remote = ray.remote(actor_class).options(**opts)
-        self.limit = res.in_flight
+        self.limit, self.restart_wait = res.in_flight, res.restart_wait
         self.actors = [remote.remote(*args, threads=threads, **kwargs) for _ in range(count)]
-        self.load = {a: 0 for a in self.actors}
-        self.pings = {a.info.remote(): a for a in self.actors}  # ref -> actor not yet known healthy
+        # healthy actor -> tasks in flight. An actor gets work only once its ping has answered: a
+        # call queued on an actor still loading waits for it as long as it takes, forever if its
+        # node is lost and none has room for it again.
+        self.load: dict = {}
+        self.pings = {_ping(a): a for a in self.actors}  # ref -> actor not yet known healthy
+        self.lost: set = set()  # actors whose call died with them, not yet back
+        self.back = 0  # how often a lost actor came back
         self.info: dict | None = None
 
     def model_info(self) -> dict:
@@ -155,6 +165,9 @@ class ActorPool:
             return f"worker loaded revision {info.get('revision')} at {info.get('precision')}, " \
                    f"not {self.info.get('revision')}"
         self.load[actor] = 0
+        if actor in self.lost:
+            self.lost.discard(actor)
+            self.back += 1
         return None
 
     def failed(self, actor) -> bool:
@@ -163,7 +176,8 @@ class ActorPool:
         if actor not in self.load:
             return False
         del self.load[actor]
-        self.pings[actor.info.remote()] = actor
+        self.lost.add(actor)
+        self.pings[_ping(actor)] = actor
         return True
 
     def drop(self, actor) -> None:
@@ -182,6 +196,12 @@ class ActorPool:
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
+
+
+def _ping(actor):
+    """`actor.info()`, retried by Ray while the actor restarts (its node lost, its process
+    crashed): it answers once the actor is back, or fails once it is gone for good."""
+    return actor.info.options(max_task_retries=-1).remote()
 
 
 class Dispatcher:
@@ -209,14 +229,18 @@ class Dispatcher:
                 ref, context = self.call(actor, task)
                 pending[ref] = (task, actor, context)
                 self.pool.load[actor] += 1
-            if not pending and not self.pool.pings:
-                for task in self.queue:
-                    self.result.failed[self.key(task)] = "no live workers left"
-                self.queue.clear()
+            # nothing in flight: only lost actors coming back could take the queue; wait for them, bounded
+            waiting = list(pending) + list(self.pool.pings)
+            ready = ray.wait(waiting, num_returns=1, timeout=None if pending else self.pool.restart_wait)[0] \
+                if waiting else []
+            if not ready:
+                self.fail_queue(f"no worker came back within {self.pool.restart_wait:g} s" if waiting
+                                else "no live workers left")
                 break
-            [ref], _ = ray.wait(list(pending) + list(self.pool.pings), num_returns=1)
+            [ref] = ready
             if ref in self.pool.pings:
                 self.pool.answer(ref)
+                self.result.actors_back = self.pool.back
                 continue
             task, actor, context = pending.pop(ref)
             try:
@@ -226,6 +250,13 @@ class Dispatcher:
                 continue
             self.pool.done(actor)
             yield task, value, context
+
+    def fail_queue(self, why: str) -> None:
+        for task in self.queue:
+            self.result.failed[self.key(task)] = why
+            if self.progress is not None:
+                self.progress.update(self.size(task))
+        self.queue.clear()
 
     def succeeded(self, task) -> None:
         self.result.written.append(self.key(task))

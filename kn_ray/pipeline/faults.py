@@ -1,11 +1,14 @@
 """Fault injection for tests of the recovery paths, read from $KN_RAY_FAULTS in the worker.
 
-Comma-separated settings (the driver forwards the variable to its actors):
+Comma-separated settings (the driver forwards the variable to its actors); a task is an
+attribution shard or an edit work unit, N its shard id or unit index:
 
-* `exit_once=PATH`: the first shard attempt that finds no file at PATH creates it and kills
+* `exit_once=PATH`: the first task attempt that finds no file at PATH creates it and kills
   its worker process (`os._exit`) before returning: a crashed actor, exactly once per PATH.
-* `fail_shard=N`: every attempt at shard N raises: a shard that can never succeed.
-* `delay=SECONDS`: sleep before each shard: time to interrupt a run part-way.
+* `fail_shard=N`: every attempt at task N raises: a task that can never succeed.
+* `delay=SECONDS`: sleep before each task: time to interrupt a run part-way.
+* `hold=PATH`: each task waits while a file exists at PATH: a test holds a run at a point
+  of its choosing (a node lost and replaced) and lets it go on by deleting PATH.
 """
 
 from __future__ import annotations
@@ -22,15 +25,17 @@ def settings() -> dict[str, str]:
     return dict(item.split("=", 1) for item in text.split(",") if "=" in item)
 
 
-def before_shard(shard_id: int) -> None:
+def before_task(task_id: int) -> None:
     faults = settings()
     if "delay" in faults:
         time.sleep(float(faults["delay"]))
-    if faults.get("fail_shard") == str(shard_id):
-        raise RuntimeError(f"injected failure of shard {shard_id} ({ENV})")
+    while "hold" in faults and os.path.exists(faults["hold"]):
+        time.sleep(0.05)
+    if faults.get("fail_shard") == str(task_id):
+        raise RuntimeError(f"injected failure of task {task_id} ({ENV})")
 
 
-def after_shard() -> None:
+def after_task() -> None:
     marker = settings().get("exit_once")
     if marker:
         try:

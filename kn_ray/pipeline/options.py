@@ -48,6 +48,9 @@ class Resources:
     in_flight: int = option(2, "shards queued per actor, so it never waits for the driver")
     max_attempts: int = option(3, "attempts per shard before it is failed")
     max_restarts: int = option(4, "Ray restarts of a crashed actor (reloads the model; -1: unlimited)")
+    restart_wait: float = option(1800.0, "seconds to wait for a lost actor to come back (on a node that replaces "
+                                         "its own, reloading the model) when no other actor is left; then the "
+                                         "remaining shards fail")
 
     def check(self) -> None:
         if self.workers is not None and self.workers < 1:
@@ -57,6 +60,8 @@ class Resources:
         for name in ("in_flight", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.restart_wait < 0:
+            raise ValueError(f"restart_wait must be >= 0, got {self.restart_wait}")
         if self.max_restarts < -1:
             raise ValueError(f"max_restarts must be >= -1 (-1: unlimited), got {self.max_restarts}")
 

@@ -19,7 +19,8 @@ def summary_text(report) -> str:
         f"prompts     {sum(c.values())}: {c.get('ok', 0)} done, {c.get('skipped', 0)} skipped, {c.get('error', 0)} errors",
         f"workers     {report.workers}",
         f"shards      {report.shards}: {report.written} written now, {report.resumed} already done, "
-        f"{len(report.failed)} failed ({report.retries} retries, {report.actors_lost} workers lost)",
+        f"{len(report.failed)} failed ({report.retries} retries, {report.actors_lost} workers lost, "
+        f"{report.actors_back} back)",
         f"time        {report.seconds:.1f} s; {report.prompts_computed} prompts in {report.dispatch_seconds:.1f} s "
         f"= {report.throughput:.2f} prompts/s",
     ]

@@ -57,7 +57,7 @@ class ShardComputer:
         """{'parts': {kind: Part}} written to `output`, or {'tables': {kind: Arrow table}} without
         one; and 'seconds', the wall time. `engine`: further `Attributor.attribute` keywords
         (RunOptions.engine_extra)."""
-        faults.before_shard(shard_id)
+        faults.before_task(shard_id)
         start = time.perf_counter()
         todo = [i for i, spec in enumerate(specs) if spec.status is None]
         results: list = [None] * len(specs)
@@ -71,5 +71,5 @@ class ShardComputer:
             out = dict(tables=tables)
         else:
             out = dict(parts=opened(output.uri).write_parts(output.shard, output.attempt, tables, output.metadata))
-        faults.after_shard()
+        faults.after_task()
         return dict(out, seconds=time.perf_counter() - start)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+from kn_ray.pipeline import faults
 from kn_ray.pipeline.execute import run_tasks
 from kn_ray.pipeline.options import Resources
 from kn_ray.placement import Placement
@@ -29,7 +30,10 @@ class EditWorker:
         return dict(name=lm.name, revision=lm.revision, precision=self.runner.prober.precision, device=str(lm.device))
 
     def run(self, unit: WorkUnit):
-        return self.runner.run(unit)
+        faults.before_task(unit.index)
+        rows = self.runner.run(unit)
+        faults.after_task()
+        return rows
 
 
 def run_units(units: Sequence[WorkUnit], placement: Placement, workers: int, *, cpus_per_worker: float = 1.0,

@@ -1,0 +1,202 @@
+"""Node loss on a simulated cluster (`ray.cluster_utils.Cluster`, loopback only, in a temp dir of
+its own): a head of 0 CPUs (the driver's node) and two 1-CPU worker nodes, one actor on each. A
+worker node is removed mid-run; (a) a new node joins a few seconds later, (b) none joins and the
+run finishes on the survivor. Every run ends with every prompt (edit unit) exactly once and the
+numbers of a local run, for `kn-ray attribute` and `kn-ray edit`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from kn_ray.pipeline.driver import run_pipeline
+from kn_ray.pipeline.faults import ENV as FAULTS
+from kn_ray.pipeline.options import Resources, RunOptions
+from kn_ray.pipeline.rundir import MARKERS, RunDirectory
+from kn_ray.placement import Placement
+from kn_ray.stages.aggregate import AggregateParams, aggregate
+from kn_ray.stages.edit.corpus import read_parts
+from kn_ray.stages.edit.options import EditOptions, EditSettings
+from kn_ray.stages.edit.stage import run_edits
+from tests.pipeline_fixtures import save_tiny_model
+from tests.ray_head import _naming, _signal, free_port, private_tmp
+from tests.tolerances import assert_same_edit_rows
+
+pytestmark = pytest.mark.slow
+
+N_STEPS, SHARD = 3, 2
+DELAY = "0.3"  # seconds per task (KN_RAY_FAULTS): the run is still going when the node goes
+REPLACE_AFTER = 3.0  # seconds from the loss to the new node
+SUBJECTS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Peru": "Lima", "Spain": "Madrid",
+            "Chile": "Santiago", "Egypt": "Cairo", "Kenya": "Nairobi", "Cuba": "Havana", "Iran": "Tehran"}
+TEMPLATES = ["The capital of [X] is [Y] .", "[X] is governed from [Y] ."]
+# Node death noticed in about 2 s (Ray's default, about 30 s, would only make the tests slower).
+HEALTH = dict(health_check_initial_delay_ms=0, health_check_period_ms=500, health_check_timeout_ms=1000,
+              health_check_failure_threshold=4)
+
+
+class SimulatedCluster:
+    def __init__(self, tmp):
+        from ray.cluster_utils import Cluster
+
+        self.tmp = tmp
+        saved = os.environ.get("RAY_TMPDIR")
+        os.environ["RAY_TMPDIR"] = str(tmp)  # Cluster writes Ray's current-cluster file to the default temp dir
+        try:
+            self.cluster = Cluster(initialize_head=True, head_node_args=dict(
+                num_cpus=0, node_ip_address="127.0.0.1", gcs_server_port=free_port(), include_dashboard=False,
+                dashboard_agent_listen_port=free_port(), temp_dir=str(tmp / "ray"), _system_config=HEALTH))
+        finally:
+            os.environ.pop("RAY_TMPDIR") if saved is None else os.environ.update(RAY_TMPDIR=saved)
+
+    def workers(self, n: int) -> None:
+        """Exactly n live worker nodes (1 CPU each)."""
+        while len(self.cluster.worker_nodes) < n:
+            self.add()
+        while len(self.cluster.worker_nodes) > n:
+            self.remove()
+
+    def add(self) -> None:
+        self.cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", temp_dir=str(self.tmp / "ray"))
+
+    def remove(self) -> None:
+        """Kill one worker node's processes (no graceful drain: a lost machine)."""
+        self.cluster.remove_node(next(iter(self.cluster.worker_nodes)), allow_graceful=False)
+
+    def restarted(self) -> bool:
+        """An actor that Ray restarted is alive again (its model loaded)."""
+        alive = self.cluster.global_state.actor_table(None, actor_state_name="ALIVE").values()
+        return any(actor["NumRestarts"] >= 1 for actor in alive)
+
+    def env(self, hold) -> dict:
+        return dict(os.environ, RAY_ADDRESS=self.cluster.address, RAY_TMPDIR=str(self.tmp),
+                    **{FAULTS: f"delay={DELAY},hold={hold}"})
+
+    def shutdown(self) -> None:
+        for node in [*self.cluster.worker_nodes, self.cluster.head_node]:
+            if node is not None:
+                self.cluster.remove_node(node, allow_graceful=False)
+        _signal(_naming(str(self.tmp)), lambda proc: proc.kill())
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def sim(ray_local):  # ray_local first, so the session's own Ray never starts in this module's temp dir
+    cluster = SimulatedCluster(private_tmp())
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, ray_local):
+    """A tiny BERT, its facts, a local single-actor run of them, aggregated."""
+    root = tmp_path_factory.mktemp("nodeloss")
+    facts = root / "facts.jsonl"
+    facts.write_text("".join(json.dumps(dict(id=s, relation="capital", subject=s, object=o, templates=TEMPLATES)) + "\n"
+                             for s, o in SUBJECTS.items()))
+    texts = [t.replace("[X]", s).replace("[Y]", o) for s, o in SUBJECTS.items() for t in TEMPLATES]
+    model = save_tiny_model("bert", texts, root / "bert")
+    local = root / "local"
+    opts = RunOptions(placement=Placement(model=str(model)), facts=str(facts), output=str(local), n_steps=N_STEPS,
+                      shard_size=SHARD, resources=Resources(workers=1))
+    assert run_pipeline(opts, progress=False).ok
+    aggregate(str(local), AggregateParams(p=0.3, min_prompts=1))
+    return dict(root=root, facts=facts, model=model, local=local)
+
+
+def lose_a_node(sim: SimulatedCluster, proc: subprocess.Popen, started, replaced: bool, hold) -> None:
+    """Once `started()` (a task finished: both actors have work in flight), remove a worker node.
+    Replaced: the run is held (`hold`: KN_RAY_FAULTS' hold file) while a new node joins and Ray
+    restarts the lost actor there, so the restarted actor still finds work when it goes on."""
+    deadline = time.time() + 120
+    while not started() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before a node could be lost"
+    if replaced:
+        hold.touch()
+    sim.remove()
+    if replaced:
+        time.sleep(REPLACE_AFTER)
+        sim.add()
+        while not sim.restarted() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # the driver's ping gets its answer, the actor its next tasks
+        hold.unlink()
+
+
+def finish(proc: subprocess.Popen) -> str:
+    try:
+        out, err = proc.communicate(timeout=150)  # a hang fails here instead of blocking the suite
+    except subprocess.TimeoutExpired:
+        os.system(f"{sys.executable.replace('python', 'py-spy')} dump --pid {proc.pid} > /tmp/knr-dbg/spy.txt 2>&1")  # DEBUG
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"the run did not finish after a node loss:\n{out}\n{err[-3000:]}")
+    assert proc.returncode == 0, out + err[-3000:]
+    return out
+
+
+def frames(out) -> dict[str, pd.DataFrame]:
+    run = RunDirectory(out)
+    keys = {"prompts": ["prompt_id"], "neurons": ["prompt_id", "layer", "neuron"],
+            "activations": ["prompt_id", "layer", "neuron"]}
+    return {k: run.read(k).to_pandas().drop(columns=["seconds"], errors="ignore").sort_values(v).reset_index(drop=True)
+            for k, v in keys.items()}
+
+
+@pytest.mark.parametrize("replaced", [True, False], ids=["replaced", "not-replaced"])
+def test_attribute_survives_a_lost_node(sim, world, tmp_path, replaced):
+    sim.workers(2)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "kn_ray.interfaces.cli", "attribute", "--model", str(world["model"]),
+           "--facts", str(world["facts"]), "--output", str(out), "--n-steps", str(N_STEPS),
+           "--shard-size", str(SHARD), "--no-progress"]
+    hold = tmp_path / "hold"
+    proc = subprocess.Popen(cmd, env=sim.env(hold), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lose_a_node(sim, proc, lambda: len(list((out / MARKERS).glob("*.json"))) >= 1, replaced, hold)
+    summary = finish(proc)
+    assert "2 actors x 1 CPU" in summary and " 0 failed (" in summary and " 0 workers lost" not in summary
+    assert f"workers lost, {int(replaced)} back)" in summary  # replaced: the lost actor rejoined the pool
+    got, want = frames(out), frames(world["local"])
+    assert got["prompts"].prompt_id.is_unique and len(got["prompts"]) == len(SUBJECTS) * len(TEMPLATES)
+    for kind in want:  # the same shards on 1-thread actors: the same numbers, bit for bit
+        pd.testing.assert_frame_equal(got[kind], want[kind], check_exact=True)
+
+
+def edit_rows(out) -> pd.DataFrame:
+    rows = read_parts(RunDirectory(out), "edits", None)
+    keys = ["op", "fact_id", "condition", "scope", "prompt_id", "metric"]
+    return rows.sort_values(keys).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def local_edits(world):
+    run_edits(str(world["local"]), EditOptions(ops=("suppress",), settings=EditSettings(control_prompts=2),
+                                               unit_facts=1, local=True), progress=False)
+    return edit_rows(world["local"])
+
+
+@pytest.mark.parametrize("replaced", [True, False], ids=["replaced", "not-replaced"])
+def test_edit_survives_a_lost_node(sim, world, local_edits, tmp_path, replaced):
+    sim.workers(2)
+    out = tmp_path / "run"
+    shutil.copytree(world["local"], out)
+    cmd = [sys.executable, "-m", "kn_ray.interfaces.cli", "edit", str(out), "--op", "suppress", "--control-prompts",
+           "2", "--unit-facts", "1", "--workers", "2", "--quiet"]
+    hold = tmp_path / "hold"
+    proc = subprocess.Popen(cmd, env=sim.env(hold), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # units' parts are staged in OUT as they finish, published at the end
+    lose_a_node(sim, proc, lambda: any(out.glob(".edits.tmp-*/part-*.parquet")), replaced, hold)
+    finish(proc)
+    got = edit_rows(out)
+    assert len(got) == len(local_edits) > 0 and sorted(set(got.fact_id)) == sorted(set(local_edits.fact_id))
+    assert_same_edit_rows(got, local_edits)
