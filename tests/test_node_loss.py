@@ -27,7 +27,7 @@ from kn_ray.stages.edit.options import EditOptions, EditSettings
 from kn_ray.stages.edit.stage import run_edits
 from tests.pipeline_fixtures import save_tiny_model
 from tests.ray_head import _naming, _signal, free_port, private_tmp
-from tests.tolerances import assert_same_edit_rows
+from tests.numerics import assert_same_edit_rows
 
 pytestmark = pytest.mark.slow
 
