@@ -9,22 +9,9 @@ from kn_ray.engine import METHODS, Attributor, quadrature
 from kn_ray.engine.adaptive import FLOOR
 from numerics import assert_same_numbers, relative_error as rel_err
 from reference import float64, reference_ig
-from tiny_models import CONFIGS, MASKED, tiny_model
+from tiny_models import CONFIGS, MASKED, cases, tiny_model
 
 pytestmark = pytest.mark.numerics  # comparisons of two computations: `make test-numerics` reruns them
-
-CAUSAL_CASES = (
-    ["the capital of france is", "rome is located in", "the city of", "paris was born in the city of"],
-    [" paris", " italy", " new york", " san francisco"],  # single- and multi-token objects, ragged lengths
-)
-MASKED_CASES = (
-    ["the capital of france is [MASK] .", "[MASK] is the capital of italy", "paris is located in [MASK] ."],
-    ["paris", "rome", "france"],
-)
-
-
-def cases(family):
-    return MASKED_CASES if family in MASKED else CAUSAL_CASES
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))

@@ -9,6 +9,7 @@ from scipy.stats import spearmanr
 
 from kn_ray.engine import Attributor, Prober, load_model
 from kn_ray.engine.precision import cpu_has_native_bf16
+from numerics import BF16_RHO_MIN, BF16_SHARED_MIN
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +24,6 @@ if cpu_has_native_bf16():
     CASE, CASE_FACTS = dict(n_steps=20, layers=None), FACTS
 else:
     CASE, CASE_FACTS = dict(n_steps=10, layers=[28, 29]), ([FACTS[0][0]], [FACTS[1][0]])
-RHO_MIN, SHARED_MIN = 0.98, 8  # bf16 against fp32: Spearman over all scores, shared of the top 10
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +58,8 @@ def assert_ranks_like(fp32, other) -> None:
     """Same neuron ranking: Spearman over all scores and the top 10 shared."""
     rho = spearmanr(fp32.scores.ravel(), other.scores.ravel()).statistic
     shared = {n[:2] for n in fp32.top_neurons(10)} & {n[:2] for n in other.top_neurons(10)}
-    assert rho >= RHO_MIN, rho
-    assert len(shared) >= SHARED_MIN, shared
+    assert rho >= BF16_RHO_MIN, rho
+    assert len(shared) >= BF16_SHARED_MIN, shared
 
 
 def test_bf16_ranks_neurons_like_fp32(smollm2, fp32_results):

@@ -75,6 +75,20 @@ CONFIGS = {
 }
 MASKED = {"bert", "roberta"}
 
+CAUSAL_CASES = (
+    ["the capital of france is", "rome is located in", "the city of", "paris was born in the city of"],
+    [" paris", " italy", " new york", " san francisco"],  # single- and multi-token objects, ragged lengths
+)
+MASKED_CASES = (
+    ["the capital of france is [MASK] .", "[MASK] is the capital of italy", "paris is located in [MASK] ."],
+    ["paris", "rome", "france"],
+)
+
+
+def cases(family):
+    """(prompts, targets) in the tiny vocabulary for a family."""
+    return MASKED_CASES if family in MASKED else CAUSAL_CASES
+
 
 def tiny_model(family: str, tmp_path=None, seed: int = 0):
     """(model, tokenizer) for a family, random weights, eval mode."""

@@ -35,14 +35,16 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def random_model(name: str, texts: Iterable[str], device: str | torch.device = "cpu", seed: int = 0,
-                 dtype: torch.dtype = torch.float32) -> LoadedModel:
+                 dtype: torch.dtype = torch.float32, sizes: dict | None = None) -> LoadedModel:
     """A preset's model with random weights, built directly on `device` in `dtype` (an 8B model
-    never exists in fp32 on the host), and a tokenizer trained on `texts`."""
+    never exists in fp32 on the host), and a tokenizer trained on `texts`. `sizes` overrides
+    config keys (benchmarks/gpu_check.py --smoke shrinks the presets this way)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
     if name not in PRESETS:
         raise ValueError(f"unknown random preset {name!r}; known: {', '.join(PRESETS)}")
     family, kwargs = PRESETS[name]
+    kwargs = {**kwargs, **(sizes or {})}
     texts = list(texts)
     torch.manual_seed(seed)
     config = AutoConfig.for_model(family, **kwargs)
