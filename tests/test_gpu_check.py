@@ -87,3 +87,19 @@ def test_packed_checkpoint_is_within_half_a_step_and_keeps_vectors(tmp_path):
     np.testing.assert_array_equal(got["norm"], weights["norm"])
     np.testing.assert_array_equal(got["zero"], weights["zero"])
     assert (tmp_path / "out" / "config.json").read_text() == '{"model_type": "llama"}'
+
+
+@pytest.mark.parametrize("name, bf16, fp32", [
+    ("NVIDIA H100 80GB HBM3", 989.0, 67.0), ("NVIDIA H100 PCIe", 756.0, 51.0), ("NVIDIA H100 NVL", 835.0, 60.0),
+    ("NVIDIA H200", 989.0, 67.0), ("NVIDIA H200 NVL", 835.0, 60.0), ("NVIDIA A100-SXM4-80GB", 312.0, 19.5),
+    ("NVIDIA GeForce RTX 4090", None, None),
+])
+def test_datasheet_peaks_by_device_name(monkeypatch, name, bf16, fp32):
+    import torch
+
+    from kn_ray.engine.bench import peak_tflops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    cuda = torch.device("cuda", 0)
+    assert (peak_tflops(cuda, "bf16"), peak_tflops(cuda, "fp32")) == (bf16, fp32)
+    assert peak_tflops(torch.device("cpu"), "bf16") is None

@@ -47,7 +47,11 @@ class BenchRow:
 
 class PeakMemory:
     """Peak memory above the starting level, per device: CUDA allocator stats of every GPU in
-    `devices`, and sampled process RSS for the CPU. `mb` is the largest of them."""
+    `devices`, and sampled process RSS for the CPU. `mb` is the largest of them. Measurements
+    nest: one opened inside another resets the allocator's peak counters, so the outer one
+    keeps the peak seen so far first."""
+
+    _open: list["PeakMemory"] = []
 
     def __init__(self, devices: list[torch.device], interval: float = 0.005):
         self.devices, self.interval = devices, interval
@@ -55,7 +59,9 @@ class PeakMemory:
         self._stop = threading.Event()
 
     def __enter__(self):
-        self.base = {}
+        self.base, self.seen = {}, {}
+        for outer in PeakMemory._open:
+            outer._fold()
         for d in self.gpus:
             torch.cuda.synchronize(d)
             torch.cuda.reset_peak_memory_stats(d)
@@ -65,17 +71,23 @@ class PeakMemory:
             self.base["cpu"] = self.rss_peak = self.process.memory_info().rss
             self.thread = threading.Thread(target=self._sample, daemon=True)
             self.thread.start()
+        PeakMemory._open.append(self)
         return self
+
+    def _fold(self):
+        for d in self.gpus:
+            self.seen[str(d)] = max(self.seen.get(str(d), 0), torch.cuda.max_memory_allocated(d))
 
     def _sample(self):
         while not self._stop.wait(self.interval):
             self.rss_peak = max(self.rss_peak, self.process.memory_info().rss)
 
     def __exit__(self, *exc):
-        peaks = {}
+        PeakMemory._open.remove(self)
         for d in self.gpus:
             torch.cuda.synchronize(d)
-            peaks[str(d)] = torch.cuda.max_memory_allocated(d)
+        self._fold()
+        peaks = dict(self.seen)
         if "cpu" in self.base:
             self._stop.set()
             self.thread.join()
@@ -86,11 +98,12 @@ class PeakMemory:
 
 # Dense (no sparsity) peak TFLOP/s by GPU and compute precision, from NVIDIA's datasheets: H100
 # SXM5 and H200 SXM: BF16/FP16 tensor core 989 (1,979 with sparsity), FP32 67 (no tensor cores;
-# torch's fp32 matmuls stay off TF32 by default); H100 PCIe 756 / 51; H200 NVL 835 / 60;
+# torch's fp32 matmuls stay off TF32 by default); H100 PCIe 756 / 51; H100 NVL and H200 NVL 835 / 60;
 # A100 312 / 19.5. First match of a substring of torch.cuda.get_device_name wins.
 PEAK_TFLOPS = (
     ("H200 NVL", {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0}),
     ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+    ("H100 NVL", {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0}),
     ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0}),
     ("H100", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
     ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
