@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import datetime as dt
 import gc
+import hashlib
 import json
 import math
 import platform
@@ -358,7 +359,7 @@ def environment(device: torch.device) -> dict:
 
     env = dict(python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
                device=str(device), float32_matmul_precision=torch.get_float32_matmul_precision(),
-               commit=_git_commit(), peak_table=[dict(match=k, tflops=v) for k, v in PEAK_TFLOPS])
+               commit=_git_commit(), sources_sha256=sources_sha256(), peak_table=[dict(match=k, tflops=v) for k, v in PEAK_TFLOPS])
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(gpu=props.name, capability=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count,
@@ -375,7 +376,7 @@ def render(report: dict) -> str:
     what = env.get("gpu") or env.get("cpu")
     lines = [f"# kn-ray GPU check{' (smoke: tiny sizes, the numbers mean nothing)' if report['smoke'] else ''}", "",
              f"{what} ({env['device']}); torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}; "
-             f"commit {env['commit']}; started {report['started']}, {report['elapsed_s']:.0f} s of {report['budget_s']:.0f}.",
+             f"commit {env['commit']} (sources {env['sources_sha256']}); started {report['started']}, {report['elapsed_s']:.0f} s of {report['budget_s']:.0f}.",
              "", "| part | status | seconds | peak MB by device |", "|---|---|---|---|"]
     for name, part in parts.items():
         peak = " ".join(f"{k}:{v:.0f}" for k, v in part.get("peak_memory_mb_by_device", {}).items())
@@ -423,6 +424,16 @@ def _git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def sources_sha256() -> str:
+    """A hash of kn_ray's and benchmarks' Python sources: ties a report to a tree where the
+    device machine has no .git (compare: python -c "import sys; sys.path[:0] = ['benchmarks'];
+    import gpu_check; print(gpu_check.sources_sha256())")."""
+    digest = hashlib.sha256()
+    for path in sorted([*ROOT.glob("kn_ray/**/*.py"), *ROOT.glob("benchmarks/*.py")]):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _now() -> str:
