@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from kn_ray.pipeline.driver import run_pipeline
+from kn_ray.pipeline.execute import TasksFailed, run_tasks
 from kn_ray.pipeline.faults import ENV as FAULTS
 from kn_ray.pipeline.options import Resources, RunOptions
 from kn_ray.pipeline.rundir import MARKERS, RunDirectory
@@ -28,8 +29,6 @@ from kn_ray.stages.edit.stage import run_edits
 from tests.pipeline_fixtures import save_tiny_model
 from tests.ray_head import _naming, _signal, free_port, private_tmp
 from tests.numerics import assert_same_edit_rows
-
-pytestmark = pytest.mark.slow
 
 N_STEPS, SHARD = 3, 2
 DELAY = "0.3"  # seconds per task (KN_RAY_FAULTS): the run is still going when the node goes
@@ -153,6 +152,7 @@ def frames(out) -> dict[str, pd.DataFrame]:
             for k, v in keys.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("replaced", [True, False], ids=["replaced", "not-replaced"])
 def test_attribute_survives_a_lost_node(sim, world, tmp_path, replaced):
     sim.workers(2)
@@ -185,6 +185,7 @@ def local_edits(world):
     return edit_rows(world["local"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("replaced", [True, False], ids=["replaced", "not-replaced"])
 def test_edit_survives_a_lost_node(sim, world, local_edits, tmp_path, replaced):
     sim.workers(2)
@@ -200,3 +201,26 @@ def test_edit_survives_a_lost_node(sim, world, local_edits, tmp_path, replaced):
     got = edit_rows(out)
     assert len(got) == len(local_edits) > 0 and sorted(set(got.fact_id)) == sorted(set(local_edits.fact_id))
     assert_same_edit_rows(got, local_edits)
+
+
+def test_with_no_actor_left_the_rest_fails_after_restart_wait(ray_local, tmp_path):
+    """The actor's first task kills it; restarted, it never comes up (as on a lost node with none to
+    replace it): the driver waits restart_wait seconds, then fails the remaining tasks."""
+
+    class Vanishing:
+        def __init__(self, marker: str, threads=None):
+            while os.path.exists(marker):  # the restart: never ready
+                time.sleep(1)
+            self.marker = marker
+
+        def info(self) -> dict:
+            return {}
+
+        def run(self, task):
+            open(self.marker, "w").close()
+            os._exit(1)
+
+    res = Resources(workers=1, max_restarts=1, restart_wait=1.0)
+    with pytest.raises(TasksFailed) as failed:
+        list(run_tasks(Vanishing, (str(tmp_path / "gone"),), {}, res, ["a", "b", "c"], key=str))
+    assert str(failed.value) == "; ".join(f"{t}: no worker came back within 1 s" for t in "abc")
