@@ -10,7 +10,7 @@ GROUPS = {"filters": "filters", "attribution": "attribution", "keep": "kept rows
 
 def register(sub) -> None:
     p = sub.add_parser("attribute", help="attribute facts to FFN neurons on Ray; write Parquet (resumable)",
-                       description="Runs on $RAY_ADDRESS when set, else on a local Ray bound to 127.0.0.1. "
+                       description="Runs on $RAY_ADDRESS when set, else on a fresh local Ray bound to 127.0.0.1. "
                                    "Re-running the same command resumes; another configuration on the same "
                                    "--output is refused. The flags are RunOptions' declared options "
                                    "(kn_ray.pipeline.options), the same as a job spec's keys.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def register(sub) -> None:
     p = sub.add_parser("run", help="run a job spec (jobs/*.yaml) on Ray",
-                       description="Runs on $RAY_ADDRESS when set, else on a local Ray bound to 127.0.0.1.")
+                       description="Runs on $RAY_ADDRESS when set, else on a fresh local Ray bound to 127.0.0.1.")
     p.add_argument("spec", help="job spec YAML: a path or URI (s3://bucket/job.yaml)")
     p.add_argument("--output", "-o", help="override the spec's output directory (a path or URI, e.g. s3://bucket/run)")
     p.add_argument("--facts", help="override the spec's facts (a path or URI)")
