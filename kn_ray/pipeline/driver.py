@@ -92,7 +92,7 @@ def run_pipeline(options: RunOptions, *, progress: bool = True) -> RunReport:
     with tempfile.TemporaryDirectory(prefix="kn-ray-facts-") as scratch:
         facts_path = Path(local_copy(options.facts, scratch))
         fmt = detect_format(facts_path) if options.facts_format == "auto" else options.facts_format
-        facts = read_facts(facts_path, fmt, options.filters)
+        facts = read_facts(facts_path, fmt, options.filters).require(public_uri(options.facts), options.filters)
     run = RunDirectory(options.output)
     run.refuse_conflict(option_identity(options, fmt))  # before any model loads
 
@@ -107,6 +107,7 @@ def run_pipeline(options: RunOptions, *, progress: bool = True) -> RunReport:
         try:
             info = pool.model_info()
             prompts = build_prompts(facts, masked=info["masked"], max_templates=options.filters.max_templates)
+            prompts.require(public_uri(options.facts), options.placement.model)
             shards = plan_shards(prompts.prompts, options.shard_size or auto_shard_size(len(prompts.prompts)))
             record = run.open_run(run_record(options, fmt, info, shards, prompts.dropped_templates))
             done = run.finished([s.name for s in shards], record.config_hash)

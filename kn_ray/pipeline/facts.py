@@ -65,6 +65,14 @@ class FactSet:
     facts: list[Fact] = field(default_factory=list)
     bad: list[BadRecord] = field(default_factory=list)
 
+    def require(self, where: str, filters: Filters = Filters()) -> "FactSet":
+        """Self, or a ValueError saying that `where` holds no fact record (under `filters`)."""
+        if self.facts or self.bad:
+            return self
+        chosen = f" of the relations {', '.join(filters.relations)}" if filters.relations else ""
+        raise ValueError(f"{where}: no facts{chosen}, so no prompts: nothing to do. Give a PARAREL folder "
+                         "(facts/, templates/) or a JSON Lines file with one fact per line (docs/pipeline.md)")
+
 
 def detect_format(path: Path) -> str:
     if path.is_dir():

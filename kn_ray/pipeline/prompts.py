@@ -40,6 +40,14 @@ class PromptSet:
     prompts: list[PromptSpec]
     dropped_templates: int  # (fact, template) pairs a causal LM cannot use
 
+    def require(self, where: str, model: str) -> "PromptSet":
+        """Self, or a ValueError saying why `where` gives `model` no prompt."""
+        if self.prompts:
+            return self
+        raise ValueError(f"{where}: no prompts for {model}: every one of its {self.dropped_templates} templates puts "
+                         f"{OBJECT} before the end of the sentence, which a causal LM cannot predict; give templates "
+                         f"ending in {OBJECT} (or '{OBJECT}.'), or a masked LM")
+
 
 def stable_id(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:16]

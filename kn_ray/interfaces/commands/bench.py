@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from kn_ray.interfaces import declared
@@ -36,8 +37,12 @@ def run(args) -> int:
     from kn_ray.engine.precision import resolve_dtype
     from kn_ray.engine.random_models import PRESETS, random_model
 
+    from kn_ray.pipeline.facts import read_facts
+
     device = args.device or str(best_device())
     facts = args.facts or (DEFAULT_PARAREL if DEFAULT_PARAREL.is_dir() else _demo_facts())
+    read_facts(facts).require(str(facts))
+    low, high = token_window(args.tokens)
     rows = []
     for name in args.model or ["smollm2"]:
         placement = declared.from_args(Placement, args, model=name).check()
@@ -46,15 +51,46 @@ def run(args) -> int:
             lm = random_model(name, corpus_text(facts), device=device, dtype=dtype)
         else:
             lm = placement.load(device=device)
-        low, high = (int(x) for x in args.tokens.split("-"))
-        prompts, targets = sample_prompts(facts, masked=lm.adapter.masked, n=args.prompts,
-                                          keep=lambda s: low <= _length(lm, s.prompt, s.target) <= high)
+        lengths: list[int] = []  # of every candidate prompt, in model tokens
+
+        def keep(spec) -> bool:
+            lengths.append(_length(lm, spec.prompt, spec.target))
+            return low <= lengths[-1] <= high
+
+        prompts, targets = sample_prompts(facts, masked=lm.adapter.masked, n=args.prompts, keep=keep)
+        if not prompts:
+            raise ValueError(outside_window(name, facts, args.tokens, lengths))
         rows += benchmark(lm, prompts, targets, n_steps=args.n_steps, precision=placement.precision,
                           published_prompts=args.published_prompts, name=name, max_batch_prompts=placement.batch_cap)
         print(markdown_table(rows), flush=True)
     if args.json:
         args.json.write_text(json.dumps([r.as_dict() for r in rows], indent=2))
     return 0
+
+
+def token_window(text: str) -> tuple[int, int]:
+    """--tokens LOW-HIGH as two ints."""
+    try:
+        low, high = (int(x) for x in text.split("-"))
+    except ValueError:
+        raise ValueError(f"--tokens {text!r}: expected LOW-HIGH, e.g. 8-15") from None
+    if not 0 < low <= high:
+        raise ValueError(f"--tokens {text!r}: expected 0 < LOW <= HIGH")
+    return low, high
+
+
+def outside_window(model: str, facts: Path, window: str, lengths: list[int]) -> str:
+    """No candidate prompt fits --tokens: say so with the lengths the tokenizer gave them."""
+    fits = sorted(n for n in lengths if n > 0)
+    if not fits:
+        return f"{facts}: none of the {len(lengths)} candidate prompts can be encoded by {model}'s tokenizer"
+    counts = Counter(fits)
+    shown = ", ".join(f"{n}" + (f" (x{c})" if c > 1 else "") for n, c in sorted(counts.items())[:16])
+    more = ", ..." if len(counts) > 16 else ""
+    unusable = f"; {len(lengths) - len(fits)} cannot be encoded" if len(fits) < len(lengths) else ""
+    return (f"no prompt of {facts} falls in the token window {window} of {model}'s tokenizer: its {len(lengths)} "
+            f"candidate prompts are {shown}{more} tokens long (prompt and target){unusable}. "
+            f"Pass --tokens {fits[0]}-{fits[-1]} (all of them) or a window inside it.")
 
 
 def _demo_facts() -> Path:
