@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 
 import matplotlib.pyplot as plt
+import matplotlib.text
 import pytest
+from PIL import Image
 
 from kn_ray.interfaces.cli import main as cli
 from kn_ray.stages.aggregate import AggregateParams, aggregate
@@ -52,17 +54,26 @@ def test_report_with_edits(run):
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # atomic swap left nothing behind
 
 
-def test_every_figure_states_model_corpus_and_thresholds(run):
+def test_each_caption_is_said_once_under_its_figure_and_kept_in_the_png_text(run):
+    """The page shows title and caption; the figure draws neither (they were said twice, in the
+    PNG and under it); each PNG file carries them as its Title and Description text."""
     write_synthetic_edits(run, facts=20)
     analytics = Analytics(run)
     caption = describe(analytics.context())
     assert "3 relations, 150 facts" in caption and "activation >= 0.5 x max" in caption
-    drawn = [fig for _, fig in build_sections(analytics, caption) if fig is not None]
-    assert len(drawn) == len(CORE_FIGURES | EDIT_FIGURES)
-    for fig in drawn:
-        text = " ".join(" ".join(t.get_text() for t in fig.texts).split())  # undo the caption's line wrapping
-        assert MODEL in text and "0.2" in text and "p = 0.7" in text
+    sections = [(section, fig) for section, fig in build_sections(analytics, caption) if fig is not None]
+    assert len(sections) == len(CORE_FIGURES | EDIT_FIGURES)
+    for section, fig in sections:
+        drawn = " ".join(t.get_text() for t in fig.findobj(matplotlib.text.Text))
+        assert MODEL not in drawn and "p = 0.7" not in drawn and section.title not in drawn
         plt.close(fig)
+    index = write_report(run)
+    html = index.read_text()
+    for section, _ in sections:
+        assert html.count(f"<h2>{section.title}</h2>") == 1
+        png = Image.open(index.parent / section.figure)
+        assert png.text["Title"] == section.title and png.text["Description"] == section.caption
+        assert MODEL in section.caption and "p = 0.7" in section.caption
 
 
 def test_cli(run, tmp_path, capsys):

@@ -1,6 +1,9 @@
 """Matplotlib figures of the corpus report, drawn from Analytics frames.
 
-Every figure carries a caption naming the model, corpus slice and thresholds it came from.
+Each figure states the model, corpus slice and thresholds it came from in its caption, said
+once: drawn in the figure with its title when the figure stands alone (explore's SVGs), or left
+to the page when it sits under a heading and above a caption there (`caption=None`: the
+report, whose PNG files keep title and caption as PNG text, `Title` and `Description`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ METHOD_COLORS = {"ig": "#0165fc", "activation": "#9a9a9a"}
 CONDITION_ORDER = ["kn", "activation", "random", "other_relation"]
 
 
-def _finish(fig, title: str, caption: str):
+def _finish(fig, title: str, caption: str | None):
+    if caption is None:  # the page shows title and caption
+        fig.tight_layout()
+        return fig
     fig.suptitle(title, fontsize=12, fontweight="bold")
     text = textwrap.fill(caption, int(fig.get_figwidth() * 17))
     fig.text(0.01, 0.01, text, fontsize=7, color="#444444", va="bottom")
@@ -52,7 +58,7 @@ def _methods(frame: pd.DataFrame) -> list[str]:
     return sorted(frame.method.unique(), key=lambda m: (m != "ig", m))
 
 
-def layer_histogram(frame: pd.DataFrame, caption: str):
+def layer_histogram(frame: pd.DataFrame, caption: str | None = None):
     """Share of each method's knowledge neurons per layer (the paper's Figure 3)."""
     fig, ax = plt.subplots(figsize=(9, 4))
     frame = frame.assign(percent=frame.share * 100)
@@ -63,7 +69,7 @@ def layer_histogram(frame: pd.DataFrame, caption: str):
     return _finish(fig, "Knowledge neurons per layer", caption)
 
 
-def neurons_per_fact(frame: pd.DataFrame, caption: str):
+def neurons_per_fact(frame: pd.DataFrame, caption: str | None = None):
     fig, ax = plt.subplots(figsize=(9, 4))
     counts = frame.groupby(["method", "n_neurons"]).size().rename("facts").reset_index()
     top = int(counts.n_neurons.max()) if len(counts) else 0
@@ -76,7 +82,7 @@ def neurons_per_fact(frame: pd.DataFrame, caption: str):
     return _finish(fig, "Knowledge neurons per fact", caption)
 
 
-def overlap(frame: pd.DataFrame, caption: str):
+def overlap(frame: pd.DataFrame, caption: str | None = None):
     """Intra- vs inter-relation sharing of knowledge neurons (the paper's Table 2)."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
     colors = {"intra": "#0165fc", "inter": "#f5a623"}
@@ -88,7 +94,7 @@ def overlap(frame: pd.DataFrame, caption: str):
     return _finish(fig, "Overlap of facts' knowledge neurons", caption)
 
 
-def run_statistics(stats: pd.DataFrame, reasons: pd.DataFrame, caption: str):
+def run_statistics(stats: pd.DataFrame, reasons: pd.DataFrame, caption: str | None = None):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     per_relation = stats[stats.relation != ALL].set_index("relation")
     bottom = np.zeros(len(per_relation))
@@ -113,7 +119,7 @@ def run_statistics(stats: pd.DataFrame, reasons: pd.DataFrame, caption: str):
     return _finish(fig, "Run statistics", caption)
 
 
-def edit_effects(summary: pd.DataFrame, op: str, caption: str):
+def edit_effects(summary: pd.DataFrame, op: str, caption: str | None = None):
     """Mean relative change of the gold probability per condition, overall and per relation."""
     frame = summary[summary.op == op].assign(percent=lambda f: f.mean_rel_change * 100)
     relations = [ALL] + sorted(r for r in frame.relation.unique() if r != ALL)

@@ -54,14 +54,14 @@ def build_sections(analytics: Analytics, context: str) -> list[tuple[Section, ob
     overlap_caption = context + " All pairs of facts with at least one knowledge neuron."
     return [
         (Section("Knowledge neurons per layer", "layers.png", context),
-         figures.layer_histogram(analytics.layer_histogram(), context)),
+         figures.layer_histogram(analytics.layer_histogram())),
         (Section("Knowledge neurons per fact", "per_fact.png", per_fact_caption,
                  (per_fact.groupby("method").n_neurons.describe().reset_index(),)),
-         figures.neurons_per_fact(per_fact, per_fact_caption)),
+         figures.neurons_per_fact(per_fact)),
         (Section("Overlap within vs across relations", "overlap.png", overlap_caption, (overlap,)),
-         figures.overlap(overlap, overlap_caption)),
+         figures.overlap(overlap)),
         (Section("Run statistics", "run.png", context, (stats, reasons)),
-         figures.run_statistics(stats, reasons, context)),
+         figures.run_statistics(stats, reasons)),
         (Section("Chosen p per relation", tables=(_chosen_p(analytics),)), None),
     ] + _edit_sections(analytics, context)
 
@@ -84,7 +84,7 @@ def _edit_sections(analytics: Analytics, context: str) -> list[tuple[Section, ob
             caption = context + f" Mean relative change (P_after - P_before) / P_before of {op} rows per condition."
             sections.append((Section(f"{op.capitalize()} knowledge neurons", f"edit_{op}.png", caption,
                                      (summary[(summary.op == op) & (summary.relation == ALL)],)),
-                             figures.edit_effects(summary, op, caption)))
+                             figures.edit_effects(summary, op)))
     metrics = analytics.edit_metrics()
     if len(metrics):
         sections.append((Section("Update and erase metrics", tables=(metrics[metrics.relation == ALL],)), None))
@@ -105,9 +105,10 @@ def _op_order(op: str) -> tuple:
     return (OPS.index(op) if op in OPS else len(OPS), op)
 
 
-def _png(fig) -> bytes:
+def _png(fig, section: Section) -> bytes:
+    """The figure as PNG; its title and caption (shown once, by the page) ride along as PNG text."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    fig.savefig(buffer, format="png", dpi=110, metadata={"Title": section.title, "Description": section.caption})
     plt.close(fig)
     return buffer.getvalue()
 
@@ -141,7 +142,7 @@ def write_report(out, memory_limit: str = "512MB") -> Path | str:
     with analytics.run.staged("report") as tmp:
         body = []
         for section, fig in sections:
-            png = _png(fig) if fig is not None else None
+            png = _png(fig, section) if fig is not None else None
             if png is not None:
                 (tmp / section.figure).write_bytes(png)
             body.append(_section_html(section, png))
