@@ -219,7 +219,7 @@ def test_submit_writes_to_a_bucket_and_the_stages_read_it(s3_server, tmp_path):
     assert main(["aggregate", uri, "--p", "0.3", "--min-prompts", "1"]) == 0
     assert main(["edit", uri, "--op", "suppress", "--quiet"]) == 0
     assert main(["report", uri]) == 0
-    assert run.exists("edits", "summary.json") and run.exists("report", "index.html")
+    assert run.exists("edits.json") and run.exists("report", "index.html")
 
 
 # ---- options declared once: flags and spec keys derived from the dataclasses -------------------
