@@ -241,7 +241,8 @@ def test_reads_only_shards_marked_done(synthetic_run, tmp_path):
             (partial / table / part.name).write_bytes(part.read_bytes())
     (partial / "run.json").write_text((synthetic_run / "run.json").read_text())
     (partial / "_shards").mkdir()
-    (partial / "_shards" / "part-00000.json").write_text("{}")
+    marker = {"files": {table: f"{table}/part-00000.parquet" for table in ["prompts", "neurons", "activations"]}}
+    (partial / "_shards" / "part-00000.json").write_text(json.dumps(marker))
     summary = aggregate(partial)
     assert summary["counts"]["parts_of_unfinished_shards"] == {"prompts": 4, "neurons": 4, "activations": 4}
     first = pq.read_table(synthetic_run / "prompts" / "part-00000.parquet").to_pandas()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kn_ray.engine import Attributor, LoadedModel, load_model, riemann
+from kn_ray.engine import Attributor, LoadedModel, load_model, quadrature
 from kn_ray.engine.loading import parse_max_memory
 from reference import float64, reference_ig
 from numerics import assert_same_numbers, relative_error as rel_err
@@ -45,7 +45,7 @@ def test_disk_offload_gives_the_same_scores(family, tmp_path):
     want = Attributor(resident, precision="fp32").attribute(prompts, targets, n_steps=n_steps)
     got = Attributor(offload, precision="fp32", **small).attribute(prompts, targets, n_steps=n_steps)
     model64 = float64(model)
-    alphas, weights = riemann(n_steps, "left")
+    alphas, weights = quadrature(n_steps, "left")
     for i, (prompt, target, g, w) in enumerate(zip(prompts, targets, got, want)):
         assert g.ok, g.reason
         assert_same_numbers(g.scores, w.scores, what="scores")

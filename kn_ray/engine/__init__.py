@@ -7,10 +7,10 @@ from .graph import Graph
 from .encoding import SkipPrompt
 from .probe import Prober, Probe
 from .loading import LoadedModel, best_device, load_model
-from .quadrature import METHODS, quadrature, riemann
+from .quadrature import METHODS, quadrature
 
 __all__ = [
     "ADAPTERS", "Adapter", "Attribution", "Attributor", "EdgeAttribution", "EdgeAttributor", "Graph", "LoadedModel", "METHODS", "SkipPrompt",
-    "UnsupportedArchitecture", "adapter_for", "best_device", "load_model", "quadrature", "riemann",
+    "UnsupportedArchitecture", "adapter_for", "best_device", "load_model", "quadrature",
     "supported_model_types", "value_matrix",
 ]

@@ -49,7 +49,6 @@ def quadrature(n_steps: int, method: str = "left") -> tuple[torch.Tensor, torch.
     return alphas, weights
 
 
-riemann = quadrature  # the name before Gauss-Legendre joined the Riemann rules
 
 
 def nested_nodes(level: int) -> torch.Tensor:

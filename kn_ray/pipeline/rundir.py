@@ -364,8 +364,6 @@ class RunDirectory:
             done = self.read_json(MARKERS, f"{shard}.json")
         except ValueError:
             return None
-        if done is not None and "files" not in done:  # before attempt names: one part-NNNNN.parquet per kind
-            done["files"] = {k: f"{k}/{shard}.parquet" for k in KINDS}
         return done
 
     def markers(self, run_hash: str | None = None) -> dict[str, dict]:

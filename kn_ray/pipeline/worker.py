@@ -9,7 +9,6 @@ names, row counts and sizes; the driver checks them and commits (`rundir`).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -55,10 +54,9 @@ class ShardComputer:
     def compute(self, shard_id: int, specs: list[PromptSpec], n_steps: int | str, method: str, keep: KeepPolicy,
                 output: ShardOutput | None = None, **engine) -> dict:
         """{'parts': {kind: Part}} written to `output`, or {'tables': {kind: Arrow table}} without
-        one; and 'seconds', the wall time. `engine`: further `Attributor.attribute` keywords
+        one. `engine`: further `Attributor.attribute` keywords
         (RunOptions.engine_extra)."""
         faults.before_task(shard_id)
-        start = time.perf_counter()
         todo = [i for i, spec in enumerate(specs) if spec.status is None]
         results: list = [None] * len(specs)
         if todo:
@@ -72,4 +70,4 @@ class ShardComputer:
         else:
             out = dict(parts=opened(output.uri).write_parts(output.shard, output.attempt, tables, output.metadata))
         faults.after_task()
-        return dict(out, seconds=time.perf_counter() - start)
+        return out

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 ROWS_PER_PART = 1_000_000
@@ -44,10 +47,6 @@ def source(con, run, table: str, union_by_name: bool = False, local_dir: Path | 
     elif local_dir is not None:
         sql = read_parquet(_download(run, files, Path(local_dir) / table), union_by_name)
     else:
-        import pyarrow as pa
-        import pyarrow.dataset as ds
-        import pyarrow.parquet as pq
-
         schema = pa.unify_schemas([pq.read_schema(f, filesystem=run.fs) for f in files]) if union_by_name else None
         name = f"t_{table}_{uuid.uuid4().hex[:8]}"
         con.register(name, ds.dataset(files, schema=schema, format="parquet", filesystem=run.fs))
@@ -60,10 +59,6 @@ def source(con, run, table: str, union_by_name: bool = False, local_dir: Path | 
 
 def _download(run, files: list[str], directory: Path) -> list[str]:
     """Copy parts to `directory` (16 at a time); returns the local paths."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import pyarrow.fs as pafs
-
     directory.mkdir(parents=True, exist_ok=True)
     local = [str(directory / f"{i:06d}-{f.rsplit('/', 1)[-1]}") for i, f in enumerate(files)]
     with ThreadPoolExecutor(16) as pool:

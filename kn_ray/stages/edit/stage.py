@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import os
 from dataclasses import asdict
 from datetime import datetime, timezone
 
@@ -23,9 +22,9 @@ from kn_ray.stages.edit.options import EditOptions
 from kn_ray.placement import Placement
 from kn_ray.stages.edit.runner import EditRunner
 from kn_ray.stages.edit.nothing import nothing_to_edit, notes_text
-from kn_ray.stages.edit.tables import EDITS, as_table, metric_summary, scale_summary, summary_dict, summary_text
 from kn_ray.stages.edit.criteria import criteria_summary, criteria_text
-from kn_ray.stages.edit.tables import _json_number
+from kn_ray.stages.edit.tables import (EDITS, as_table, json_number, metric_summary, scale_summary, summary_dict,
+                                       summary_text)
 
 def placement_for(run: RunDirectory, options: EditOptions) -> Placement:
     """How to load the model: what run.json recorded (the resolved precision and dtype), with the
@@ -92,7 +91,7 @@ def write_summary(run: RunDirectory, options: EditOptions, placement: Placement,
         per_edit = con.execute(f"SELECT op, condition, metric, value FROM {edits} WHERE metric IS NOT NULL").df()
     criteria = criteria_summary(per_edit, seed=options.settings.seed)
     summary = dict(runs=runs, results=summary_dict(scale, metrics),
-                   criteria=[{k: _json_number(v) if isinstance(v, float) else v for k, v in r.items()}
+                   criteria=[{k: json_number(v) if isinstance(v, float) else v for k, v in r.items()}
                              for r in criteria.to_dict("records")])
     run.write_summary("edit", summary)
     text = "\n\n".join(t for t in (notes_text(notes), summary_text(scale, metrics), criteria_text(criteria)) if t)

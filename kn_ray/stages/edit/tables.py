@@ -149,11 +149,11 @@ def summary_dict(scale: pd.DataFrame, metrics: pd.DataFrame) -> dict:
     out: dict = {}
     for row in scale.itertuples(index=False):
         out.setdefault(row.op, {}).setdefault(row.condition, {})[row.relation] = {
-            "n": int(row.n), **{k: _json_number(getattr(row, k)) for k in ("mean_rel_change", "median_rel_change",
+            "n": int(row.n), **{k: json_number(getattr(row, k)) for k in ("mean_rel_change", "median_rel_change",
                                                                          "mean_prob_before", "mean_prob_after")}}
     for row in metrics.itertuples(index=False):
         cell = out.setdefault(row.op, {}).setdefault(row.condition, {}).setdefault(row.relation, {})
-        cell[row.metric] = _json_number(row.mean)
+        cell[row.metric] = json_number(row.mean)
         cell["n_edits"] = max(cell.get("n_edits", 0), int(row.n_edits))
     return out
 
@@ -196,7 +196,7 @@ def _ordered(table: pd.DataFrame) -> pd.DataFrame:
     return table.iloc[np.lexsort([relation.astype(str), relation != ALL])]
 
 
-def _json_number(value) -> float | None:
+def json_number(value) -> float | None:
     """JSON has no NaN or infinity: those become null."""
     value = float(value)
     return value if math.isfinite(value) else None
