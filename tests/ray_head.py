@@ -53,7 +53,7 @@ class Head:
         """The head's processes: those started with it (`started`), those naming its temp dir,
         and their children (psutil never signals a reused PID)."""
         me = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-        roots = [*self.started, *_naming(str(self.tmp))]
+        roots = [*self.started, *naming(str(self.tmp))]
         found = {}
         for root in roots:
             try:
@@ -65,16 +65,17 @@ class Head:
 
     def kill(self) -> None:
         """SIGKILL every process of the head (its current-cluster file stays behind)."""
-        _signal(self.processes(), psutil.Process.kill)
+        signal_all(self.processes(), psutil.Process.kill)
 
     def stop(self) -> None:
         """SIGTERM every process of the head, SIGKILL what is left after 10 s; remove its temp dir."""
-        _signal(self.processes(), psutil.Process.terminate)
+        signal_all(self.processes(), psutil.Process.terminate)
         self.kill()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _naming(text: str) -> list[psutil.Process]:
+def naming(text: str) -> list[psutil.Process]:
+    """The processes whose command line contains `text`."""
     procs = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
@@ -85,7 +86,8 @@ def _naming(text: str) -> list[psutil.Process]:
     return procs
 
 
-def _signal(procs: list[psutil.Process], send) -> None:
+def signal_all(procs: list[psutil.Process], send) -> None:
+    """`send(proc)` to each (gone ones skipped), then wait up to 10 s for them to exit."""
     for proc in procs:
         try:
             send(proc)
@@ -119,5 +121,7 @@ def start_head(*, dashboard: bool = False, num_cpus: int = 1) -> Head:
     try:
         subprocess.run(cmd, env=head.env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
     finally:  # the Ray client server names the GCS address only, not the temp dir
-        head.started = _naming(str(tmp)) + _naming(f"--address={head.address}")
+        head.started = naming(str(tmp)) + naming(f"--address={head.address}")
+        if sys.exc_info()[0] is not None:  # a start that failed part-way leaves nothing behind
+            head.stop()
     return head

@@ -14,6 +14,7 @@ import sys
 import time
 
 import pandas as pd
+import psutil
 import pytest
 
 from kn_ray.pipeline.driver import run_pipeline
@@ -27,7 +28,7 @@ from kn_ray.stages.edit.corpus import read_parts
 from kn_ray.stages.edit.options import EditOptions, EditSettings
 from kn_ray.stages.edit.stage import run_edits
 from tests.pipeline_fixtures import save_tiny_model
-from tests.ray_head import _naming, _signal, free_port, private_tmp
+from tests.ray_head import free_port, naming, private_tmp, signal_all
 from tests.numerics import assert_same_edit_rows
 
 N_STEPS, SHARD = 3, 2
@@ -36,7 +37,7 @@ REPLACE_AFTER = 3.0  # seconds from the loss to the new node
 SUBJECTS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Peru": "Lima", "Spain": "Madrid",
             "Chile": "Santiago", "Egypt": "Cairo", "Kenya": "Nairobi", "Cuba": "Havana", "Iran": "Tehran"}
 TEMPLATES = ["The capital of [X] is [Y] .", "[X] is governed from [Y] ."]
-# Node death noticed in about 2 s (Ray's default, about 30 s, would only make the tests slower).
+# Node death noticed in about 2 s (Ray's defaults, tens of seconds, would only make the tests slower).
 HEALTH = dict(health_check_initial_delay_ms=0, health_check_period_ms=500, health_check_timeout_ms=1000,
               health_check_failure_threshold=4)
 
@@ -52,6 +53,9 @@ class SimulatedCluster:
             self.cluster = Cluster(initialize_head=True, head_node_args=dict(
                 num_cpus=0, node_ip_address="127.0.0.1", gcs_server_port=free_port(), include_dashboard=False,
                 dashboard_agent_listen_port=free_port(), temp_dir=str(tmp / "ray"), _system_config=HEALTH))
+        except BaseException:
+            self.kill_leftovers()
+            raise
         finally:
             os.environ.pop("RAY_TMPDIR") if saved is None else os.environ.update(RAY_TMPDIR=saved)
 
@@ -79,10 +83,15 @@ class SimulatedCluster:
                     **{FAULTS: f"delay={DELAY},hold={hold}"})
 
     def shutdown(self) -> None:
-        for node in [*self.cluster.worker_nodes, self.cluster.head_node]:
-            if node is not None:
-                self.cluster.remove_node(node, allow_graceful=False)
-        _signal(_naming(str(self.tmp)), lambda proc: proc.kill())
+        try:
+            for node in [*self.cluster.worker_nodes, self.cluster.head_node]:
+                if node is not None:
+                    self.cluster.remove_node(node, allow_graceful=False)
+        finally:
+            self.kill_leftovers()
+
+    def kill_leftovers(self) -> None:
+        signal_all(naming(str(self.tmp)), psutil.Process.kill)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
