@@ -1,5 +1,5 @@
-"""Names every layer shares, spelled once and importable without torch (the CLI builds its
-flags from them before any command imports the engine)."""
+"""Names and defaults every layer shares, spelled once and importable without torch (the CLI
+builds its flags from them before any command imports the engine)."""
 
 AUTO = "auto"  # let kn-ray choose: steps (adaptive), batch sizes (from the device's memory), dtypes, precisions
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # compute (autocast) precision
@@ -7,3 +7,11 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")  # the weights' dtype, separate from t
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # Accelerate's placement strategies
 NOISE = ("input", "weights", "both")  # what noisy copies perturb: SmoothGrad, NoiseGrad, FusionGrad
 NOISED_WEIGHTS = ("all", "above")  # NoiseGrad: every weight, or from the scaled layer's block up
+
+# defaults of the engine's keywords, which the declared options take over
+N_STEPS, RULE = 20, "left"  # the paper's Riemann sum
+TOLERANCE = 0.01  # n_steps=auto: completeness residual <= TOLERANCE x |P - P(layer at baseline)|
+STDEVS = 0.1  # input noise per token, x its embedding's RMS (0 would make noisy copies all alike)
+WEIGHT_STDEVS = 0.2  # NoiseGrad: each weight x N(1, WEIGHT_STDEVS)
+
+MEMORY_LIMIT = "256MB"  # DuckDB, every stage: beyond it joins and group-bys spill to disk (benchmarks/aggregate.md)

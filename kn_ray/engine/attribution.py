@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kn_ray.choices import N_STEPS, RULE, STDEVS, TOLERANCE, WEIGHT_STDEVS
+
 from .encoding import Batch
 from .adapters import attention_shape
 from .hooks import edit_site, first_arg, gather_head_input, pre_hooks, recompute_offloaded_blocks, start_at_layer
@@ -116,17 +118,17 @@ class Attributor(ModelRunner):
         prompts: str | Sequence[str],
         targets: str | Sequence[str],
         *,
-        n_steps: int | str = 20,
-        method: str = "left",
-        tolerance: float = 0.01,
+        n_steps: int | str = N_STEPS,
+        method: str = RULE,
+        tolerance: float = TOLERANCE,
         layers: Sequence[int] | None = None,
         baselines: float = 0.0,
         nt_samples: int = 0,
-        stdevs: float = 0.0,
+        stdevs: float = STDEVS,
         nt_seed: int = 0,
         site: str = "mlp.hook_post",
         noise: str = "input",
-        weight_stdevs: float = 0.2,
+        weight_stdevs: float = WEIGHT_STDEVS,
         noised_weights: str = "all",
         progress: Callable[[int], None] | None = None,
     ) -> list[Attribution]:

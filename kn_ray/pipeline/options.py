@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from kn_ray.choices import NOISE, NOISED_WEIGHTS
+from kn_ray.choices import N_STEPS, NOISE, NOISED_WEIGHTS, RULE, STDEVS, TOLERANCE, WEIGHT_STDEVS
 from kn_ray.fields import int_or_auto, option
 from kn_ray.placement import Placement
 
@@ -74,18 +74,18 @@ class RunOptions:
                               "filesystem)", aliases=("-o",))
     facts_format: str = option("auto", "facts format", key="format", choices=FORMATS)
     filters: Filters = option(factory=Filters, section="filters")
-    n_steps: int | str = option(20, "integration steps, or auto (adaptive, see --tolerance)", section="attribution",
+    n_steps: int | str = option(N_STEPS, "integration steps, or auto (adaptive, see --tolerance)", section="attribution",
                                 type=int_or_auto)
-    method: str = option("left", "quadrature rule: left (the paper with 20 steps), right, midpoint, trapezoid, "
+    method: str = option(RULE, "quadrature rule: left (the paper with 20 steps), right, midpoint, trapezoid, "
                                  "gausslegendre (kn_ray.engine.METHODS checks it)", section="attribution")
-    tolerance: float = option(0.01, "--n-steps auto: completeness residual <= T x |P - P(layer at baseline)|",
+    tolerance: float = option(TOLERANCE, "--n-steps auto: completeness residual <= T x |P - P(layer at baseline)|",
                               section="attribution")
     nt_samples: int = option(0, "smooth: average over K noisy copies (0: off); --noise says what they perturb",
                              section="attribution")
     noise: str = option("input", "what each copy perturbs: input embeddings (SmoothGrad), weights (NoiseGrad) or "
                                  "both (FusionGrad)", choices=NOISE, section="attribution")
-    stdevs: float = option(0.1, "input noise per token, x its embedding's RMS", section="attribution")
-    weight_stdevs: float = option(0.2, "weight noise: each weight x N(1, S)", section="attribution")
+    stdevs: float = option(STDEVS, "input noise per token, x its embedding's RMS", section="attribution")
+    weight_stdevs: float = option(WEIGHT_STDEVS, "weight noise: each weight x N(1, S)", section="attribution")
     noised_weights: str = option("all", "weight noise on all weights, or above: from the scaled layer's block up",
                                  choices=NOISED_WEIGHTS, section="attribution")
     nt_seed: int = option(0, "seed of the noise", section="attribution")

@@ -14,11 +14,13 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from kn_ray.choices import MEMORY_LIMIT
+
 ROWS_PER_PART = 1_000_000
 BATCH_ROWS = 131_072
 
 
-def connect(memory_limit: str = "1GB", threads: int | None = None, temp_dir: Path | None = None):
+def connect(memory_limit: str = MEMORY_LIMIT, threads: int | None = None, temp_dir: Path | None = None):
     """An in-memory DuckDB whose joins and group-bys spill to `temp_dir` beyond `memory_limit`."""
     con = duckdb.connect(config={"memory_limit": memory_limit, "threads": threads or os.cpu_count() or 1,
                                  "preserve_insertion_order": False})

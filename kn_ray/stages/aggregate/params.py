@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kn_ray.choices import MEMORY_LIMIT
 from kn_ray.fields import option
 
 if TYPE_CHECKING:
@@ -22,7 +23,7 @@ class AggregateParams:
     min_prompts: int = option(3, "and at least this many prompts")
     adaptive: bool = option(False, "tune p per relation to 2..5 knowledge neurons per fact")
     relation_share: float = option(0.1, "share of a relation's facts a relation neuron must have")
-    memory_limit: str = option("256MB", "DuckDB memory limit; beyond it, joins and group-bys spill to disk")
+    memory_limit: str = option(MEMORY_LIMIT, "DuckDB memory limit; beyond it, joins and group-bys spill to disk")
     threads: int | None = option(None, "DuckDB threads (default: all cores)")
     methods: tuple[str, ...] = option(("ig", "activation"), "skip the activation baseline", flag="--no-activation",
                                       action="store_const", const=("ig",))

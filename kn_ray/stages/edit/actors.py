@@ -36,11 +36,9 @@ class EditWorker:
         return rows
 
 
-def run_units(units: Sequence[WorkUnit], placement: Placement, workers: int, *, cpus_per_worker: float = 1.0,
-              in_flight: int = 2, max_attempts: int = 3, max_restarts: int = 2) -> Iterator[tuple[WorkUnit, object]]:
-    """Yield (unit, its rows) as units finish, `in_flight` queued per actor; raises
-    `TasksFailed` at the end if a unit failed on every attempt."""
-    res = Resources(workers=workers, cpus_per_worker=cpus_per_worker, in_flight=in_flight, max_attempts=max_attempts,
-                    max_restarts=max_restarts)
+def run_units(units: Sequence[WorkUnit], placement: Placement, workers: int) -> Iterator[tuple[WorkUnit, object]]:
+    """Yield (unit, its rows) as units finish on `workers` actors of attribution's default
+    `Resources`; raises `TasksFailed` at the end if a unit failed on every attempt."""
+    res = Resources(workers=workers)
     yield from run_tasks(EditWorker, (placement,), {}, res, units, key=lambda unit: f"{unit.op}-{unit.index:05d}",
                          gpus=placement.gpus_per_worker, threads=placement.threads)

@@ -28,6 +28,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from kn_ray.choices import MEMORY_LIMIT
 from kn_ray.pipeline.rundir import MARKERS, RUN_FILE, RunDirectory
 from kn_ray.stages.explore.queries import MEASURES, OPS, PAGE_SIZE, VIEW_RATIO, Listing, RunQueries, overall
 from kn_ray.stages.report import figures
@@ -92,7 +93,7 @@ def inspect(run: RunDirectory) -> RunState:
 class Explorer:
     """The run behind the app: a snapshot of its committed parts, renewed when they change."""
 
-    def __init__(self, out: str, memory_limit: str = "512MB", refresh: float = 5.0):
+    def __init__(self, out: str, memory_limit: str = MEMORY_LIMIT, refresh: float = 5.0):
         self.run = RunDirectory(out)
         self.memory_limit, self.refresh = memory_limit, refresh
         self.lock = threading.RLock()  # one page at a time on the snapshot's DuckDB connection
@@ -389,7 +390,7 @@ def _erase_table(frame: pd.DataFrame) -> list[dict]:
 
 
 # ---- the app -----------------------------------------------------------------------------------
-def create_app(out: str, memory_limit: str = "512MB", refresh: float = 5.0) -> Starlette:
+def create_app(out: str, memory_limit: str = MEMORY_LIMIT, refresh: float = 5.0) -> Starlette:
     pages = Pages(Explorer(out, memory_limit, refresh))
 
     async def not_found(request: Request, exc: HTTPException) -> Response:

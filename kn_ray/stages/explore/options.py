@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from kn_ray.choices import MEMORY_LIMIT
 from kn_ray.fields import option
 
 
@@ -13,7 +14,7 @@ from kn_ray.fields import option
 class ExploreOptions:
     host: str = option("127.0.0.1", "address to bind; anything beyond loopback exposes the run to the network")
     port: int = option(0, "port to bind (default: 0, a free port)")
-    memory_limit: str = option("512MB", "DuckDB memory limit of the queries")
+    memory_limit: str = option(MEMORY_LIMIT, "DuckDB memory limit of the queries")
     refresh: float = option(5.0, "seconds between checks for newly committed shards and stage tables")
 
     def check(self) -> "ExploreOptions":

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import pandas as pd
 
+from kn_ray.choices import MEMORY_LIMIT
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.stages.aggregate.params import AggregateParams
 from kn_ray.stages.duck import source
@@ -65,7 +66,7 @@ class Listing:
 class RunQueries(Analytics):
     """One snapshot of a run (the parts committed when it was opened)."""
 
-    def __init__(self, run: RunDirectory, memory_limit: str = "512MB"):
+    def __init__(self, run: RunDirectory, memory_limit: str = MEMORY_LIMIT):
         super().__init__(run.uri, memory_limit)
         self.run = run
         self.record = run.config

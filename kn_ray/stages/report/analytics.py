@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from kn_ray.choices import MEMORY_LIMIT
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.stages.duck import connect, source
 from kn_ray.stages.edit.tables import ALL, METRIC_COLUMNS, SCALE_COLUMNS, metric_summary, scale_summary
@@ -34,7 +35,7 @@ COLUMNS = {
 class Analytics:
     """Read-only views of one output directory; `kn-ray aggregate` must have run for the neuron views."""
 
-    def __init__(self, out, memory_limit: str = "512MB"):
+    def __init__(self, out, memory_limit: str = MEMORY_LIMIT):
         self.run = RunDirectory(out).require()
         self._con = connect(memory_limit)
         self._sources: dict[str, str] = {}

@@ -15,6 +15,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from kn_ray.choices import MEMORY_LIMIT
 from kn_ray.stages.edit.nothing import notes_text
 from kn_ray.stages.edit.options import OPS
 from kn_ray.stages.report import figures
@@ -130,7 +131,7 @@ img{max-width:100%}figcaption,.note{font-size:.85em;color:#555}table{border-coll
 td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}"""
 
 
-def write_report(out, memory_limit: str = "512MB") -> Path | str:
+def write_report(out, memory_limit: str = MEMORY_LIMIT) -> Path | str:
     """Write OUT/report/ (index.html and PNGs); returns index.html's path (its URI off the local disk)."""
     analytics = Analytics(out, memory_limit)
     try:
