@@ -60,13 +60,14 @@ class SyntheticEngine:
                     num_neurons=self.neurons, precision="fp32", device="cpu")
 
     def compute(self, shard_id, specs, n_steps, method, keep, output):
+        from kn_ray.pipeline.layout import attempt_part
         from kn_ray.pipeline.rundir import Part, opened
 
         start = time.perf_counter()
         run = opened(output.uri)
         parts = {}
         for kind, (data, rows) in self.encoded.items():
-            name = run.part_path(kind, output.shard, output.attempt)
+            name = attempt_part(kind, output.shard, output.attempt)
             with run.fs.open_output_stream(run.path(name)) as stream:
                 stream.write(data)
             parts[kind] = Part(name, rows, len(data))

@@ -1,7 +1,7 @@
 """The consumer contract of docs/output-schema.md: every table folder of a finished run (each
 command of the catalogue run once on a tiny random model) opens as one table, folder as given,
 in pandas, pyarrow.dataset, DuckDB and Polars, with the row count kn-ray recorded, in both
-neuron layouts. The tables come from the run directory's catalogue (`rundir.TABLES`), so a
+neuron layouts. The tables come from the run directory's catalogue (`layout.TABLES`), so a
 table added later joins this test once its command is in `STAGES`."""
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import pytest
 
 from kn_ray.pipeline.driver import run_pipeline
 from kn_ray.pipeline.options import KeepPolicy
-from kn_ray.pipeline.rundir import MARKERS, REPORT, RUN_FILE, SUMMARIES, TABLES, RunDirectory
+from kn_ray.pipeline.layout import MARKERS, REPORT, RUN_FILE, SUMMARIES, TABLES
+from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.stages.aggregate import AggregateParams, aggregate
 from kn_ray.stages.edit.options import EditOptions, EditSettings
 from kn_ray.stages.edit.stage import run_edits

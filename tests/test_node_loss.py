@@ -21,7 +21,8 @@ from kn_ray.pipeline.driver import run_pipeline
 from kn_ray.pipeline.execute import TasksFailed, run_tasks
 from kn_ray.pipeline.faults import ENV as FAULTS
 from kn_ray.pipeline.options import Resources, RunOptions
-from kn_ray.pipeline.rundir import MARKERS, RunDirectory
+from kn_ray.pipeline.layout import MARKERS
+from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.placement import Placement
 from kn_ray.stages.aggregate import AggregateParams, aggregate
 from kn_ray.stages.edit.corpus import read_parts

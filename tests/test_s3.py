@@ -20,7 +20,8 @@ from kn_ray.pipeline.driver import run_pipeline
 from kn_ray.pipeline.faults import ENV as FAULTS
 from kn_ray.pipeline.options import Resources, RunOptions
 from kn_ray.placement import Placement
-from kn_ray.pipeline.rundir import MARKERS, RunDirectory
+from kn_ray.pipeline.layout import MARKERS
+from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.pipeline.tables import KINDS
 from tests.numerics import assert_same_frames
 from tests.pipeline_fixtures import save_tiny_model

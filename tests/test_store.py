@@ -11,6 +11,7 @@ import pytest
 from kn_ray.engine import Attribution
 from kn_ray.pipeline.options import KeepPolicy
 from kn_ray.pipeline.prompts import PromptSpec
+from kn_ray.pipeline.layout import attempt_part
 from kn_ray.pipeline.rundir import (METADATA_KEY, CommitError, Part, RunConflict, RunDirectory, RunRecord, config_hash,
                                     filesystem, new_attempt, public_uri)
 from kn_ray.pipeline.tables import KINDS, SCHEMAS, dense_schema, shard_tables, sparse_rows
@@ -164,7 +165,7 @@ def test_commit_refuses_parts_that_do_not_match(out):
     wrong = dict(parts, neurons=Part(parts["neurons"].file, parts["neurons"].rows, parts["neurons"].bytes + 1))
     with pytest.raises(CommitError):
         run.commit("part-00000", attempt, wrong, record.config_hash)
-    other = dict(parts, prompts=Part(run.part_path("prompts", "part-00000", "x"), 1, parts["prompts"].bytes))
+    other = dict(parts, prompts=Part(attempt_part("prompts", "part-00000", "x"), 1, parts["prompts"].bytes))
     with pytest.raises(CommitError):
         run.commit("part-00000", attempt, other, record.config_hash)
     assert run.markers() == {} and run.read("prompts").num_rows == 0

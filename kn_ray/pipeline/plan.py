@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from .layout import shard_name
 from .prompts import PromptSpec
 
 
@@ -20,7 +21,7 @@ class Shard:
 
     @property
     def name(self) -> str:
-        return f"part-{self.shard_id:05d}"
+        return shard_name(self.shard_id)
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -1,15 +1,5 @@
-"""The run directory, on any filesystem: the one owner of its layout (docs/output-schema.md).
-
-Layout::
-
-    OUT/run.json                                   RunRecord, written once
-    OUT/{prompts,neurons,activations}/part-NNNNN-ATTEMPT.parquet   a shard's parts, per attempt
-    OUT/_shards/part-NNNNN.json                    done marker: names the committed attempt's parts
-    OUT/{knowledge_neurons,relation_neurons,edits}/part-*.parquet, OUT/report/   later stages
-    OUT/aggregate.json, OUT/edits.json             later stages' summaries, beside their tables
-
-Every table folder holds Parquet parts and nothing else, so any dataset reader (pandas,
-pyarrow, DuckDB, Polars, Spark) opens it as one table; `TABLES` is the catalogue of them.
+"""The run directory, on any filesystem: reads and writes OUT by the names of its catalogue
+(`layout`, docs/output-schema.md).
 
 OUT is a local path or any URI `pyarrow.fs` resolves (`file://`, `s3://`, `gs://`, `hdfs://`),
 else one fsspec resolves (wrapped in `PyFileSystem`). S3 endpoint and credentials come from
@@ -44,22 +34,13 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from .layout import (LEGACY_SUMMARIES, MARKERS, PART, RUN_FILE, SUMMARIES, TABLES, attempt_part, is_part, marker_file,
+                     marker_shard)
 from .tables import KINDS, SCHEMAS
 
-RUN_FILE = "run.json"
-MARKERS = "_shards"
-REPORT = "report"  # HTML and PNG files: a folder, not a table
 METADATA_KEY = b"kn_ray"
 IO_THREADS = 16  # parallel small reads (markers, footers): object stores answer each in ~10-50 ms
 
-
-
-# ---- the catalogue: every table folder and summary file of OUT, and the command that writes it ---
-TABLES: dict[str, str] = {**{kind: "attribute" for kind in KINDS},
-                          "knowledge_neurons": "aggregate", "relation_neurons": "aggregate",
-                          "edits": "edit"}
-SUMMARIES: dict[str, str] = {"aggregate": "aggregate.json", "edit": "edits.json"}
-LEGACY_SUMMARIES: dict[str, tuple[str, ...]] = {"edit": ("edits", "summary.json")}  # runs before edits.json
 
 
 class RunConflict(ValueError):
@@ -313,15 +294,12 @@ class RunDirectory:
         return record
 
     # ---- shards: write (worker or driver), commit (driver) -----------------------------------
-    def part_path(self, kind: str, shard: str, attempt: str) -> str:
-        return f"{kind}/{shard}-{attempt}.parquet"
-
     def write_parts(self, shard: str, attempt: str, tables: dict[str, pa.Table], metadata: dict) -> dict[str, Part]:
         """Write one attempt's parts (no marker); returns what was written."""
         meta = {METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()}
         parts = {}
         for kind in KINDS:
-            name = self.part_path(kind, shard, attempt)
+            name = attempt_part(kind, shard, attempt)
             path = self.path(name)
             table = tables[kind].replace_schema_metadata(meta)
             if self.local:
@@ -350,18 +328,18 @@ class RunDirectory:
         named = {k: Part(**p) if isinstance(p, dict) else p for k, p in parts.items()}
         sizes = self._sizes([p.file for p in named.values()])
         for kind, part in named.items():
-            if part.file != self.part_path(kind, shard, attempt) or sizes[part.file] != part.bytes:
+            if part.file != attempt_part(kind, shard, attempt) or sizes[part.file] != part.bytes:
                 raise CommitError(f"{shard}: {part.file} holds {sizes[part.file]} bytes, the attempt reported {part.bytes}")
         done = dict(shard=shard, attempt=attempt, config_hash=run_hash,
                     files={k: p.file for k, p in named.items()},
                     rows={k: p.rows for k, p in named.items()}, bytes={k: p.bytes for k, p in named.items()})
-        self.write_bytes(json.dumps(done, sort_keys=True).encode(), MARKERS, f"{shard}.json")
+        self.write_bytes(json.dumps(done, sort_keys=True).encode(), MARKERS, marker_file(shard))
         return done
 
     # ---- shards: read ----------------------------------------------------------------------
     def marker(self, shard: str) -> dict | None:
         try:
-            done = self.read_json(MARKERS, f"{shard}.json")
+            done = self.read_json(MARKERS, marker_file(shard))
         except ValueError:
             return None
         return done
@@ -373,8 +351,7 @@ class RunDirectory:
             if record is None:
                 return {}
             run_hash = record.config_hash
-        names = sorted(os.path.basename(i.path)[:-5] for i in self.listing(MARKERS)
-                       if i.path.endswith(".json") and os.path.basename(i.path).startswith("part-"))
+        names = sorted(filter(None, (marker_shard(i.path) for i in self.listing(MARKERS))))
         with ThreadPoolExecutor(IO_THREADS) as pool:
             found = dict(zip(names, pool.map(self.marker, names)))
         return {n: m for n, m in found.items() if m is not None and m.get("config_hash", "") == run_hash}
@@ -407,13 +384,12 @@ class RunDirectory:
     def files(self, kind: str, markers: dict[str, dict] | None = None) -> list[str]:
         """Paths (in `self.fs`) of the committed parts of `kind`, in shard order. A hand-built
         directory (run.json without a config_hash: tests, conversions) without any marker has
-        no commit protocol: there every part-*.parquet counts."""
+        no commit protocol: there every part counts."""
         if markers is None:
             record = self.record()
             markers = self.markers(record.config_hash if record else None)
             if not markers and record is not None and not record.config_hash:
-                return sorted(i.path for i in self.listing(kind)
-                              if os.path.basename(i.path).startswith("part-") and i.path.endswith(".parquet"))
+                return sorted(i.path for i in self.listing(kind) if is_part(i.path))
         return [self.path(markers[s]["files"][kind]) for s in sorted(markers)]
 
     def dataset(self, kind: str, files: list[str] | None = None) -> ds.Dataset:
@@ -438,10 +414,10 @@ class RunDirectory:
         markers = self.markers() if markers is None else markers
         named = {self.path(f) for m in markers.values() for f in m["files"].values()}
         stale = [i.path for kind in KINDS for i in self.listing(kind)
-                 if i.path not in named and os.path.basename(i.path).startswith(("part-", "."))]
+                 if i.path not in named and os.path.basename(i.path).startswith((PART, "."))]
         extra = [i.path for i in self.listing(MARKERS)
                  if os.path.basename(i.path).startswith(".")
-                 or os.path.basename(i.path).startswith("part-") and os.path.basename(i.path)[:-5] not in markers]
+                 or marker_shard(i.path) not in (None, *markers)]
         self.delete(extra + stale)  # markers first: a reader never sees a marker naming a deleted part
         return len(stale)
 
@@ -457,7 +433,7 @@ class RunDirectory:
         """`table_files`, after checking there is at least one."""
         files = self.table_files(table)
         if not files:
-            raise FileNotFoundError(f"{self.location(table)}: no part-*.parquet files"
+            raise FileNotFoundError(f"{self.location(table)}: no {PART}*.parquet files"
                                     + (" of finished shards" if table in KINDS else ""))
         return files
 
@@ -467,11 +443,10 @@ class RunDirectory:
 
     def table_files(self, table: str) -> list[str]:
         """Paths (in `self.fs`) of a table's parts: the committed ones of an attribute table,
-        every part-*.parquet of any other."""
+        every part of any other."""
         if table in KINDS:
             return self.files(table)
-        return sorted(i.path for i in self.listing(table)
-                      if os.path.basename(i.path).startswith("part-") and i.path.endswith(".parquet"))
+        return sorted(i.path for i in self.listing(table) if is_part(i.path))
 
     def has(self, table: str) -> bool:
         return bool(self.table_files(table))

@@ -15,6 +15,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from kn_ray.choices import MEMORY_LIMIT
+from kn_ray.pipeline.layout import part_file
 
 ROWS_PER_PART = 1_000_000
 BATCH_ROWS = 131_072
@@ -70,7 +71,7 @@ def _download(run, files: list[str], directory: Path) -> list[str]:
 
 
 def write_query(con, query: str, schema: pa.Schema, directory: Path, rows_per_part: int = ROWS_PER_PART) -> int:
-    """Stream a query's rows into `directory/part-NNNNN.parquet` files cast to `schema`; returns rows."""
+    """Stream a query's rows into `directory`'s part files (`layout.part_file`) cast to `schema`; returns rows."""
     relation = con.sql(query)
     # duckdb >= 1.4 names it to_arrow_reader; earlier releases fetch_arrow_reader
     reader = (getattr(relation, "to_arrow_reader", None) or relation.fetch_arrow_reader)(BATCH_ROWS)
@@ -79,12 +80,12 @@ def write_query(con, query: str, schema: pa.Schema, directory: Path, rows_per_pa
         if writer is None or writer.rows >= rows_per_part:
             if writer is not None:
                 writer.close()
-            writer = _PartWriter(directory / f"part-{part:05d}.parquet", schema)
+            writer = _PartWriter(directory / part_file(part), schema)
             part += 1
         writer.write(pa.Table.from_batches([batch]).select(schema.names).cast(schema))
         written += batch.num_rows
     if writer is None:  # an empty result is still a readable table
-        pq.write_table(schema.empty_table(), directory / "part-00000.parquet")
+        pq.write_table(schema.empty_table(), directory / part_file(0))
     else:
         writer.close()
     return written

@@ -12,7 +12,7 @@ from kn_ray.stages.aggregate.params import AggregateParams
 def register(sub) -> None:
     p = sub.add_parser("aggregate", help="knowledge neurons per fact and per relation (ig and activation baseline)",
                        description="Reads OUT/prompts, OUT/neurons and OUT/activations; writes "
-                                   "OUT/knowledge_neurons, OUT/relation_neurons and OUT/aggregate.json.")
+                                   "OUT/knowledge_neurons, OUT/relation_neurons and their summary beside them.")
     p.add_argument("out", help="output directory of `kn-ray attribute`: a path or URI (s3://bucket/run)")
     declared.add_flags(p, AggregateParams)
     p.set_defaults(func=run)

@@ -14,8 +14,8 @@ from kn_ray.stages.edit.options import EditOptions
 def register(sub) -> None:
     p = sub.add_parser("edit", help="knowledge-neuron experiments: suppress, amplify, update, erase",
                        description="Reads OUT/prompts, OUT/knowledge_neurons and OUT/relation_neurons (run "
-                                   "`kn-ray aggregate OUT` first); writes OUT/edits/part-<op>-*.parquet and "
-                                   "OUT/edits.json. The model is edited in memory only. It loads as the "
+                                   "`kn-ray aggregate OUT` first); writes OUT/edits (parts per op) and "
+                                   "its summary beside it. The model is edited in memory only. It loads as the "
                                    "run loaded it (run.json); the placement flags, the same as `kn-ray attribute`'s, "
                                    "change that.")
     p.add_argument("out", help="output directory of `kn-ray attribute` + `kn-ray aggregate`: a path or URI")

@@ -44,7 +44,7 @@ METHODS = (Method("ig", "neurons", "score"), Method("activation", "activations",
 
 
 def aggregate(out, params: AggregateParams | None = None) -> dict:
-    """Write knowledge_neurons/, relation_neurons/ and aggregate.json under `out`; returns the summary."""
+    """Write knowledge_neurons/, relation_neurons/ and their summary under `out`; returns the summary."""
     params = params or AggregateParams()
     run = RunDirectory(out).require()
     for required in ("prompts", "neurons"):

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.dataset as ds
 
+from kn_ray.pipeline.layout import PART
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.stages.edit.options import OPS, EditSettings
 from kn_ray.stages.edit.criteria import SYMMETRIC_RELATIONS, reversed_prompt
@@ -73,7 +74,7 @@ def rng_for(seed: int, *keys: str) -> np.random.Generator:
 
 
 def missing_aggregate(run: RunDirectory, table: str) -> FileNotFoundError:
-    return FileNotFoundError(f"{run.location(table)}: no part-*.parquet files; run `kn-ray aggregate {run}` first")
+    return FileNotFoundError(f"{run.location(table)}: no {PART}*.parquet files; run `kn-ray aggregate {run}` first")
 
 
 def refuse_unknown(run: RunDirectory, prompts: pd.DataFrame, **asked) -> None:
@@ -221,7 +222,7 @@ class EditCorpus:
     def neurons_from(self, fact_ids, seen: dict[str, list[PromptRef]]) -> dict[str, Neurons]:
         """Knowledge neurons of each fact from its `seen` prompts only: the aggregate stage's rule
         (coarse: score >= t x the prompt's max; refined: coarse in >= max(p n, min(min_prompts, n))
-        of the n seen prompts), with its t, p and min_prompts from aggregate.json."""
+        of the n seen prompts), with its t, p and min_prompts from the aggregate summary."""
         params = (self.run.summary("aggregate") or {}).get("parameters", {})
         t, p, least = params.get("t", 0.2), params.get("p", 0.7), params.get("min_prompts", 3)
         ids = {ref.prompt_id: f for f, refs in seen.items() for ref in refs}

@@ -1,5 +1,5 @@
 """Why an edit op found nothing to edit, in the user's terms: the selection, the aggregate's
-counts and the thresholds in force (aggregate.json), and what to change."""
+counts and the thresholds in force (the aggregate summary), and what to change."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from kn_ray.stages.edit.options import EditSettings
 
 
 def thresholds(parameters: dict) -> str:
-    """'t = 0.2, p = 0.7 and at least 3 prompts' as aggregate.json recorded them."""
+    """'t = 0.2, p = 0.7 and at least 3 prompts' as the aggregate summary recorded them."""
     p = "p adapted per relation" if parameters.get("adaptive") else f"p = {parameters.get('p', '?')}"
     return f"t = {parameters.get('t', '?')}, {p} and at least {parameters.get('min_prompts', '?')} prompts"
 

@@ -1,8 +1,8 @@
 """`kn-ray edit OUT`: the knowledge-neuron experiments (suppress, amplify, update, erase).
 
 Reads the prompts and the aggregated neurons of OUT, cuts them into work units, runs the units
-locally or on Ray actors, and writes `OUT/edits/part-<op>-NNNNN.parquet` plus
-`OUT/edits.json` (OUT: a path or URI). Re-running an op replaces that op's parts only:
+locally or on Ray actors, and writes the `edits` table, one group of parts per op
+(`layout.part_file`), and its summary (OUT: a path or URI). Re-running an op replaces that op's parts only:
 new parts are staged locally and published into OUT once every unit has finished.
 """
 
@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 
 import pyarrow.parquet as pq
 
+from kn_ray.pipeline.layout import group_prefix, part_file
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.stages.duck import connect, source
 from kn_ray.stages.edit.corpus import EditCorpus, WorkUnit
@@ -36,7 +37,7 @@ def placement_for(run: RunDirectory, options: EditOptions) -> Placement:
 
 
 def run_edits(out, options: EditOptions, *, progress: bool = True) -> dict:
-    """Run the ops, write their parts and edits.json; returns the summary (with 'text')."""
+    """Run the ops, write their parts and the summary; returns the summary (with 'text')."""
     options.check()
     run = RunDirectory(out).require()
     corpus = EditCorpus(out, relations=options.relations, fact_ids=options.fact_ids)
@@ -44,12 +45,12 @@ def run_edits(out, options: EditOptions, *, progress: bool = True) -> dict:
     per_op = {op: corpus.units(op, options.settings, options.unit_facts) for op in options.ops}
     notes = {op: nothing_to_edit(corpus, op, options.settings) for op, found in per_op.items() if not found}
     units = [unit for op in options.ops for unit in per_op[op]]
-    replaced = tuple(f"part-{op}-" for op in options.ops)
+    replaced = tuple(group_prefix(op) for op in options.ops)
     with run.staged("edits", replace=lambda name: name.startswith(replaced)) as staging:
         for op in notes:  # an op with nothing to edit: an empty part (its earlier parts are replaced)
-            pq.write_table(EDITS.empty_table(), staging / f"part-{op}-00000.parquet")
+            pq.write_table(EDITS.empty_table(), staging / part_file(0, op))
         for unit, rows in _progress(_execute(units, placement, options), len(units), progress):
-            pq.write_table(as_table(rows), staging / _part_name(unit))
+            pq.write_table(as_table(rows), staging / part_file(unit.index, unit.op))
     return write_summary(run, options, placement, {op: len(found) for op, found in per_op.items()}, notes)
 
 
@@ -66,13 +67,9 @@ def _execute(units: list[WorkUnit], placement: Placement, options: EditOptions):
     return run_units(units, placement, options.workers or 1)
 
 
-def _part_name(unit: WorkUnit) -> str:
-    return f"part-{unit.op}-{unit.index:05d}.parquet"
-
-
 def write_summary(run: RunDirectory, options: EditOptions, placement: Placement, units: dict[str, int],
                   notes: dict[str, str] | None = None) -> dict:
-    """Summarise every part under OUT/edits (ops of earlier runs included) into OUT/edits.json;
+    """Summarise every part under OUT/edits (ops of earlier runs included) into the edit summary;
     `notes`: why an op had nothing to edit."""
     notes = notes or {}
     try:

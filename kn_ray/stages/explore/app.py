@@ -29,7 +29,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from kn_ray.choices import MEMORY_LIMIT
-from kn_ray.pipeline.rundir import MARKERS, RUN_FILE, RunDirectory
+from kn_ray.pipeline.layout import MARKERS, RUN_FILE, SUMMARIES
+from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.stages.explore.queries import MEASURES, OPS, PAGE_SIZE, VIEW_RATIO, Listing, RunQueries, overall
 from kn_ray.stages.report import figures
 from kn_ray.stages.report.html import describe
@@ -104,7 +105,7 @@ class Explorer:
 
     def _listing_signature(self) -> tuple:
         files = []
-        for name in (RUN_FILE, "aggregate.json"):
+        for name in (RUN_FILE, SUMMARIES["aggregate"]):
             info = self.run.fs.get_file_info(self.run.path(name))
             files.append((name, info.type.value, info.mtime_ns, info.size))
         for folder in WATCHED:
@@ -246,7 +247,7 @@ class Pages:
             title="Overview", state=state, record=q.record, location=state.location, run=q.run,
             filters=", ".join(f"{k} {v}" for k, v in (q.record.lookup("input", "filters") or {}).items() if v),
             total=total.iloc[0].to_dict() if len(total) else {}, relations=int((stats.relation != "ALL").sum()),
-            neuron_rows=q.neuron_rows(), tables=q.tables, aggregate=q.aggregate_json, t=q.t,
+            neuron_rows=q.neuron_rows(), tables=q.tables, aggregate=q.aggregate_summary, t=q.t,
             layers=_layer_counts(q), edits=_edit_overview(q))
         return render(request, "overview.html", context)
 

@@ -71,7 +71,7 @@ class RunQueries(Analytics):
         self.run = run
         self.record = run.config
         self.tables = {t: run.has(t) for t in ("prompts", "neurons", "knowledge_neurons", "relation_neurons", "edits")}
-        self.aggregate_json = run.summary("aggregate") or {}
+        self.aggregate_summary = run.summary("aggregate") or {}
 
     # ---- helpers ------------------------------------------------------------------------------
     def df(self, query: str, params: dict | None = None) -> pd.DataFrame:
@@ -97,7 +97,7 @@ class RunQueries(Analytics):
     @property
     def t(self) -> float:
         """The coarse threshold the aggregation used (its default before `kn-ray aggregate`)."""
-        value = self.aggregate_json.get("parameters", {}).get("t")
+        value = self.aggregate_summary.get("parameters", {}).get("t")
         return float(AggregateParams.t if value is None else value)
 
     @property

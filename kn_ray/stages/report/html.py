@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from kn_ray.choices import MEMORY_LIMIT
+from kn_ray.pipeline.layout import REPORT, SUMMARIES
 from kn_ray.stages.edit.nothing import notes_text
 from kn_ray.stages.edit.options import OPS
 from kn_ray.stages.report import figures
@@ -37,7 +38,7 @@ def describe(context: dict) -> str:
     """Model, corpus slice and thresholds, for every caption."""
     params = context["parameters"]
     if not params:
-        return f"Model {context['model']}; corpus {context['input']}; no aggregate.json (run `kn-ray aggregate`)."
+        return f"Model {context['model']}; corpus {context['input']}; no {SUMMARIES['aggregate']} (run `kn-ray aggregate`)."
     adaptive = ", adapted per relation from there (see the chosen p table)" if params.get("adaptive") else ""
     return (f"Model {context['model']}; corpus {context['input']}: {context['relations']} relations, "
             f"{context['facts']} facts, {context['usable_prompts']} usable prompts. Coarse neurons: score >= "
@@ -140,7 +141,7 @@ def write_report(out, memory_limit: str = MEMORY_LIMIT) -> Path | str:
         sections = build_sections(analytics, caption)
     finally:
         analytics.close()
-    with analytics.run.staged("report") as tmp:
+    with analytics.run.staged(REPORT) as tmp:
         body = []
         for section, fig in sections:
             png = _png(fig, section) if fig is not None else None
@@ -153,4 +154,4 @@ def write_report(out, memory_limit: str = MEMORY_LIMIT) -> Path | str:
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<p>{html.escape(caption)}</p>\n" + "\n".join(body) + "</body></html>\n")
     run = analytics.run
-    return Path(run.path("report", "index.html")) if run.local else run.location("report", "index.html")
+    return Path(run.path(REPORT, "index.html")) if run.local else run.location(REPORT, "index.html")
