@@ -97,7 +97,6 @@ def s3_run(world, s3_server, ray_local):
     return uri
 
 
-@pytest.mark.numerics
 def test_s3_run_equals_a_local_run(s3_run, local_run, s3_server):
     """The rows of the local single-actor run; only committed parts left; nothing secret recorded."""
     uri = s3_run
