@@ -68,16 +68,14 @@ def assert_same_numbers(actual, expected, *, scale: float | None = None, dtype: 
     absolute error (relative changes, log probabilities); `reduction=1` for a value merely
     rounded to `dtype` (stored as float16, say). NaNs must sit at the same places.
     """
-    a = np.asarray(actual, dtype=np.float64)
-    b = np.asarray(expected, dtype=np.float64)
+    a, b = _array(actual), _array(expected)
     assert a.shape == b.shape, f"{what}: shapes {a.shape} and {b.shape}"
     nan = np.isnan(a)
     assert np.array_equal(nan, np.isnan(b)), f"{what}: NaNs at different places"
     a, b = a[~nan], b[~nan]
     if a.size == 0:
         return
-    if scale is None:
-        scale = float(max(np.abs(a).max(), np.abs(b).max()))
+    scale = float(max(np.abs(a).max(), np.abs(b).max())) if scale is None else float(scale)
     diff = np.abs(a - b)
     worst = int(diff.argmax())
     err, tol = float(diff[worst]), tolerance(scale, dtype, reduction)
@@ -86,6 +84,13 @@ def assert_same_numbers(actual, expected, *, scale: float | None = None, dtype: 
         f"{what}: max|actual - expected| = {err:.3g} > {tol:.3g} (= {C} * eps({dtype}) * sqrt({reduction}) * {scale:.3g}); "
         f"worst element: {a[worst]!r} vs {b[worst]!r}"
     )
+
+
+def _array(x) -> np.ndarray:
+    """float64 numpy of an array, a pandas column or a torch tensor (detached, on the host)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
 
 
 def _log(what: str, err: float, scale: float, dtype: str, reduction: int) -> None:
