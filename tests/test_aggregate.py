@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -248,3 +249,20 @@ def test_reads_only_shards_marked_done(synthetic_run, tmp_path):
     first = pq.read_table(synthetic_run / "prompts" / "part-00000.parquet").to_pandas()
     assert summary["counts"]["usable_prompts"] == (first.status == "ok").sum()
     assert set(knowledge_neurons(partial).fact_id) <= set(first.fact_id)
+
+
+def test_edit_finds_the_aggregates_knowledge_neurons_by_its_recorded_rule(synthetic_run, tmp_path):
+    """The edit stage's held-out split applies the aggregate's rule with the parameters
+    aggregate.json recorded: given every usable prompt of the facts with at least min_prompts of
+    them, it finds the aggregate's ig neurons."""
+    from kn_ray.stages.edit.corpus import EditCorpus
+
+    out = tmp_path / "run"
+    shutil.copytree(synthetic_run, out)
+    aggregate(out, AggregateParams(t=0.3, p=0.6, min_prompts=2, methods=("ig",)))
+    corpus = EditCorpus(out)
+    facts = sorted(f for f in corpus.prompts.fact_id.unique() if len(corpus.refs(f)) >= 2)
+    found = corpus.neurons_from(facts, {f: corpus.refs(f) for f in facts})
+    kn = knowledge_neurons(out)
+    expected = {f: sorted(zip(g.layer, g.neuron)) for f, g in kn[kn.fact_id.isin(facts)].groupby("fact_id")}
+    assert found and {f: sorted(v) for f, v in found.items()} == expected

@@ -1,9 +1,13 @@
 """`kn-ray aggregate`'s parameters, declared once (defaults, help, flags): the CLI derives its
-flags from them (kn_ray.interfaces.declared). Importing this module is cheap (no DuckDB)."""
+flags from them (kn_ray.interfaces.declared). Importing this module is cheap (no DuckDB).
+
+The knowledge-neuron rule (the authors' `2_get_kn.py`) is written here once, as SQL conditions
+(`coarse`, `knowledge`) that the aggregate stage, the edit stage's held-out split and the
+explorer all use, with the parameters the run's aggregate summary recorded (`recorded`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 from kn_ray.choices import MEMORY_LIMIT
@@ -28,8 +32,29 @@ class AggregateParams:
     methods: tuple[str, ...] = option(("ig", "activation"), "skip the activation baseline", flag="--no-activation",
                                       action="store_const", const=("ig",))
 
+    @classmethod
+    def recorded(cls, summary: dict | None) -> "AggregateParams":
+        """The parameters an aggregate summary recorded (defaults for any it lacks, or without one)."""
+        saved = (summary or {}).get("parameters", {})
+        values = {f.name: saved[f.name] for f in fields(cls) if saved.get(f.name) is not None}
+        if "methods" in values:
+            values["methods"] = tuple(values["methods"])
+        return cls(**values)
+
     def threshold(self, method: str) -> float:
         return self.t if method == "ig" else self.activation_t
+
+    # ---- the rule, as SQL conditions --------------------------------------------------------
+    def coarse(self, method: str, value: str, top: str) -> str:
+        """A `value` of a prompt whose max is `top` is coarse: value >= t x top."""
+        return f"{value} >= CAST({float(self.threshold(method))!r} AS DOUBLE) * {top}"
+
+    def knowledge(self, count: str, n: str, p: str | None = None, at_least: str | None = None) -> str:
+        """Coarse in `count` of a fact's `n` usable prompts makes a knowledge neuron: count >= p x n
+        (p a plain share, no rounding; EPS) and count >= min_prompts. `p`, `at_least`: SQL
+        instead of self.p (a per-relation p) and min_prompts."""
+        p = p or f"CAST({float(self.p)!r} AS DOUBLE)"
+        return f"{count} >= {p} * {n} - {EPS} AND {count} >= {at_least or int(self.min_prompts)}"
 
     def validate(self, run: RunDirectory) -> None:
         for method in self.methods:

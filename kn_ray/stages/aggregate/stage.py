@@ -74,7 +74,7 @@ def _aggregate(con, run: RunDirectory, methods: list[Method], params: AggregateP
         chosen = choose_p(con, method.name, params)
         summary["p_per_relation"][method.name] = chosen
         con.register(f"p_{method.name}", pd.DataFrame({"relation": list(chosen), "p": [c["p"] for c in chosen.values()]}))
-        kn_queries.append(_knowledge_neurons_sql(method.name))
+        kn_queries.append(_knowledge_neurons_sql(method.name, params))
     con.execute("CREATE TEMP TABLE kn AS " + " UNION ALL ".join(kn_queries))
     with run.staged("knowledge_neurons") as tmp:
         write_query(con, "SELECT * FROM kn ORDER BY method, relation, fact_id, layer, neuron",
@@ -122,28 +122,28 @@ def _load_candidates(con, run: RunDirectory, method: Method, params: AggregatePa
         CREATE TEMP TABLE cand_{method.name} AS
         SELECT r.fact_id, r.layer, r.neuron, count(*) AS n_prompts, avg(r.{method.column}) AS mean_value
         FROM {rows} r JOIN max_{method.name} m ON r.prompt_id = m.prompt_id
-        WHERE r.{method.column} >= ? * m.top
+        WHERE {params.coarse(method.name, f"r.{method.column}", "m.top")}
         GROUP BY r.fact_id, r.layer, r.neuron
-        HAVING count(*) >= ?""", [params.threshold(method.name), params.min_prompts])
+        HAVING count(*) >= ?""", [params.min_prompts])
     missing = con.execute(f"SELECT (SELECT count(*) FROM usable) - (SELECT count(*) FROM max_{method.name})").fetchall()[0][0]
     return {"usable_prompts_without_rows": missing}
 
 
-def _knowledge_neurons_sql(method: str) -> str:
+def _knowledge_neurons_sql(method: str, params: AggregateParams) -> str:
     """Candidates reaching p x the fact's usable prompts, p taken per relation from table p_<method>."""
     return f"""
         SELECT c.fact_id, f.relation, c.layer, c.neuron, c.n_prompts, c.n_prompts / f.n_usable AS share,
                c.mean_value AS mean_score, '{method}' AS method
         FROM cand_{method} c JOIN facts f ON c.fact_id = f.fact_id JOIN p_{method} p ON f.relation = p.relation
-        WHERE c.n_prompts >= p.p * f.n_usable - {EPS}"""
+        WHERE {params.knowledge("c.n_prompts", "f.n_usable", p="p.p")}"""
 
 
-def _mean_per_fact(con, method: str, p: dict[str, float]) -> dict[str, float]:
+def _mean_per_fact(con, method: str, params: AggregateParams, p: dict[str, float]) -> dict[str, float]:
     """Mean knowledge neurons per fact of each relation under per-relation p (facts with a usable prompt)."""
     con.register(f"p_{method}", pd.DataFrame({"relation": list(p), "p": list(p.values())}))
     rows = con.execute(f"""
         SELECT r.relation, coalesce(k.n, 0) / r.n_facts
-        FROM relations r LEFT JOIN (SELECT relation, count(*) AS n FROM ({_knowledge_neurons_sql(method)}) GROUP BY relation) k
+        FROM relations r LEFT JOIN (SELECT relation, count(*) AS n FROM ({_knowledge_neurons_sql(method, params)}) GROUP BY relation) k
         ON r.relation = k.relation""").fetchall()
     return dict(rows)
 
@@ -154,7 +154,7 @@ def choose_p(con, method: str, params: AggregateParams) -> dict[str, dict]:
     p = {relation: params.p for relation in relations}
     chosen: dict[str, dict] = {}
     for evaluation in range(1, (ADAPTIVE_EVALUATIONS if params.adaptive else 1) + 1):
-        means = _mean_per_fact(con, method, p)
+        means = _mean_per_fact(con, method, params, p)
         for relation in [r for r in relations if r not in chosen]:
             step = _adaptive_step(means[relation])
             next_p = round(p[relation] + step, 6)

@@ -17,6 +17,8 @@ import pyarrow.dataset as ds
 
 from kn_ray.pipeline.layout import PART
 from kn_ray.pipeline.rundir import RunDirectory
+from kn_ray.stages.aggregate.params import AggregateParams
+from kn_ray.stages.duck import connect
 from kn_ray.stages.edit.options import OPS, EditSettings
 from kn_ray.stages.edit.criteria import SYMMETRIC_RELATIONS, reversed_prompt
 
@@ -221,10 +223,9 @@ class EditCorpus:
 
     def neurons_from(self, fact_ids, seen: dict[str, list[PromptRef]]) -> dict[str, Neurons]:
         """Knowledge neurons of each fact from its `seen` prompts only: the aggregate stage's rule
-        (coarse: score >= t x the prompt's max; refined: coarse in >= max(p n, min(min_prompts, n))
-        of the n seen prompts), with its t, p and min_prompts from the aggregate summary."""
-        params = (self.run.summary("aggregate") or {}).get("parameters", {})
-        t, p, least = params.get("t", 0.2), params.get("p", 0.7), params.get("min_prompts", 3)
+        and recorded parameters (`AggregateParams`), except that a fact with fewer than
+        min_prompts seen prompts (the seen half of a few templates) needs all of them."""
+        params = AggregateParams.recorded(self.run.summary("aggregate"))
         ids = {ref.prompt_id: f for f, refs in seen.items() for ref in refs}
         if not ids or not self.run.has("neurons"):
             return {}
@@ -233,13 +234,19 @@ class EditCorpus:
             return {}  # a dense layout: no per-neuron rows to threshold here
         rows = dataset.to_table(columns=["prompt_id", "layer", "neuron", "score"],
                                 filter=ds.field("prompt_id").isin(list(ids))).to_pandas()
-        top = self.prompts.set_index("prompt_id").max_score
-        rows = rows[rows.score >= t * rows.prompt_id.map(top) - 1e-9]
+        rows["top"] = rows.prompt_id.map(self.prompts.set_index("prompt_id").max_score)
         rows["fact_id"] = rows.prompt_id.map(ids)
-        counts = rows.groupby(["fact_id", "layer", "neuron"]).prompt_id.nunique().reset_index()
-        n = counts.fact_id.map({f: len(refs) for f, refs in seen.items()})
-        need = np.maximum(p * n, np.minimum(least, n)) - 1e-9
-        kept = counts[counts.prompt_id >= need].sort_values(["fact_id", "layer", "neuron"])
+        seen_n = pd.DataFrame({"fact_id": list(seen), "n": [len(refs) for refs in seen.values()]})
+        with connect() as con:
+            con.register("seen_rows", rows)
+            con.register("seen_n", seen_n)
+            kept = con.execute(f"""
+                SELECT c.fact_id, c.layer, c.neuron
+                FROM (SELECT fact_id, layer, neuron, count(DISTINCT prompt_id) AS n_prompts FROM seen_rows
+                      WHERE {params.coarse("ig", "score", "top")} GROUP BY fact_id, layer, neuron) c
+                JOIN seen_n s ON c.fact_id = s.fact_id
+                WHERE {params.knowledge("c.n_prompts", "s.n", at_least=f"least({int(params.min_prompts)}, s.n)")}
+                ORDER BY c.fact_id, c.layer, c.neuron""").df()
         return {f: list(zip(g.layer.astype(int), g.neuron.astype(int))) for f, g in kept.groupby("fact_id")}
 
     def update_items(self, settings: EditSettings) -> list[FactItem]:

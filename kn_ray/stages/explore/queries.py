@@ -95,10 +95,14 @@ class RunQueries(Analytics):
         return self.record.dense
 
     @property
+    def params(self) -> AggregateParams:
+        """The aggregation's parameters (the defaults before `kn-ray aggregate`)."""
+        return AggregateParams.recorded(self.aggregate_summary)
+
+    @property
     def t(self) -> float:
-        """The coarse threshold the aggregation used (its default before `kn-ray aggregate`)."""
-        value = self.aggregate_summary.get("parameters", {}).get("t")
-        return float(AggregateParams.t if value is None else value)
+        """The coarse threshold the aggregation used."""
+        return float(self.params.t)
 
     @property
     def shape(self) -> tuple[int | None, int | None]:
@@ -251,11 +255,11 @@ class RunQueries(Analytics):
             rows = f"(SELECT prompt_id, layer, neuron, score FROM {self.raw_neurons()} WHERE fact_id = $fact)"
         return self.df(f"""
             SELECT n.prompt_id, n.layer, n.neuron, n.score, n.score / p.max_score AS rel,
-                   n.score >= $t * p.max_score AS coarse
+                   {self.params.coarse("ig", "n.score", "p.max_score")} AS coarse
             FROM {rows} n JOIN (SELECT prompt_id, max_score FROM {self.src('prompts')}
                                 WHERE fact_id = $fact AND status = 'ok' AND max_score > 0) p USING (prompt_id)
             WHERE n.score > 0 AND n.score >= $view * p.max_score
-            ORDER BY n.prompt_id, n.layer, n.neuron""", {"fact": fact_id, "t": self.t, "view": min(VIEW_RATIO, self.t)})
+            ORDER BY n.prompt_id, n.layer, n.neuron""", {"fact": fact_id, "view": min(VIEW_RATIO, self.t)})
 
     def fact_knowledge_neurons(self, fact_id: str) -> pd.DataFrame:
         return self.df(f"""SELECT method, layer, neuron, n_prompts, share, mean_score FROM {self._kn()}
