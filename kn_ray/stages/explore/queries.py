@@ -335,7 +335,8 @@ class RunQueries(Analytics):
         else:
             rows = f"(SELECT prompt_id, fact_id, score FROM {self.raw_neurons()} WHERE layer = $layer AND neuron = $neuron)"
         return self.df(f"""
-            WITH hits AS (SELECT n.fact_id, count(*) FILTER (WHERE n.score >= $t * p.max_score) AS coarse_prompts,
+            WITH hits AS (SELECT n.fact_id,
+                                 count(*) FILTER (WHERE {self.params.coarse("ig", "n.score", "p.max_score")}) AS coarse_prompts,
                                  avg(n.score) AS mean_score, avg(n.score / p.max_score) AS mean_rel
                           FROM {rows} n JOIN {self.src('prompts')} p USING (prompt_id)
                           WHERE p.status = 'ok' AND p.max_score > 0 AND n.score > 0 AND n.score >= $view * p.max_score
@@ -352,7 +353,7 @@ class RunQueries(Analytics):
                    coalesce(k.kn_ig, false) AS kn_ig, coalesce(k.kn_activation, false) AS kn_activation, k.kn_share
             FROM found JOIN info i USING (fact_id) LEFT JOIN hits h USING (fact_id) LEFT JOIN kn k USING (fact_id)
             ORDER BY i.relation, kn_ig DESC, coarse_prompts DESC, i.fact_id""",
-            {"layer": layer, "neuron": neuron, "t": self.t, "view": min(VIEW_RATIO, self.t)})
+            {"layer": layer, "neuron": neuron, "view": min(VIEW_RATIO, self.t)})
 
     def neuron_relations(self, layer: int, neuron: int) -> pd.DataFrame:
         return self.df(f"""SELECT relation, n_facts, share, method FROM {self._rn()}
