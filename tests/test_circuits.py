@@ -79,3 +79,21 @@ def test_post_ln_families_are_refused(tmp_path):
     model, tok = tiny_model("bert", tmp_path)
     with pytest.raises(UnsupportedArchitecture, match="residual stream"):
         EdgeAttributor(model, tok)
+
+
+def test_faithfulness_curve_keeps_the_top_edges_and_random_ones_of_the_same_size(tmp_path):
+    from kn_ray.engine.faithfulness import circuit_mask, faithfulness_curve
+
+    model, tok = tiny_model("gpt2", tmp_path)
+    eap = EdgeAttributor(model, tok, precision="fp32")
+    [res] = eap.attribute_edges(PROMPTS[:1], TARGETS[:1], CORRUPTED[:1], n_steps=2)
+    curve = faithfulness_curve(eap, res, fractions=(0.05, 0.5, 1.0), n_random=2, seed=1)
+    assert curve.edges.tolist() == [round(0.05 * eap.graph.num_edges), round(0.5 * eap.graph.num_edges), eap.graph.num_edges]
+    np.testing.assert_allclose([curve.circuit[-1], *curve.random[:, -1]], 1.0, atol=1e-4)  # every edge kept
+    k = int(curve.edges[0])
+    mask = circuit_mask(res.scores, eap.graph, k)
+    kept = np.abs(res.scores[mask])
+    assert mask.sum() == k and kept.min() >= np.abs(res.scores[eap.graph.valid & ~mask]).max()
+    again = faithfulness_curve(eap, res, fractions=(0.05, 0.5, 1.0), n_random=2, seed=1)
+    np.testing.assert_array_equal(again.random, curve.random)  # seeded
+    np.testing.assert_allclose(eap.faithfulness(res, mask[None]), curve.circuit[:1], atol=1e-6)
