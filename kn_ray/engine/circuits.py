@@ -62,6 +62,7 @@ class EdgeAttribution:
     metric: str = "logprob"
     clean_metric: float = math.nan
     corrupted_metric: float = math.nan
+    gold_prob: float = math.nan  # P(gold object | clean prompt)
     scores: np.ndarray | None = None  # [senders, receivers] float32; 0 where no edge exists
     completeness: float = math.nan  # |sum of edges out of input - (M(clean) - M(corrupted))|
     logits_sum: float = math.nan  # sum of the edges into the logits (not bound to the change)
@@ -71,6 +72,11 @@ class EdgeAttribution:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def max_score(self) -> float:
+        """The largest |edge score|."""
+        return float(np.abs(self.scores).max()) if self.scores is not None and self.scores.size else math.nan
 
     @property
     def change(self) -> float:
@@ -210,13 +216,15 @@ class EdgeAttributor(ModelRunner):
         completeness = (scores[:, 0].sum(-1) - change).abs()
         logits_sum = scores[:, :, -1].sum(-1)
         scores, completeness, logits_sum, m_clean, m_corr = (t.cpu() for t in (scores, completeness, logits_sum, clean[2], corr[2]))
-        return [dict(clean_metric=float(m_clean[b]), corrupted_metric=float(m_corr[b]), scores=scores[b].numpy(),
+        gold = clean[3].cpu()
+        return [dict(clean_metric=float(m_clean[b]), corrupted_metric=float(m_corr[b]), gold_prob=float(gold[b]),
+                     scores=scores[b].numpy(),
                      completeness=float(completeness[b]), logits_sum=float(logits_sum[b]), evaluations=len(alphas))
                 for b in range(pair.clean.size)]
 
     @torch.no_grad()
     def _run_senders(self, batch: Batch, pair: _Pair, metric: str):
-        """(sender outputs [B, U, T, d] fp32, input embeddings [B, T, d], metric [B])."""
+        """(sender outputs [B, U, T, d] fp32, input embeddings [B, T, d], metric [B], P(gold) [B])."""
         outputs: list[torch.Tensor] = []
         embeds: list[torch.Tensor] = []
 
@@ -232,7 +240,8 @@ class EdgeAttributor(ModelRunner):
                 logits = self.model(**self._inputs(batch, rows)).logits.to(self.device)
         finally:
             handle.remove()
-        return torch.cat(outputs, -2).transpose(1, 2), embeds[0], self._metric(logits, pair, rows, metric)
+        gold = self._metric(logits, pair, rows, "logprob").exp()
+        return torch.cat(outputs, -2).transpose(1, 2), embeds[0], self._metric(logits, pair, rows, metric), gold
 
     def _metric(self, logits, pair: _Pair, rows, metric) -> torch.Tensor:
         logp_or_logits = logits.float()

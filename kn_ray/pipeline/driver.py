@@ -21,6 +21,7 @@ from kn_ray import __version__
 from .facts import detect_format, read_facts
 from .options import RunOptions
 from .plan import Shard, auto_shard_size, fingerprint, plan_shards
+from .corrupt import with_candidates
 from .prompts import build_prompts
 from .rundir import RunDirectory, RunRecord, config_hash, is_local, local_copy, public_uri
 
@@ -108,6 +109,10 @@ def run_pipeline(options: RunOptions, *, progress: bool = True) -> RunReport:
             info = pool.model_info()
             prompts = build_prompts(facts, masked=info["masked"], max_templates=options.filters.max_templates)
             prompts.require(public_uri(options.facts), options.placement.model)
+            if options.mode == "circuits":
+                if info["masked"]:
+                    raise ValueError("--mode circuits needs a causal LM (EAP-IG over pre-LN blocks)")
+                prompts.prompts = with_candidates(prompts.prompts)
             shards = plan_shards(prompts.prompts, options.shard_size or auto_shard_size(len(prompts.prompts)))
             record = run.open_run(run_record(options, fmt, info, shards, prompts.dropped_templates))
             done = run.finished([s.name for s in shards], record.config_hash)

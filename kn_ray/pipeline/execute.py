@@ -38,7 +38,9 @@ from ray.exceptions import RayActorError, RayError, RayTaskError  # noqa: E402
 
 from . import faults  # noqa: E402
 from .options import Resources, RunOptions  # noqa: E402
+from .circuit_tables import CIRCUIT_KINDS  # noqa: E402
 from .plan import Shard  # noqa: E402
+from .tables import KINDS  # noqa: E402
 from .rundir import CommitError, RunDirectory, new_attempt  # noqa: E402
 from .worker import ShardComputer, ShardOutput  # noqa: E402
 
@@ -335,7 +337,7 @@ def run_shards(pool: ActorPool, shards: list[Shard], run: RunDirectory, run_hash
 
     def commit(shard: Shard, out: dict, attempt: str, meta: dict) -> None:
         parts = out["parts"] if "parts" in out else run.write_parts(shard.name, attempt, out["tables"], meta)
-        run.commit(shard.name, attempt, parts, run_hash)
+        run.commit(shard.name, attempt, parts, run_hash, CIRCUIT_KINDS if options.mode == "circuits" else KINDS)
 
     def settle(futures: dict, block: bool) -> None:
         done = list(futures) if block else [f for f in futures if f.done()]

@@ -3,6 +3,7 @@
 
     OUT/run.json                                   RunRecord, written once
     OUT/{prompts,neurons,activations}/part-NNNNN-ATTEMPT.parquet   a shard's parts, per attempt
+    OUT/{edges,nodes,faithfulness}/part-NNNNN-ATTEMPT.parquet   --mode circuits, instead of neurons/activations
     OUT/_shards/part-NNNNN.json                    done marker: names the committed attempt's parts
     OUT/{knowledge_neurons,relation_neurons}/part-NNNNN.parquet   aggregate
     OUT/edits/part-OP-NNNNN.parquet                edit, one group of parts per op
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 
+from .circuit_tables import CIRCUIT_KINDS
 from .tables import KINDS
 
 RUN_FILE = "run.json"
@@ -26,8 +28,11 @@ PART = "part-"  # every part file and shard name starts with it
 PARQUET = ".parquet"
 MARKER_SUFFIX = ".json"
 
+SHARD_KINDS = tuple(dict.fromkeys(KINDS + CIRCUIT_KINDS))  # tables committed shard by shard (either mode)
+CIRCUITS = "attribute --mode circuits"
+
 # every table folder of OUT, and the command that writes it
-TABLES: dict[str, str] = {**{kind: "attribute" for kind in KINDS},
+TABLES: dict[str, str] = {**{kind: "attribute" for kind in KINDS}, **{kind: CIRCUITS for kind in CIRCUIT_KINDS[1:]},
                           "knowledge_neurons": "aggregate", "relation_neurons": "aggregate",
                           "edits": "edit"}
 SUMMARIES: dict[str, str] = {"aggregate": "aggregate.json", "edit": "edits.json"}

@@ -66,6 +66,9 @@ class Resources:
             raise ValueError(f"max_restarts must be >= -1 (-1: unlimited), got {self.max_restarts}")
 
 
+MODES = ("neurons", "circuits")
+
+
 @dataclass(frozen=True)
 class RunOptions:
     placement: Placement = option(help="how each actor loads and runs the model (kn_ray.placement)")
@@ -89,6 +92,14 @@ class RunOptions:
     noised_weights: str = option("all", "weight noise on all weights, or above: from the scaled layer's block up",
                                  choices=NOISED_WEIGHTS, section="attribution")
     nt_seed: int = option(0, "seed of the noise", section="attribution")
+    mode: str = option("neurons", "neurons: knowledge neurons (IG over FFN neurons); circuits: EAP-IG edges between "
+                                  "the embeddings, heads, MLPs and logits against a corrupted subject (docs/circuits.md)",
+                       section="attribution", choices=MODES)
+    metric: str = option("logprob", "circuits: log P(gold), or logit_diff (gold vs the corrupted fact's object)",
+                         section="attribution", choices=("logprob", "logit_diff"))
+    top_edges: int = option(200, "circuits: edges kept per prompt in `edges` (largest |score|)", section="attribution")
+    faithfulness_random: int = option(3, "circuits: random circuits per size on the faithfulness curve (0: no curve)",
+                                      section="attribution")
     keep: KeepPolicy = option(factory=KeepPolicy, section="keep")
     shard_size: int | None = option(None, "prompts per shard (default: 64, fewer for small inputs)", group="workers")
     resources: Resources = option(factory=Resources, section="workers")
@@ -110,6 +121,13 @@ class RunOptions:
         if self.nt_samples < 0 or self.stdevs < 0:
             raise ValueError(f"nt_samples and stdevs must be >= 0, got {self.nt_samples}, {self.stdevs}")
         check_noise(self.noise, self.noised_weights, self.weight_stdevs)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode == "circuits" and (self.n_steps == AUTO or self.nt_samples):
+            raise ValueError("circuits take a fixed n_steps and no smoothing")
+        if self.top_edges < 1 or self.faithfulness_random < 0:
+            raise ValueError(f"top_edges must be >= 1 and faithfulness_random >= 0, got {self.top_edges}, "
+                             f"{self.faithfulness_random}")
         if self.shard_size is not None and self.shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
         for name in ("max_facts_per_relation", "max_templates"):
@@ -126,6 +144,9 @@ class RunOptions:
 
     def engine_extra(self) -> dict:
         """`Attributor.attribute` keywords beyond n_steps and method, only where they apply."""
+        if self.mode == "circuits":
+            return dict(mode=self.mode, metric=self.metric, top_edges=self.top_edges,
+                        faithfulness_random=self.faithfulness_random)
         extra = dict(tolerance=self.tolerance) if self.n_steps == "auto" else {}
         if self.nt_samples:  # input noise alone keeps the identity it had before weight noise existed
             extra.update(nt_samples=self.nt_samples, **({} if self.noise == "weights" else dict(stdevs=self.stdevs)),

@@ -30,6 +30,7 @@ class PromptSpec:
     target: str
     status: str | None = None  # None: to compute; "error" / "skipped": decided before the model runs
     error: str | None = None
+    corrupt: tuple = ()  # circuits: candidate corrupted prompts ((prompt_id, prompt, object), ...), `corrupt.py`
 
     def as_dict(self) -> dict:
         return asdict(self)

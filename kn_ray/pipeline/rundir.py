@@ -34,9 +34,12 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .layout import (LEGACY_SUMMARIES, MARKERS, PART, RUN_FILE, SUMMARIES, TABLES, attempt_part, is_part, marker_file,
-                     marker_shard)
-from .tables import KINDS, SCHEMAS
+from .layout import (LEGACY_SUMMARIES, MARKERS, PART, RUN_FILE, SHARD_KINDS, SUMMARIES, TABLES, attempt_part, is_part,
+                     marker_file, marker_shard)
+from .circuit_tables import CIRCUIT_SCHEMAS
+from .tables import KINDS, SCHEMAS as NEURON_SCHEMAS
+
+SCHEMAS = {**NEURON_SCHEMAS, **CIRCUIT_SCHEMAS}
 
 METADATA_KEY = b"kn_ray"
 IO_THREADS = 16  # parallel small reads (markers, footers): object stores answer each in ~10-50 ms
@@ -298,7 +301,7 @@ class RunDirectory:
         """Write one attempt's parts (no marker); returns what was written."""
         meta = {METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()}
         parts = {}
-        for kind in KINDS:
+        for kind in tables:
             name = attempt_part(kind, shard, attempt)
             path = self.path(name)
             table = tables[kind].replace_schema_metadata(meta)
@@ -321,10 +324,11 @@ class RunDirectory:
         infos = self.fs.get_file_info([self.path(f) for f in files])
         return {f: (i.size if i.type == pafs.FileType.File else None) for f, i in zip(files, infos)}
 
-    def commit(self, shard: str, attempt: str, parts: dict[str, Part], run_hash: str) -> dict:
-        """Check that the attempt's parts exist with the reported sizes, then write the marker."""
-        if set(parts) != set(KINDS):
-            raise CommitError(f"{shard}: attempt {attempt} reported parts {sorted(parts)}, not {list(KINDS)}")
+    def commit(self, shard: str, attempt: str, parts: dict[str, Part], run_hash: str, kinds=KINDS) -> dict:
+        """Check that the attempt's parts (one of each of `kinds`: the run's mode) exist with the
+        reported sizes, then write the marker."""
+        if set(parts) != set(kinds):
+            raise CommitError(f"{shard}: attempt {attempt} reported parts {sorted(parts)}, not {list(kinds)}")
         named = {k: Part(**p) if isinstance(p, dict) else p for k, p in parts.items()}
         sizes = self._sizes([p.file for p in named.values()])
         for kind, part in named.items():
@@ -368,7 +372,7 @@ class RunDirectory:
         try:
             if done is None or done["config_hash"] != run_hash:
                 return None
-            for kind in KINDS:
+            for kind in done["files"]:
                 path = self.path(done["files"][kind])
                 info = self.fs.get_file_info(path)
                 if info.type != pafs.FileType.File or info.size != done["bytes"][kind]:
@@ -390,7 +394,7 @@ class RunDirectory:
             markers = self.markers(record.config_hash if record else None)
             if not markers and record is not None and not record.config_hash:
                 return sorted(i.path for i in self.listing(kind) if is_part(i.path))
-        return [self.path(markers[s]["files"][kind]) for s in sorted(markers)]
+        return [self.path(markers[s]["files"][kind]) for s in sorted(markers) if kind in markers[s]["files"]]
 
     def dataset(self, kind: str, files: list[str] | None = None) -> ds.Dataset:
         """A pyarrow dataset of the committed parts of `kind` (streams; any filesystem)."""
@@ -413,7 +417,7 @@ class RunDirectory:
         how many parts were deleted."""
         markers = self.markers() if markers is None else markers
         named = {self.path(f) for m in markers.values() for f in m["files"].values()}
-        stale = [i.path for kind in KINDS for i in self.listing(kind)
+        stale = [i.path for kind in SHARD_KINDS for i in self.listing(kind)
                  if i.path not in named and os.path.basename(i.path).startswith((PART, "."))]
         extra = [i.path for i in self.listing(MARKERS)
                  if os.path.basename(i.path).startswith(".")
@@ -434,7 +438,7 @@ class RunDirectory:
         files = self.table_files(table)
         if not files:
             raise FileNotFoundError(f"{self.location(table)}: no {PART}*.parquet files"
-                                    + (" of finished shards" if table in KINDS else ""))
+                                    + (" of finished shards" if table in SHARD_KINDS else ""))
         return files
 
     def unmarked_parts(self, table: str) -> int:
@@ -444,7 +448,7 @@ class RunDirectory:
     def table_files(self, table: str) -> list[str]:
         """Paths (in `self.fs`) of a table's parts: the committed ones of an attribute table,
         every part of any other."""
-        if table in KINDS:
+        if table in SHARD_KINDS:
             return self.files(table)
         return sorted(i.path for i in self.listing(table) if is_part(i.path))
 

@@ -16,6 +16,8 @@ import pyarrow as pa
 from kn_ray.placement import Placement
 
 from . import faults
+from .circuit_tables import circuit_tables
+from .corrupt import NO_SAME_LENGTH, choose_partner
 from .options import KeepPolicy
 from .prompts import PromptSpec
 from .rundir import opened
@@ -42,6 +44,7 @@ class ShardComputer:
         self.lm = lm
         self.dtype = dtype_name(lm.dtype)  # the weights, as loaded: fp32 | bf16 | fp16
         self.attributor = Attributor(lm, precision=placement.precision, max_batch_prompts=placement.batch_cap)
+        self.edges = None  # EdgeAttributor, made on the first circuits shard
 
     def info(self) -> dict:
         """What the run records about the model, as this worker loaded it."""
@@ -52,11 +55,23 @@ class ShardComputer:
                     devices=[str(d) for d in lm.devices])
 
     def compute(self, shard_id: int, specs: list[PromptSpec], n_steps: int | str, method: str, keep: KeepPolicy,
-                output: ShardOutput | None = None, **engine) -> dict:
+                output: ShardOutput | None = None, mode: str = "neurons", **engine) -> dict:
         """{'parts': {kind: Part}} written to `output`, or {'tables': {kind: Arrow table}} without
-        one. `engine`: further `Attributor.attribute` keywords
-        (RunOptions.engine_extra)."""
+        one. `engine`: further `Attributor.attribute` keywords (RunOptions.engine_extra);
+        `mode="circuits"`: EAP-IG edges instead (`circuits`)."""
         faults.before_task(shard_id)
+        if mode == "circuits":
+            tables = self.circuits(specs, n_steps, method, **engine)
+        else:
+            tables = self.neurons(specs, n_steps, method, keep, **engine)
+        if output is None:
+            out = dict(tables=tables)
+        else:
+            out = dict(parts=opened(output.uri).write_parts(output.shard, output.attempt, tables, output.metadata))
+        faults.after_task()
+        return out
+
+    def neurons(self, specs, n_steps, method, keep: KeepPolicy, **engine) -> dict[str, pa.Table]:
         todo = [i for i, spec in enumerate(specs) if spec.status is None]
         results: list = [None] * len(specs)
         if todo:
@@ -64,10 +79,32 @@ class ShardComputer:
                                                  n_steps=n_steps, method=method, **engine)
             for i, res in zip(todo, computed):
                 results[i] = res
-        tables: dict[str, pa.Table] = shard_tables(specs, results, keep, self.lm.num_neurons)
-        if output is None:
-            out = dict(tables=tables)
-        else:
-            out = dict(parts=opened(output.uri).write_parts(output.shard, output.attempt, tables, output.metadata))
-        faults.after_task()
-        return out
+        return shard_tables(specs, results, keep, self.lm.num_neurons)
+
+    def circuits(self, specs, n_steps, method, *, metric: str, top_edges: int, faithfulness_random: int) -> dict[str, pa.Table]:
+        """EAP-IG edges of every prompt against its corrupted partner (`corrupt`), and the
+        faithfulness curve of its circuits."""
+        from kn_ray.engine.circuits import EdgeAttribution, EdgeAttributor
+        from kn_ray.engine.faithfulness import faithfulness_curve
+
+        if self.edges is None:
+            self.edges = EdgeAttributor(self.lm, precision=self.attributor.precision,
+                                        max_batch_prompts=self.attributor.max_batch_prompts)
+        eap, tok = self.edges, self.lm.tokenizer
+        results: list = [None] * len(specs)
+        todo = []
+        for i, spec in enumerate(specs):
+            if spec.status is None:
+                partner = choose_partner(spec, lambda p: len(tok(p)["input_ids"]))
+                if partner is None:
+                    results[i] = (EdgeAttribution(spec.prompt, spec.target, "", status="skipped", reason=NO_SAME_LENGTH), None, None)
+                else:
+                    todo.append((i, partner, spec.target[: len(spec.target) - len(spec.target.lstrip())] + partner[2]))
+        computed = eap.attribute_edges([specs[i].prompt for i, _, _ in todo], [specs[i].target for i, _, _ in todo],
+                                       [p[1] for _, p, _ in todo], corrupted_targets=[t for _, _, t in todo],
+                                       n_steps=n_steps, method=method, metric=metric) if todo else []
+        for (i, partner, other), res in zip(todo, computed):
+            curve = faithfulness_curve(eap, res, n_random=faithfulness_random, corrupted_target=other) \
+                if res.ok and faithfulness_random else None
+            results[i] = (res, partner, curve)
+        return circuit_tables(specs, results, eap.graph, top_edges)
