@@ -13,6 +13,7 @@ from kn_ray.pipeline.driver import run_pipeline
 from kn_ray.pipeline.facts import read_facts
 from kn_ray.pipeline.options import Resources, RunOptions
 from kn_ray.pipeline.prompts import build_prompts
+from kn_ray.pipeline.report import top_edges_text
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.placement import Placement
 from tests.pipeline_fixtures import pararel_slice, save_tiny_model, texts_of_pararel
@@ -63,6 +64,9 @@ def test_circuit_tables_equal_the_engine_and_resume(world, ray_local, tmp_path):
         assert prompts.loc[spec.prompt_id, "gold_prob"] == pytest.approx(res.gold_prob, rel=1e-4)
     skipped = prompts[prompts.status == "skipped"]
     assert len(skipped) + len(ready) == len(specs) and skipped.error.str.contains("subject").all()
+
+    text = top_edges_text(store, n_facts=2, k=3)
+    assert text.startswith("top edges") and text.count("->") >= 2 * 4 and "faithfulness with 1% of edges" in text
 
     again = run_pipeline(options(world, out), progress=False)  # every shard is committed: nothing recomputed
     assert again.ok and again.resumed == report.shards and again.written == 0

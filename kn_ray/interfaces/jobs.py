@@ -67,12 +67,13 @@ def resolve_facts(facts: str) -> str:
 def run_and_report(options: RunOptions, *, progress: bool = True) -> int:
     """Run, print the summary, skip/error reasons and top neurons; 0 if every shard finished, else 1."""
     from kn_ray.pipeline.driver import run_pipeline
-    from kn_ray.pipeline.report import reasons_text, summary_text, top_neurons_text
+    from kn_ray.pipeline.report import reasons_text, summary_text, top_edges_text, top_neurons_text
     from kn_ray.pipeline.rundir import RunDirectory
 
     report = run_pipeline(options, progress=progress)
     store = RunDirectory(options.output)
-    for text in (summary_text(report), reasons_text(store), top_neurons_text(store, options.report_facts)):
+    top = top_edges_text if options.mode == "circuits" else top_neurons_text
+    for text in (summary_text(report), reasons_text(store), top(store, options.report_facts)):
         if text:
             print(text + "\n", flush=True)
     if not report.ok:

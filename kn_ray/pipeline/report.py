@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pandas as pd
 
 from .rundir import RunDirectory
@@ -52,6 +53,27 @@ def top_neurons_text(store: RunDirectory, n_facts: int = 3, k: int = 5) -> str:
     neurons = sparse_rows(store.read("neurons", filters=[("fact_id", "in", list(facts["fact_id"]))])).to_pandas()
     blocks = [_fact_block(fact, neurons[neurons["fact_id"] == fact.fact_id], k) for fact in facts.itertuples()]
     return "\n\n".join(["top neurons (kept in most of the fact's prompts, then by mean score):"] + blocks)
+
+
+def top_edges_text(store: RunDirectory, n_facts: int = 3, k: int = 5) -> str:
+    """A circuits run: the k top edges and the faithfulness at 1% of edges of the n facts the model
+    knows best."""
+    if n_facts < 1 or not store.has("edges"):
+        return ""
+    faith = store.read("faithfulness").to_pandas()
+    prompts = store.read("prompts", ["prompt_id", "subject", "object", "gold_prob"]).to_pandas()
+    faith = faith.merge(prompts, on="prompt_id").sort_values(["gold_prob", "prompt_id"], ascending=[False, True]).head(n_facts)
+    edges = store.read("edges", filters=[("prompt_id", "in", list(faith.prompt_id)), ("rank", "<", k)]).to_pandas()
+    blocks = ["top edges (largest |EAP-IG score|):"]
+    for row in faith.itertuples():
+        at = "" if row.fractions is None else \
+            f", faithfulness with 1% of edges {np.interp(0.01, row.fractions, row.circuit):.2f}"
+        lines = [f"{row.subject} -> {row.object}  [{row.relation}] vs {row.corrupted_prompt!r}  {row.metric} "
+                 f"{row.clean_metric:.3f} (corrupted {row.corrupted_metric:.3f}){at}"]
+        mine = edges[edges.prompt_id == row.prompt_id].sort_values("rank")
+        lines += [f"  {e.sender:>8} -> {e.receiver:<8} {e.score:+.4f}" for e in mine.itertuples()]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def _fact_block(fact, neurons: pd.DataFrame, k: int) -> str:
