@@ -22,9 +22,10 @@ from kn_ray.pipeline.facts import Filters, read_facts
 from kn_ray.pipeline.prompts import build_prompts
 
 
-def pick_facts(lm, path, relations, per_relation):
-    """Per relation, the `per_relation` facts the model gives the highest P(gold), on the relation's
-    most common template, each with its deterministic corrupted partner."""
+def pick_facts(lm, path, relations, per_relation, probe_limit=150):
+    """Per relation, the `per_relation` facts the model gives the highest P(gold) among the first
+    `probe_limit` with a partner, on the relation's most common template, each with its
+    deterministic corrupted partner."""
     specs = build_prompts(read_facts(path, "pararel", Filters(relations=tuple(relations))), masked=False).prompts
     specs = [s for s in specs if s.status is None]
     tok = lm.tokenizer
@@ -34,7 +35,7 @@ def pick_facts(lm, path, relations, per_relation):
         template = Counter(s.template for s in mine).most_common(1)[0][0]
         mine = [s for s in mine if s.template == template]
         mine, partners = pair_corrupted(mine, lambda p: len(tok(p)["input_ids"]))
-        mine = [s for s in mine if s.prompt_id in partners]
+        mine = [s for s in mine if s.prompt_id in partners][:probe_limit]
         probes = Prober(lm, precision="fp32").probe([s.prompt for s in mine], [s.target for s in mine])
         best = sorted(zip(mine, probes), key=lambda sp: -sp[1].gold_prob)[:per_relation]
         picked += [(s, partners[s.prompt_id], p.gold_prob) for s, p in best]
@@ -118,6 +119,9 @@ def main():
     ap.add_argument("--top", type=float, default=0.005, help="circuit size as a fraction of all edges")
     ap.add_argument("--share", type=float, default=0.5, help="relation circuit: edges in >= this share of facts")
     ap.add_argument("--out", default="benchmarks/circuits")
+    ap.add_argument("--check-steps", type=lambda t: [int(x) for x in t.split(",") if x], default=[2, 5, 10, 20],
+                    help="rules whose completeness residual is measured on the first 6 facts")
+    ap.add_argument("--n-random", type=int, default=3)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -132,7 +136,7 @@ def main():
 
     # completeness against the rule's nodes, on the first 6 facts
     steps_check = {}
-    for m in (2, 5, 10, 20):
+    for m in args.check_steps:
         rs = eap.attribute_edges([s.prompt for s, _, _ in facts[:6]], [s.target for s, _, _ in facts[:6]],
                                  [c.prompt for _, c, _ in facts[:6]], n_steps=m)
         steps_check[m] = [r.completeness / abs(r.change) for r in rs]
@@ -145,7 +149,7 @@ def main():
     rows, curves, circuits = [], {}, {}
     for (spec, partner, p), res in zip(facts, results):
         assert res.ok, res.reason
-        curve = faithfulness_curve(eap, res, n_random=3, seed=0)
+        curve = faithfulness_curve(eap, res, n_random=args.n_random, seed=0)
         kn = knowledge_neurons(attr, spec)
         mask = circuit_mask(res.scores, graph, k)
         circuits.setdefault(spec.relation, []).append(mask)
