@@ -3,7 +3,9 @@ computes them, partners chosen deterministically and recorded, resume without re
 
 from __future__ import annotations
 
+import duckdb
 import numpy as np
+import pandas as pd
 import pytest
 
 from kn_ray.engine import load_model
@@ -66,6 +68,10 @@ def test_circuit_tables_equal_the_engine_and_resume(world, ray_local, tmp_path):
     skipped = prompts[prompts.status == "skipped"]
     assert len(skipped) + len(ready) == len(specs) and skipped.error.str.contains("subject").all()
 
+    for table in ("edges", "nodes", "faithfulness"):  # the consumer contract (test_consumers): any reader, marker counts
+        rows = sum(marker["rows"][table] for marker in store.markers().values())
+        assert rows > 0 and len(pd.read_parquet(store.path(table))) == rows
+        assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{store.path(table)}/*.parquet')").fetchall()[0][0] == rows
     text = top_edges_text(store, n_facts=2, k=3)
     assert text.startswith("top edges") and text.count("->") >= 2 * 4 and "faithfulness with 1% of edges" in text
 

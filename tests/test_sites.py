@@ -32,8 +32,8 @@ def test_sites_add_up_to_the_residual_stream(family, tmp_path):
         z = cache[f"blocks.{layer}.attn.hook_z"]
         assert z.shape == (1, ids.shape[1], heads, head_dim)
         o_proj = adapter.attn_out_module(model, layer)
-        per_head = torch.einsum("bthe,dhe->bd", z[:, -1:], value_matrix(o_proj).unflatten(1, (heads, head_dim)))
-        bias = o_proj.bias if o_proj.bias is not None else 0
+        per_head = torch.einsum("bthe,dhe->bd", z[:, -1:], value_matrix(o_proj).detach().unflatten(1, (heads, head_dim)))
+        bias = o_proj.bias.detach() if o_proj.bias is not None else 0
         assert_same_numbers(per_head + bias, cache[f"blocks.{layer}.hook_attn_out"][:, -1], what="heads sum")
         if adapter.residual_of(model) == "post" or layer + 1 == model.config.num_hidden_layers:
             continue
