@@ -79,7 +79,9 @@ def draw_circuit(graph, scores, k, title, path):
     node_colors = ["gold" if n in ("input", "logits") else ("tab:green" if n.startswith("m") else "lightgray") for n in g.nodes]
     nx.draw_networkx(g, positions, ax=ax, width=widths, edge_color=colors, node_color=node_colors, node_size=260,
                      font_size=6, arrowsize=8, connectionstyle="arc3,rad=0.08")
-    ax.set_title(title, fontsize=9)
+    import textwrap
+
+    ax.set_title(textwrap.fill(title, 70), fontsize=9)
     ax.set_ylabel("layer")
     ax.tick_params(left=True, labelleft=True)
     ax.set_axis_on()
@@ -110,6 +112,15 @@ def draw_curves(curves, path):
     plt.close(fig)
 
 
+def redraw(out: Path, n_steps: int):
+    saved = json.loads((out / "results.json").read_text())
+    fact = next(f for f in saved["facts"] if f["fact_id"] == saved["figure_fact"])
+    eap = EdgeAttributor(load_model("smollm2"), precision="fp32")
+    [res] = eap.attribute_edges([fact["prompt"]], [fact["target"]], [fact["corrupted"]], n_steps=n_steps)
+    draw_circuit(eap.graph, res.scores, 40, f"{fact['prompt']}{fact['target']} (vs. {fact['corrupted']}): "
+                 f"top 40 edges by |EAP-IG score|", out / "circuit.png")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--facts", default="/work/shared/data/pararel")
@@ -122,8 +133,11 @@ def main():
     ap.add_argument("--check-steps", type=lambda t: [int(x) for x in t.split(",") if x], default=[2, 5, 10, 20],
                     help="rules whose completeness residual is measured on the first 6 facts")
     ap.add_argument("--n-random", type=int, default=3)
+    ap.add_argument("--redraw", action="store_true", help="only redraw the circuit figure of results.json's fact")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.redraw:
+        return redraw(out, args.n_steps)
     out.mkdir(parents=True, exist_ok=True)
     lm = load_model("smollm2")
     eap = EdgeAttributor(lm, precision="fp32")
