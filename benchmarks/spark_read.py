@@ -60,7 +60,7 @@ def check_run(spark, out: str) -> list[str]:
             frame = spark.read.parquet(run.path(table))
             got = frame.count()
         except Exception as error:  # a failed read is the finding, whatever Spark raised
-            problems.append(f"{out}/{table}: {type(error).__name__}: {str(error).splitlines()[0]}")
+            problems.append(f"{out}/{table}: {_first_line(error)}")
             print(f"  {table:18} FAILED {problems[-1]}")
             continue
         line = f"  {table:18} {got:>8} rows (kn-ray: {expected})"
@@ -75,6 +75,13 @@ def check_run(spark, out: str) -> list[str]:
         print(line)
         print("    " + ", ".join(f"{f.name} {f.dataType.simpleString()}" for f in frame.schema.fields))
     return problems
+
+
+def _first_line(error: Exception) -> str:
+    """Spark's own message (the JVM exception's, not py4j's wrapper), first line."""
+    java = getattr(error, "java_exception", None)
+    text = java.toString() if java is not None else f"{type(error).__name__}: {error}"
+    return text.strip().splitlines()[0][:400]
 
 
 def versions(spark) -> str:
