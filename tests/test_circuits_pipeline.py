@@ -16,6 +16,7 @@ from kn_ray.pipeline.facts import read_facts
 from kn_ray.pipeline.options import Resources, RunOptions
 from kn_ray.pipeline.prompts import build_prompts
 from kn_ray.pipeline.report import top_edges_text
+from kn_ray.stages.aggregate import AggregateParams, aggregate
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.placement import Placement
 from tests.numerics import assert_same_numbers
@@ -72,6 +73,15 @@ def test_circuit_tables_equal_the_engine_and_resume(world, ray_local, tmp_path):
         rows = sum(marker["rows"][table] for marker in store.markers().values())
         assert rows > 0 and len(pd.read_parquet(store.path(table))) == rows
         assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{store.path(table)}/*.parquet')").fetchall()[0][0] == rows
+    summary = aggregate(out, AggregateParams(circuit_share=0.5, circuit_top=10))
+    shared = pd.read_parquet(store.path("relation_circuits"))  # a later stage's table: any reader
+    top = edges[edges["rank"] < 10]
+    n = top.groupby("relation").fact_id.nunique()
+    counts = top.groupby(["relation", "sender", "receiver"]).fact_id.nunique().reset_index(name="n_facts")
+    want = counts[counts.n_facts >= 0.5 * counts.relation.map(n) - 1e-9]
+    assert len(want) and summary["counts"]["relation_circuit_edges"] == len(shared) == len(want)
+    assert set(zip(shared.relation, shared.sender, shared.receiver)) == set(zip(want.relation, want.sender, want.receiver))
+
     text = top_edges_text(store, n_facts=2, k=3)
     assert text.startswith("top edges") and text.count("->") >= 2 * 4 and "faithfulness with 1% of edges" in text
 

@@ -30,11 +30,12 @@ MARKER_SUFFIX = ".json"
 
 SHARD_KINDS = tuple(dict.fromkeys(KINDS + CIRCUIT_KINDS))  # tables committed shard by shard (either mode)
 CIRCUITS = "attribute --mode circuits"
+CIRCUITS_AGGREGATE = "aggregate (a circuits run)"
 
 # every table folder of OUT, and the command that writes it
 TABLES: dict[str, str] = {**{kind: "attribute" for kind in KINDS}, **{kind: CIRCUITS for kind in CIRCUIT_KINDS[1:]},
                           "knowledge_neurons": "aggregate", "relation_neurons": "aggregate",
-                          "edits": "edit"}
+                          "relation_circuits": CIRCUITS_AGGREGATE, "edits": "edit"}
 SUMMARIES: dict[str, str] = {"aggregate": "aggregate.json", "edit": "edits.json"}
 LEGACY_SUMMARIES: dict[str, tuple[str, ...]] = {"edit": ("edits", "summary.json")}  # runs before edits.json
 

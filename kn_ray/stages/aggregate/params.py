@@ -27,6 +27,10 @@ class AggregateParams:
     min_prompts: int = option(3, "and at least this many prompts")
     adaptive: bool = option(False, "tune p per relation to 2..5 knowledge neurons per fact")
     relation_share: float = option(0.1, "share of a relation's facts a relation neuron must have")
+    circuit_share: float = option(0.5, "circuits run: share of a relation's facts whose circuit an edge of the "
+                                       "relation circuit is in")
+    circuit_top: int = option(100, "circuits run: a fact's circuit, its top edges by |score| (at most the run's "
+                                   "--top-edges)")
     memory_limit: str = option(MEMORY_LIMIT, "DuckDB memory limit; beyond it, joins and group-bys spill to disk")
     threads: int | None = option(None, "DuckDB threads (default: all cores)")
     methods: tuple[str, ...] = option(("ig", "activation"), "skip the activation baseline", flag="--no-activation",

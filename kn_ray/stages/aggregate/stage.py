@@ -23,7 +23,7 @@ import duckdb
 import pandas as pd
 
 from kn_ray.stages.aggregate.params import EPS, AggregateParams
-from kn_ray.stages.aggregate.tables import KNOWLEDGE_NEURONS, RELATION_NEURONS
+from kn_ray.stages.aggregate.tables import KNOWLEDGE_NEURONS, RELATION_CIRCUITS, RELATION_NEURONS
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.pipeline.tables import KINDS as ATTRIBUTE_TABLES
 from kn_ray.stages.duck import connect, source, write_query
@@ -47,6 +47,8 @@ def aggregate(out, params: AggregateParams | None = None) -> dict:
     """Write knowledge_neurons/, relation_neurons/ and their summary under `out`; returns the summary."""
     params = params or AggregateParams()
     run = RunDirectory(out).require()
+    if run.has("edges"):
+        return aggregate_circuits(run, params)
     for required in ("prompts", "neurons"):
         run.required_files(required)  # fails early, naming the missing folder
     methods = [m for m in METHODS if m.name in params.methods and (m.name == "ig" or run.has(m.table))]
@@ -59,6 +61,30 @@ def aggregate(out, params: AggregateParams | None = None) -> dict:
         reason = str(error).splitlines()[0]
         raise MemoryError(f"memory limit {params.memory_limit} is too small for this run, raise it ({reason})") from None
     summary["seconds"] = round(time.perf_counter() - started, 3)
+    run.write_summary("aggregate", summary)
+    return summary
+
+
+def aggregate_circuits(run: RunDirectory, params: AggregateParams) -> dict:
+    """A circuits run: relation circuits, the edges in the circuits (top `circuit_top` edges by
+    |score| of a prompt) of at least `circuit_share` of a relation's facts."""
+    started = time.perf_counter()
+    with run.scratch("aggregate-spill") as temp_dir, connect(params.memory_limit, params.threads, temp_dir) as con:
+        edges = source(con, run, "edges", local_dir=temp_dir)
+        con.execute(f"CREATE TEMP TABLE circuits AS SELECT * FROM {edges} WHERE rank < {int(params.circuit_top)}")
+        con.execute("CREATE TEMP TABLE circuit_facts AS SELECT relation, count(DISTINCT fact_id) AS n "
+                    "FROM circuits GROUP BY relation")
+        query = (f"SELECT e.relation, e.sender, e.receiver, count(DISTINCT e.fact_id) AS n_facts, "
+                 f"count(DISTINCT e.fact_id) / any_value(c.n) AS share, avg(e.score) AS mean_score "
+                 f"FROM circuits e JOIN circuit_facts c USING (relation) GROUP BY e.relation, e.sender, e.receiver "
+                 f"HAVING count(DISTINCT e.fact_id) >= CAST({float(params.circuit_share)!r} AS DOUBLE) * any_value(c.n) "
+                 f"- {EPS} ORDER BY e.relation, n_facts DESC, e.sender, e.receiver")
+        with run.staged("relation_circuits") as tmp:
+            rows = write_query(con, query, RELATION_CIRCUITS, tmp)
+        facts = dict(con.execute("SELECT relation, n FROM circuit_facts ORDER BY relation").fetchall())
+    summary = {"parameters": {"circuit_share": params.circuit_share, "circuit_top": params.circuit_top},
+               "counts": {"relation_circuit_edges": rows, "facts_with_a_circuit": facts},
+               "seconds": round(time.perf_counter() - started, 3)}
     run.write_summary("aggregate", summary)
     return summary
 

@@ -18,6 +18,15 @@ KNOWLEDGE_NEURONS = pa.schema([
     ("method", pa.string()),  # ig | activation
 ])
 
+RELATION_CIRCUITS = pa.schema([  # a circuits run: edges shared by the circuits of a relation's facts
+    ("relation", pa.string()),
+    ("sender", pa.string()),
+    ("receiver", pa.string()),
+    ("n_facts", pa.int32()),  # facts of the relation whose circuit (top circuit_top edges) holds the edge
+    ("share", pa.float64()),  # n_facts / facts of the relation with a circuit
+    ("mean_score", pa.float32()),  # mean EAP-IG score over those facts' prompts
+])
+
 RELATION_NEURONS = pa.schema([
     ("relation", pa.string()),
     ("layer", pa.int16()),
