@@ -9,10 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-import duckdb
 import pandas as pd
-import polars as pl
-import pyarrow.dataset as ds
 import pytest
 
 from kn_ray.pipeline.driver import run_pipeline
@@ -22,6 +19,7 @@ from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.stages.aggregate import AggregateParams, aggregate
 from kn_ray.stages.edit.options import EditOptions, EditSettings
 from kn_ray.stages.edit.stage import run_edits
+from tests.readers import assert_every_reader_counts
 from tests.test_s3 import options, world  # noqa: F401  (the tiny JSONL world and its model)
 
 EDIT = EditOptions(settings=EditSettings(max_facts=1, control_prompts=2, ppl_facts=1, erase_top=2,
@@ -31,12 +29,6 @@ STAGES = {  # command -> how this test runs it on OUT (attribute: `layout` is sp
         replace(options(world, str(out)), keep=KeepPolicy(dense=layout == "dense")), progress=False).ok,
     "aggregate": lambda world, out, layout: aggregate(out, AggregateParams(p=0.3, min_prompts=1)),
     "edit": lambda world, out, layout: run_edits(out, EDIT, progress=False),
-}
-READERS = {
-    "pandas": lambda folder: len(pd.read_parquet(folder)),
-    "pyarrow.dataset": lambda folder: ds.dataset(folder, format="parquet").count_rows(),
-    "duckdb": lambda folder: duckdb.sql(f"SELECT count(*) FROM read_parquet('{folder}/*.parquet')").fetchall()[0][0],
-    "polars": lambda folder: pl.scan_parquet(folder).select(pl.len()).collect().item(),
 }
 
 
@@ -74,8 +66,7 @@ def test_each_table_folder_opens_in_every_reader_with_the_recorded_rows(finished
         folder = finished.path(table)
         expected = recorded_rows(finished, table)
         assert expected > 0, table
-        got = {reader: count(folder) for reader, count in READERS.items()}
-        assert got == dict.fromkeys(READERS, expected), table
+        assert_every_reader_counts(folder, expected)
 
 
 def test_table_folders_hold_parquet_parts_only_and_everything_else_is_catalogued(finished):
