@@ -364,6 +364,17 @@ def test_edit_of_facts_without_knowledge_neurons_names_the_selection(tmp_path, c
     assert pd.read_parquet(out / "edits").empty
 
 
+def test_edit_of_a_run_without_a_usable_prompt_counts_its_statuses(tmp_path, capsys):
+    prompts = _prompts().assign(status="error", error="bad record")
+    prompts.loc[0, "status"] = "skipped"
+    kn, rn = (frame.iloc[:0] for frame in _neurons(_prompts()))
+    out = write_tables(tmp_path, None, prompts=prompts, knowledge_neurons=kn, relation_neurons=rn)
+    assert main(["edit", str(out), "--quiet"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"nothing to edit: no prompt of the run is usable: {out}/prompts holds 14 error, 1 skipped and none 'ok'" \
+        in printed and pd.read_parquet(out / "edits").empty
+
+
 @pytest.mark.parametrize("flag, value", [("--relation", "P999"), ("--fact-id", "P36-atlantis")])
 def test_edit_of_a_relation_or_fact_the_run_lacks_is_an_error_naming_it(run_dir, capsys, flag, value):
     assert main(["edit", str(run_dir), flag, value, "--op", "suppress", "--quiet"]) == 2

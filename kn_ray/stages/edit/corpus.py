@@ -110,6 +110,7 @@ class EditCorpus:
         self.prompts = prompts.sort_values(["relation", "fact_id", "prompt_id"], ignore_index=True)
         self.all_facts = self.prompts.drop_duplicates("fact_id")[["fact_id", "relation", "object"]].reset_index(drop=True)
         self.fact_ids = set(fact_ids) if fact_ids else None
+        self.relations = tuple(relations or ())
         kn = kn.sort_values(["fact_id", "method", "layer", "neuron"])
         ig = kn[kn.method == "ig"]
         self._facts_per_neuron = ig.groupby(["relation", "layer", "neuron"]).fact_id.nunique().to_dict()
@@ -135,7 +136,7 @@ class EditCorpus:
     def facts(self, settings: EditSettings) -> pd.DataFrame:
         """fact_id, relation, object of the facts with ig knowledge neurons and an ok prompt,
         at most `max_facts` per relation (a seeded sample), sorted."""
-        facts = self.all_facts[[(f, "ig") in self._neurons for f in self.all_facts.fact_id]]
+        facts = self.all_facts[np.array([(f, "ig") in self._neurons for f in self.all_facts.fact_id], dtype=bool)]
         if self.fact_ids is not None:
             facts = facts[facts.fact_id.isin(self.fact_ids)]
         if settings.max_facts is not None:

@@ -3,7 +3,7 @@ counts and the thresholds in force (the aggregate summary), and what to change."
 
 from __future__ import annotations
 
-from kn_ray.stages.edit.corpus import EditCorpus
+from kn_ray.stages.edit.corpus import EditCorpus, read_parts
 from kn_ray.stages.edit.options import EditSettings
 
 
@@ -34,9 +34,14 @@ def _reason(corpus: EditCorpus, op: str, settings: EditSettings) -> str:
     chosen = corpus.all_facts
     if corpus.fact_ids is not None:
         chosen = chosen[chosen.fact_id.isin(corpus.fact_ids)]
-    if chosen.empty:
+    if chosen.empty and (corpus.relations or corpus.fact_ids):
         return (f"the selection has no usable prompt (status 'ok') in {out.location('prompts')}. "
                 "Select other relations or facts (--relation, --fact-id).")
+    if chosen.empty:
+        status = read_parts(out, "prompts", ["status"]).status.value_counts()
+        return (f"no prompt of the run is usable: {out.location('prompts')} holds "
+                f"{', '.join(f'{n} {s}' for s, n in status.items()) or 'no rows'} and none 'ok'. Their `error` "
+                "column (or `kn-ray report`'s run statistics) says why; fix the input or the model and attribute again.")
     selected = len(corpus.facts(settings))
     with_neurons = ig.get("facts_with_knowledge_neurons", corpus.facts_with_neurons)  # the run's, else the selection's
     if not selected and not with_neurons:
