@@ -16,7 +16,7 @@ _PATHS = {  # family: (blocks, FFN output projection, attention output projectio
     "roberta": ("roberta.encoder.layer", "output.dense", "attention.output.dense"),
     "gpt2": ("transformer.h", "mlp.c_proj", "attn.c_proj"),
     "gpt_neox": ("gpt_neox.layers", "mlp.dense_4h_to_h", "attention.dense"),
-    **{f: ("model.layers", "mlp.down_proj", "self_attn.o_proj") for f in ("llama", "mistral", "qwen2", "gemma")},
+    **{f: ("model.layers", "mlp.down_proj", "self_attn.o_proj") for f in ("llama", "mistral", "qwen2", "gemma", "gemma3_text")},
 }
 
 
@@ -57,7 +57,8 @@ def reference_ig(model64, family, tokenizer, prompt, target, layer, alphas, weig
         return (h,)
 
     def prob():
-        logits = model64(input_ids=input_ids).logits[0]
+        extra = {} if masked else dict(use_cache=False)  # no cache: every layer sees the whole sequence
+        logits = model64(input_ids=input_ids, **extra).logits[0]
         logp = torch.log_softmax(logits, -1)
         return torch.exp(sum(logp[p, g] for p, g in zip(pred_pos, gold)))
 

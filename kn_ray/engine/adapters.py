@@ -115,6 +115,10 @@ ADAPTERS: tuple[Adapter, ...] = (
             "lm_head", **_LLAMA_LIKE),
     # norms on the sublayer outputs (sandwich): sites work, circuits do not (no sum of node outputs)
     Adapter("gemma2", ("gemma2", "olmo2"), "model.layers", "mlp.down_proj", "lm_head", **_LLAMA_LIKE | dict(residual="post")),
+    # Gemma 3: sandwich norms too, the MLP reads through pre_feedforward_layernorm; sliding-window
+    # and global layers, a sqrt(hidden)-scaled tied embedding (the engine handles both; README)
+    Adapter("gemma3", ("gemma3_text",), "model.layers", "mlp.down_proj", "lm_head",
+            **_LLAMA_LIKE | dict(residual="post", ln_mlp="pre_feedforward_layernorm")),
 )
 
 

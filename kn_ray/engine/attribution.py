@@ -277,7 +277,7 @@ class Attributor(ModelRunner):
             pre_hooks(sites, save_act),
             gather_head_input(model, adapter, batch.pred_cols),
         ):
-            out = model(**self._inputs(batch, rows, 0), use_cache=not adapter.masked)
+            out = model(**self._inputs(batch, rows, 0), **self._full_cache())
         logits = out.logits.to(self.device)
         gold = gold_prob(logits, batch.gold_ids, batch.gold_valid)
         top_prob, top_ids = logits[:, 0].float().softmax(-1).max(-1)
@@ -285,6 +285,16 @@ class Attributor(ModelRunner):
         if not adapter.masked and sc > 0:
             kv = [(lay.keys[:, :, :sc], lay.values[:, :, :sc]) for lay in out.past_key_values.layers]
         return _Clean(gold, top_ids, top_prob, hidden_in, acts, kv)
+
+    def _full_cache(self) -> dict:
+        """Causal LMs: a cache that keeps every position of every layer. A sliding-window layer's
+        own cache keeps only the last window - 1 keys, but the scaled rows need the whole prefix
+        (`_prefix_cache` hands it to a cache that applies the window again)."""
+        if self.adapter.masked:
+            return dict(use_cache=False)
+        from transformers import DynamicCache
+
+        return dict(past_key_values=DynamicCache(), use_cache=True)
 
     # ---- one layer ----------------------------------------------------------------------
     def _integrate(self, batch, clean, layer, alphas, weights, zero_step, baseline, prompts=None):
