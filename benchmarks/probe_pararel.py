@@ -5,7 +5,7 @@ would take (the first N facts, their first K templates a causal LM can use), P(g
 whether the gold object's first token is the model's top-1 prediction. Prints one row per
 relation (usable templates, facts, prompts, top-1 accuracy, mean P) and writes them as JSON.
 
-    PYTHONPATH=. python benchmarks/probe_pararel.py --model gemma3-270m --facts ../shared/data/pararel \
+    PYTHONPATH=. python benchmarks/probe_pararel.py --model gemma3-270m --facts /work/shared/data/pararel \
         --facts-per-relation 40 --templates 2 --json out/probe-gemma.json
 """
 
@@ -37,6 +37,8 @@ def probe(model: str, path: str, facts: int, templates: int, precision: str) -> 
     prober = Prober(lm, precision=precision)
     specs = [s for s in build_prompts(read_facts(path, "pararel", Filters(max_facts_per_relation=facts)),
                                       masked=False, max_templates=templates).prompts if s.status is None]
+    if not specs:
+        raise SystemExit(f"no usable prompts under {path}")
     results = prober.probe([s.prompt for s in specs], [s.target for s in specs])
     rows: dict[str, dict] = defaultdict(lambda: dict(p=[], top1=[], facts=set()))
     for spec, res in zip(specs, results):
@@ -58,7 +60,7 @@ def probe(model: str, path: str, facts: int, templates: int, precision: str) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
-    ap.add_argument("--facts", default="../shared/data/pararel")
+    ap.add_argument("--facts", required=True, help="a PARAREL-layout directory")
     ap.add_argument("--facts-per-relation", type=int, default=40)
     ap.add_argument("--templates", type=int, default=2, help="first usable templates per fact")
     ap.add_argument("--precision", default="fp32")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .adapters import value_matrix
-from .loading import LoadedModel
+from .loading import LoadedModel, input_device
 
 
 def value_slot(lm: LoadedModel, layer: int, neuron: int) -> torch.Tensor:
@@ -43,10 +43,13 @@ def resident_weight(module: torch.nn.Module, *, writable: bool = False) -> torch
     return loader.state_dict[key]
 
 
+@torch.no_grad()
 def word_embedding(lm: LoadedModel, token_ids: Sequence[int]) -> torch.Tensor:
-    """The input embedding of a word: the mean over its token ids (one id for single-token words)."""
-    table = resident_weight(lm.model.get_input_embeddings())
-    return table[torch.as_tensor(list(token_ids), device=table.device)].float().mean(0)
+    """The input embedding of a word as the model reads it: the mean over its token ids (one id
+    for single-token words), through the embedding module (Gemma scales its table by sqrt(hidden))."""
+    embed = lm.model.get_input_embeddings()
+    ids = torch.as_tensor(list(token_ids), device=input_device(lm.model))
+    return embed(ids).float().mean(0)
 
 
 @torch.no_grad()

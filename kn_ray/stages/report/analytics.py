@@ -78,12 +78,16 @@ class Analytics:
             LEFT JOIN counts c ON c.method = m.method AND c.fact_id = f.fact_id
             ORDER BY m.method, f.relation, f.fact_id""")
 
+    def knowledge_neurons(self) -> pd.DataFrame:
+        """Every knowledge neuron: method, fact_id, relation, layer, neuron."""
+        return self._con.execute(f"SELECT method, fact_id, relation, layer, neuron "
+                                 f"FROM {self._source('knowledge_neurons')}").df()
+
     def overlap(self, max_pairs: int = MAX_PAIRS, seed: int = 0) -> pd.DataFrame:
         """Mean shared knowledge neurons (exact) and mean Jaccard (exact up to max_pairs pairs,
         sampled beyond) of fact pairs within ('intra') vs across ('inter') relations;
         see kn_ray.stages.report.overlap."""
-        kn = self._con.execute(f"SELECT method, fact_id, relation, layer, neuron "
-                               f"FROM {self._source('knowledge_neurons')}").df()
+        kn = self.knowledge_neurons()
         frames = [overlap_of(group, max_pairs, seed).assign(method=method) for method, group in kn.groupby("method")]
         if not frames:
             return pd.DataFrame(columns=COLUMNS["overlap"])
@@ -111,6 +115,10 @@ class Analytics:
 
     def has_edits(self) -> bool:
         return self.run.has("edits")
+
+    def edit_rows(self) -> pd.DataFrame:
+        """The edits table's prompt rows (kn_ray.stages.edit.tables.EDITS)."""
+        return self._con.execute(f"SELECT * FROM {self._source('edits')} WHERE prompt_id IS NOT NULL").df()
 
     def edit_summary(self) -> pd.DataFrame:
         """Suppress / amplify effects per op, condition and relation ('ALL' = overall); the edit

@@ -21,6 +21,7 @@ from kn_ray.stages.edit.nothing import notes_text
 from kn_ray.stages.edit.options import OPS
 from kn_ray.stages.report import figures
 from kn_ray.stages.report.analytics import ALL, Analytics
+from kn_ray.stages.report.paper import paper_frame, paper_rows
 
 EDIT_FIGURE_OPS = ("suppress", "amplify")
 
@@ -65,7 +66,14 @@ def build_sections(analytics: Analytics, context: str) -> list[tuple[Section, ob
         (Section("Run statistics", "run.png", context, (stats, reasons)),
          figures.run_statistics(stats, reasons)),
         (Section("Chosen p per relation", tables=(_chosen_p(analytics),)), None),
-    ] + _edit_sections(analytics, context)
+    ] + _edit_sections(analytics, context) + [
+        (Section("The paper's table", note=PAPER_NOTE, tables=(paper_frame(paper_rows(analytics)),)), None),
+    ]
+
+
+PAPER_NOTE = ("Mean [95% bootstrap CI over facts; update and erase: over edits] beside Dai et al. (2022) for "
+              "BERT-base; suppress / amplify: mean over facts of the mean relative change of P over the fact's "
+              "prompts (kn_ray.stages.report.paper).")
 
 
 def _chosen_p(analytics: Analytics) -> pd.DataFrame:

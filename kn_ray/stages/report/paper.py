@@ -1,0 +1,233 @@
+"""The paper's headline table for a run, with 95% bootstrap intervals over facts, beside
+the figures Dai et al. (2022) report for BERT-base on PARAREL.
+
+    rows = paper_table("OUT")               # [{key, label, value, ci_low, ci_high, n}, ...]
+    paper_markdown({"smollm2": OUT_A, "gemma3-270m": OUT_B})
+
+Every interval resamples facts (erase: relations) with replacement, 2000 times, seeded:
+
+* knowledge neurons per fact: over facts with a usable prompt (zeros included);
+* layer share: knowledge neurons in the top third of the layers, over facts with any;
+* shared neurons and Jaccard of fact pairs within / across relations: over facts with any,
+  pairs of distinct facts of the resample (as the report's overlap, kn_ray.stages.report.overlap);
+* suppress / amplify: the mean relative change of P over each fact's prompts, then over facts;
+* update / erase: the edit stage's criteria (kn_ray.stages.edit.criteria), CIs over edits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from kn_ray.choices import MEMORY_LIMIT
+from kn_ray.stages.edit.criteria import bootstrap_ci
+from kn_ray.stages.report.analytics import Analytics
+
+N_BOOT, SEED = 2000, 0
+
+# Dai et al., ACL 2022, BERT-base-cased on PARAREL (their Tables 1-2, Figure 4 and section 5.1)
+PAPER_BERT = {
+    "kn_per_fact": 4.13,
+    "shared_intra": 1.23,
+    "shared_inter": 0.09,
+    "suppress_kn": -0.29,
+    "amplify_kn": 0.31,
+    "suppress_random": -0.015,  # "about 1.5%" either way for their baseline
+    "amplify_random": 0.015,
+    "update_success": 0.344,
+}
+
+ROWS = (  # key, label, format
+    ("facts", "facts (with a usable prompt)", "int"),
+    ("kn_per_fact", "knowledge neurons per fact", "num"),
+    ("facts_with_kn", "facts with any knowledge neuron", "pct"),
+    ("activation_per_fact", "activation-baseline neurons per fact", "num"),
+    ("top_third", "knowledge neurons in the top third of the layers", "pct"),
+    ("top_layer", "most frequent layer (share)", "text"),
+    ("shared_intra", "shared neurons, same relation", "num"),
+    ("shared_inter", "shared neurons, different relations", "num"),
+    ("jaccard_intra", "Jaccard, same relation", "num"),
+    ("jaccard_inter", "Jaccard, different relations", "num"),
+    ("suppress_kn", "suppress (x0): knowledge neurons", "pct"),
+    ("suppress_random", "suppress: random neurons, same layers", "pct"),
+    ("suppress_activation", "suppress: activation baseline", "pct"),
+    ("suppress_other", "suppress: other relations' prompts", "pct"),
+    ("amplify_kn", "amplify (x2): knowledge neurons", "pct"),
+    ("amplify_random", "amplify: random neurons, same layers", "pct"),
+    ("amplify_activation", "amplify: activation baseline", "pct"),
+    ("amplify_other", "amplify: other relations' prompts", "pct"),
+    ("update_success", "update: success (new object top-1)", "pct"),
+    ("update_success_random", "update: success, random neurons", "pct"),
+    ("update_locality_same", "update: locality, same relation", "pct"),
+    ("update_locality_other", "update: locality, other relations", "pct"),
+    ("erase_reliability", "erase: reliability (correct prompts no longer correct)", "pct"),
+    ("erase_locality_other", "erase: locality, other relations", "pct"),
+    ("erase_reliability_random", "erase: reliability, random neurons", "pct"),
+)
+
+
+def _row(key: str, values, *, n=None) -> dict:
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    low, high = bootstrap_ci(v, N_BOOT, SEED)
+    return dict(key=key, value=float(v.mean()) if len(v) else math.nan, ci_low=low, ci_high=high,
+                n=int(len(v) if n is None else n))
+
+
+def _stat(key: str, value: float, low: float, high: float, n: int) -> dict:
+    return dict(key=key, value=value, ci_low=low, ci_high=high, n=n)
+
+
+def pair_stats(kn: pd.DataFrame, seed: int = SEED, n_boot: int = N_BOOT) -> list[dict]:
+    """Shared neurons and Jaccard of fact pairs within / across relations, with bootstrap CIs over
+    facts. `kn`: one method's knowledge neurons (fact_id, relation, layer, neuron)."""
+    facts = kn.groupby("fact_id").relation.first().sort_index()
+    if len(facts) < 2:
+        return [_stat(k, math.nan, math.nan, math.nan, 0)
+                for k in ("shared_intra", "shared_inter", "jaccard_intra", "jaccard_inter")]
+    index = {f: i for i, f in enumerate(facts.index)}
+    cells = kn.assign(cell=kn.layer.astype(np.int64) * 1_000_000 + kn.neuron.astype(np.int64))
+    codes = {c: j for j, c in enumerate(cells.cell.unique())}
+    member = np.zeros((len(facts), len(codes)), dtype=np.float32)
+    member[cells.fact_id.map(index).to_numpy(), cells.cell.map(codes).to_numpy()] = 1
+    shared = member @ member.T
+    sizes = member.sum(1)
+    jaccard = shared / (sizes[:, None] + sizes[None, :] - shared)
+    relation = pd.factorize(facts.to_numpy())[0]
+
+    def means(idx: np.ndarray) -> np.ndarray:
+        a, b = np.triu_indices(len(idx), 1)
+        a, b = idx[a], idx[b]
+        distinct = a != b
+        a, b = a[distinct], b[distinct]
+        same = relation[a] == relation[b]
+        pick = lambda m, s: m[a[s], b[s]].mean() if s.any() else np.nan  # noqa: E731
+        return np.array([pick(shared, same), pick(shared, ~same), pick(jaccard, same), pick(jaccard, ~same)])
+
+    point = means(np.arange(len(facts)))
+    rng = np.random.default_rng(seed)
+    boot = np.array([means(rng.integers(0, len(facts), len(facts))) for _ in range(n_boot)])
+    low, high = np.nanquantile(boot, 0.025, axis=0), np.nanquantile(boot, 0.975, axis=0)
+    keys = ("shared_intra", "shared_inter", "jaccard_intra", "jaccard_inter")
+    return [_stat(k, float(point[i]), float(low[i]), float(high[i]), len(facts)) for i, k in enumerate(keys)]
+
+
+def _layer_rows(kn: pd.DataFrame, n_layers: int) -> list[dict]:
+    if kn.empty:
+        return [_stat("top_third", math.nan, math.nan, math.nan, 0), dict(key="top_layer", value="-", n=0)]
+    first_top = n_layers - n_layers // 3
+    per_fact = kn.assign(top=kn.layer >= first_top).groupby("fact_id").top.agg(["sum", "size"])
+    rng = np.random.default_rng(SEED)
+    draws = rng.integers(0, len(per_fact), (N_BOOT, len(per_fact)))
+    tops, sizes = per_fact["sum"].to_numpy()[draws].sum(1), per_fact["size"].to_numpy()[draws].sum(1)
+    share = float(per_fact["sum"].sum() / per_fact["size"].sum())
+    low, high = np.quantile(tops / sizes, (0.025, 0.975))
+    counts = kn.layer.value_counts()
+    mode = int(counts.idxmax())
+    return [_stat("top_third", share, float(low), float(high), len(per_fact)) | dict(layers=f"{first_top}-{n_layers - 1}"),
+            dict(key="top_layer", value=f"layer {mode} of 0-{n_layers - 1} ({counts[mode] / counts.sum():.0%})",
+                 n=len(per_fact))]
+
+
+def _scale_rows(edits: pd.DataFrame) -> list[dict]:
+    rows = []
+    target = edits[edits.prompt_id.notna()]
+    for op in ("suppress", "amplify"):
+        for condition, scope, key in (("kn", "target", "kn"), ("random", "target", "random"),
+                                      ("activation", "target", "activation"),
+                                      ("other_relation", "other_relation", "other")):
+            part = target[(target.op == op) & (target.condition == condition) & (target.scope == scope)]
+            per_fact = part.groupby("fact_id").rel_change.mean()
+            rows.append(_row(f"{op}_{key}", per_fact.to_numpy()))
+    return rows
+
+
+def _criteria_rows(criteria: pd.DataFrame) -> list[dict]:
+    wanted = {("update", "kn", "reliability"): "update_success", ("update", "random", "reliability"): "update_success_random",
+              ("update", "kn", "locality_same_relation"): "update_locality_same",
+              ("update", "kn", "locality_other_relation"): "update_locality_other",
+              ("erase", "kn", "reliability"): "erase_reliability",
+              ("erase", "kn", "locality_other_relation"): "erase_locality_other",
+              ("erase", "random", "reliability"): "erase_reliability_random"}
+    rows = []
+    for (op, condition, metric), key in wanted.items():
+        hit = criteria[(criteria.op == op) & (criteria.condition == condition) & (criteria.metric == metric)]
+        if len(hit):
+            r = hit.iloc[0]
+            rows.append(_stat(key, float(r["mean"]), float(r.ci_low), float(r.ci_high), int(r.n_edits)))
+    return rows
+
+
+def paper_table(out, memory_limit: str = MEMORY_LIMIT) -> list[dict]:
+    """The table's rows for one aggregated (and edited) run directory."""
+    analytics = Analytics(out, memory_limit)
+    try:
+        return paper_rows(analytics)
+    finally:
+        analytics.close()
+
+
+def paper_rows(analytics: Analytics) -> list[dict]:
+    """The table's rows from an open Analytics (the report's section uses it)."""
+    per_fact = analytics.neurons_per_fact()
+    kn = analytics.knowledge_neurons()
+    n_layers = int(analytics.run.config.lookup("model_info", "num_layers") or (kn.layer.max() + 1))
+    edits = analytics.edit_rows() if analytics.has_edits() else None
+    ig, act = per_fact[per_fact.method == "ig"], per_fact[per_fact.method == "activation"]
+    rows = [dict(key="model", value=analytics.context()["model"], n=0), dict(key="facts", value=len(ig), n=len(ig)),
+            _row("kn_per_fact", ig.n_neurons), _row("facts_with_kn", ig.n_neurons > 0),
+            _row("activation_per_fact", act.n_neurons)]
+    ig_kn = kn[kn.method == "ig"]
+    rows += _layer_rows(ig_kn, n_layers) + pair_stats(ig_kn)
+    if edits is not None:
+        rows += _scale_rows(edits) + _criteria_rows(analytics.edit_criteria())
+    return rows
+
+
+def paper_frame(rows: list[dict]) -> pd.DataFrame:
+    """The rows as a table for the HTML report: label, value, 95% CI, n."""
+    by_key = {r["key"]: r for r in rows}
+    return pd.DataFrame([dict(quantity=label, value=_cell(by_key[key], key, fmt), n=by_key[key].get("n"),
+                              **{"paper (BERT-base)": _paper_cell(key, fmt)})
+                         for key, label, fmt in ROWS if key in by_key])
+
+
+def _show(key: str, fmt: str):
+    if fmt == "pct":
+        signed = key.startswith(("suppress", "amplify"))
+        return (lambda v: f"{100 * v:+.1f}%") if signed else (lambda v: f"{100 * v:.1f}%")
+    return lambda v: f"{v:.2f}"
+
+
+def _cell(row: dict | None, key: str, fmt: str) -> str:
+    if row is None:
+        return "n/a"
+    value = row["value"]
+    if fmt in ("text", "int") or isinstance(value, str):
+        return str(value)
+    if value is None or math.isnan(value):
+        return "n/a"
+    show = _show(key, fmt)
+    ci = "" if math.isnan(row.get("ci_low", math.nan)) else f" [{show(row['ci_low'])}, {show(row['ci_high'])}]"
+    return f"{show(value)}{ci}"
+
+
+def _paper_cell(key: str, fmt: str) -> str:
+    value = PAPER_BERT.get(key)
+    return "" if value is None else ("~" if key.endswith("_random") else "") + _show(key, fmt)(value)
+
+
+def paper_markdown(runs: dict[str, list[dict]]) -> str:
+    """Markdown: one column per run (mean [95% CI]), and the paper's BERT-base figures."""
+    names = list(runs)
+    lines = ["| | " + " | ".join(names) + " | paper (BERT-base) |", "|---|" + "---|" * (len(names) + 1)]
+    by_key = {name: {r["key"]: r for r in rows} for name, rows in runs.items()}
+    lines.append("| model | " + " | ".join(str(by_key[n].get("model", {}).get("value", "")) for n in names) + " | |")
+    for key, label, fmt in ROWS:
+        if not any(key in by_key[n] for n in names):
+            continue
+        cells = [_cell(by_key[n].get(key), key, fmt) for n in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_paper_cell(key, fmt)} |")
+    return "\n".join(lines) + "\n"
