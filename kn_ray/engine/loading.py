@@ -92,7 +92,7 @@ def load_model(
     max_memory: str | dict | None = None,
     offload_folder: str | Path | None = None,
 ) -> LoadedModel:
-    """Load a checkpoint by hub id, local directory, `.gguf` file or embedded name (`smollm2`).
+    """Load a checkpoint by hub id, local directory, `.gguf` file or embedded name (`smollm2`, `gemma3-270m`).
 
     Safetensors only unless `allow_pickle` (pickle weights can run code on load); remote code
     only if `trust_remote_code`. Eval mode, parameters frozen.
@@ -211,7 +211,7 @@ def _resolve_source(name_or_path: str) -> str:
         return str(target)
     if path.exists():
         if not path.is_dir():
-            raise ValueError(f"{path} is a file; pass a checkpoint directory, a .gguf file, a hub id or 'smollm2'")
+            raise ValueError(f"{path} is a file; pass a checkpoint directory, a .gguf file, a hub id or an embedded name ({', '.join(EMBEDDED)})")
         return str(path)
     return name_or_path  # a hub id; transformers resolves (and caches) it
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    p = sub.add_parser("fetch", help="fetch and convert an embedded model (e.g. smollm2) into the cache")
+    p = sub.add_parser("fetch", help="fetch and convert an embedded model (smollm2, gemma3-270m) into the cache")
     p.add_argument("name", nargs="?", default="smollm2", help="embedded model name (default: smollm2)")
     p.set_defaults(func=run)
 
