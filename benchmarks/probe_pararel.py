@@ -17,6 +17,7 @@ import time
 from collections import defaultdict
 
 import numpy as np
+import torch
 
 from kn_ray.engine import Prober, load_model
 from kn_ray.pipeline.facts import Filters, read_facts
@@ -32,10 +33,10 @@ def usable_templates(path: str) -> dict[str, int]:
     return dict(counts)
 
 
-def probe(model: str, path: str, facts: int, templates: int, precision: str) -> list[dict]:
+def probe(model: str, path: str, facts: int, templates: int, precision: str, relations: tuple[str, ...] = ()) -> list[dict]:
     lm = load_model(model, device="cpu")
     prober = Prober(lm, precision=precision)
-    specs = [s for s in build_prompts(read_facts(path, "pararel", Filters(max_facts_per_relation=facts)),
+    specs = [s for s in build_prompts(read_facts(path, "pararel", Filters(relations=relations, max_facts_per_relation=facts)),
                                       masked=False, max_templates=templates).prompts if s.status is None]
     if not specs:
         raise SystemExit(f"no usable prompts under {path}")
@@ -64,10 +65,14 @@ def main() -> None:
     ap.add_argument("--facts-per-relation", type=int, default=40)
     ap.add_argument("--templates", type=int, default=2, help="first usable templates per fact")
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--relations", default="", help="comma-separated (default: all)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: no spinning on a shared machine)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    rows = probe(args.model, args.facts, args.facts_per_relation, args.templates, args.precision)
+    relations = tuple(r for r in args.relations.split(",") if r)
+    rows = probe(args.model, args.facts, args.facts_per_relation, args.templates, args.precision, relations)
     print(f"| relation | usable templates | facts | prompts | top-1 | mean P | median P |  ({args.model}, "
           f"{time.perf_counter() - start:.0f} s)")
     print("|---|---|---|---|---|---|---|")

@@ -53,7 +53,7 @@ def test_zeroing_a_last_layer_value_slot_equals_suppressing_its_neuron(family):
         set_value_slots(lm, slots, 0.0)
         erased = prober.probe(prompts, targets)
     for s, e, c in zip(suppressed, erased, clean):
-        assert abs(s.gold_prob - c.gold_prob) > 1e-2 * c.gold_prob  # the neurons matter
+        assert abs(s.gold_prob - c.gold_prob) > 1e-3 * c.gold_prob  # the neurons matter
         assert e.gold_prob == pytest.approx(s.gold_prob, rel=1e-5, abs=1e-9)
 
 

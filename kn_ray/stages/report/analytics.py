@@ -78,6 +78,11 @@ class Analytics:
             LEFT JOIN counts c ON c.method = m.method AND c.fact_id = f.fact_id
             ORDER BY m.method, f.relation, f.fact_id""")
 
+    def attributed_layers(self) -> tuple[int, int]:
+        """(first, last) layer with stored scores (a run may attribute a subset of the layers)."""
+        first, last = self._con.execute(f"SELECT min(layer), max(layer) FROM {self._source('neurons')}").fetchone()
+        return int(first), int(last)
+
     def knowledge_neurons(self) -> pd.DataFrame:
         """Every knowledge neuron: method, fact_id, relation, layer, neuron."""
         return self._con.execute(f"SELECT method, fact_id, relation, layer, neuron "

@@ -7,7 +7,8 @@ the figures Dai et al. (2022) report for BERT-base on PARAREL.
 Every interval resamples facts (erase: relations) with replacement, 2000 times, seeded:
 
 * knowledge neurons per fact: over facts with a usable prompt (zeros included);
-* layer share: knowledge neurons in the top third of the layers, over facts with any;
+* layer share: knowledge neurons in the top third of the layers (when every layer was
+  attributed) and in the upper half of the attributed layers, over facts with any;
 * shared neurons and Jaccard of fact pairs within / across relations: over facts with any,
   pairs of distinct facts of the resample (as the report's overlap, kn_ray.stages.report.overlap);
 * suppress / amplify: the mean relative change of P over each fact's prompts, then over facts;
@@ -44,8 +45,10 @@ ROWS = (  # key, label, format
     ("kn_per_fact", "knowledge neurons per fact", "num"),
     ("facts_with_kn", "facts with any knowledge neuron", "pct"),
     ("activation_per_fact", "activation-baseline neurons per fact", "num"),
+    ("layers", "layers attributed", "text"),
     ("top_third", "knowledge neurons in the top third of the layers", "pct"),
-    ("top_layer", "most frequent layer (share)", "text"),
+    ("upper_half", "knowledge neurons in the upper half of the attributed layers", "pct"),
+    ("top_layer", "most frequent layer (share of knowledge neurons)", "text"),
     ("shared_intra", "shared neurons, same relation", "num"),
     ("shared_inter", "shared neurons, different relations", "num"),
     ("jaccard_intra", "Jaccard, same relation", "num"),
@@ -114,21 +117,29 @@ def pair_stats(kn: pd.DataFrame, seed: int = SEED, n_boot: int = N_BOOT) -> list
     return [_stat(k, float(point[i]), float(low[i]), float(high[i]), len(facts)) for i, k in enumerate(keys)]
 
 
-def _layer_rows(kn: pd.DataFrame, n_layers: int) -> list[dict]:
-    if kn.empty:
-        return [_stat("top_third", math.nan, math.nan, math.nan, 0), dict(key="top_layer", value="-", n=0)]
-    first_top = n_layers - n_layers // 3
-    per_fact = kn.assign(top=kn.layer >= first_top).groupby("fact_id").top.agg(["sum", "size"])
-    rng = np.random.default_rng(SEED)
-    draws = rng.integers(0, len(per_fact), (N_BOOT, len(per_fact)))
+def _share_row(key: str, kn: pd.DataFrame, first: int) -> dict:
+    """Share of knowledge neurons in layers >= first, with a bootstrap CI over facts."""
+    per_fact = kn.assign(top=kn.layer >= first).groupby("fact_id").top.agg(["sum", "size"])
+    draws = np.random.default_rng(SEED).integers(0, len(per_fact), (N_BOOT, len(per_fact)))
     tops, sizes = per_fact["sum"].to_numpy()[draws].sum(1), per_fact["size"].to_numpy()[draws].sum(1)
-    share = float(per_fact["sum"].sum() / per_fact["size"].sum())
     low, high = np.quantile(tops / sizes, (0.025, 0.975))
+    return _stat(key, float(per_fact["sum"].sum() / per_fact["size"].sum()), float(low), float(high), len(per_fact))
+
+
+def _layer_rows(kn: pd.DataFrame, n_layers: int, attributed: tuple[int, int]) -> list[dict]:
+    """Where the knowledge neurons sit: the top third of the network (when every layer was
+    attributed), the upper half of the attributed layers, and the most frequent layer."""
+    first, last = attributed
+    rows = [dict(key="layers", value=f"{first}-{last} of 0-{n_layers - 1}", n=0)]
+    if kn.empty:
+        return rows
+    if first == 0:
+        rows.append(_share_row("top_third", kn, n_layers - n_layers // 3))
+    rows.append(_share_row("upper_half", kn, first + (last - first + 1) // 2))
     counts = kn.layer.value_counts()
     mode = int(counts.idxmax())
-    return [_stat("top_third", share, float(low), float(high), len(per_fact)) | dict(layers=f"{first_top}-{n_layers - 1}"),
-            dict(key="top_layer", value=f"layer {mode} of 0-{n_layers - 1} ({counts[mode] / counts.sum():.0%})",
-                 n=len(per_fact))]
+    rows.append(dict(key="top_layer", value=f"layer {mode} ({counts[mode] / counts.sum():.0%})", n=len(set(kn.fact_id))))
+    return rows
 
 
 def _scale_rows(edits: pd.DataFrame) -> list[dict]:
@@ -180,7 +191,7 @@ def paper_rows(analytics: Analytics) -> list[dict]:
             _row("kn_per_fact", ig.n_neurons), _row("facts_with_kn", ig.n_neurons > 0),
             _row("activation_per_fact", act.n_neurons)]
     ig_kn = kn[kn.method == "ig"]
-    rows += _layer_rows(ig_kn, n_layers) + pair_stats(ig_kn)
+    rows += _layer_rows(ig_kn, n_layers, analytics.attributed_layers()) + pair_stats(ig_kn)
     if edits is not None:
         rows += _scale_rows(edits) + _criteria_rows(analytics.edit_criteria())
     return rows
