@@ -6,8 +6,8 @@ prompts, plan, run.json (config hash) and Parquet parts as the Ray pipeline (kn_
 .driver), so `kn-ray aggregate / edit / report` read the result as any other run, and a re-run
 resumes. One model, one torch thread (`--cpus-per-worker`), no retries: a failing shard stops it.
 Shards run round-robin over relations (a run stopped early holds about as many facts of each);
-`--part i/n` runs every n-th of them, so n processes can share one run (start them a few
-seconds apart; only part 0 removes stale files).
+`--part i/n` runs every n-th of them (slices of the whole plan, disjoint however far the run
+got), so n processes can share one run; only part 0 removes stale files, so start it first.
 
     PYTHONPATH=. python benchmarks/attribute_inprocess.py --model smollm2 --facts DIR --output OUT ...
 """
@@ -66,7 +66,7 @@ def main() -> int:
     done = run.finished([s.name for s in shards], record.config_hash)
     if part == 0:
         run.remove_stale(done)
-    todo = round_robin([s for s in shards if s.name not in done])[part::parts]
+    todo = [s for s in round_robin(shards)[part::parts] if s.name not in done]  # slices of the whole plan
     total = sum(map(len, todo))
     print(f"{len(shards)} shards, {len(todo)} to do ({total} prompts); model loaded in "
           f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)

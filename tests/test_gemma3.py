@@ -15,8 +15,7 @@ import torch
 from kn_ray.engine import LoadedModel, Prober
 from kn_ray.engine import embedded
 from kn_ray.engine.editing import edited, set_value_slots, word_embedding
-from test_engine_exact import CAUSAL_CASES
-from tiny_models import tiny_model
+from tiny_models import CAUSAL_CASES, tiny_model
 
 
 @pytest.fixture(scope="module")
