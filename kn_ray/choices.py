@@ -5,6 +5,7 @@ AUTO = "auto"  # let kn-ray choose: steps (adaptive), batch sizes (from the devi
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # compute (autocast) precision
 DTYPES = ("auto", "fp32", "bf16", "fp16")  # the weights' dtype, separate from the compute precision
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # Accelerate's placement strategies
+RULES = ("left", "right", "midpoint", "trapezoid", "gausslegendre")  # quadrature rules (engine.quadrature)
 NOISE = ("input", "weights", "both")  # what noisy copies perturb: SmoothGrad, NoiseGrad, FusionGrad
 NOISED_WEIGHTS = ("all", "above")  # NoiseGrad: every weight, or from the scaled layer's block up
 

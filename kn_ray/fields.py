@@ -9,7 +9,7 @@ accepted types from these declarations. Fields declared with plain `field()` are
 
 from __future__ import annotations
 
-from dataclasses import MISSING, field
+from dataclasses import MISSING, field, fields, is_dataclass
 
 
 def option(default=MISSING, help: str = "", *, factory=MISSING, key: str | None = None, flag: str | None = "",
@@ -27,6 +27,17 @@ def option(default=MISSING, help: str = "", *, factory=MISSING, key: str | None 
     """
     meta = dict(help=help, key=key, flag=flag, choices=choices, types=types, section=section, group=group, cli=cli)
     return field(default=default, default_factory=factory, metadata={"option": meta})
+
+
+def check_choices(options) -> None:
+    """ValueError for a value outside its declared choices, in `options` or its nested dataclasses
+    (argparse checks flags; this checks the job spec and the Python API alike)."""
+    for f in fields(options):
+        meta, value = f.metadata.get("option"), getattr(options, f.name)
+        if is_dataclass(value):
+            check_choices(value)
+        elif meta and meta["choices"] is not None and value is not None and value not in meta["choices"]:
+            raise ValueError(f"{f.name} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
 
 
 def int_or_auto(text: str) -> int | str:

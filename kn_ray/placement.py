@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 from kn_ray.choices import AUTO, DEVICE_MAPS, DTYPES, PRECISIONS
-from kn_ray.fields import int_or_auto, option
+from kn_ray.fields import check_choices, int_or_auto, option
 
 GROUP = "model placement"
 
@@ -46,11 +46,7 @@ class Placement:
 
     def check(self) -> "Placement":
         """Validate; max_memory becomes Accelerate's mapping (GPU indices as ints)."""
-        for name, allowed in (("dtype", DTYPES), ("precision", PRECISIONS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
-            raise ValueError(f"device_map must be one of {', '.join(DEVICE_MAPS)}, got {self.device_map!r}")
+        check_choices(self)
         if self.max_memory is not None:
             from kn_ray.engine.loading import parse_max_memory
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kn_ray.engine import METHODS, Attributor, quadrature
+from kn_ray.engine import RULES, Attributor, quadrature
 from kn_ray.engine.adaptive import FLOOR
 from numerics import assert_same_numbers, relative_error as rel_err
 from reference import float64, reference_ig
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.numerics  # comparisons of two computations: `make test
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", RULES)
 def test_scores_match_float64_reference(family, method, tmp_path):
     model, tok = tiny_model(family, tmp_path)
     model64 = float64(model)
@@ -64,7 +64,7 @@ def test_rules_integrate_polynomials():
             assert float((weights * alphas**degree).sum()) == pytest.approx(1 / (degree + 1), rel=1e-12)
         if m <= 6:  # and not degree 2m (above that the miss is below rounding)
             assert float((weights * alphas ** (2 * m)).sum()) != pytest.approx(1 / (2 * m + 1), rel=1e-12)
-    for method in METHODS:
+    for method in RULES:
         assert float(quadrature(7, method)[1].sum()) == pytest.approx(1, abs=1e-14)
     with pytest.raises(ValueError, match="n_steps"):
         quadrature(0, "gausslegendre")

@@ -7,10 +7,10 @@ from .graph import Graph
 from .encoding import SkipPrompt
 from .probe import Prober, Probe
 from .loading import LoadedModel, best_device, load_model
-from .quadrature import METHODS, quadrature
+from .quadrature import RULES, quadrature
 
 __all__ = [
-    "ADAPTERS", "Adapter", "Attribution", "Attributor", "EdgeAttribution", "EdgeAttributor", "Graph", "LoadedModel", "METHODS", "SkipPrompt",
+    "ADAPTERS", "Adapter", "Attribution", "Attributor", "EdgeAttribution", "EdgeAttributor", "Graph", "LoadedModel", "RULES", "SkipPrompt",
     "UnsupportedArchitecture", "adapter_for", "best_device", "load_model", "quadrature",
     "supported_model_types", "value_matrix",
 ]

@@ -19,9 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kn_ray.choices import AUTO  # noqa: F401 - n_steps="auto": adaptive steps
-
-METHODS = ("left", "right", "midpoint", "trapezoid", "gausslegendre")
+from kn_ray.choices import AUTO, RULES  # noqa: F401 - n_steps="auto": adaptive steps
 
 
 def quadrature(n_steps: int, method: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +40,7 @@ def quadrature(n_steps: int, method: str = "left") -> tuple[torch.Tensor, torch.
     elif method == "trapezoid":
         alphas = k / m
     else:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise ValueError(f"method must be one of {RULES}, got {method!r}")
     weights = torch.full_like(alphas, 1.0 / m)
     if method == "trapezoid":
         weights[0] = weights[-1] = 0.5 / m

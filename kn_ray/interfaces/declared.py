@@ -178,6 +178,7 @@ def from_spec(cls, spec, **fixed):
                 missing += [key] if d.required else []
                 continue
             _check_type(d, value)
+            _check_choice(d, value)
             _put(tree, d.path, _value(d, value))
     if missing:
         raise SpecError(f"missing required key(s): {', '.join(missing)}")
@@ -209,6 +210,13 @@ def _check_type(d: Declared, value) -> None:
         raise SpecError(f"{name} must be {' or '.join(t.__name__ for t in accepted)}, got {value!r}")
     if isinstance(value, list) and not all(isinstance(v, str) and v for v in value):
         raise SpecError(f"{name} must be a list of names, got {value!r}")
+
+
+def _check_choice(d: Declared, value) -> None:
+    choices = d.meta["choices"]
+    if choices is not None and value not in choices:
+        name = f"{d.section + '.' if d.section else ''}{d.key}"
+        raise SpecError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 def _put(tree: dict, path: tuple[str, ...], value) -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from kn_ray.choices import N_STEPS, NOISE, NOISED_WEIGHTS, RULE, STDEVS, TOLERANCE, WEIGHT_STDEVS
-from kn_ray.fields import int_or_auto, option
+from kn_ray.choices import N_STEPS, NOISE, NOISED_WEIGHTS, RULE, RULES, STDEVS, TOLERANCE, WEIGHT_STDEVS
+from kn_ray.fields import check_choices, int_or_auto, option
 from kn_ray.placement import Placement
 
 from .facts import FORMATS, Filters
@@ -29,8 +29,7 @@ class KeepPolicy:
     dense_dtype: str = option("float32", "dense scores' type", choices=("float32", "float16"))
 
     def check(self) -> None:
-        if self.dense_dtype not in ("float32", "float16"):
-            raise ValueError(f"keep dense_dtype must be float32 or float16, got {self.dense_dtype!r}")
+        check_choices(self)
         for name in ("ratio", "activation_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"keep {name} must be in [0, 1], got {getattr(self, name)}")
@@ -79,8 +78,7 @@ class RunOptions:
     filters: Filters = option(factory=Filters, section="filters")
     n_steps: int | str = option(N_STEPS, "integration steps, or auto (adaptive, see --tolerance)", section="attribution",
                                 type=int_or_auto)
-    method: str = option(RULE, "quadrature rule: left (the paper with 20 steps), right, midpoint, trapezoid, "
-                                 "gausslegendre (kn_ray.engine.METHODS checks it)", section="attribution")
+    method: str = option(RULE, "quadrature rule (left with 20 steps: the paper's)", choices=RULES, section="attribution")
     tolerance: float = option(TOLERANCE, "--n-steps auto: completeness residual <= T x |P - P(layer at baseline)|",
                               section="attribution")
     nt_samples: int = option(0, "smooth: average over K noisy copies (0: off); --noise says what they perturb",
@@ -107,12 +105,9 @@ class RunOptions:
 
     def check(self) -> "RunOptions":
         from kn_ray.engine.noisegrad import check_noise
-        from kn_ray.engine.quadrature import AUTO, METHODS
+        from kn_ray.engine.quadrature import AUTO
 
-        if self.facts_format not in FORMATS:
-            raise ValueError(f"facts format must be one of {', '.join(FORMATS)}, got {self.facts_format!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        check_choices(self)
         self.placement.check()
         if self.n_steps != AUTO and (isinstance(self.n_steps, (bool, str)) or self.n_steps < 1):
             raise ValueError(f"n_steps must be >= 1 or 'auto', got {self.n_steps!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kn_ray.fields import option
+from kn_ray.fields import check_choices, option
 from kn_ray.placement import names as placement_names
 
 OPS = ("suppress", "amplify", "update", "erase")
@@ -38,8 +38,7 @@ class EditSettings:
             raise ValueError(f"shared share must lie in [0, 1], got {self.shared_share}")
         if self.max_facts is not None and self.max_facts < 1:
             raise ValueError(f"max_facts must be >= 1, got {self.max_facts}")
-        if self.erase_value not in ERASE_VALUES:
-            raise ValueError(f"erase value must be zero or unk, got {self.erase_value!r}")
+        check_choices(self)
         return self
 
 
