@@ -20,7 +20,7 @@ def first_arg(args: tuple, kwargs: dict, name: str = "hidden_states") -> torch.T
     return args[0] if args else kwargs[name]
 
 
-def withfirst_arg(args: tuple, kwargs: dict, value: torch.Tensor, name: str = "hidden_states"):
+def with_first_arg(args: tuple, kwargs: dict, value: torch.Tensor, name: str = "hidden_states"):
     if args:
         return (value, *args[1:]), kwargs
     return args, {**kwargs, name: value}
@@ -46,7 +46,7 @@ def gather_head_input(model: nn.Module, adapter: Adapter, cols: torch.Tensor):
     def fn(_i, args, kwargs):
         hidden = first_arg(args, kwargs)
         index = cols.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1])
-        return withfirst_arg(args, kwargs, hidden.gather(1, index))
+        return with_first_arg(args, kwargs, hidden.gather(1, index))
 
     return pre_hooks([adapter.head_module(model)], fn)
 
@@ -63,7 +63,7 @@ def edit_site(model: nn.Module, adapter: Adapter, site: str, layer: int, edit: C
         raise ValueError(f"edit_site rewrites input sites; {site!r} is an output")
 
     def fn(_i, args, kwargs):
-        return withfirst_arg(args, kwargs, edit(first_arg(args, kwargs)))
+        return with_first_arg(args, kwargs, edit(first_arg(args, kwargs)))
 
     return pre_hooks([module], fn)
 
@@ -88,7 +88,7 @@ def start_at_layer(model: nn.Module, adapter: Adapter, layer: int, hidden: torch
     try:
         for i in range(layer):
             blocks[i] = skip
-        with pre_hooks([blocks[layer]], lambda _i, a, k: withfirst_arg(a, k, hidden)):
+        with pre_hooks([blocks[layer]], lambda _i, a, k: with_first_arg(a, k, hidden)):
             yield
     finally:
         for i, block in enumerate(originals):

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, UnsupportedArchitecture, attention_shape, head_columns, value_matrix
-from .hooks import first_arg, withfirst_arg
+from .hooks import first_arg, with_first_arg
 
 
 def require_circuits(model: nn.Module, adapter: Adapter) -> str:
@@ -79,7 +79,7 @@ def split_receivers(model: nn.Module, adapter: Adapter, extra: Callable[[str, in
     def plus(kind, layer):
         def hook(_m, args, kwargs):
             add = extra(kind, layer)
-            return None if add is None else withfirst_arg(args, kwargs, first_arg(args, kwargs) + add.to(first_arg(args, kwargs).dtype))
+            return None if add is None else with_first_arg(args, kwargs, first_arg(args, kwargs) + add.to(first_arg(args, kwargs).dtype))
         return hook
 
     try:
