@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kn_ray.interfaces import declared
+from kn_ray.interfaces.commands import add_progress_flag
 from kn_ray.pipeline.options import RunOptions
 
 GROUPS = {"filters": "filters", "attribution": "attribution", "keep": "kept rows", "workers": "workers"}
@@ -15,7 +16,7 @@ def register(sub) -> None:
                                    "--output is refused. The flags are RunOptions' declared options "
                                    "(kn_ray.pipeline.options), the same as a job spec's keys.")
     declared.add_flags(p, RunOptions, GROUPS)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_flag(p)
     p.set_defaults(func=run)
 
 

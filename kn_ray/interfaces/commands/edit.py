@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-
 from dataclasses import replace
 
 from kn_ray.interfaces import declared
+from kn_ray.interfaces.commands import add_progress_flag
 from kn_ray.placement import Placement
 from kn_ray.stages.edit.options import EditOptions
 
@@ -25,7 +25,7 @@ def register(sub) -> None:
     p.add_argument("--save", metavar="DIR", help="apply one update (--fact-id) or erase (--relation) and save the "
                                                   "edited model to DIR (safetensors; a path or URI) instead of "
                                                   "experimenting")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_progress_flag(p, "--quiet")  # --quiet: its spelling before
     p.set_defaults(func=run)
 
 
@@ -39,6 +39,6 @@ def run(args) -> int:
         edit = save_edit(args.out, options, args.save)
         print(json.dumps(dict(saved=str(args.save), **edit), indent=2))
         return 0
-    summary = run_edits(args.out, options, progress=not args.quiet)
+    summary = run_edits(args.out, options, progress=not args.no_progress)
     print(summary["text"])
     return 0

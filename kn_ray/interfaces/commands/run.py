@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from kn_ray.interfaces.commands import add_progress_flag
+
 
 def register(sub) -> None:
     p = sub.add_parser("run", help="run a job spec (jobs/*.yaml) on Ray",
@@ -9,7 +11,7 @@ def register(sub) -> None:
     p.add_argument("spec", help="job spec YAML: a path or URI (s3://bucket/job.yaml)")
     p.add_argument("--output", "-o", help="override the spec's output directory (a path or URI, e.g. s3://bucket/run)")
     p.add_argument("--facts", help="override the spec's facts (a path or URI)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_flag(p)
     p.set_defaults(func=run)
 
 
