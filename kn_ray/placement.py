@@ -8,6 +8,7 @@ torch); `load()` imports the engine.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, fields, replace
 
 from kn_ray.choices import AUTO, DEVICE_MAPS, DTYPES, PRECISIONS
@@ -66,7 +67,10 @@ class Placement:
         return None if self.batch_prompts == AUTO else self.batch_prompts
 
     def for_actor(self, threads: int | None) -> "Placement":
-        """This placement in an actor given `threads` CPUs (an explicit `threads` wins)."""
+        """This placement in an actor given `threads` CPUs (an explicit `threads` wins), at most
+        one torch thread per CPU this process may run on (Ray's logical CPUs can exceed them)."""
+        if threads and hasattr(os, "sched_getaffinity"):
+            threads = min(threads, len(os.sched_getaffinity(0)))
         return replace(self, threads=self.threads or threads)
 
     def load(self, device=None):

@@ -74,6 +74,7 @@ def test_romberg_weights_equal_a_romberg_table():
     from scipy.integrate import trapezoid
 
     from kn_ray.engine.quadrature import romberg_weights
+    from kn_ray.engine.runner import batches
 
     f = lambda x: np.exp(3 * x) / (1 + np.exp(6 * x - 3))  # a sigmoid-shaped path, like P(alpha)
     for level in range(5):
@@ -111,3 +112,45 @@ def test_evaluations_count_the_rows_of_each_rule(tmp_path):
     for method, rows in (("left", 20), ("midpoint", 21), ("trapezoid", 21), ("gausslegendre", 21)):
         [res] = attr.attribute(["the city of"], [" rome"], n_steps=20, method=method)
         assert res.evaluations.tolist() == [rows] * 3
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_auto_doublings_share_one_pass_across_prompts_and_layers(family, tmp_path, monkeypatch):
+    """Every doubling of `auto` is one pass over all open (prompt, layer) pairs, whatever their
+    layer (a pass starts at the lowest); the nodes up to the first check are one pass per layer.
+    With a tolerance no pair meets, every pair runs to the cap (here 17 nodes): the scores must
+    then be the fixed 17-node Romberg rule's, computed layer by layer."""
+    from kn_ray.engine import adaptive
+    from kn_ray.engine.adaptive import FIRST_LEVEL
+    from kn_ray.engine.quadrature import romberg_weights
+    from kn_ray.engine.runner import batches
+
+    model, tok = tiny_model(family, tmp_path)
+    prompts, targets = cases(family)
+    attr = Attributor(model, tok, precision="fp32", max_batch_tokens=10**6)
+    passes, real_rows = [], attr._rows
+
+    def counted_rows(batch, clean, layer, pi, alpha, baseline):
+        layers = {layer} if isinstance(layer, int) else set(layer.tolist())
+        passes.append((layers, set(pi.tolist())))
+        return real_rows(batch, clean, layer, pi, alpha, baseline)
+
+    attr._rows = counted_rows
+    monkeypatch.setattr(adaptive, "MAX_LEVEL", MAX_LEVEL := FIRST_LEVEL + 2)
+    auto = attr.attribute(prompts, targets, n_steps="auto", tolerance=1e-12)
+    L = model.config.num_hidden_layers
+    assert all(r.evaluations.tolist() == [2**MAX_LEVEL + 1] * L for r in auto)
+    _, _, encs, _ = attr._prepare(prompts, targets)
+    groups = list(batches(encs, len(encs)))  # the engine's batches: one per object length
+    doublings = MAX_LEVEL - FIRST_LEVEL
+    assert len(passes) == len(groups) * (L + doublings)
+    shared = [(layers, rows) for layers, rows in passes if len(layers) > 1]
+    assert len(shared) == len(groups) * doublings
+    assert all(layers == set(range(L)) and len(rows) > 1 for layers, rows in shared)
+    alphas, weights = romberg_weights(MAX_LEVEL)
+    fixed = Attributor(model, tok, precision="fp32")
+    for group in groups:
+        outs = fixed._attribute_batch([e for _, e in group], alphas, weights, list(range(L)), 0.0)
+        for (i, _), out in zip(group, outs):
+            assert_same_numbers(auto[i].scores, out["scores"], what="scores")
+            assert_same_numbers(auto[i].baseline_prob, out["baseline_prob"], what="baseline_prob")

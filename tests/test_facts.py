@@ -102,3 +102,11 @@ def test_every_bad_record_is_a_row_with_its_reason(tmp_path):
             value.encode("utf-8")
     again = build_prompts(read_facts(path), masked=True).prompts
     assert [p.prompt_id for p in again] == [p.prompt_id for p in prompts]
+
+
+def test_auto_shards_hold_at_least_one_engine_batch_whatever_the_input():
+    from kn_ray.engine.runner import CPU_BATCH_PROMPTS
+    from kn_ray.pipeline.plan import MIN_AUTO_SHARD, auto_shard_size
+
+    assert MIN_AUTO_SHARD == CPU_BATCH_PROMPTS  # a small run's prompts share the engine's passes
+    assert [auto_shard_size(n) for n in (1, 6, 2048, 64 * 40, 10**6)] == [32, 32, 32, 40, 64]

@@ -361,3 +361,17 @@ def test_edit_takes_attributes_placement_flags_as_overrides_of_the_run():
         if d.dest == "model":
             expected = dataclasses.replace(expected, revision=None)  # another model: not the run's revision
         assert placement == dataclasses.replace(expected, **{d.dest: value}).check(), d.flag
+
+
+def test_default_cpu_plan_is_one_actor_per_group_of_up_to_8_cores(monkeypatch):
+    from kn_ray.pipeline import execute
+    from kn_ray.pipeline.options import Resources
+
+    for nodes, want in (([2], (1, 2)), ([16], (2, 8)), ([12], (2, 6)), ([0, 1, 1], (2, 1)), ([3, 16], (6, 3))):
+        monkeypatch.setattr(execute.ray, "nodes", lambda: [dict(Alive=True, Resources=dict(CPU=c)) for c in nodes])
+        monkeypatch.setattr(execute.ray, "cluster_resources", lambda: dict(CPU=sum(nodes)))
+        count, opts = execute.actor_resources(Resources())
+        assert (count, opts["num_cpus"]) == want, nodes
+    assert execute.actor_resources(Resources(cpus_per_worker=1))[1]["num_cpus"] == 1  # an explicit size wins
+    monkeypatch.setattr(execute.ray, "cluster_resources", lambda: dict(CPU=19, GPU=2))
+    assert execute.actor_resources(Resources()) == (2, execute.actor_resources(Resources(cpus_per_worker=1))[1])

@@ -24,6 +24,7 @@ compare against a float64 one-layer-one-step reference).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -220,19 +221,14 @@ class Attributor(ModelRunner):
         if not adaptive:
             zero_step = int((alphas == 0).nonzero()[0])  # alphas live on the host: no device sync
             alphas, weights = alphas.float().to(self.device), weights.float().to(self.device)
-        scores, base_prob, used = [], [], []
-        for layer in layers:  # everything stays on the device; one copy to the host per batch
-            if adaptive:
-                grad_sum, p0, n = integrate_adaptive(self, batch, clean, layer, baseline, weights)
-            else:
-                grad_sum, p0 = self._integrate(batch, clean, layer, alphas, weights, zero_step, baseline)
-                n = torch.full((batch.size,), len(alphas), dtype=torch.int32)
-            scores.append((clean.acts[layer] - baseline) * grad_sum)
-            base_prob.append(p0)
-            used.append(n)
-        evaluations = torch.stack(used, 1)
-        scores_d, base_d = torch.stack(scores, 1), torch.stack(base_prob, 1)  # [B, L, F], [B, L]
-        acts_d = torch.stack([clean.acts[layer] for layer in layers], 1)
+        acts_d = torch.stack([clean.acts[layer] for layer in layers], 1)  # [B, L, F]
+        if adaptive:  # every layer at once: the doublings of all open (prompt, layer) pairs share passes
+            grad_d, base_d, evaluations = integrate_adaptive(self, batch, clean, layers, baseline, weights)
+        else:
+            sums = [self._integrate(batch, clean, layer, alphas, weights, zero_step, baseline) for layer in layers]
+            grad_d, base_d = torch.stack([g for g, _ in sums], 1), torch.stack([p for _, p in sums], 1)
+            evaluations = torch.full((batch.size, len(layers)), len(alphas), dtype=torch.int32)
+        scores_d = (acts_d - baseline) * grad_d  # everything stays on the device; one copy to the host per batch
         completeness_d = (scores_d.sum(-1) - (clean.gold_prob[:, None] - base_d)).abs()
         if self._site == "attn.hook_z":  # a head's score: the sum over its units
             heads = attention_shape(self.model.config)[0]
@@ -297,64 +293,86 @@ class Attributor(ModelRunner):
         return dict(past_key_values=DynamicCache(), use_cache=True)
 
     # ---- one layer ----------------------------------------------------------------------
-    def _integrate(self, batch, clean, layer, alphas, weights, zero_step, baseline, prompts=None):
-        """sum_k w_k dP/dx(alpha_k) for every prompt of the batch (or the indices `prompts`) at
-        `layer`, and P at alpha = 0 (step `zero_step`; -1: none, P stays 0), accumulated on the
-        device (no host synchronisation inside the row loop)."""
+    def _integrate(self, batch, clean, layer, alphas, weights, zero_step, baseline):
+        """sum_k w_k dP/dx(alpha_k) [B, F] (weights [A, K]: [B, K, F]) for every prompt of the batch at
+        `layer`, and P at alpha = 0 (step `zero_step`) [B]."""
         B, A, dev = batch.size, len(alphas), self.device
-        prompts = torch.arange(B, device=dev) if prompts is None else prompts.to(dev)
-        prompt_of = prompts.repeat_interleave(A)
-        step_of = torch.arange(A, device=dev).repeat(len(prompts))
-        grad_sum = torch.zeros(B, self._width, dtype=torch.float32, device=dev)
-        p_zero = torch.zeros(B, dtype=torch.float32, device=dev)
+        prompt_of = torch.arange(B, device=dev).repeat_interleave(A)
+        step_of = torch.arange(A, device=dev).repeat(B)
+        w = weights[step_of]
+        sums, probs = self._integrate_rows(batch, clean, prompt_of, layer, alphas[step_of],
+                                           w if w.dim() == 2 else w[:, None], prompt_of, B, baseline)
+        return sums if weights.dim() == 2 else sums[:, 0], probs.view(B, A)[:, zero_step]
+
+    def _integrate_rows(self, batch, clean, prompt_of, layer_of, alpha_of, weight_of, out_of, n_out, baseline):
+        """Rows r = (prompt_of[r], layer_of[r], alpha_of[r]): sum over the rows of output o of
+        weight_of[r] [K] x dP/dx [n_out, K, F], and every row's P [R], accumulated on the device (no
+        host synchronisation inside the row loop). `layer_of`: one layer, or a host tensor per row,
+        sorted: a pass of rows of several layers starts at the lowest of them (`_rows`)."""
+        R, dev = len(prompt_of), self.device
+        sums = torch.zeros(n_out, weight_of.shape[1], self._width, dtype=torch.float32, device=dev)
+        probs = torch.zeros(R, dtype=torch.float32, device=dev)
         tokens_per_row = batch.input_ids.shape[1] - batch.start_col
         lo = 0
-        while lo < len(prompt_of):
+        while lo < R:
             n_rows = max(1, self.max_batch_tokens // tokens_per_row)
-            pi, si = prompt_of[lo : lo + n_rows], step_of[lo : lo + n_rows]
+            part = slice(lo, lo + n_rows)
+            pi, layer = prompt_of[part], layer_of if isinstance(layer_of, int) else layer_of[part]
             try:
-                grads, probs = self._rows(batch, clean, layer, pi, alphas[si], baseline)
+                grads, p = self._rows(batch, clean, layer, pi, alpha_of[part], baseline)
             except Exception as error:  # noqa: BLE001
                 if not is_oom(error) or n_rows == 1:
                     raise
                 self._back_off()
                 continue
-            grad_sum.index_add_(0, pi, grads * weights[si][:, None])
-            p_zero.index_add_(0, pi, probs.float() * (si == zero_step))  # each prompt has one zero step
+            sums.index_add_(0, out_of[part], grads[:, None, :] * weight_of[part][:, :, None])
+            probs[part] = p.float()
             lo += len(pi)
-        return grad_sum, p_zero
+        return sums, probs
 
     def _rows(self, batch, clean, layer, prompt_idx, alpha, baseline):
-        """One forward/backward over rows (prompt, alpha) starting at `layer`.
+        """One forward/backward over rows (prompt, alpha) scaled at `layer` (an int, or a host tensor
+        of one layer per row).
 
-        Every index follows the tensor it indexes to its device: under a device map the cached
-        block inputs, the prefix cache and the neurons of `layer` may each live elsewhere.
+        Rows of several layers start together at the lowest, L0: a row of a higher layer recomputes
+        the clean blocks between (its clean state, up to rounding) and each layer's site edit
+        touches only its own rows. Every index follows the tensor it indexes to its device: under a
+        device map the cached block inputs, the prefix cache and the neurons of a layer may each
+        live elsewhere.
         """
         dev = self.device
         pi, alpha = prompt_idx.to(dev), alpha.to(dev)
         sc = batch.start_col
         n = len(pi)
-        a = clean.acts[layer][pi]
+        groups = _layer_rows(layer, n)
+        start = min(groups)
+        a = torch.empty(n, self._width, dtype=torch.float32, device=dev)
+        for lay, rows in groups.items():
+            a[rows.to(dev)] = clean.acts[lay][pi[rows.to(dev)]]
         x = (baseline + alpha[:, None] * (a - baseline)).requires_grad_(True)
         target = batch.target_col[pi] - sc
-        arange = torch.arange(n, device=dev)
 
-        def put(inputs: torch.Tensor) -> torch.Tensor:
-            d = inputs.device
-            return inputs.index_put((arange.to(d), target.to(d)), x.to(d, inputs.dtype))
+        def put(rows: torch.Tensor):
+            def edit(inputs: torch.Tensor) -> torch.Tensor:
+                d = inputs.device
+                r = rows.to(d)
+                return inputs.index_put((r, target.to(d)[r]), x[rows.to(x.device)].to(d, inputs.dtype))
 
-        hidden = clean.hidden_in[layer]
+            return edit
+
+        hidden = clean.hidden_in[start]
         inputs = self._inputs(batch, pi, sc)
         if clean.kv is not None:
-            inputs.update(past_key_values=self._prefix_cache(clean.kv, pi, layer), use_cache=True)
-        with (
-            torch.enable_grad(),
-            autocast(self.precision, dev),
-            start_at_layer(self.model, self.adapter, layer, hidden[pi.to(hidden.device)]),
-            edit_site(self.model, self.adapter, self._site, layer, put),
-            gather_head_input(self.model, self.adapter, batch.pred_cols[pi] - sc),
-            recompute_offloaded_blocks(self.model, self.adapter, layer, inputs.get("past_key_values")),
-        ):
+            inputs.update(past_key_values=self._prefix_cache(clean.kv, pi, start), use_cache=True)
+        with contextlib.ExitStack() as stack:
+            for lay, rows in groups.items():
+                stack.enter_context(edit_site(self.model, self.adapter, self._site, lay, put(rows)))
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(autocast(self.precision, dev))
+            stack.enter_context(start_at_layer(self.model, self.adapter, start, hidden[pi.to(hidden.device)]))
+            stack.enter_context(gather_head_input(self.model, self.adapter, batch.pred_cols[pi] - sc))
+            stack.enter_context(recompute_offloaded_blocks(self.model, self.adapter, start,
+                                                           inputs.get("past_key_values")))
             logits = self.model(**inputs).logits.to(dev)
             prob = gold_prob(logits, batch.gold_ids[pi], batch.gold_valid[pi])
             (grad,) = torch.autograd.grad(prob.sum(), x)
@@ -366,3 +384,10 @@ class Attributor(ModelRunner):
 
         data = [(k[pi.to(k.device)], v[pi.to(v.device)]) if i >= layer else (k[:1], v[:1]) for i, (k, v) in enumerate(kv)]
         return DynamicCache(ddp_cache_data=data, config=self.model.config)
+
+
+def _layer_rows(layer, n: int) -> dict[int, torch.Tensor]:
+    """{layer: host indices of its rows} for `_rows`' `layer` (one int for all n rows, or one per row)."""
+    if isinstance(layer, int):
+        return {layer: torch.arange(n)}
+    return {int(lay): (layer == lay).nonzero()[:, 0] for lay in layer.unique()}

@@ -100,7 +100,7 @@ def run_pipeline(options: RunOptions, *, progress: bool = True) -> RunReport:
     from .execute import attribution_pool, connect, disconnect, run_shards, single_node
 
     res = options.resources
-    started = connect(min_cpus=(res.workers or 1) * res.cpus_per_worker)
+    started = connect(min_cpus=res.cpus_needed)
     try:
         pool = attribution_pool(options)
         if progress:

@@ -1,8 +1,9 @@
 """Running work on Ray: one pool of model-holding actors fed by the driver, used by
 `kn-ray attribute` (shards) and `kn-ray edit` (work units).
 
-* One actor per GPU (`num_gpus=1`) when the cluster has GPUs, else one CPU actor per core
-  (`Resources`; GPU detection lives here only); each loads the model once. Ray restarts a crashed actor (`max_restarts`); the driver never lets Ray
+* One actor per GPU (`num_gpus=1`) when the cluster has GPUs, else one CPU actor per group of
+  up to 8 cores of a node, with a torch thread per core (`Resources`, `cpu_group`; GPU
+  detection lives here only); each loads the model once. Ray restarts a crashed actor (`max_restarts`); the driver never lets Ray
   retry a shard behind its back (`max_task_retries=0`) but resubmits it itself, to any live
   actor, and counts attempts: after `max_attempts` failures the task is marked failed.
 * After any failure the actor is pinged (`info()`, the one call Ray retries through restarts):
@@ -93,21 +94,35 @@ FORWARDED_ENV = (faults.ENV, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACC
 
 def actor_resources(res: Resources, gpus: float | None = None) -> tuple[int, dict]:
     """(number of actors, Ray options for each): one actor per `gpus` GPUs (default 1) on a GPU
-    cluster, else by default one actor of `cpus_per_worker` CPUs per that many of the cluster's
-    CPUs (every core)."""
+    cluster, else by default one actor of `cpus_per_worker` CPUs (default `cpu_group()`) per that
+    many of the cluster's CPUs (every core)."""
     cluster = ray.cluster_resources()
     gpus = gpus if gpus is not None else (1 if cluster.get("GPU", 0) >= 1 else 0)
+    cpus = res.cpus_per_worker or (1 if gpus else cpu_group())
     if res.workers:
         count = res.workers
     elif gpus:
         count = max(1, int(cluster.get("GPU", 0) // gpus))
     else:
-        count = max(1, int(cluster.get("CPU", 1) // res.cpus_per_worker))
-    opts = dict(num_cpus=res.cpus_per_worker, num_gpus=gpus, max_restarts=res.max_restarts, max_task_retries=0)
+        count = max(1, int(cluster.get("CPU", 1) // cpus))
+    opts = dict(num_cpus=cpus, num_gpus=gpus, max_restarts=res.max_restarts, max_task_retries=0)
     env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
     if env:
         opts["runtime_env"] = {"env_vars": env}
     return count, opts
+
+
+MAX_CPU_GROUP = 8  # CPUs per default CPU actor: torch threads scale to about that many on one model
+
+
+def cpu_group() -> int:
+    """The default CPUs of a CPU actor: the smallest node's CPUs, in groups of at most MAX_CPU_GROUP.
+    One multi-threaded actor per group beats one single-threaded actor per core (BENCHMARKS.md,
+    "The CPU default plan": a second thread speeds a pass up more than a second model copy does)
+    and holds one copy of the model instead of one per core."""
+    nodes = [node.get("Resources", {}).get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
+    smallest = int(min((n for n in nodes if n >= 1), default=1))
+    return max(1, smallest // math.ceil(smallest / MAX_CPU_GROUP))
 
 
 def describe_plan(count: int, opts: dict, chosen: bool, threads: int | None = None) -> str:
@@ -294,7 +309,7 @@ def run_tasks(actor_class, args: tuple, kwargs: dict, res: Resources, tasks, *, 
     """Yield (task, result) of `actor_class(*args, **kwargs).<method>(task)` over a pool, as they
     finish; raises TasksFailed at the end if a task failed on every attempt. Starts a local Ray
     (or joins $RAY_ADDRESS) if none is running."""
-    started = connect(min_cpus=(res.workers or 1) * res.cpus_per_worker)
+    started = connect(min_cpus=res.cpus_needed)
     pool = None
     try:
         pool = ActorPool(actor_class, args, kwargs, res, gpus, threads)

@@ -38,12 +38,13 @@ class KeepPolicy:
 @dataclass(frozen=True)
 class Resources:
     """Actors: one per `Placement.gpus_per_worker` GPUs when the cluster has GPUs (unless that is
-    0), else CPU actors of `cpus_per_worker` logical CPUs each, by default as many as the
-    cluster's CPUs hold."""
+    0), else CPU actors of `cpus_per_worker` logical CPUs each (default: a node's CPUs in groups
+    of at most 8, one multi-threaded actor per group), by default as many as the cluster's CPUs hold."""
 
-    workers: int | None = option(None, "actors (default: one per GPU, else one per CPU of the cluster)", key="count",
-                                 flag="--workers")
-    cpus_per_worker: float = option(1.0, "logical CPUs per actor", key="cpus", flag="--cpus-per-worker")
+    workers: int | None = option(None, "actors (default: one per GPU, else one per group of up to 8 CPUs of a node)",
+                                 key="count", flag="--workers")
+    cpus_per_worker: float | None = option(None, "logical CPUs per actor, each a torch thread (default: a node's CPUs "
+                                                 "in groups of at most 8)", key="cpus", flag="--cpus-per-worker")
     in_flight: int = option(2, "shards queued per actor, so it never waits for the driver")
     max_attempts: int = option(3, "attempts per shard before it is failed")
     max_restarts: int = option(4, "Ray restarts of a crashed actor (reloads the model; -1: unlimited)")
@@ -54,7 +55,7 @@ class Resources:
     def check(self) -> None:
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
-        if self.cpus_per_worker <= 0:
+        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
             raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         for name in ("in_flight", "max_attempts"):
             if getattr(self, name) < 1:
@@ -63,6 +64,11 @@ class Resources:
             raise ValueError(f"restart_wait must be >= 0, got {self.restart_wait}")
         if self.max_restarts < -1:
             raise ValueError(f"max_restarts must be >= -1 (-1: unlimited), got {self.max_restarts}")
+
+    @property
+    def cpus_needed(self) -> float:
+        """Logical CPUs a local Ray must declare so the actors asked for fit."""
+        return (self.workers or 1) * (self.cpus_per_worker or 1)
 
 
 MODES = ("neurons", "circuits")
@@ -99,7 +105,7 @@ class RunOptions:
     faithfulness_random: int = option(3, "circuits: random circuits per size on the faithfulness curve (0: no curve)",
                                       section="attribution")
     keep: KeepPolicy = option(factory=KeepPolicy, section="keep")
-    shard_size: int | None = option(None, "prompts per shard (default: 64, fewer for small inputs)", group="workers")
+    shard_size: int | None = option(None, "prompts per shard (default: about 64 shards of 32 to 64 prompts)", group="workers")
     resources: Resources = option(factory=Resources, section="workers")
     report_facts: int = option(3, "facts whose top neurons are printed at the end")
 

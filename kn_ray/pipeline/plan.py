@@ -29,13 +29,15 @@ class Shard:
 
 MAX_AUTO_SHARD = 64  # prompts; a shard is also the unit of retry
 MIN_AUTO_SHARDS = 64  # enough shards that every actor of a mid-size cluster gets work
+MIN_AUTO_SHARD = 32  # prompts: one CPU engine batch (engine.runner.CPU_BATCH_PROMPTS), whose rows share each pass
 
 
 def auto_shard_size(n_prompts: int) -> int:
-    """The default shard size: 64 prompts, smaller for small inputs so there are about 64
-    shards for the actors to share. It depends on the input only, so a re-run on another
+    """The default shard size: about n/64 prompts so that there are about 64 shards for the
+    actors to share, but at least one engine batch (a smaller shard pays the per-pass costs of a
+    batch for fewer prompts) and at most 64. It depends on the input only, so a re-run on another
     cluster plans the same shards."""
-    return max(1, min(MAX_AUTO_SHARD, -(-n_prompts // MIN_AUTO_SHARDS)))
+    return max(MIN_AUTO_SHARD, min(MAX_AUTO_SHARD, -(-n_prompts // MIN_AUTO_SHARDS)))
 
 
 def plan_shards(prompts: list[PromptSpec], shard_size: int) -> list[Shard]:
