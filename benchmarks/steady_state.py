@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from kn_ray.engine import Attributor, load_model
+from kn_ray.engine.random_models import PRESETS, random_model
 from kn_ray.pipeline.facts import read_facts
 from kn_ray.pipeline.prompts import build_prompts
 
@@ -61,7 +62,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    lm = load_model(args.model, precision="fp32")
+    if args.model in PRESETS:  # real shapes, random weights; a tokenizer trained on the prompts' text
+        lm = random_model(args.model, [" ".join(demo_prompts(m)[0] + demo_prompts(m)[1]) for m in (False, True)])
+    else:
+        lm = load_model(args.model, precision="fp32")
     attr = Attributor(lm, precision="fp32")
     prompts, targets = demo_prompts(lm.adapter.masked)
     small, large = (int(x) for x in args.sizes.split(","))
