@@ -373,5 +373,7 @@ def test_default_cpu_plan_is_one_actor_per_group_of_up_to_8_cores(monkeypatch):
         count, opts = execute.actor_resources(Resources())
         assert (count, opts["num_cpus"]) == want, nodes
     assert execute.actor_resources(Resources(cpus_per_worker=1))[1]["num_cpus"] == 1  # an explicit size wins
+    assert execute.actor_resources(Resources(workers=2))[1]["num_cpus"] == 3  # N workers share the CPUs
+    assert execute.actor_resources(Resources(workers=1))[1]["num_cpus"] == 3  # never more than a node's group
     monkeypatch.setattr(execute.ray, "cluster_resources", lambda: dict(CPU=19, GPU=2))
     assert execute.actor_resources(Resources()) == (2, execute.actor_resources(Resources(cpus_per_worker=1))[1])

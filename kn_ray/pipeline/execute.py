@@ -98,7 +98,7 @@ def actor_resources(res: Resources, gpus: float | None = None) -> tuple[int, dic
     many of the cluster's CPUs (every core)."""
     cluster = ray.cluster_resources()
     gpus = gpus if gpus is not None else (1 if cluster.get("GPU", 0) >= 1 else 0)
-    cpus = res.cpus_per_worker or (1 if gpus else cpu_group())
+    cpus = res.cpus_per_worker or (1 if gpus else cpu_group(res.workers, cluster.get("CPU", 1)))
     if res.workers:
         count = res.workers
     elif gpus:
@@ -115,14 +115,16 @@ def actor_resources(res: Resources, gpus: float | None = None) -> tuple[int, dic
 MAX_CPU_GROUP = 8  # CPUs per default CPU actor: torch threads scale to about that many on one model
 
 
-def cpu_group() -> int:
-    """The default CPUs of a CPU actor: the smallest node's CPUs, in groups of at most MAX_CPU_GROUP.
+def cpu_group(workers: int | None = None, cluster_cpus: float = 1) -> int:
+    """The default CPUs of a CPU actor: the smallest node's CPUs, in groups of at most MAX_CPU_GROUP
+    (with a number of `workers`, also at most their share of the cluster's CPUs).
     One multi-threaded actor per group beats one single-threaded actor per core (BENCHMARKS.md,
     "The CPU default plan": a second thread speeds a pass up more than a second model copy does)
     and holds one copy of the model instead of one per core."""
     nodes = [node.get("Resources", {}).get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
     smallest = int(min((n for n in nodes if n >= 1), default=1))
-    return max(1, smallest // math.ceil(smallest / MAX_CPU_GROUP))
+    group = smallest // math.ceil(smallest / MAX_CPU_GROUP)
+    return max(1, min(group, int(cluster_cpus // workers)) if workers else group)
 
 
 def describe_plan(count: int, opts: dict, chosen: bool, threads: int | None = None) -> str:

@@ -44,7 +44,8 @@ class Resources:
     workers: int | None = option(None, "actors (default: one per GPU, else one per group of up to 8 CPUs of a node)",
                                  key="count", flag="--workers")
     cpus_per_worker: float | None = option(None, "logical CPUs per actor, each a torch thread (default: a node's CPUs "
-                                                 "in groups of at most 8)", key="cpus", flag="--cpus-per-worker")
+                                                 "in groups of at most 8; with --workers, at most their share)",
+                                           key="cpus", flag="--cpus-per-worker")
     in_flight: int = option(2, "shards queued per actor, so it never waits for the driver")
     max_attempts: int = option(3, "attempts per shard before it is failed")
     max_restarts: int = option(4, "Ray restarts of a crashed actor (reloads the model; -1: unlimited)")
