@@ -70,9 +70,12 @@ def scores_of(attr, pairs, **kw) -> list[np.ndarray]:
     return [r.scores for r in res]
 
 
-def suppress_effect(prober, pairs, neurons) -> float:
+def suppress_effect(prober, pairs, neurons, clean: dict) -> float:
+    """`clean`: P before the edit, cached by the pairs (the same for every setting)."""
     prompts, targets = [p for p, _ in pairs], [t for _, t in pairs]
-    before = [r.gold_prob for r in prober.probe(prompts, targets)]
+    if tuple(pairs) not in clean:
+        clean[tuple(pairs)] = [r.gold_prob for r in prober.probe(prompts, targets)]
+    before = clean[tuple(pairs)]
     after = [r.gold_prob for r in prober.probe(prompts, targets, neurons=[sorted(neurons)] * len(pairs), factor=0.0)]
     return float(np.mean([(a - b) / b for a, b in zip(after, before)]))
 
@@ -116,7 +119,7 @@ def main() -> None:
     # every fact's prompts in one call per setting: the engine batches them (a weight-noise draw is the
     # same for every prompt, so this equals fact-by-fact calls; input noise gets other, equally random draws)
     all_scores = iter(scores_of(attr, [pair for pairs in facts.values() for pair in pairs], **rule))
-    refs, two = {}, {}
+    refs, two, clean = {}, {}, {}
     for fact, pairs in facts.items():
         scores = [next(all_scores) for _ in pairs]
         refs[fact] = {p: knowledge_neurons(scores, MIN_PROMPTS, lo, p) for p in ps}
@@ -127,14 +130,14 @@ def main() -> None:
         for p, ref in refs[fact].items():
             if ref:
                 ref_sizes[p].append(len(ref))
-                ref_effects[p].append(suppress_effect(prober, facts[fact], ref))
+                ref_effects[p].append(suppress_effect(prober, facts[fact], ref, clean))
     for name, smooth in settings:
         begin = time.perf_counter()
         scores = iter(scores_of(attr, [pair for pairs in two.values() for pair in pairs], **rule, **smooth))
         seconds[name] = time.perf_counter() - begin
         for fact in two:
             found = knowledge_neurons([next(scores), next(scores)], 2, lo, P)
-            effect = suppress_effect(prober, facts[fact], found) if found else 0.0
+            effect = suppress_effect(prober, facts[fact], found, clean) if found else 0.0
             for p, ref in refs[fact].items():
                 if ref:
                     inter = len(found & ref)
