@@ -336,3 +336,13 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def write_explorable_run(out: str | Path, facts: int, edited_facts: int, seed: int) -> Path:
+    """A synthetic run with every stage the explorer shows: attribution, aggregation and edits."""
+    from kn_ray.stages.aggregate import aggregate
+
+    write_synthetic_run(out, SyntheticSpec(facts=facts, relations=3, layers=6, neurons=256, seed=seed))
+    aggregate(out)
+    write_synthetic_edits(out, facts=edited_facts)
+    return Path(out)

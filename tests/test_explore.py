@@ -16,23 +16,19 @@ from starlette.testclient import TestClient
 from kn_ray.interfaces.cli import main as cli
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.pipeline.tables import dense_schema
-from kn_ray.stages.aggregate import AggregateParams, aggregate
+from kn_ray.stages.aggregate import AggregateParams
 from kn_ray.stages.explore.app import create_app, fact_url
 from kn_ray.stages.explore.options import ExploreOptions
 from kn_ray.stages.explore.queries import Listing, RunQueries
 from tests.s3_server import BUCKET, s3_server  # noqa: F401  (a fixture)
-from tests.synthetic import SyntheticSpec, write_synthetic_edits, write_synthetic_run
+from tests.synthetic import SyntheticSpec, write_explorable_run, write_synthetic_run
 
 T = AggregateParams.t
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("explore") / "run"
-    write_synthetic_run(out, SyntheticSpec(facts=90, relations=3, layers=6, neurons=256, seed=3))
-    aggregate(out)
-    write_synthetic_edits(out, facts=30)
-    return out
+    return write_explorable_run(tmp_path_factory.mktemp("explore") / "run", facts=90, edited_facts=30, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from kn_ray.pipeline.rundir import RunDirectory
-from kn_ray.stages.aggregate import aggregate
 from kn_ray.stages.explore.app import fact_url
-from tests.synthetic import SyntheticSpec, write_synthetic_edits, write_synthetic_run
+from tests.synthetic import write_explorable_run
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -40,11 +39,7 @@ def run_dir(tmp_path_factory) -> Path:
     given = os.environ.get("KN_RAY_EXPLORE_RUN")
     if given:
         return Path(given)
-    out = tmp_path_factory.mktemp("browser") / "run"
-    write_synthetic_run(out, SyntheticSpec(facts=60, relations=3, layers=6, neurons=256, seed=7))
-    aggregate(out)
-    write_synthetic_edits(out, facts=20)
-    return out
+    return write_explorable_run(tmp_path_factory.mktemp("browser") / "run", facts=60, edited_facts=20, seed=7)
 
 
 @pytest.fixture(scope="module")
