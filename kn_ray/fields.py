@@ -13,19 +13,20 @@ from dataclasses import MISSING, field, fields, is_dataclass
 
 
 def option(default=MISSING, help: str = "", *, factory=MISSING, key: str | None = None, flag: str | None = "",
-           choices=None, types: tuple | None = None, section: str | None = None, group: str | None = None,
-           **cli):
+           positional: bool = False, choices=None, types: tuple | None = None, section: str | None = None,
+           group: str | None = None, **cli):
     """A dataclass field with its option metadata.
 
     key      job-spec key (default: the field name); section: the spec section it sits in (a
              nested dataclass field names the section of all its fields)
     flag     CLI flag ("": --key-with-dashes; None: job spec only)
-    choices  accepted values (argparse choices)
+    positional  a positional CLI argument (named by the field) instead of a flag
+    choices  accepted values (of each item, for a tuple or list)
     types    accepted job-spec types, where the annotation does not say (e.g. dict or str)
     group    argparse group title (default: the section)
     cli      extra argparse keywords (type, action, const, metavar, aliases)
     """
-    meta = dict(help=help, key=key, flag=flag, choices=choices, types=types, section=section, group=group, cli=cli)
+    meta = dict(help=help, key=key, flag=flag, positional=positional, choices=choices, types=types, section=section, group=group, cli=cli)
     return field(default=default, default_factory=factory, metadata={"option": meta})
 
 
@@ -36,8 +37,17 @@ def check_choices(options) -> None:
         meta, value = f.metadata.get("option"), getattr(options, f.name)
         if is_dataclass(value):
             check_choices(value)
-        elif meta and meta["choices"] is not None and value is not None and value not in meta["choices"]:
-            raise ValueError(f"{f.name} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+        elif meta:
+            unknown = outside_choices(meta["choices"], value)
+            if unknown is not None:
+                raise ValueError(f"{f.name} must be one of {', '.join(map(str, meta['choices']))}, got {unknown!r}")
+
+
+def outside_choices(choices, value):
+    """The first of `value` (a value, or each item of a tuple or list) outside `choices`; None if none is."""
+    if choices is None or value is None:
+        return None
+    return next((v for v in (value if isinstance(value, (tuple, list)) else [value]) if v not in choices), None)
 
 
 def int_or_auto(text: str) -> int | str:

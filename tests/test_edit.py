@@ -230,7 +230,7 @@ def test_update_and_erase_leave_the_weights_as_they_were(run_dir, runner):
 # ---- the stage, the table, the CLI -------------------------------------------------------------
 def test_cli_writes_the_documented_edits_table(run_dir, capsys):
     assert main(["edit", str(run_dir), "--op", "suppress,amplify", "--op", "update", "--op", "erase",
-                 "--max-facts", "2", "--quiet"]) == 0
+                 "--max-facts", "2", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "suppress: mean relative change" in printed and "ALL" in printed
     table = _edits(run_dir)
@@ -257,7 +257,7 @@ def test_cli_writes_the_documented_edits_table(run_dir, capsys):
     assert {"ALL", "P36", "P37"} <= set(summary["results"]["suppress"]["kn"])
     assert summary["runs"]["update"]["settings"]["lambda2"] == 8.0
     # re-running one op replaces its parts only
-    assert main(["edit", str(run_dir), "--op", "amplify", "--max-facts", "1", "--quiet"]) == 0
+    assert main(["edit", str(run_dir), "--op", "amplify", "--max-facts", "1", "--no-progress"]) == 0
     again = _edits(run_dir).to_pandas()
     assert again[again.op == "amplify"].fact_id.nunique() == 2 and (again.op == "update").sum() == (edits.op == "update").sum()
 
@@ -278,7 +278,7 @@ def test_cli_edits_a_run_made_offloaded_offloaded_with_the_resident_numbers(run_
     load = EditRunner.load.__func__
     monkeypatch.setattr(EditRunner, "load", classmethod(lambda cls, placement: loaded.append(load(cls, placement))
                                                          or loaded[-1]))
-    assert main(["edit", str(out), "--op", "suppress,update,erase", "--max-facts", "1", "--quiet"]) == 0
+    assert main(["edit", str(out), "--op", "suppress,update,erase", "--max-facts", "1", "--no-progress"]) == 0
     [edit_runner] = loaded
     assert edit_runner.lm.offloaded and "disk" in set(edit_runner.lm.model.hf_device_map.values())
     summary = json.loads((out / "edits.json").read_text())
@@ -335,7 +335,7 @@ def test_edit_with_no_knowledge_neurons_says_why_and_writes_an_empty_table(tmp_p
     assert main(["aggregate", str(out)]) == 0
     assert RunDirectory(out).summary("aggregate")["counts"]["ig"]["knowledge_neurons"] == 0
     capsys.readouterr()
-    assert main(["edit", str(out), "--quiet"]) == 0
+    assert main(["edit", str(out), "--no-progress"]) == 0
     printed = " ".join(capsys.readouterr().out.split())
     assert "suppress, amplify, update, erase: nothing to edit: no fact has knowledge neurons" in printed
     assert "0 knowledge neurons (ig) over 7 facts" in printed and "7 of them have fewer than the 3 prompts required" in printed
@@ -358,7 +358,7 @@ def test_edit_of_facts_without_knowledge_neurons_names_the_selection(tmp_path, c
     kn, rn = _neurons(prompts)
     out = write_tables(tmp_path, None, prompts=prompts, knowledge_neurons=kn[kn.relation == "P36"],
                        relation_neurons=rn[rn.relation == "P36"])
-    assert main(["edit", str(tmp_path), "--fact-id", "P37-france", "--fact-id", "P37-germany", "--quiet"]) == 0
+    assert main(["edit", str(tmp_path), "--fact-id", "P37-france", "--fact-id", "P37-germany", "--no-progress"]) == 0
     printed = " ".join(capsys.readouterr().out.split())
     assert "nothing to edit: none of the 2 selected facts has knowledge neurons (4 facts of the run have some)" in printed
     assert pd.read_parquet(out / "edits").empty
@@ -369,7 +369,7 @@ def test_edit_of_a_run_without_a_usable_prompt_counts_its_statuses(tmp_path, cap
     prompts.loc[0, "status"] = "skipped"
     kn, rn = (frame.iloc[:0] for frame in _neurons(_prompts()))
     out = write_tables(tmp_path, None, prompts=prompts, knowledge_neurons=kn, relation_neurons=rn)
-    assert main(["edit", str(out), "--quiet"]) == 0
+    assert main(["edit", str(out), "--no-progress"]) == 0
     printed = " ".join(capsys.readouterr().out.split())
     assert f"nothing to edit: no prompt of the run is usable: {out}/prompts holds 14 error, 1 skipped and none 'ok'" \
         in printed and pd.read_parquet(out / "edits").empty
@@ -377,7 +377,7 @@ def test_edit_of_a_run_without_a_usable_prompt_counts_its_statuses(tmp_path, cap
 
 @pytest.mark.parametrize("flag, value", [("--relation", "P999"), ("--fact-id", "P36-atlantis")])
 def test_edit_of_a_relation_or_fact_the_run_lacks_is_an_error_naming_it(run_dir, capsys, flag, value):
-    assert main(["edit", str(run_dir), flag, value, "--op", "suppress", "--quiet"]) == 2
+    assert main(["edit", str(run_dir), flag, value, "--op", "suppress", "--no-progress"]) == 2
     error = capsys.readouterr().err
     assert f"{flag} {value}: no such" in error and "P36" in error and "Traceback" not in error
 

@@ -16,7 +16,11 @@ import yaml
 from kn_ray.interfaces import declared as declared_mod
 from kn_ray.interfaces.cli import build_parser, main
 from kn_ray.interfaces.commands.attribute import spec_from_args
-from kn_ray.interfaces.commands.submit import entrypoint
+from kn_ray.interfaces.commands.bench import BenchOptions
+from kn_ray.interfaces.commands.fetch import FetchOptions
+from kn_ray.interfaces.commands.report import ReportOptions
+from kn_ray.interfaces.commands.run import JobRun
+from kn_ray.interfaces.commands.submit import Submission, entrypoint
 from kn_ray.interfaces.jobs import SpecError, load_job, options_from_spec
 from kn_ray.pipeline.facts import read_facts
 from kn_ray.pipeline.options import RunOptions
@@ -24,6 +28,7 @@ from kn_ray.placement import Placement
 from kn_ray.pipeline.prompts import build_prompts
 from kn_ray.stages.aggregate import AggregateParams
 from kn_ray.stages.edit.options import EditOptions
+from kn_ray.stages.explore.options import ExploreOptions
 from kn_ray.pipeline.rundir import RunDirectory
 from tests.ray_head import running_head
 from tests.s3_server import BUCKET, s3_server  # noqa: F401  (a fixture)
@@ -217,7 +222,7 @@ def test_submit_writes_to_a_bucket_and_the_stages_read_it(s3_server, tmp_path):
     assert sorted(prompts["fact_id"]) == ["f1", "f1", "f2"] and set(prompts["status"]) == {"ok"}
     assert run.read("neurons").num_rows > 0 and run.record().options["output"] == uri
     assert main(["aggregate", uri, "--p", "0.3", "--min-prompts", "1"]) == 0
-    assert main(["edit", uri, "--op", "suppress", "--quiet"]) == 0
+    assert main(["edit", uri, "--op", "suppress", "--no-progress"]) == 0
     assert main(["report", uri]) == 0
     assert run.exists("edits.json") and run.exists("report", "index.html")
 
@@ -228,9 +233,11 @@ def _sample(d):
     cli, bases = d.meta["cli"], declared_mod._bases(d.hint)
     if cli.get("action") == "store_const":
         return None, cli["const"]
+    if cli.get("action") == "append":
+        return "K=a,b", ("K=a,b",)
     if d.meta["choices"]:
         value = next(c for c in reversed(d.meta["choices"]) if c != d.default)
-        return value, value
+        return value, (value,) if d.listed else value
     if bases[0] is bool:
         return None, True
     if bases[0] is tuple:
@@ -252,7 +259,10 @@ def _get(obj, path):
 
 REQUIRED_ARGS = ["--model", "m", "--facts", "f.jsonl", "--output", "out"]
 COMMANDS = [("attribute", RunOptions, REQUIRED_ARGS, dict(placement=Placement("m"), facts="f.jsonl", output="out")),
-            ("aggregate", AggregateParams, ["OUT"], {}), ("edit", EditOptions, ["OUT"], {})]
+            ("aggregate", AggregateParams, ["OUT"], {}), ("edit", EditOptions, ["OUT"], {}),
+            ("explore", ExploreOptions, ["OUT"], {}), ("bench", BenchOptions, [], {}), ("fetch", FetchOptions, [], {}),
+            ("report", ReportOptions, ["A", "B"], dict(out=("A", "B"))), ("run", JobRun, ["j.yaml"], dict(spec="j.yaml")),
+            ("submit", Submission, ["j.yaml", "--address", "http://h"], dict(spec="j.yaml", address="http://h"))]
 
 
 @pytest.mark.parametrize("command, cls, required, values", COMMANDS, ids=[c[0] for c in COMMANDS])
@@ -280,11 +290,13 @@ def test_every_dataclass_field_is_a_flag_and_a_spec_key(command, cls, required, 
     assert len({(d.section, d.key) for d in options}) == len(options)  # no spec key twice
     help_text = _help_of(command)
     for d in options:
+        assert d.flag in help_text
+        if d.meta["positional"]:  # given in `required`
+            continue
         text, value = _sample(d)
         argv = [command, *required, d.flag] + ([] if text is None else [text])
         got = declared_mod.from_args(cls, build_parser().parse_args(argv))
         assert _get(got, d.path) == value, d.flag
-        assert d.flag in help_text
         if cls is RunOptions:  # the same option through a job spec
             spec = dict(BASE)
             (spec.setdefault(d.section, {}) if d.section else spec)[d.key] = list(value) if isinstance(value, tuple) \
@@ -296,6 +308,26 @@ def _help_of(command: str) -> str:
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices[command].format_help()
+
+
+def test_declared_choices_hold_for_flags_specs_and_the_python_api():
+    """A value outside the declared choices fails the same way however it arrives, item by item for lists."""
+    with pytest.raises(SpecError, match="attribution.mode must be one of neurons, circuits, got 'edges'"):
+        declared_mod.from_spec(RunOptions, dict(BASE, attribution=dict(mode="edges")))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        dataclasses.replace(options_from_spec(BASE), mode="edges").check()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["edit", "OUT", "--op", "suppress,supress"])
+    with pytest.raises(ValueError, match="ops must be one of .* got 'supress'"):
+        EditOptions(ops=("suppress", "supress")).check()
+    assert declared_mod.from_args(EditOptions, build_parser().parse_args(["edit", "OUT", "--op", "erase,update"])
+                                  ).ops == ("erase", "update")
+
+
+def test_progress_is_one_flag_on_every_long_command():
+    for command, required in (("attribute", REQUIRED_ARGS), ("run", ["j.yaml"]), ("edit", ["OUT"])):
+        assert build_parser().parse_args([command, *required, "--no-progress"]).no_progress
+        assert not build_parser().parse_args([command, *required]).no_progress
 
 
 def test_help_shows_the_dataclass_defaults():

@@ -202,7 +202,7 @@ def test_edit_survives_a_lost_node(sim, world, local_edits, tmp_path, replaced):
     out = tmp_path / "run"
     shutil.copytree(world["local"], out)
     cmd = [sys.executable, "-m", "kn_ray.interfaces.cli", "edit", str(out), "--op", "suppress", "--control-prompts",
-           "2", "--unit-facts", "1", "--workers", "2", "--quiet"]
+           "2", "--unit-facts", "1", "--workers", "2", "--no-progress"]
     hold = tmp_path / "hold"
     proc = subprocess.Popen(cmd, env=sim.env(hold), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # units' parts are staged in OUT as they finish, published at the end

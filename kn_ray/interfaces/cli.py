@@ -7,14 +7,23 @@ import argparse
 import importlib
 import pkgutil
 import sys
+from dataclasses import dataclass
 
 from kn_ray import __version__
-from kn_ray.interfaces import commands
+from kn_ray.fields import option
+from kn_ray.interfaces import commands, declared
+
+
+@dataclass(frozen=True)
+class Program:
+    """The options of `kn-ray` itself, before the subcommand."""
+
+    version: bool = option(False, "print kn-ray's version and exit", action="version", version=f"kn-ray {__version__}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kn-ray", description="Knowledge neurons at corpus scale.")
-    parser.add_argument("--version", action="version", version=f"kn-ray {__version__}")
+    declared.add_flags(parser, Program)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)

@@ -15,6 +15,8 @@ import types
 import typing
 from dataclasses import MISSING, dataclass
 
+from kn_ray.fields import outside_choices
+
 _SPEC_TYPES = {int: (int,), float: (int, float), str: (str,), bool: (bool,), tuple: (list,), list: (list,),
                dict: (dict,)}
 
@@ -42,6 +44,11 @@ class Declared:
         return self.meta["types"] or tuple(t for base in _bases(self.hint) for t in _SPEC_TYPES.get(base, (base,)))
 
     @property
+    def listed(self) -> bool:
+        """A tuple or list of values (a comma-separated or repeated flag)."""
+        return _bases(self.hint)[0] in (tuple, list)
+
+    @property
     def required(self) -> bool:
         return self.default is MISSING
 
@@ -60,6 +67,7 @@ def declared(cls, path: tuple[str, ...] = (), section: str | None = None) -> lis
             continue
         key = meta["key"] or f.name
         flag = None if meta["flag"] is None else meta["flag"] or "--" + key.replace("_", "-")
+        flag = "__".join(path + (f.name,)) if meta["positional"] else flag
         default = f.default if f.default_factory is MISSING else f.default_factory()
         out.append(Declared(path + (f.name,), meta["section"] or section, key, flag, default, hints[f.name], meta))
     return out
@@ -86,22 +94,36 @@ def add_flags(parser: argparse.ArgumentParser, cls, groups: dict[str, str] | Non
             continue
         title = d.meta["group"] or (groups or {}).get(d.section or "")
         target = parser if title is None else made.setdefault(title, parser.add_argument_group(title))
+        text = _help(d) if defaults_from is None else f"{d.meta['help']}; unset: {defaults_from}"
+        if d.meta["positional"]:
+            target.add_argument(d.dest, help=text, **_positional(d))
+            continue
         cli = dict(d.meta["cli"])
         aliases = cli.pop("aliases", ())
-        text = _help(d) if defaults_from is None else f"{d.meta['help']}; unset: {defaults_from}"
         kwargs = dict(dest=d.dest, default=None, help=text, **{**_cli_type(d), **cli})
-        if d.meta["choices"] is not None:
+        if d.meta["choices"] is not None and not d.listed:  # a list's type checks each item
             kwargs.update(choices=d.meta["choices"], metavar=None)
         if d.required and defaults_from is None:
             kwargs["required"] = True
         target.add_argument(d.flag, *aliases, **kwargs)
 
 
+def _positional(d: Declared) -> dict:
+    """A positional argument: required unless it has a default (then it may be left out)."""
+    kwargs = dict(d.meta["cli"])
+    if not d.required:
+        kwargs.update(nargs="?", default=None)
+    if d.meta["choices"] is not None:
+        kwargs["choices"] = d.meta["choices"]
+    return kwargs
+
+
 def _cli_type(d: Declared) -> dict:
     bases = _bases(d.hint)
     cli = d.meta["cli"]
-    if bases[0] in (tuple, list) and cli.get("action") in (None, "extend"):
-        return dict(type=_names, metavar=cli.get("metavar", d.key.upper()))  # "a,b" -> [a, b]; extend: repeatable
+    if d.listed and cli.get("action") in (None, "extend"):
+        # "a,b" -> [a, b]; extend: repeatable
+        return dict(type=_names(d.meta["choices"]), metavar=cli.get("metavar", d.key.upper()))
     if "action" in cli:
         return {}
     if "type" in cli:
@@ -111,9 +133,18 @@ def _cli_type(d: Declared) -> dict:
     return dict(type=bases[0] if bases[0] in (int, float) else str, metavar=d.key.upper())
 
 
-def _names(text: str) -> list[str]:
-    """A comma-separated flag value: "P17,P19" -> ["P17", "P19"]."""
-    return [part.strip() for part in text.split(",") if part.strip()]
+def _names(choices=None):
+    """The type of a comma-separated flag value: "P17,P19" -> ["P17", "P19"], each one of
+    `choices` when there are choices."""
+
+    def names(text: str) -> list[str]:
+        items = [part.strip() for part in text.split(",") if part.strip()]
+        unknown = outside_choices(choices, items)
+        if unknown is not None:
+            raise argparse.ArgumentTypeError(f"{unknown!r} is not one of {', '.join(choices)}")
+        return items
+
+    return names
 
 
 def _help(d: Declared) -> str:
@@ -213,10 +244,10 @@ def _check_type(d: Declared, value) -> None:
 
 
 def _check_choice(d: Declared, value) -> None:
-    choices = d.meta["choices"]
-    if choices is not None and value not in choices:
+    unknown = outside_choices(d.meta["choices"], value)
+    if unknown is not None:
         name = f"{d.section + '.' if d.section else ''}{d.key}"
-        raise SpecError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        raise SpecError(f"{name} must be one of {', '.join(map(str, d.meta['choices']))}, got {unknown!r}")
 
 
 def _put(tree: dict, path: tuple[str, ...], value) -> None:

@@ -123,8 +123,6 @@ class RunOptions:
         if self.nt_samples < 0 or self.stdevs < 0:
             raise ValueError(f"nt_samples and stdevs must be >= 0, got {self.nt_samples}, {self.stdevs}")
         check_noise(self.noise, self.noised_weights, self.weight_stdevs)
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.mode == "circuits" and (self.n_steps == AUTO or self.nt_samples):
             raise ValueError("circuits take a fixed n_steps and no smoothing")
         if self.top_edges < 1 or self.faithfulness_random < 0:

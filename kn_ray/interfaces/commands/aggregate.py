@@ -1,4 +1,8 @@
-"""`kn-ray aggregate OUT`: knowledge neurons per fact and relation from an attribute run."""
+"""`kn-ray aggregate OUT`: knowledge neurons per fact and relation from an attribute run.
+
+Reads OUT/prompts, OUT/neurons and OUT/activations; writes OUT/knowledge_neurons,
+OUT/relation_neurons and their summary beside them. On a circuits run (--mode circuits) it
+writes OUT/relation_circuits instead."""
 
 from __future__ import annotations
 
@@ -6,17 +10,15 @@ import json
 import sys
 
 from kn_ray.interfaces import declared
+from kn_ray.interfaces.commands import RunDir, add_command
 from kn_ray.stages.aggregate.params import AggregateParams
 
 
 def register(sub) -> None:
-    p = sub.add_parser("aggregate", help="knowledge neurons per fact and per relation (ig and activation baseline)",
-                       description="Reads OUT/prompts, OUT/neurons and OUT/activations; writes "
-                                   "OUT/knowledge_neurons, OUT/relation_neurons and their summary beside them. "
-                                   "On a circuits run (--mode circuits) it writes OUT/relation_circuits instead.")
-    p.add_argument("out", help="output directory of `kn-ray attribute`: a path or URI (s3://bucket/run)")
+    p = add_command(sub, "aggregate", run, description=__doc__,
+                    help="knowledge neurons per fact and per relation (ig and activation baseline)")
+    declared.add_flags(p, RunDir)
     declared.add_flags(p, AggregateParams)
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:

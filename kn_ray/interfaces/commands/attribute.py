@@ -1,23 +1,23 @@
-"""`kn-ray attribute`: find knowledge neurons for a fact set, sharded on Ray, into Parquet."""
+"""`kn-ray attribute`: find knowledge neurons for a fact set, sharded on Ray, into Parquet.
+
+Runs on $RAY_ADDRESS when set, else on a fresh local Ray bound to 127.0.0.1. Re-running the same
+command resumes; another configuration on the same --output is refused. The flags are
+RunOptions' declared options (kn_ray.pipeline.options), the same as a job spec's keys."""
 
 from __future__ import annotations
 
 from kn_ray.interfaces import declared
-from kn_ray.interfaces.commands import add_progress_flag
+from kn_ray.interfaces.commands import Progress, add_command
 from kn_ray.pipeline.options import RunOptions
 
 GROUPS = {"filters": "filters", "attribution": "attribution", "keep": "kept rows", "workers": "workers"}
 
 
 def register(sub) -> None:
-    p = sub.add_parser("attribute", help="attribute facts to FFN neurons on Ray; write Parquet (resumable)",
-                       description="Runs on $RAY_ADDRESS when set, else on a fresh local Ray bound to 127.0.0.1. "
-                                   "Re-running the same command resumes; another configuration on the same "
-                                   "--output is refused. The flags are RunOptions' declared options "
-                                   "(kn_ray.pipeline.options), the same as a job spec's keys.")
+    p = add_command(sub, "attribute", run, description=__doc__,
+                    help="attribute facts to FFN neurons on Ray; write Parquet (resumable)")
     declared.add_flags(p, RunOptions, GROUPS)
-    add_progress_flag(p)
-    p.set_defaults(func=run)
+    declared.add_flags(p, Progress)
 
 
 def spec_from_args(args) -> dict:

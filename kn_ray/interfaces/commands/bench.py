@@ -1,32 +1,50 @@
-"""`kn-ray bench`: the engine against the published per-layer method on PARAREL prompts."""
+"""`kn-ray bench`: the engine against the published per-layer method on PARAREL prompts.
+
+The model loads and batches as `kn-ray attribute` loads and batches it (the same placement
+flags), in this process."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
+from kn_ray.choices import N_STEPS
+from kn_ray.fields import option
 from kn_ray.interfaces import declared
+from kn_ray.interfaces.commands import add_command
 from kn_ray.placement import Placement
 
 DEFAULT_PARAREL = Path("../shared/data/pararel")
 
 
+@dataclass(frozen=True)
+class BenchOptions:
+    """What is timed; how each model loads is `Placement`'s (the flags of `kn-ray attribute`)."""
+
+    models: tuple[str, ...] = option(("smollm2",), "model name/path, or a random-weight preset: bert-base-random, "
+                                     "gpt2-small-random, llama3.2-1b-random, llama3-8b-random, qwen2.5-7b-random "
+                                     "(repeatable)", flag="--model", action="extend", metavar="MODEL")
+    facts: str | None = option(None, f"PARAREL dir or facts JSONL for prompts (default: {DEFAULT_PARAREL} if present, "
+                                     "else the demo facts)")
+    prompts: int = option(32, "prompts timed for the engine, batched as at corpus scale")
+    published_prompts: int = option(8, "the first N of those prompts timed for the published method, one at a time")
+    tokens: str = option("8-15", "prompt length window in model tokens, PARAREL-style")
+    n_steps: int = option(N_STEPS, "steps of the left Riemann sum, the same for the engine and the published method")
+    device: str | None = option(None, "cuda or cpu (default: cuda when present)")
+    json: str | None = option(None, "also write the rows as JSON here")
+
+    @property
+    def fact_source(self) -> Path:
+        return Path(self.facts) if self.facts else DEFAULT_PARAREL if DEFAULT_PARAREL.is_dir() else _demo_facts()
+
+
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="time the engine against the straightforward published method",
-                       description="The model loads and batches as `kn-ray attribute` loads and batches it "
-                                   "(the same placement flags), in this process.")
-    p.add_argument("--model", action="append", help="model name/path, or a random-weight preset: bert-base-random, "
-                   "gpt2-small-random, llama3.2-1b-random, llama3-8b-random, qwen2.5-7b-random (repeatable; default: smollm2)")
-    p.add_argument("--facts", type=Path, default=None, help=f"PARAREL dir or facts JSONL for prompts (default: {DEFAULT_PARAREL} if present, else the demo facts)")
-    p.add_argument("--prompts", type=int, default=32, help="prompts timed for the engine, batched as at corpus scale (default 32)")
-    p.add_argument("--published-prompts", type=int, default=8, help="the first N of those prompts timed for the published method, one at a time (default 8)")
-    p.add_argument("--tokens", default="8-15", help="prompt length window in model tokens, PARAREL-style (default 8-15)")
-    p.add_argument("--n-steps", type=int, default=20)
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    p = add_command(sub, "bench", run, description=__doc__,
+                    help="time the engine against the straightforward published method")
+    declared.add_flags(p, BenchOptions)
     declared.add_flags(p, Placement, skip=("model",))
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:
@@ -39,12 +57,13 @@ def run(args) -> int:
 
     from kn_ray.pipeline.facts import read_facts
 
-    device = args.device or str(best_device())
-    facts = args.facts or (DEFAULT_PARAREL if DEFAULT_PARAREL.is_dir() else _demo_facts())
+    bench = declared.from_args(BenchOptions, args)
+    device = bench.device or str(best_device())
+    facts = bench.fact_source
     read_facts(facts).require(str(facts))
-    low, high = token_window(args.tokens)
+    low, high = token_window(bench.tokens)
     rows = []
-    for name in args.model or ["smollm2"]:
+    for name in bench.models:
         placement = declared.from_args(Placement, args, model=name).check()
         if name in PRESETS:
             dtype = resolve_dtype(placement.dtype, placement.precision, torch.device(device))
@@ -57,14 +76,14 @@ def run(args) -> int:
             lengths.append(_length(lm, spec.prompt, spec.target))
             return low <= lengths[-1] <= high
 
-        prompts, targets = sample_prompts(facts, masked=lm.adapter.masked, n=args.prompts, keep=keep)
+        prompts, targets = sample_prompts(facts, masked=lm.adapter.masked, n=bench.prompts, keep=keep)
         if not prompts:
-            raise ValueError(outside_window(name, facts, args.tokens, lengths))
-        rows += benchmark(lm, prompts, targets, n_steps=args.n_steps, precision=placement.precision,
-                          published_prompts=args.published_prompts, name=name, max_batch_prompts=placement.batch_cap)
+            raise ValueError(outside_window(name, facts, bench.tokens, lengths))
+        rows += benchmark(lm, prompts, targets, n_steps=bench.n_steps, precision=placement.precision,
+                          published_prompts=bench.published_prompts, name=name, max_batch_prompts=placement.batch_cap)
         print(markdown_table(rows), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps([r.as_dict() for r in rows], indent=2))
+    if bench.json:
+        Path(bench.json).write_text(json.dumps([r.as_dict() for r in rows], indent=2))
     return 0
 
 

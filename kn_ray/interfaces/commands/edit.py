@@ -1,32 +1,39 @@
-"""`kn-ray edit OUT`: suppress / amplify / update / erase experiments on the knowledge neurons."""
+"""`kn-ray edit OUT`: suppress / amplify / update / erase experiments on the knowledge neurons.
+
+Reads OUT/prompts, OUT/knowledge_neurons and OUT/relation_neurons (run `kn-ray aggregate OUT`
+first); writes OUT/edits (parts per op) and its summary beside it. The model is edited in memory
+only. It loads as the run loaded it (run.json); the placement flags, the same as
+`kn-ray attribute`'s, change that."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
+from kn_ray.fields import option
 from kn_ray.interfaces import declared
-from kn_ray.interfaces.commands import add_progress_flag
+from kn_ray.interfaces.commands import Progress, RunDir, add_command
 from kn_ray.placement import Placement
 from kn_ray.stages.edit.options import EditOptions
 
 
+@dataclass(frozen=True)
+class EditCommand:
+    """What only the command line says: shorthands and the save mode."""
+
+    keep_shared_neurons: bool = option(False, "update: edit all the fact's ig neurons (--shared-share none)")
+    save: str | None = option(None, "apply one update (--fact-id) or erase (--relation) and save the edited model to "
+                                    "DIR (safetensors; a path or URI) instead of experimenting", metavar="DIR")
+
+
 def register(sub) -> None:
-    p = sub.add_parser("edit", help="knowledge-neuron experiments: suppress, amplify, update, erase",
-                       description="Reads OUT/prompts, OUT/knowledge_neurons and OUT/relation_neurons (run "
-                                   "`kn-ray aggregate OUT` first); writes OUT/edits (parts per op) and "
-                                   "its summary beside it. The model is edited in memory only. It loads as the "
-                                   "run loaded it (run.json); the placement flags, the same as `kn-ray attribute`'s, "
-                                   "change that.")
-    p.add_argument("out", help="output directory of `kn-ray attribute` + `kn-ray aggregate`: a path or URI")
+    p = add_command(sub, "edit", run, description=__doc__,
+                    help="knowledge-neuron experiments: suppress, amplify, update, erase")
+    declared.add_flags(p, RunDir)
     declared.add_flags(p, EditOptions)
     declared.add_flags(p, Placement, defaults_from="the run's")
-    p.add_argument("--keep-shared-neurons", action="store_true", help="update: edit all the fact's ig neurons")
-    p.add_argument("--save", metavar="DIR", help="apply one update (--fact-id) or erase (--relation) and save the "
-                                                  "edited model to DIR (safetensors; a path or URI) instead of "
-                                                  "experimenting")
-    add_progress_flag(p, "--quiet")  # --quiet: its spelling before
-    p.set_defaults(func=run)
+    declared.add_flags(p, EditCommand)
+    declared.add_flags(p, Progress)
 
 
 def run(args) -> int:

@@ -1,4 +1,7 @@
-"""`kn-ray explore OUT`: browse a run in the browser (fact -> neurons -> edits, neuron -> facts)."""
+"""`kn-ray explore OUT`: browse a run in the browser (fact -> neurons -> edits, neuron -> facts).
+
+Serves pages over OUT's committed Parquet parts: overview, relations, facts, neurons, edit
+outcomes. Binds to 127.0.0.1 on a free port and prints the URL."""
 
 from __future__ import annotations
 
@@ -6,16 +9,14 @@ import socket
 import sys
 
 from kn_ray.interfaces import declared
+from kn_ray.interfaces.commands import RunDir, add_command
 from kn_ray.stages.explore.options import ExploreOptions
 
 
 def register(sub) -> None:
-    p = sub.add_parser("explore", help="browse a run in a local web app (read-only)",
-                       description="Serves pages over OUT's committed Parquet parts: overview, relations, facts, "
-                                   "neurons, edit outcomes. Binds to 127.0.0.1 on a free port and prints the URL.")
-    p.add_argument("out", help="output directory (or URI) of `kn-ray attribute` / `kn-ray run`")
+    p = add_command(sub, "explore", run, help="browse a run in a local web app (read-only)", description=__doc__)
+    declared.add_flags(p, RunDir)
     declared.add_flags(p, ExploreOptions)
-    p.set_defaults(func=run)
 
 
 def bind(options: ExploreOptions) -> socket.socket:

