@@ -153,8 +153,8 @@ def main():
     for m in args.check_steps:
         rs = eap.attribute_edges([s.prompt for s, _, _ in facts[:6]], [s.target for s, _, _ in facts[:6]],
                                  [c.prompt for _, c, _ in facts[:6]], n_steps=m)
-        steps_check[m] = [r.completeness / abs(r.change) for r in rs]
-        print("n_steps", m, "relative completeness residual: median %.4f max %.4f" % (np.median(steps_check[m]), max(steps_check[m])))
+        steps_check[m] = [r.input_residual / abs(r.change) for r in rs]
+        print("n_steps", m, "relative input residual (embedding path): median %.4f max %.4f" % (np.median(steps_check[m]), max(steps_check[m])))
 
     t0 = time.time()
     results = eap.attribute_edges([s.prompt for s, _, _ in facts], [s.target for s, _, _ in facts],
@@ -176,7 +176,7 @@ def main():
         rows.append(dict(fact_id=spec.fact_id, relation=spec.relation, prompt=spec.prompt, target=spec.target,
                          corrupted=partner.prompt, corrupted_object=partner.object, gold_prob=p,
                          clean_metric=res.clean_metric, corrupted_metric=res.corrupted_metric,
-                         completeness=res.completeness, top_edges=res.top_edges(graph, 15),
+                         completeness=res.completeness, input_residual=res.input_residual, top_edges=res.top_edges(graph, 15),
                          curve=dict(edges=curve.edges.tolist(), circuit=curve.circuit.tolist(), random=curve.random.tolist()),
                          kn=kn, kn_layers=kn_layers, circuit_mlp_layers=mlps_in, into_kn_layers=into_kn,
                          top_nodes=[(graph.senders[i], float(nodes_out[i])) for i in np.argsort(-np.abs(nodes_out))[:10]]))

@@ -4,7 +4,9 @@ One prompt, one receiver, one interpolation point at a time: the model runs on i
 input embeddings (`inputs_embeds`) and only the receiver's own read of the residual stream is
 perturbed by a zero tensor e_v; for a head that means re-running the whole attention module on
 the perturbed input and keeping only that head's slice of the output projection's input. The
-gradient w.r.t. e_v, dotted with each sender's clean - corrupted output, is the edge score.
+logits' input (the final norm's) is instead set to the straight line between its corrupted and
+clean values, plus e_v. The gradient w.r.t. e_v, dotted with each sender's clean - corrupted
+output, is the edge score.
 Module paths are spelled out here, not read from the engine's adapters.
 """
 
@@ -59,6 +61,7 @@ def reference_edges(model64, family, tok, prompt, corrupted, target, alphas, wei
 
     def senders(ids):
         outs, handles = {}, []
+        handles.append(p["final"](model64).register_forward_pre_hook(lambda _m, a, k: outs.__setitem__("final", _first(a, k)), with_kwargs=True))
         handles.append(blocks[0].register_forward_pre_hook(lambda _m, a, k: outs.__setitem__(0, _first(a, k)[0]), with_kwargs=True))
         for layer, block in enumerate(blocks):
             o_proj = block.get_submodule(p["o"])
@@ -73,15 +76,20 @@ def reference_edges(model64, family, tok, prompt, corrupted, target, alphas, wei
         finally:
             for handle in handles:
                 handle.remove()
-        return torch.stack([outs[i] for i in range(len(outs))]), float(value)
+        final = outs.pop("final")
+        return torch.stack([outs[i] for i in range(len(outs))]), float(value), final
 
-    def receiver_grad(v, emb):
-        """dM/d e_v at the interpolated embeddings `emb`: [T, d]."""
+    def line(final_clean, final_corr, a):
+        """The logits' input at alpha on the straight line, plus e_v."""
+        return lambda e_v: lambda _m, args, kwargs: _replace_first(args, kwargs, final_corr + a * (final_clean - final_corr) + e_v)
+
+    def receiver_grad(v, emb, set_final=None):
+        """dM/d e_v at the interpolated embeddings `emb` (the logits: at `set_final`'s final residual): [T, d]."""
         layer, slot = divmod(v, H + 1) if v < L * (H + 1) else (L, None)
         e_v = torch.zeros(emb.shape[1:], dtype=emb.dtype, requires_grad=True)
         handles, state = [], {}
         if layer == L:
-            handles.append(p["final"](model64).register_forward_pre_hook(lambda _m, a, k: _replace_first(a, k, _first(a, k) + e_v), with_kwargs=True))
+            handles.append(p["final"](model64).register_forward_pre_hook(set_final(e_v), with_kwargs=True))
         elif slot == H:
             handles.append(blocks[layer].get_submodule(p["ln2"]).register_forward_pre_hook(
                 lambda _m, a, k: _replace_first(a, k, _first(a, k) + e_v), with_kwargs=True))
@@ -124,8 +132,8 @@ def reference_edges(model64, family, tok, prompt, corrupted, target, alphas, wei
                 handle.remove()
         return grad
 
-    out_clean, m_clean = senders(clean_ids)
-    out_corr, m_corr = senders(corr_ids)
+    out_clean, m_clean, final_clean = senders(clean_ids)
+    out_corr, m_corr, final_corr = senders(corr_ids)
     delta = out_clean - out_corr  # [U, T, d]
     embed = model64.get_input_embeddings()
     with torch.no_grad():
@@ -137,7 +145,8 @@ def reference_edges(model64, family, tok, prompt, corrupted, target, alphas, wei
     for v in range(V):
         r_layer = v // (H + 1) if v < V - 1 else L
         r_is_mlp = v < V - 1 and v % (H + 1) == H
-        g = sum(w * receiver_grad(v, e_corr + a * (e_clean - e_corr)) for a, w in zip(alphas.tolist(), weights.tolist()))
+        g = sum(w * receiver_grad(v, e_corr + a * (e_clean - e_corr), line(final_clean, final_corr, a))
+                for a, w in zip(alphas.tolist(), weights.tolist()))
         for u in range(len(delta)):
             if s_layer[u] < r_layer or (s_layer[u] == r_layer and s_is_head[u] and r_is_mlp and not p["parallel"]):
                 scores[u, v] = (delta[u] * g).sum()

@@ -44,17 +44,41 @@ def test_edge_scores_match_edge_by_edge_float64_reference(family, tmp_path):
         assert abs(res.clean_metric - m_clean) <= 1e-4 and abs(res.corrupted_metric - m_corr) <= 1e-4
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
-def test_edges_out_of_the_input_sum_to_the_metric_change(family, tmp_path):
-    """Completeness along the embedding path: the residual falls as the rule's nodes grow (random tiny
-    models have sharp paths: 4 nodes miss by up to 90%, 128 Gauss-Legendre nodes by < 0.2%)."""
+@pytest.mark.parametrize("family", sorted(PATHS))
+def test_edges_into_the_logits_sum_to_the_metric_change(family, tmp_path):
+    """Completeness at the logits: sum_u score(u -> logits) -> M(clean) - M(corrupted) as the rule's
+    nodes grow. It holds only if every sender's output is recorded and enters the sum (their sum is
+    the final residual stream), so a missing or double-counted sender fails it."""
+    model, tok = tiny_model(family, tmp_path)
+    eap = EdgeAttributor(model, tok, precision="fp32")
+    assert eap.graph.valid[:, -1].all()  # every sender writes into the logits
+    metric = "logit_diff" if family == "gemma" else "logprob"
+    coarse, fine = (eap.attribute_edges(PROMPTS, TARGETS, CORRUPTED, corrupted_targets=OTHERS, n_steps=n, metric=metric)
+                    for n in (2, 12))
+    for c, f in zip(coarse, fine):
+        into_logits = float(f.scores[:, -1].astype(np.float64).sum())
+        assert f.completeness == pytest.approx(abs(into_logits - f.change), abs=1e-5)
+        scale = np.abs(f.scores[:, -1]).sum()
+        assert f.completeness <= 1e-5 * scale, (f.completeness, scale)  # rounding
+        assert f.completeness <= c.completeness + 1e-5
+        # no single sender could be dropped unnoticed: each non-negligible edge exceeds the residual
+        big = np.abs(f.scores[:, -1]) > 1e-3 * np.abs(f.scores[:, -1]).max()
+        assert (np.abs(f.scores[big, -1]) > f.completeness).all()
+    assert sum(c.completeness for c in coarse) > 10 * sum(f.completeness for f in fine)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_input_residual_falls_as_the_rule_gets_finer(family, tmp_path):
+    """Integrated gradients along the embedding path (the one every receiver but the logits
+    follows): the residual falls as the nodes grow (random tiny models have sharp paths: 4 nodes
+    miss by up to 90%, 128 Gauss-Legendre nodes by < 0.2%)."""
     model, tok = tiny_model(family, tmp_path)
     eap = EdgeAttributor(model, tok, precision="fp32")
     coarse, fine = (eap.attribute_edges(PROMPTS, TARGETS, CORRUPTED, n_steps=n) for n in (4, 128))
     for c, f in zip(coarse, fine):
-        assert f.completeness <= 2e-3 * abs(f.change) + 1e-5
-        assert f.completeness <= c.completeness + 1e-5
-    assert sum(f.completeness for f in fine) < 0.1 * sum(c.completeness for c in coarse)
+        assert f.input_residual <= 2e-3 * abs(f.change) + 1e-5
+        assert f.input_residual <= c.input_residual + 1e-5
+    assert sum(f.input_residual for f in fine) < 0.1 * sum(c.input_residual for c in coarse)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox"])

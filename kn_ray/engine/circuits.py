@@ -17,10 +17,15 @@ per alpha.
 The metric M is log P(gold object) (teacher forced over its tokens), or the logit difference
 between the gold object's first token and the corrupted fact's at the target position.
 
-Completeness: the edges out of `input` sum to M(clean) - M(corrupted) as the rule gets finer
-(integrated gradients along the embedding path; the residual is reported). The edges into
-`logits` need not: they integrate the final residual's gradient along the embedding path, not
-along a straight line at the final residual.
+The logits read the final residual stream R, the sum of every sender's output. Their
+gradient is integrated along the straight line from R(corrupted) to R(clean) (integrated
+gradients at the logits' own input; a cheap pass through the final norm and the LM head at
+the predicting positions), so the edges into `logits` sum to M(clean) - M(corrupted) as the
+rule gets finer (completeness; the residual is reported). Along the embedding path they
+would not: the final residual does not move on a straight line when the embeddings do.
+`input_residual` reports how well the rule integrates the embedding path that every other
+receiver's gradient follows: |sum_v (e_clean - e_corrupted) . integrated dM/d(input_v) -
+(M(clean) - M(corrupted))|, the logits' gradient taken along that path too.
 
 Faithfulness of a circuit C (a set of edges): every receiver reads
 input_v - sum_{u -> v not in C} (out_u - out_u(corrupted)) in one patched forward on the
@@ -41,7 +46,7 @@ import torch
 from .adapters import attention_shape
 from .encoding import Batch, SkipPrompt
 from .graph import Graph
-from .hooks import gather_head_input
+from .hooks import first_arg, gather_head_input
 from .precision import autocast
 from .quadrature import quadrature
 from .receivers import record_senders, require_circuits, split_receivers
@@ -64,8 +69,8 @@ class EdgeAttribution:
     corrupted_metric: float = math.nan
     gold_prob: float = math.nan  # P(gold object | clean prompt)
     scores: np.ndarray | None = None  # [senders, receivers] float32; 0 where no edge exists
-    completeness: float = math.nan  # |sum of edges out of input - (M(clean) - M(corrupted))|
-    logits_sum: float = math.nan  # sum of the edges into the logits (not bound to the change)
+    completeness: float = math.nan  # |sum of the edges into the logits - (M(clean) - M(corrupted))|
+    input_residual: float = math.nan  # the same for integrated gradients along the embedding path
     evaluations: int = 0  # forward/backward rows (quadrature nodes)
     seconds: float = 0.0
 
@@ -96,6 +101,18 @@ def top_edge_indices(scores: np.ndarray, graph: Graph, k: int) -> np.ndarray:
 
 
 @dataclass
+class _Run:
+    """What one prompt batch's plain forward gives: sender outputs [B, U, T, d] fp32, input
+    embeddings [B, T, d], the final residual at the predicting positions [B, K, d], M [B], P(gold) [B]."""
+
+    outputs: torch.Tensor
+    embeds: torch.Tensor
+    final: torch.Tensor
+    metric: torch.Tensor
+    gold: torch.Tensor
+
+
+@dataclass
 class _Pair:
     clean: Batch
     corrupted: Batch
@@ -118,6 +135,7 @@ class EdgeAttributor(ModelRunner):
         self.heads = attention_shape(self.model.config)[0]
         self.graph = Graph(self.lm.num_layers, self.heads, parallel=layout == "parallel")
         self._valid = torch.from_numpy(self.graph.valid).to(self.device)
+        self._final_norm = self.model.get_submodule(self.adapter.final_norm)
 
     # ---- public API -------------------------------------------------------------------
     def attribute_edges(
@@ -208,40 +226,64 @@ class EdgeAttributor(ModelRunner):
         pair = self._collate_pair(encs)
         clean = self._run_senders(pair.clean, pair, metric)
         corr = self._run_senders(pair.corrupted, pair, metric)
-        real = pair.clean.attention_mask[:, None, :, None].to(clean[0].dtype)
-        delta = (clean[0] - corr[0]) * real  # [B, U, T, d]
-        grads = self._integrate(pair, clean[1], corr[1], alphas.float().to(self.device), weights.float().to(self.device), metric)
-        scores = torch.einsum("butd,bvtd->buv", delta, grads * real) * self._valid
-        change = clean[2] - corr[2]
-        completeness = (scores[:, 0].sum(-1) - change).abs()
-        logits_sum = scores[:, :, -1].sum(-1)
-        scores, completeness, logits_sum, m_clean, m_corr = (t.cpu() for t in (scores, completeness, logits_sum, clean[2], corr[2]))
-        gold = clean[3].cpu()
+        alphas, weights = alphas.float().to(self.device), weights.float().to(self.device)
+        real = pair.clean.attention_mask[:, None, :, None].to(clean.outputs.dtype)
+        delta = (clean.outputs - corr.outputs) * real  # [B, U, T, d]
+        grads = self._integrate(pair, clean.embeds, corr.embeds, alphas, weights, metric) * real
+        change = clean.metric - corr.metric
+        valid = self._valid.to(grads.dtype)
+        input_residual = (torch.einsum("btd,bvtd,v->b", delta[:, 0], grads, valid[0]) - change).abs()
+        grads[:, -1] = 0  # the logits: along the straight line at their own input instead
+        cols = pair.clean.pred_cols[:, :, None].expand(-1, -1, grads.shape[-1])
+        grads[:, -1].scatter_(1, cols, self._final_line(pair, clean.final, corr.final, alphas, weights, metric))
+        scores = torch.einsum("butd,bvtd->buv", delta, grads) * valid
+        completeness = (scores[:, :, -1].sum(-1) - change).abs()
+        scores, completeness, input_residual, m_clean, m_corr, gold = (
+            t.cpu() for t in (scores, completeness, input_residual, clean.metric, corr.metric, clean.gold))
         return [dict(clean_metric=float(m_clean[b]), corrupted_metric=float(m_corr[b]), gold_prob=float(gold[b]),
-                     scores=scores[b].numpy(),
-                     completeness=float(completeness[b]), logits_sum=float(logits_sum[b]), evaluations=len(alphas))
+                     scores=scores[b].numpy(), completeness=float(completeness[b]),
+                     input_residual=float(input_residual[b]), evaluations=len(alphas))
                 for b in range(pair.clean.size)]
 
     @torch.no_grad()
-    def _run_senders(self, batch: Batch, pair: _Pair, metric: str):
-        """(sender outputs [B, U, T, d] fp32, input embeddings [B, T, d], metric [B], P(gold) [B])."""
+    def _run_senders(self, batch: Batch, pair: _Pair, metric: str) -> _Run:
         outputs: list[torch.Tensor] = []
         embeds: list[torch.Tensor] = []
+        final: list[torch.Tensor] = []
 
         def sink(kind, _layer, out):
             outputs.append(out.float().to(self.device) if kind == "heads" else out.float().to(self.device).unsqueeze(-2))
 
+        def keep_final(_m, args, kwargs):
+            hidden = first_arg(args, kwargs)
+            final.append(hidden.gather(1, batch.pred_cols.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1])))
+
         rows = torch.arange(batch.size, device=self.device)
-        emb = self.model.get_input_embeddings()
-        handle = emb.register_forward_hook(lambda _m, _a, out: embeds.append(out.detach()))
+        handles = [self.model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: embeds.append(out.detach())),
+                   self._final_norm.register_forward_pre_hook(keep_final, with_kwargs=True)]
         try:
             with autocast(self.precision, self.device), record_senders(self.model, self.adapter, sink), \
                     gather_head_input(self.model, self.adapter, batch.pred_cols):
                 logits = self.model(**self._inputs(batch, rows)).logits.to(self.device)
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         gold = self._metric(logits, pair, rows, "logprob").exp()
-        return torch.cat(outputs, -2).transpose(1, 2), embeds[0], self._metric(logits, pair, rows, metric), gold
+        return _Run(torch.cat(outputs, -2).transpose(1, 2), embeds[0], final[0].to(self.device),
+                    self._metric(logits, pair, rows, metric), gold)
+
+    def _final_line(self, pair, r_clean, r_corr, alphas, weights, metric) -> torch.Tensor:
+        """sum_k w_k dM/dR at R = R(corrupted) + alpha_k (R(clean) - R(corrupted)), R the final
+        residual stream at the predicting positions [B, K, d]: the final norm and LM head only."""
+        B, A = len(r_clean), len(alphas)
+        pi = torch.arange(B, device=self.device).repeat_interleave(A)
+        alpha = alphas.repeat(B)[:, None, None]
+        with torch.enable_grad(), autocast(self.precision, self.device):
+            x = (r_corr[pi].float() + alpha * (r_clean[pi].float() - r_corr[pi].float())).requires_grad_(True)
+            head = self.adapter.head_module(self.model)
+            logits = head(self._final_norm(x.to(r_clean.dtype))).to(self.device)
+            (grad,) = torch.autograd.grad(self._metric(logits, pair, pi, metric).sum(), x)
+        return (grad.float() * weights.repeat(B)[:, None, None]).view(B, A, *grad.shape[1:]).sum(1)
 
     def _metric(self, logits, pair: _Pair, rows, metric) -> torch.Tensor:
         logp_or_logits = logits.float()
@@ -303,8 +345,8 @@ class EdgeAttributor(ModelRunner):
         T = pair.clean.input_ids.shape[1]
         step = max(1, self.max_batch_tokens // (T * max(1, self.heads // 2)))
         for lo in range(0, len(keep), step):
-            values.append(self._patched_rows(pair, corr[0][0], corrupted_edges[lo: lo + step], metric))
-        return clean[2][0], corr[2][0], torch.cat(values)
+            values.append(self._patched_rows(pair, corr.outputs[0], corrupted_edges[lo: lo + step], metric))
+        return clean.metric[0], corr.metric[0], torch.cat(values)
 
     def _patched_rows(self, pair, corr_out, corrupted_edges, metric):
         R = len(corrupted_edges)

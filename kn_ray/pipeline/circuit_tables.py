@@ -24,7 +24,7 @@ NODES = pa.schema(_KEYS + [("node", pa.string()), ("layer", pa.int16()), ("head"
 FAITHFULNESS = pa.schema(_KEYS + [
     ("corrupted_prompt_id", pa.string()), ("corrupted_prompt", pa.string()), ("corrupted_object", pa.string()),
     ("metric", pa.string()), ("clean_metric", pa.float32()), ("corrupted_metric", pa.float32()),
-    ("completeness", pa.float32()), ("logits_sum", pa.float32()), ("fractions", pa.list_(pa.float32())),
+    ("completeness", pa.float32()), ("input_residual", pa.float32()), ("fractions", pa.list_(pa.float32())),
     ("edges", pa.list_(pa.int32())), ("circuit", pa.list_(pa.float32())),
     ("random", pa.list_(pa.list_(pa.float32()))),
 ])
@@ -67,7 +67,7 @@ def circuit_tables(specs: Sequence[PromptSpec], results: Sequence, graph, top_ed
                               score_in=None if j is None else float(into[j])))
         faith.append(dict(keys, corrupted_prompt_id=partner[0], corrupted_prompt=partner[1], corrupted_object=partner[2],
                           metric=res.metric, clean_metric=res.clean_metric, corrupted_metric=res.corrupted_metric,
-                          completeness=res.completeness, logits_sum=res.logits_sum,
+                          completeness=res.completeness, input_residual=res.input_residual,
                           **_curve(curve)))
     return {"prompts": prompt_table(specs, [None if r is None else _prompt_view(r[0]) for r in results]),
             "edges": pa.Table.from_pylist(edges, schema=EDGES),
