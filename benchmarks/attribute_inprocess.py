@@ -27,7 +27,7 @@ from kn_ray.pipeline.facts import detect_format, read_facts
 from kn_ray.pipeline.options import RunOptions
 from kn_ray.pipeline.plan import auto_shard_size, plan_shards
 from kn_ray.pipeline.prompts import build_prompts
-from kn_ray.pipeline.rundir import RunDirectory, new_attempt
+from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.pipeline.worker import ShardComputer
 
 
@@ -63,23 +63,22 @@ def main() -> int:
     prompts = build_prompts(facts, masked=info["masked"], max_templates=options.filters.max_templates)
     shards = plan_shards(prompts.prompts, options.shard_size or auto_shard_size(len(prompts.prompts)))
     record = run.open_run(run_record(options, fmt, info, shards, prompts.dropped_templates))
-    done = run.finished([s.name for s in shards], record.config_hash)
+    done = run.commits.finished([s.name for s in shards], record.config_hash)
     if part == 0:
-        run.remove_stale(done)
+        run.commits.remove_stale(done)
     todo = [s for s in round_robin(shards)[part::parts] if s.name not in done]  # slices of the whole plan
     total = sum(map(len, todo))
     print(f"{len(shards)} shards, {len(todo)} to do ({total} prompts); model loaded in "
           f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     computed = 0
     for shard in todo:
-        attempt = new_attempt()
-        meta = dict(file_metadata(record), shard=shard.shard_id, attempt=attempt)
-        o = options
+        o, shard_start = options, time.perf_counter()
         out = computer.compute(shard.shard_id, list(shard.prompts), o.n_steps, o.method, o.keep, None, **o.engine_extra(), **layers)
-        run.commit(shard.name, attempt, run.write_parts(shard.name, attempt, out["tables"], meta), record.config_hash)
+        run.commits.write_shard(shard.name, out["tables"], record.config_hash, dict(file_metadata(record), shard=shard.shard_id))
         computed += len(shard.prompts)
-        print(f"{shard.name}: {len(shard.prompts)} prompts in {out['seconds']:.0f} s "
-              f"({out['seconds'] / max(1, len(shard.prompts)):.1f} s/prompt); {computed}/{total} "
+        seconds = time.perf_counter() - shard_start
+        print(f"{shard.name}: {len(shard.prompts)} prompts in {seconds:.0f} s "
+              f"({seconds / max(1, len(shard.prompts)):.1f} s/prompt); {computed}/{total} "
               f"at {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     print(run.uri)
     return 0

@@ -1,7 +1,7 @@
 """Dense layout vs row-per-neuron: bytes per prompt, write time, read time (numpy, pandas, DuckDB).
 
 Every neuron's score of BERT-base-shaped prompts (12 layers x 3072 neurons = 36,864 scores),
-random, written the way the pipeline writes a shard (`shard_tables` + `RunDirectory.write_parts`):
+random, written the way the pipeline writes a shard (`shard_tables` + `Commits.write_parts`):
 
 * rows:     one row per (prompt, neuron), every neuron kept (what `--dense` wrote before)
 * dense32:  one row per (prompt, layer), `scores` fixed_size_list<float32>[3072]
@@ -25,7 +25,9 @@ import pyarrow.dataset as ds
 from kn_ray.engine import Attribution
 from kn_ray.pipeline.options import KeepPolicy
 from kn_ray.pipeline.prompts import PromptSpec
-from kn_ray.pipeline.rundir import RunDirectory, new_attempt
+from kn_ray.pipeline.commit import new_attempt
+from kn_ray.pipeline.layout import shard_name
+from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.pipeline.tables import neuron_table, shard_tables
 
 LAYOUTS = {"rows": None, "dense32": "float32", "dense16": "float16"}
@@ -59,7 +61,7 @@ def measure(layout: str, args, root: Path) -> dict:
         specs, results = shard(rng, s, min(args.shard_size, args.prompts - s), args.layers, args.neurons)
         t0 = time.perf_counter()
         tables = tables_for(layout, specs, results)
-        run.write_parts(f"part-{s // args.shard_size:05d}", new_attempt(), tables, {"config_hash": ""})
+        run.commits.write_parts(shard_name(s // args.shard_size), new_attempt(), tables, {"config_hash": ""})
         write += time.perf_counter() - t0
     files = sorted(str(p) for p in (root / layout / "neurons").glob("*.parquet"))
     size = sum(Path(f).stat().st_size for f in files)

@@ -60,11 +60,12 @@ class SyntheticEngine:
                     num_neurons=self.neurons, precision="fp32", device="cpu")
 
     def compute(self, shard_id, specs, n_steps, method, keep, output):
+        from kn_ray.pipeline.commit import Part
         from kn_ray.pipeline.layout import attempt_part
-        from kn_ray.pipeline.rundir import Part, opened
+        from kn_ray.pipeline.storage import cached_storage
 
         start = time.perf_counter()
-        run = opened(output.uri)
+        run = cached_storage(output.uri)
         parts = {}
         for kind, (data, rows) in self.encoded.items():
             name = attempt_part(kind, output.shard, output.attempt)
@@ -97,7 +98,8 @@ def simulate(actors: int, prompts: int, rate: float, layout: str, shard_size: in
     from kn_ray.placement import Placement
     from kn_ray.pipeline.plan import plan_shards
     from kn_ray.pipeline.prompts import PromptSpec
-    from kn_ray.pipeline.rundir import RunDirectory, RunRecord, config_hash
+    from kn_ray.pipeline.record import RunRecord
+    from kn_ray.pipeline.rundir import RunDirectory
 
     out = os.path.join(root, f"{layout}-{actors}-{prompts}")
     shutil.rmtree(out, ignore_errors=True)
@@ -109,7 +111,7 @@ def simulate(actors: int, prompts: int, rate: float, layout: str, shard_size: in
                          resources=Resources(workers=actors, cpus_per_worker=max(0.01, 1.0 / actors), in_flight=4))
     run = RunDirectory(out)
     identity = {"model": "synthetic", "plan": {"shards": len(shards)}}
-    record = run.open_run(RunRecord(identity=identity, config_hash=config_hash(identity)))
+    record = run.open_run(RunRecord.of(identity))
     for kind in ("prompts", "neurons", "activations"):
         os.makedirs(os.path.join(out, kind), exist_ok=True)
     pool = execute.ActorPool(SyntheticEngine, (rate / actors, layout, 12, 3072, shard_size), {}, options.resources)
@@ -143,7 +145,7 @@ def simulate(actors: int, prompts: int, rate: float, layout: str, shard_size: in
 
 
 def _example_parts():
-    from kn_ray.pipeline.rundir import Part
+    from kn_ray.pipeline.commit import Part
 
     return {"parts": {k: Part(f"{k}/part-00000-0123456789.parquet", 1000, 100000) for k in ("prompts", "neurons", "activations")},
             "seconds": 1.0}

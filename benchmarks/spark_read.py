@@ -2,7 +2,7 @@
 
     python benchmarks/spark_read.py OUT [OUT ...]    # from the repository root; pyspark and a Java runtime
 
-For each table of the run directory's catalogue (`kn_ray.pipeline.rundir.TABLES`) that OUT
+For each table of the run directory's catalogue (`kn_ray.pipeline.layout.TABLES`) that OUT
 holds, `spark.read.parquet("OUT/<table>")` (the folder, as a data engineer would give it) must
 count the rows kn-ray recorded: the shard markers' counts for the attribute tables, the
 parts' footers for the others. A dense `neurons` table must also unnest (`posexplode`) to
@@ -25,14 +25,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kn_ray.pipeline.rundir import TABLES, RunDirectory  # noqa: E402
+from kn_ray.pipeline.layout import TABLES  # noqa: E402
+from kn_ray.pipeline.rundir import RunDirectory  # noqa: E402
 
 
 def recorded_rows(run: RunDirectory, table: str) -> int:
     """kn-ray's count: the markers' rows (attribute tables), else the sum of the parts' footers."""
     if TABLES[table] == "attribute":
         return sum(marker["rows"][table] for marker in run.markers().values())
-    return run.dataset(table, run.table_files(table)).count_rows()
+    return run.dataset(table).count_rows()
 
 
 def spark_session():

@@ -1,4 +1,5 @@
-"""Synthetic `kn-ray attribute` outputs in the exact Parquet layout, for tests and benchmarks.
+"""Synthetic `kn-ray attribute` outputs, written through the run directory as the pipeline
+writes them (`write_run`), for tests and benchmarks.
 
 Each fact gets planted knowledge neurons (a few of its own, mostly in upper layers, plus
 some of its relation's) that score high in most of its prompts, over uniform noise rows;
@@ -26,7 +27,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kn_ray.engine.probe import Probe
-from kn_ray.pipeline.tables import ACTIVATIONS, NEURONS, PROMPTS
+from kn_ray.pipeline.layout import SHARD_KINDS, part_file, shard_name
+from kn_ray.pipeline.record import RunRecord
+from kn_ray.pipeline.rundir import RunDirectory
+from kn_ray.pipeline.tables import ACTIVATIONS, KINDS, NEURONS, PROMPTS
 from kn_ray.stages.aggregate.tables import KNOWLEDGE_NEURONS, RELATION_NEURONS
 from kn_ray.stages.edit.tables import EDITS, as_table, metric_rows, prompt_row
 
@@ -36,6 +40,7 @@ SKIP_REASONS = ["target token not in vocabulary", "prompt longer than the contex
 ERROR_REASONS = ["RuntimeError: CUDA out of memory", "ValueError: empty target"]
 RELATION_NEURONS_PER_RELATION = 3
 ALWAYS_ON_NEURONS = 24  # activation-only neurons that fire for any prompt
+ATTEMPT = "synthetic"  # the attempt id of every synthetic part
 TABLES = {"prompts": PROMPTS, "neurons": NEURONS, "activations": ACTIVATIONS, "edits": EDITS,
           "knowledge_neurons": KNOWLEDGE_NEURONS, "relation_neurons": RELATION_NEURONS}
 
@@ -216,44 +221,55 @@ def _part(rng, spec: SyntheticSpec, fact_index: np.ndarray, relation_neurons, al
             _row_table(activations, *keys, "activation", ACTIVATIONS))
 
 
-def run_config(spec: SyntheticSpec) -> dict:
+def run_config(spec: SyntheticSpec, shards: int) -> dict:
     """run.json in the attribute stage's layout (docs/output-schema.md)."""
     return {"identity": {"model": spec.model, "attribution": {"method": "left", "n_steps": 20},
                          "model_info": {"revision": "synthetic", "num_layers": spec.layers, "num_neurons": spec.neurons},
                          "keep": {"ratio": 0.1, "dense": False, "activation_ratio": 0.5},
-                         "input": {"format": "synthetic"}},
-            "input_path": "synthetic", "synthetic": asdict(spec)}
+                         "input": {"format": "synthetic"}, "plan": {"shards": shards}},
+            "input_path": "synthetic", "options": {"synthetic": asdict(spec)}}
 
 
-def write_synthetic_run(out: str | Path, spec: SyntheticSpec | None = None) -> dict:
-    """Write run.json, prompts/, neurons/ and activations/ under `out`; returns row counts."""
+def write_run(out: str | Path, config: dict | None, shards: list[dict[str, pa.Table]],
+              later: dict[str, pa.Table] | None = None, committed: int | None = None) -> RunDirectory:
+    """Write a run through the run-directory API, as the pipeline does: run.json (`config`: its
+    identity, options and input_path), each shard's tables as the parts of one attempt committed
+    by the shard's marker (only the first `committed` shards, when given: a run in progress),
+    then the later stages' tables (`later`). The attempt id is fixed, so the same arguments
+    write the same files."""
+    config = config if config is not None else {"identity": {"model": "hand-built"}}
+    run = RunDirectory(out)
+    record = run.open_run(RunRecord.of(config["identity"], options=config.get("options", {}),
+                                       input_path=config.get("input_path", "")))
+    for index, tables in enumerate(shards):
+        name = shard_name(index)
+        if committed is None or index < committed:
+            run.commits.write_shard(name, tables, record.config_hash, {"shard": index}, attempt=ATTEMPT)
+        else:
+            run.commits.write_parts(name, ATTEMPT, tables, {"config_hash": record.config_hash, "shard": index})
+    for table, rows in (later or {}).items():
+        with run.staged(table) as tmp:
+            pq.write_table(rows, tmp / part_file(0))
+    return run
+
+
+def write_synthetic_run(out: str | Path, spec: SyntheticSpec | None = None, committed: int | None = None) -> dict:
+    """Write run.json, prompts/, neurons/ and activations/ under `out`, one shard per
+    `facts_per_part` facts (only the first `committed` shards committed, when given); returns
+    row counts."""
     spec = spec or SyntheticSpec()
-    out = Path(out)
     rng = np.random.default_rng(spec.seed)
     relation_neurons = np.stack([_upper_layers(rng, spec.relations * RELATION_NEURONS_PER_RELATION, spec.layers),
                                  rng.integers(0, spec.neurons, spec.relations * RELATION_NEURONS_PER_RELATION)], axis=1)
     relation_neurons = relation_neurons.reshape(spec.relations, RELATION_NEURONS_PER_RELATION, 2)
     always_on = np.stack([rng.integers(0, spec.layers, ALWAYS_ON_NEURONS),
                           rng.integers(0, spec.neurons, ALWAYS_ON_NEURONS)], axis=1)
-    counts = {"prompts": 0, "neurons": 0, "activations": 0}
-    for part, first in enumerate(range(0, spec.facts, spec.facts_per_part)):
+    shards = []
+    for first in range(0, spec.facts, spec.facts_per_part):
         fact_index = np.arange(first, min(first + spec.facts_per_part, spec.facts))
-        tables = _part(rng, spec, fact_index, relation_neurons, always_on)
-        for name, table in zip(counts, tables):
-            _write_part(out / name, part, table)
-            counts[name] += table.num_rows
-    _write_json(out / "run.json", run_config(spec))
-    return counts
-
-
-def _write_part(directory: Path, part: int, table: pa.Table) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, directory / f"part-{part:05d}.parquet")
-
-
-def _write_json(file: Path, data: dict) -> None:
-    file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_text(json.dumps(data, indent=2) + "\n")
+        shards.append(dict(zip(KINDS, _part(rng, spec, fact_index, relation_neurons, always_on))))
+    write_run(out, run_config(spec, len(shards)), shards, committed=committed)
+    return {kind: sum(shard[kind].num_rows for shard in shards) for kind in KINDS}
 
 
 def _as_table(frame: pd.DataFrame | pa.Table, schema: pa.Schema) -> pa.Table:
@@ -265,14 +281,14 @@ def _as_table(frame: pd.DataFrame | pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def write_tables(out: str | Path, config: dict | None = None, **frames) -> Path:
-    """Write hand-built frames, keyed by table name (prompts=..., neurons=...), as one part file
-    each, plus run.json; tests build tiny runs with this."""
-    out = Path(out)
-    for name, frame in frames.items():
-        if frame is not None:
-            _write_part(out / name, 0, _as_table(frame, TABLES[name]))
-    _write_json(out / "run.json", config if config is not None else {"identity": {"model": "hand-built"}})
-    return out
+    """Write hand-built frames, keyed by table name (prompts=..., neurons=...), plus run.json:
+    the attribute tables as one committed shard, the later stages' as one part each; tests
+    build tiny runs with this. A pyarrow table is written as it is (its own schema)."""
+    tables = {name: frame if isinstance(frame, pa.Table) else _as_table(frame, TABLES[name])
+              for name, frame in frames.items() if frame is not None}
+    shard = {name: t for name, t in tables.items() if name in SHARD_KINDS}
+    write_run(out, config, [shard] if shard else [], {n: t for n, t in tables.items() if n not in shard})
+    return Path(out)
 
 
 EDIT_EFFECTS = {  # (op, condition) -> mean relative change of the gold probability
@@ -285,11 +301,11 @@ N_NEURONS = 3
 
 
 def write_synthetic_edits(out: str | Path, facts: int = 200, seed: int = 0) -> int:
-    """Write edits/part-00000.parquet for the usable prompts of up to `facts` facts of `out`:
-    every op and condition on each prompt, through the edit stage's row builders."""
-    out = Path(out)
+    """Write the edits table for the usable prompts of up to `facts` facts of `out`: every op
+    and condition on each prompt, through the edit stage's row builders."""
+    run = RunDirectory(out)
     rng = np.random.default_rng(seed)
-    prompts = pq.read_table(out / "prompts", columns=["prompt_id", "fact_id", "relation", "status", "gold_prob"]).to_pandas()
+    prompts = run.read("prompts", ["prompt_id", "fact_id", "relation", "status", "gold_prob"]).to_pandas()
     prompts = prompts[prompts.status == "ok"]
     chosen = prompts.fact_id.drop_duplicates().sample(min(facts, prompts.fact_id.nunique()), random_state=seed)
     prompts = prompts[prompts.fact_id.isin(chosen)]
@@ -306,7 +322,8 @@ def write_synthetic_edits(out: str | Path, facts: int = 200, seed: int = 0) -> i
             rows.append(row)
     frame = pd.DataFrame(rows)
     edits = as_table(pd.concat([frame, metric_rows(frame)], ignore_index=True))
-    _write_part(out / "edits", 0, edits)
+    with run.staged("edits") as tmp:
+        pq.write_table(edits, tmp / part_file(0))
     return edits.num_rows
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -13,8 +12,10 @@ import pytest
 from kn_ray.interfaces.cli import main as cli
 from kn_ray.stages.aggregate import KNOWLEDGE_NEURONS, RELATION_NEURONS, AggregateParams, aggregate
 from tests.numerics import assert_same_numbers
-from tests.synthetic import SyntheticSpec, write_synthetic_run, write_tables
+from kn_ray.pipeline.rundir import RunDirectory
+from tests.synthetic import SyntheticSpec, write_run, write_synthetic_run, write_tables
 
+SYNTHETIC = SyntheticSpec(facts=400, relations=5, facts_per_part=90, seed=3)  # 5 shards
 KEYS = ["method", "fact_id", "layer", "neuron"]
 
 
@@ -147,11 +148,12 @@ def test_activation_baseline(tmp_path):
 
 
 def test_repeated_prompt_rows_are_refused(tmp_path):
-    out = build(tmp_path, {"A": ("R1", [MAX] * 3, 0)})
-    prompts = pq.read_table(out / "prompts")
-    pq.write_table(prompts, out / "prompts" / "part-00001.parquet")
+    once = build(tmp_path / "once", {"A": ("R1", [MAX] * 3, 0)})
+    run = RunDirectory(once)
+    shard = {table: run.read(table) for table in ("prompts", "neurons")}
+    twice = write_run(tmp_path / "twice", run.config.as_dict(), [shard, shard]).root  # one shard's rows written twice
     with pytest.raises(ValueError, match="repeated prompt_id"):
-        aggregate(out)
+        aggregate(twice)
 
 
 def reference(out, method: str, column: str, table: str, t: float, p: float = 0.7, floor: int = 3):
@@ -175,7 +177,7 @@ def reference(out, method: str, column: str, table: str, t: float, p: float = 0.
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
-    write_synthetic_run(out, SyntheticSpec(facts=400, relations=5, facts_per_part=90, seed=3))
+    write_synthetic_run(out, SYNTHETIC)
     return out
 
 
@@ -209,13 +211,11 @@ def test_facts_split_across_part_files(synthetic_run, tmp_path):
     """Re-shard rows so facts straddle part files: the result must not change."""
     aggregate(synthetic_run)
     before = knowledge_neurons(synthetic_run)
-    split = tmp_path / "split"
-    for table in ["prompts", "neurons", "activations"]:
-        rows = pq.read_table(synthetic_run / table)
-        (split / table).mkdir(parents=True)
-        for i, start in enumerate(range(0, rows.num_rows, 997)):
-            pq.write_table(rows.slice(start, 997), split / table / f"part-{i:05d}.parquet")
-    (split / "run.json").write_text((synthetic_run / "run.json").read_text())
+    run, split, n = RunDirectory(synthetic_run), tmp_path / "split", 7
+    tables = {table: run.read(table) for table in ["prompts", "neurons", "activations"]}
+    size = {table: -(-rows.num_rows // n) for table, rows in tables.items()}  # rows per shard, whatever the facts
+    write_run(split, run.config.as_dict(),
+              [{t: rows.slice(i * size[t], size[t]) for t, rows in tables.items()} for i in range(n)])
     aggregate(split)
     pd.testing.assert_frame_equal(knowledge_neurons(split), before)
 
@@ -236,17 +236,11 @@ def test_cli_errors_and_success(synthetic_run, tmp_path, capsys):
 def test_reads_only_shards_marked_done(synthetic_run, tmp_path):
     """While `kn-ray attribute` runs, parts of unfinished shards (no _shards marker) are left out."""
     partial = tmp_path / "partial"
-    for table in ["prompts", "neurons", "activations"]:
-        (partial / table).mkdir(parents=True)
-        for part in sorted((synthetic_run / table).glob("part-*.parquet")):
-            (partial / table / part.name).write_bytes(part.read_bytes())
-    (partial / "run.json").write_text((synthetic_run / "run.json").read_text())
-    (partial / "_shards").mkdir()
-    marker = {"files": {table: f"{table}/part-00000.parquet" for table in ["prompts", "neurons", "activations"]}}
-    (partial / "_shards" / "part-00000.json").write_text(json.dumps(marker))
+    write_synthetic_run(partial, SYNTHETIC, committed=1)
     summary = aggregate(partial)
     assert summary["counts"]["parts_of_unfinished_shards"] == {"prompts": 4, "neurons": 4, "activations": 4}
-    first = pq.read_table(synthetic_run / "prompts" / "part-00000.parquet").to_pandas()
+    run = RunDirectory(partial)
+    first = pq.read_table(run.path(run.markers()["part-00000"]["files"]["prompts"])).to_pandas()
     assert summary["counts"]["usable_prompts"] == (first.status == "ok").sum()
     assert set(knowledge_neurons(partial).fact_id) <= set(first.fact_id)
 

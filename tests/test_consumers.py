@@ -58,7 +58,7 @@ def recorded_rows(run: RunDirectory, table: str) -> int:
     if table in ("knowledge_neurons", "relation_neurons"):
         counts = run.summary("aggregate")["counts"]
         return sum(counts[method][table] for method in ("ig", "activation"))
-    return run.dataset(table, run.table_files(table)).count_rows()
+    return run.dataset(table).count_rows()
 
 
 def test_each_table_folder_opens_in_every_reader_with_the_recorded_rows(finished):
@@ -84,12 +84,3 @@ def test_the_edits_folder_reads_as_the_edit_rows(finished):
     layout = "dense" if finished.config.dense else "sparse"
     assert set(edits.op) == set(EDIT_OPS[layout]) and edits.columns[0] == "op"
     assert finished.summary("edit")["runs"].keys() == set(EDIT_OPS[layout])
-
-
-def test_a_summary_an_older_kn_ray_left_inside_the_edits_folder_is_read_then_moved_beside_it(tmp_path):
-    run = RunDirectory(tmp_path)
-    run.write_json({"runs": {"suppress": {}}}, "edits", "summary.json")
-    assert run.summary("edit") == {"runs": {"suppress": {}}}
-    run.write_summary("edit", {"runs": {}})
-    assert os.listdir(tmp_path / "edits") == [] and run.summary("edit") == {"runs": {}}
-    assert (tmp_path / SUMMARIES["edit"]).exists()

@@ -71,7 +71,7 @@ def run_dir(tmp_path_factory):
     prompts = _prompts()
     model_dir = save_tiny_model("gpt2", list(prompts.prompt) + list(prompts.target), root / "model")
     kn, rn = _neurons(prompts)
-    out = write_tables(root / "out", {"identity": {"model": str(model_dir)}, "options": {"precision": "fp32"}},
+    out = write_tables(root / "out", {"identity": {"model": str(model_dir)}, "options": {"placement": {"precision": "fp32"}}},
                        prompts=prompts, knowledge_neurons=kn, relation_neurons=rn)
     return out
 

@@ -21,7 +21,7 @@ from kn_ray.stages.explore.app import create_app, fact_url
 from kn_ray.stages.explore.options import ExploreOptions
 from kn_ray.stages.explore.queries import Listing, RunQueries
 from tests.s3_server import BUCKET, s3_server  # noqa: F401  (a fixture)
-from tests.synthetic import SyntheticSpec, write_explorable_run, write_synthetic_run
+from tests.synthetic import SyntheticSpec, write_explorable_run, write_synthetic_run, write_tables
 
 T = AggregateParams.t
 
@@ -140,7 +140,7 @@ def test_neuron_reverse_index(run, queries):
 
 def _dense_copy(run, out):
     """The same run in the dense layout: every (prompt, layer) row holds all scores, unstored ones 0."""
-    config = json.loads((run / "run.json").read_text())
+    config = RunDirectory(run).config.as_dict()
     config["identity"]["keep"]["dense"] = True
     layers, width = config["identity"]["model_info"]["num_layers"], config["identity"]["model_info"]["num_neurons"]
     prompts, neurons = _read(run, "prompts"), _read(run, "neurons")
@@ -154,13 +154,9 @@ def _dense_copy(run, out):
                       "relation": keys.relation.to_numpy(), "layer": np.tile(np.arange(layers, dtype=np.int16), len(ok)),
                       "scores": pa.FixedSizeListArray.from_arrays(pa.array(grid.reshape(-1)), width)},
                      schema=dense_schema(width))
-    for name in ("prompts", "knowledge_neurons", "relation_neurons"):
-        (out / name).mkdir(parents=True)
-        for part in (run / name).glob("part-*.parquet"):
-            (out / name / part.name).write_bytes(part.read_bytes())
-    (out / "neurons").mkdir()
-    pq.write_table(table, out / "neurons" / "part-00000.parquet")
-    (out / "run.json").write_text(json.dumps(config))
+    kept = {name: pa.Table.from_pandas(_read(run, name), preserve_index=False)
+            for name in ("prompts", "knowledge_neurons", "relation_neurons")}
+    write_tables(out, config, **kept, neurons=table)
 
 
 def test_dense_layout_shows_what_the_sparse_one_shows(run, queries, tmp_path):
@@ -226,39 +222,21 @@ def test_run_without_aggregate_or_edits_names_the_commands(tmp_path):
     assert client.get("/figures/layers.svg").status_code == 404
 
 
-def _commit(out, shard: str, attempt: str, tables: dict, run_hash: str) -> None:
-    files, rows, sizes = {}, {}, {}
-    for kind, table in tables.items():
-        (out / kind).mkdir(exist_ok=True)
-        path = out / kind / f"{shard}-{attempt}.parquet"
-        pq.write_table(table.replace_schema_metadata({"kn_ray": json.dumps({"config_hash": run_hash})}), path)
-        files[kind], rows[kind], sizes[kind] = f"{kind}/{path.name}", table.num_rows, path.stat().st_size
-    (out / "_shards").mkdir(exist_ok=True)
-    (out / "_shards" / f"{shard}.json").write_text(json.dumps(dict(shard=shard, attempt=attempt, config_hash=run_hash,
-                                                                   files=files, rows=rows, bytes=sizes)))
-
-
 def test_run_in_progress_shows_committed_shards_only(tmp_path):
-    source = tmp_path / "source"
-    write_synthetic_run(source, SyntheticSpec(facts=10, relations=2, layers=4, neurons=64, facts_per_part=5, seed=5))
-    out = tmp_path / "run"
-    out.mkdir()
-    config = json.loads((source / "run.json").read_text())
-    config["identity"]["plan"] = {"shards": 2}
-    config["config_hash"] = "sha256:test"
-    (out / "run.json").write_text(json.dumps(config))
+    out, spec = tmp_path / "run", SyntheticSpec(facts=10, relations=2, layers=4, neurons=64, facts_per_part=5, seed=5)
+    write_synthetic_run(out, spec, committed=0)  # both shards' parts written, neither committed
     client = TestClient(create_app(str(out), refresh=0), raise_server_exceptions=False)
     empty = client.get("/")
     assert empty.status_code == 503 and "nothing committed yet" in empty.text
-    parts = {kind: pq.read_table(source / kind / "part-00000.parquet") for kind in ("prompts", "neurons", "activations")}
-    _commit(out, "part-00000", "a1", parts, "sha256:test")
-    (out / "prompts" / "part-00001-b2.parquet").write_bytes((source / "prompts" / "part-00001.parquet").read_bytes())
+    write_synthetic_run(out, spec, committed=1)
     page = client.get("/")
     assert page.status_code == 200 and "1 of 2 shards are committed" in page.text
-    facts = parts["prompts"].to_pandas().fact_id.nunique()
-    assert f'id="facts-count">{facts}<' in page.text
-    later = pq.read_table(source / "prompts" / "part-00001.parquet").to_pandas().fact_id.iloc[0]
-    assert client.get(fact_url(later)).status_code == 404  # in an uncommitted part: not shown
+    run = RunDirectory(out)
+    facts = run.read("prompts").to_pandas().fact_id
+    assert f'id="facts-count">{facts.nunique()}<' in page.text
+    later = pd.read_parquet(out / "prompts").fact_id  # every part, the uncommitted one too
+    assert set(later) > set(facts)
+    assert client.get(fact_url(sorted(set(later) - set(facts))[0])).status_code == 404  # in an uncommitted part: not shown
 
 
 @pytest.mark.parametrize("make, title", [
@@ -344,7 +322,7 @@ def test_a_failing_page_shows_no_traceback(run, monkeypatch):
 def test_a_run_on_s3_shows_what_the_local_copy_shows(run, queries, s3_server):
     import pyarrow.fs as pafs
 
-    from kn_ray.pipeline.rundir import filesystem
+    from kn_ray.pipeline.uris import filesystem
 
     uri = f"s3://{BUCKET}/explore-run"
     fs, path = filesystem(uri)
@@ -397,13 +375,15 @@ def test_cli_prints_the_url_and_warns_beyond_loopback(run, monkeypatch, capsys):
 
 
 def test_text_from_the_run_is_escaped(tmp_path):
-    write_synthetic_run(tmp_path, SyntheticSpec(facts=6, relations=1, layers=4, neurons=64, seed=6))
-    part = tmp_path / "prompts" / "part-00000.parquet"
-    prompts = pq.read_table(part)
+    write_synthetic_run(tmp_path / "source", SyntheticSpec(facts=6, relations=1, layers=4, neurons=64, seed=6))
+    source = RunDirectory(tmp_path / "source")
+    prompts = source.read("prompts")
     fact_id = prompts["fact_id"][0].as_py()
     subject = pa.array(["<script>alert('kn')</script>" if f == fact_id else s for f, s
                         in zip(prompts["fact_id"].to_pylist(), prompts["subject"].to_pylist())])
-    pq.write_table(prompts.set_column(prompts.schema.get_field_index("subject"), "subject", subject), part)
-    client = TestClient(create_app(str(tmp_path)), raise_server_exceptions=False)
+    prompts = prompts.set_column(prompts.schema.get_field_index("subject"), "subject", subject)
+    out = write_tables(tmp_path / "run", source.config.as_dict(), prompts=prompts, neurons=source.read("neurons"),
+                       activations=source.read("activations"))
+    client = TestClient(create_app(str(out)), raise_server_exceptions=False)
     for page in (client.get(fact_url(fact_id)), client.get("/search", params={"q": "script"})):
         assert page.status_code == 200 and "&lt;script&gt;alert(" in page.text and "<script>alert(" not in page.text

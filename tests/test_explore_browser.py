@@ -83,7 +83,7 @@ def _no_console_errors(driver) -> None:
 
 
 def _table(run: RunDirectory, table: str) -> pd.DataFrame:
-    files = run.table_files(table)
+    files = run.parts(table)
     return pd.concat([pq.read_table(f, filesystem=run.fs).to_pandas() for f in files]) if files else pd.DataFrame()
 
 

@@ -367,7 +367,7 @@ def test_actors_of_several_gpus_load_with_a_balanced_device_map(monkeypatch):
 def test_edit_takes_attributes_placement_flags_as_overrides_of_the_run():
     """Every placement flag of `kn-ray attribute` is a flag of `kn-ray edit`; set, it overrides
     run.json's placement; unset, run.json's value stays."""
-    from kn_ray.pipeline.rundir import RunRecord
+    from kn_ray.pipeline.record import RunRecord
 
     attribute_flags = {d.flag for d in declared_mod.declared(RunOptions) if d.path[0] == "placement"}
     help_text = _help_of("edit")

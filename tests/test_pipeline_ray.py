@@ -21,7 +21,8 @@ from kn_ray.pipeline.faults import ENV as FAULTS
 from kn_ray.pipeline.options import KeepPolicy, Resources, RunOptions
 from kn_ray.placement import Placement
 from kn_ray.pipeline.prompts import build_prompts
-from kn_ray.pipeline.rundir import RunConflict, RunDirectory
+from kn_ray.pipeline.record import RunConflict
+from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.pipeline.tables import kept
 from tests.pipeline_fixtures import BAD_LINES, PARAREL, pararel_slice, save_tiny_model, texts_of_pararel
 from tests.numerics import assert_same_frames, assert_same_numbers
@@ -166,7 +167,7 @@ def test_failing_shard_is_reported_then_retried_by_a_rerun(world, reference, tmp
 def test_truncated_shard_is_recomputed_and_others_untouched(world, reference, tmp_path):
     out = tmp_path / "out"
     assert run_pipeline(options(world, out), progress=False).ok
-    victim = out / RunDirectory(out).marker("part-00001")["files"]["neurons"]
+    victim = out / RunDirectory(out).commits.marker("part-00001")["files"]["neurons"]
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     before = {p: p.stat().st_mtime_ns for p in out.rglob("part-*") if "part-00001" not in p.name}
     report = run_pipeline(options(world, out), progress=False)

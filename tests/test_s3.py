@@ -104,7 +104,7 @@ def test_s3_run_equals_a_local_run(s3_run, local_run, s3_server):
     run = RunDirectory(uri)
     assert_only_committed_parts(run)
     record = json.dumps(run.record().as_dict())
-    part = run.files("prompts")[0]
+    part = run.parts("prompts")[0]
     import pyarrow.parquet as pq
 
     metadata = pq.read_metadata(part, filesystem=run.fs).metadata[b"kn_ray"].decode()
@@ -155,7 +155,7 @@ def test_aggregate_edit_and_report_over_an_s3_run(s3_run, local_run, s3_server):
     params = AggregateParams(p=0.3, min_prompts=1)
     got = {out: aggregate(out, params) for out in (str(local_run), uri)}
     assert got[uri]["counts"] == got[str(local_run)]["counts"] and got[uri]["counts"]["ig"]["knowledge_neurons"] > 0
-    kn = {out: RunDirectory(out).dataset("knowledge_neurons", RunDirectory(out).table_files("knowledge_neurons"))
+    kn = {out: RunDirectory(out).dataset("knowledge_neurons")
           .to_table().to_pandas().sort_values(["method", "fact_id", "layer", "neuron"]).reset_index(drop=True)
           for out in got}
     pd.testing.assert_frame_equal(kn[uri], kn[str(local_run)])

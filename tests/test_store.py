@@ -12,8 +12,10 @@ from kn_ray.engine import Attribution
 from kn_ray.pipeline.options import KeepPolicy
 from kn_ray.pipeline.prompts import PromptSpec
 from kn_ray.pipeline.layout import attempt_part
-from kn_ray.pipeline.rundir import (METADATA_KEY, CommitError, Part, RunConflict, RunDirectory, RunRecord, config_hash,
-                                    filesystem, new_attempt, public_uri)
+from kn_ray.pipeline.commit import METADATA_KEY, CommitError, Part, new_attempt
+from kn_ray.pipeline.record import RunConflict, RunRecord
+from kn_ray.pipeline.rundir import RunDirectory
+from kn_ray.pipeline.uris import filesystem, public_uri
 from kn_ray.pipeline.tables import KINDS, SCHEMAS, dense_schema, shard_tables, sparse_rows
 from tests.numerics import assert_same_numbers
 
@@ -86,13 +88,13 @@ def test_prompt_rows_carry_status_and_engine_fields():
 
 def _record(n_steps=20) -> RunRecord:
     identity = dict(model="m", attribution=dict(n_steps=n_steps))
-    return RunRecord(identity=identity, config_hash=config_hash(identity))
+    return RunRecord.of(identity)
 
 
 def _commit(run: RunDirectory, record: RunRecord, tables, shard="part-00000", attempt=None) -> dict:
     attempt = attempt or new_attempt()
-    parts = run.write_parts(shard, attempt, tables, dict(config_hash=record.config_hash, shard=0))
-    return run.commit(shard, attempt, parts, record.config_hash)
+    parts = run.commits.write_parts(shard, attempt, tables, dict(config_hash=record.config_hash, shard=0))
+    return run.commits.commit(shard, attempt, parts, record.config_hash)
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -106,8 +108,8 @@ def test_written_shard_is_whole_and_readable_everywhere(tmp_path):
     record = run.open_run(_record())
     _, _, tables = _shard()
     done = _commit(run, record, tables)
-    assert run.finished(["part-00000"], record.config_hash) == {"part-00000": done}
-    assert not run.finished(["part-00000"], "sha256:other")
+    assert run.commits.finished(["part-00000"], record.config_hash) == {"part-00000": done}
+    assert not run.commits.finished(["part-00000"], "sha256:other")
     path = run.path(done["files"]["neurons"])
     meta = json.loads(pq.read_metadata(path).metadata[METADATA_KEY])
     assert meta["config_hash"] == record.config_hash
@@ -135,7 +137,7 @@ def test_damaged_shard_is_not_finished(tmp_path, damage):
         path.unlink()
     else:
         (tmp_path / "_shards" / "part-00000.json").write_text("{")
-    assert run.finished(["part-00000"], record.config_hash) == {}
+    assert run.commits.finished(["part-00000"], record.config_hash) == {}
     if damage == "marker":
         assert run.read("prompts").num_rows == 0
 
@@ -147,11 +149,11 @@ def test_only_the_marked_attempt_is_read_and_stale_attempts_are_removed(out):
     record = run.open_run(_record())
     first, second = _shard(seed=1)[2], _shard(seed=2)[2]
     lost = new_attempt()
-    run.write_parts("part-00000", lost, first, dict(config_hash=record.config_hash, shard=0))  # never committed
+    run.commits.write_parts("part-00000", lost, first, dict(config_hash=record.config_hash, shard=0))  # never committed
     done = _commit(run, record, second)
     assert run.read("neurons").equals(second["neurons"])
-    assert run.finished(["part-00000"], record.config_hash) == {"part-00000": done}
-    assert run.remove_stale() == 3
+    assert run.commits.finished(["part-00000"], record.config_hash) == {"part-00000": done}
+    assert run.commits.remove_stale(run.markers()) == 3
     left = sorted(i.path.rsplit("/", 2)[-2] + "/" + i.path.rsplit("/", 1)[-1] for k in KINDS for i in run.listing(k))
     assert left == sorted(done["files"].values())
     assert run.read("neurons").equals(second["neurons"])
@@ -161,13 +163,13 @@ def test_commit_refuses_parts_that_do_not_match(out):
     run = RunDirectory(out)
     record = run.open_run(_record())
     attempt = new_attempt()
-    parts = run.write_parts("part-00000", attempt, _shard()[2], dict(config_hash=record.config_hash, shard=0))
+    parts = run.commits.write_parts("part-00000", attempt, _shard()[2], dict(config_hash=record.config_hash, shard=0))
     wrong = dict(parts, neurons=Part(parts["neurons"].file, parts["neurons"].rows, parts["neurons"].bytes + 1))
     with pytest.raises(CommitError):
-        run.commit("part-00000", attempt, wrong, record.config_hash)
+        run.commits.commit("part-00000", attempt, wrong, record.config_hash)
     other = dict(parts, prompts=Part(attempt_part("prompts", "part-00000", "x"), 1, parts["prompts"].bytes))
     with pytest.raises(CommitError):
-        run.commit("part-00000", attempt, other, record.config_hash)
+        run.commits.commit("part-00000", attempt, other, record.config_hash)
     assert run.markers() == {} and run.read("prompts").num_rows == 0
 
 
@@ -210,13 +212,13 @@ def test_staged_tables_replace_what_they_select(out):
         with run.staged("edits", replace=lambda name: name.startswith("part-a-")) as tmp:
             for name in names:
                 pq.write_table(pa.table({"x": [len(name)]}), tmp / name)
-    left = [p.rsplit("/", 1)[-1] for p in run.table_files("edits")]
+    left = [p.rsplit("/", 1)[-1] for p in run.parts("edits")]
     assert left == ["part-a-00000.parquet", "part-b-00000.parquet"]
     with pytest.raises(RuntimeError):
         with run.staged("edits") as tmp:
             pq.write_table(pa.table({"x": [1]}), tmp / "part-c-00000.parquet")
             raise RuntimeError("stage failed")
-    assert [p.rsplit("/", 1)[-1] for p in run.table_files("edits")] == left
+    assert [p.rsplit("/", 1)[-1] for p in run.parts("edits")] == left
     with run.staged("edits") as tmp:  # replace everything
         pq.write_table(pa.table({"x": [1]}), tmp / "part-00000.parquet")
-    assert [p.rsplit("/", 1)[-1] for p in run.table_files("edits")] == ["part-00000.parquet"]
+    assert [p.rsplit("/", 1)[-1] for p in run.parts("edits")] == ["part-00000.parquet"]

@@ -28,7 +28,7 @@ def load_job(path: str | Path, overrides: dict | None = None) -> RunOptions:
     """The options of the job spec at `path` (a local path or a URI such as s3://bucket/job.yaml)."""
     import yaml
 
-    from kn_ray.pipeline.rundir import read_text
+    from kn_ray.pipeline.uris import read_text
 
     try:
         spec = yaml.safe_load(read_text(path))

@@ -5,7 +5,12 @@ prompts  (fact, template) -> prompt and target for masked or causal LMs; stable 
 plan     deterministic shards of whole facts
 options  validated run options (the CLI and job specs build them)
 tables   results as Arrow tables (the Parquet contract, docs/output-schema.md)
-rundir   the run directory on any filesystem: run.json, per-attempt parts, done markers, readers
+layout   every file and folder name of the run directory (the catalogue)
+uris     local paths and URIs: their filesystem, what may be recorded
+storage  files under one root on any filesystem: whole writes, listings, staged folders
+record   run.json (RunRecord)
+commit   each shard's parts committed exactly once (attempt parts, markers, resume)
+rundir   the run directory: run.json, tables and summaries, by the catalogue's names
 worker   computing one shard with the engine (no Ray)
 execute  the Ray actor pool and dispatcher (also `kn-ray edit`'s); shards committed by the driver
          (the only module importing Ray)

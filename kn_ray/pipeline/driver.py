@@ -3,7 +3,7 @@
 Ray is imported only when the run starts (`execute`), so facts, plans and the run directory
 stay usable without it. Re-running the same command resumes: shards whose files are whole are
 skipped; a different configuration against the same output directory is refused. `--facts`
-and `--output` may be URIs (`rundir.filesystem`); facts on an object store are copied to a
+and `--output` may be URIs (`uris.filesystem`); facts on an object store are copied to a
 temporary local directory first.
 """
 
@@ -23,7 +23,9 @@ from .options import RunOptions
 from .plan import Shard, auto_shard_size, fingerprint, plan_shards
 from .corrupt import with_candidates
 from .prompts import build_prompts
-from .rundir import RunDirectory, RunRecord, config_hash, is_local, local_copy, public_uri
+from .record import RunRecord
+from .rundir import RunDirectory
+from .uris import is_local, local_copy, public_uri
 
 
 @dataclass
@@ -73,9 +75,8 @@ def run_record(options: RunOptions, fmt: str, info: dict, shards: list[Shard], d
                             facts=len({p.fact_id for s in shards for p in s.prompts if p.fact_id}),
                             dropped_templates=dropped, fingerprint=fingerprint(shards))
     recorded = dict(options.as_dict(), facts=public_uri(options.facts), output=public_uri(options.output))
-    return RunRecord(identity=identity, config_hash=config_hash(identity), input_path=public_uri(options.facts),
-                     model_source=info["source"], created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                     options=recorded)
+    return RunRecord.of(identity, input_path=public_uri(options.facts), model_source=info["source"],
+                        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), options=recorded)
 
 
 def file_metadata(record: RunRecord) -> dict:
@@ -115,8 +116,8 @@ def run_pipeline(options: RunOptions, *, progress: bool = True) -> RunReport:
                 prompts.prompts = with_candidates(prompts.prompts)
             shards = plan_shards(prompts.prompts, options.shard_size or auto_shard_size(len(prompts.prompts)))
             record = run.open_run(run_record(options, fmt, info, shards, prompts.dropped_templates))
-            done = run.finished([s.name for s in shards], record.config_hash)
-            stale = run.remove_stale(done)
+            done = run.commits.finished([s.name for s in shards], record.config_hash)
+            stale = run.commits.remove_stale(done)
             todo = [s for s in shards if s.name not in done]
             dispatch_start = time.perf_counter()
             with _progress_bar(sum(map(len, todo)), progress) as bar:
@@ -128,8 +129,7 @@ def run_pipeline(options: RunOptions, *, progress: bool = True) -> RunReport:
     finally:
         if started:
             disconnect()
-    markers = run.markers(record.config_hash)
-    stale += run.remove_stale(markers)
+    stale += run.commits.remove_stale(run.commits.markers(record.config_hash))
     counts = run.read("prompts", ["status"]).column("status").value_counts().to_pylist()
     return RunReport(str(run), len(shards), len(shards) - len(todo), len(result.written), result.failed,
                      result.retries, result.actors_lost, result.prompts, time.perf_counter() - start, dispatch_seconds,

@@ -15,7 +15,7 @@
 * Workers write, the driver commits: each attempt at a shard gets a fresh attempt id; the
   actor writes the shard's parts under names unique to that attempt straight to OUT and
   returns their names, row counts and sizes; the driver checks them and writes the shard's
-  marker (`rundir`). Exactly-once is decided in one place: one attempt per shard is in flight,
+  marker (`commit`). Exactly-once is decided in one place: one attempt per shard is in flight,
   one marker per shard names one attempt, and parts of other attempts are never read and are
   removed. A local OUT on a multi-node cluster is the exception: there the actors return
   Arrow tables and the driver writes them (no shared filesystem needed).
@@ -42,7 +42,8 @@ from .options import Resources, RunOptions  # noqa: E402
 from .circuit_tables import CIRCUIT_KINDS  # noqa: E402
 from .plan import Shard  # noqa: E402
 from .tables import KINDS  # noqa: E402
-from .rundir import CommitError, RunDirectory, new_attempt  # noqa: E402
+from .commit import CommitError, new_attempt  # noqa: E402
+from .rundir import RunDirectory  # noqa: E402
 from .worker import ShardComputer, ShardOutput  # noqa: E402
 
 COMMIT_THREADS = 8  # concurrent marker writes (fsync locally, a PUT on object stores)
@@ -353,8 +354,8 @@ def run_shards(pool: ActorPool, shards: list[Shard], run: RunDirectory, run_hash
             (attempt, meta)
 
     def commit(shard: Shard, out: dict, attempt: str, meta: dict) -> None:
-        parts = out["parts"] if "parts" in out else run.write_parts(shard.name, attempt, out["tables"], meta)
-        run.commit(shard.name, attempt, parts, run_hash, CIRCUIT_KINDS if options.mode == "circuits" else KINDS)
+        parts = out["parts"] if "parts" in out else run.commits.write_parts(shard.name, attempt, out["tables"], meta)
+        run.commits.commit(shard.name, attempt, parts, run_hash, CIRCUIT_KINDS if options.mode == "circuits" else KINDS)
 
     def settle(futures: dict, block: bool) -> None:
         done = list(futures) if block else [f for f in futures if f.done()]

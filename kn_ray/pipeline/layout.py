@@ -37,7 +37,6 @@ TABLES: dict[str, str] = {**{kind: "attribute" for kind in KINDS}, **{kind: CIRC
                           "knowledge_neurons": "aggregate", "relation_neurons": "aggregate",
                           "relation_circuits": CIRCUITS_AGGREGATE, "edits": "edit"}
 SUMMARIES: dict[str, str] = {"aggregate": "aggregate.json", "edit": "edits.json"}
-LEGACY_SUMMARIES: dict[str, tuple[str, ...]] = {"edit": ("edits", "summary.json")}  # runs before edits.json
 
 
 def shard_name(shard_id: int) -> str:

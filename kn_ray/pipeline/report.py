@@ -58,7 +58,7 @@ def top_neurons_text(store: RunDirectory, n_facts: int = 3, k: int = 5) -> str:
 def top_edges_text(store: RunDirectory, n_facts: int = 3, k: int = 5) -> str:
     """A circuits run: the k top edges and the faithfulness at 1% of edges of the n facts the model
     knows best."""
-    if n_facts < 1 or not store.has("edges"):
+    if n_facts < 1 or not store.parts("edges"):
         return ""
     faith = store.read("faithfulness").to_pandas()
     prompts = store.read("prompts", ["prompt_id", "subject", "object", "gold_prob"]).to_pandas()

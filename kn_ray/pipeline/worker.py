@@ -4,7 +4,7 @@ The model is loaded once per worker and reused for every shard; rows decided bef
 model runs (bad records) pass through untouched, the rest go to the engine in one call,
 which turns an unusable or failing prompt into a skipped/error result instead of raising.
 Given a `ShardOutput`, the worker writes the shard's parts itself and returns only their
-names, row counts and sizes; the driver checks them and commits (`rundir`).
+names, row counts and sizes; the driver checks them and commits (`commit`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from .circuit_tables import circuit_tables
 from .corrupt import NO_SAME_LENGTH, choose_partner
 from .options import KeepPolicy
 from .prompts import PromptSpec
-from .rundir import opened
+from .commit import Commits, Part
+from .storage import cached_storage
 from .tables import shard_tables
 
 
@@ -32,6 +33,10 @@ class ShardOutput:
     shard: str
     attempt: str
     metadata: dict
+
+    def write(self, tables: dict[str, pa.Table]) -> dict[str, Part]:
+        """Write the attempt's parts (no marker: the driver commits)."""
+        return Commits(cached_storage(self.uri)).write_parts(self.shard, self.attempt, tables, self.metadata)
 
 
 class ShardComputer:
@@ -67,7 +72,7 @@ class ShardComputer:
         if output is None:
             out = dict(tables=tables)
         else:
-            out = dict(parts=opened(output.uri).write_parts(output.shard, output.attempt, tables, output.metadata))
+            out = dict(parts=output.write(tables))
         faults.after_task()
         return out
 

@@ -44,7 +44,7 @@ def source(con, run, table: str, union_by_name: bool = False, local_dir: Path | 
     within the memory limit, spilling to disk), else reach DuckDB as a pyarrow dataset it scans
     batch by batch (no DuckDB extension needed). Dense `neurons` read as one row per neuron
     (`dense_rows=False`: as stored, one `scores` list per (prompt, layer))."""
-    files = run.required_files(table)
+    files = run.parts(table, required=True)
     if run.local:
         sql = read_parquet(files, union_by_name)
     elif local_dir is not None:

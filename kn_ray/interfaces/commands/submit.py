@@ -50,7 +50,7 @@ def entrypoint(spec: str | Path, working_dir: Path, output: str | None) -> str:
     inside it), a spec URI as it is; the output must be a URI or an absolute path (a relative one
     would land in Ray's temporary copy of the working dir)."""
     from kn_ray.interfaces.jobs import load_job
-    from kn_ray.pipeline.rundir import is_uri
+    from kn_ray.pipeline.uris import is_uri
 
     if is_uri(spec):
         where = str(spec)

@@ -47,11 +47,11 @@ def aggregate(out, params: AggregateParams | None = None) -> dict:
     """Write knowledge_neurons/, relation_neurons/ and their summary under `out`; returns the summary."""
     params = params or AggregateParams()
     run = RunDirectory(out).require()
-    if run.has("edges"):
+    if run.parts("edges"):
         return aggregate_circuits(run, params)
     for required in ("prompts", "neurons"):
-        run.required_files(required)  # fails early, naming the missing folder
-    methods = [m for m in METHODS if m.name in params.methods and (m.name == "ig" or run.has(m.table))]
+        run.parts(required, required=True)  # fails early, naming the missing folder
+    methods = [m for m in METHODS if m.name in params.methods and (m.name == "ig" or run.parts(m.table))]
     params.validate(run)
     started = time.perf_counter()
     try:

@@ -98,7 +98,7 @@ class EditCorpus:
 
     def __init__(self, out, *, relations=None, fact_ids=None):
         self.run = RunDirectory(out).require()
-        if not self.run.has("knowledge_neurons"):
+        if not self.run.parts("knowledge_neurons"):
             raise missing_aggregate(self.run, "knowledge_neurons")
         prompts = read_parts(self.run, "prompts", ["prompt_id", "fact_id", "relation", "subject", "object", "template",
                                               "prompt", "target", "status", "max_score"])
@@ -160,7 +160,7 @@ class EditCorpus:
         """relation, layer, neuron, n_facts of the ig relation neurons (empty without the table)."""
         if self._relation_rn is None:
             columns = ["relation", "layer", "neuron", "n_facts", "method"]
-            rn = read_parts(self.run, "relation_neurons", columns) if self.run.has("relation_neurons") else \
+            rn = read_parts(self.run, "relation_neurons", columns) if self.run.parts("relation_neurons") else \
                 pd.DataFrame(columns=columns)
             self._relation_rn = rn[rn.method == "ig"].astype({"layer": int, "neuron": int, "n_facts": int})
         return self._relation_rn
@@ -228,9 +228,9 @@ class EditCorpus:
         min_prompts seen prompts (the seen half of a few templates) needs all of them."""
         params = AggregateParams.recorded(self.run.summary("aggregate"))
         ids = {ref.prompt_id: f for f, refs in seen.items() for ref in refs}
-        if not ids or not self.run.has("neurons"):
+        if not ids or not self.run.parts("neurons"):
             return {}
-        dataset = self.run.dataset("neurons", self.run.table_files("neurons"))
+        dataset = self.run.dataset("neurons")
         if not {"prompt_id", "layer", "neuron", "score"} <= set(dataset.schema.names):
             return {}  # a dense layout: no per-neuron rows to threshold here
         rows = dataset.to_table(columns=["prompt_id", "layer", "neuron", "score"],
@@ -272,7 +272,7 @@ class EditCorpus:
 
     def erase_items(self, settings: EditSettings) -> list[RelationItem]:
         """Erase: each relation's top `erase_top` relation neurons (most facts first)."""
-        if not self.run.has("relation_neurons"):
+        if not self.run.parts("relation_neurons"):
             raise missing_aggregate(self.run, "relation_neurons")
         rn = self.relation_neurons()
         items = []
@@ -325,4 +325,4 @@ def _refs(rows: pd.DataFrame) -> list[PromptRef]:
 
 def read_parts(run: RunDirectory, table: str, columns: list[str]) -> pd.DataFrame:
     """Columns of a table's parts, through the run directory (attribute tables: marker-named only)."""
-    return run.dataset(table, run.table_files(table)).to_table(columns=columns).to_pandas()
+    return run.dataset(table).to_table(columns=columns).to_pandas()

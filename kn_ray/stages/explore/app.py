@@ -84,9 +84,9 @@ def inspect(run: RunDirectory) -> RunState:
         return RunState("not_run", location, f"{location} has no {RUN_FILE}: it is not the output directory of "
                                              "`kn-ray attribute` or `kn-ray run`.")
     planned = record.lookup("plan", "shards")
-    committed = len(run.markers(record.config_hash)) if record.config_hash else None
-    unmarked = run.unmarked_parts("prompts") if record.config_hash else 0
-    kind = "ready" if run.has("prompts") else "empty"
+    committed = len(run.commits.markers(record.config_hash))
+    unmarked = run.unmarked_parts("prompts")
+    kind = "ready" if run.parts("prompts") else "empty"
     message = "" if kind == "ready" else "The run has started but no shard is committed yet."
     return RunState(kind, location, message, committed, int(planned) if planned is not None else None, unmarked)
 

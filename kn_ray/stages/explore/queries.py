@@ -70,7 +70,7 @@ class RunQueries(Analytics):
         super().__init__(run.uri, memory_limit)
         self.run = run
         self.record = run.config
-        self.tables = {t: run.has(t) for t in ("prompts", "neurons", "knowledge_neurons", "relation_neurons", "edits")}
+        self.tables = {t: bool(run.parts(t)) for t in ("prompts", "neurons", "knowledge_neurons", "relation_neurons", "edits")}
         self.aggregate_summary = run.summary("aggregate") or {}
 
     # ---- helpers ------------------------------------------------------------------------------

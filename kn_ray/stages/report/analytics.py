@@ -42,7 +42,7 @@ class Analytics:
 
     def _source(self, table: str) -> str:
         if table not in self._sources:
-            if table in ("knowledge_neurons", "relation_neurons") and not self.run.has(table):
+            if table in ("knowledge_neurons", "relation_neurons") and not self.run.parts(table):
                 raise FileNotFoundError(f"{self.run.location(table)}: missing; run `kn-ray aggregate {self.run}` first")
             self._sources[table] = source(self._con, self.run, table, union_by_name=True)
         return self._sources[table]
@@ -119,7 +119,7 @@ class Analytics:
             GROUP BY ALL ORDER BY n_prompts DESC, status, reason""")
 
     def has_edits(self) -> bool:
-        return self.run.has("edits")
+        return bool(self.run.parts("edits"))
 
     def edit_rows(self) -> pd.DataFrame:
         """The edits table's prompt rows (kn_ray.stages.edit.tables.EDITS)."""
