@@ -56,7 +56,7 @@ from kn_ray.engine import Attributor, load_model, quadrature  # noqa: E402
 from kn_ray.engine.bench import PEAK_TFLOPS, PeakMemory, benchmark, markdown_table, peak_tflops  # noqa: E402
 from kn_ray.engine.precision import resolve_dtype  # noqa: E402
 from kn_ray.engine.random_models import random_model  # noqa: E402
-from kn_ray.engine.runner import describe  # noqa: E402
+from kn_ray.engine.model_runner import describe  # noqa: E402
 from kn_ray.interfaces.commands.bench import corpus_text, sample_prompts  # noqa: E402
 from numerics import BF16_RHO_MIN, BF16_SHARED_MIN, relative_error as rel_err  # noqa: E402
 from reference import float64, reference_ig  # noqa: E402

@@ -24,7 +24,7 @@ def _matrix_batch_tokens(monkeypatch):
     """KN_TEST_MAX_BATCH_TOKENS: the engine's default row-token budget in this process (small = many chunks)."""
     tokens = os.environ.get("KN_TEST_MAX_BATCH_TOKENS")
     if tokens:
-        from kn_ray.engine.runner import ModelRunner
+        from kn_ray.engine.model_runner import ModelRunner
 
         monkeypatch.setattr(ModelRunner, "_default_batch_tokens", lambda self: int(tokens))
 

@@ -31,8 +31,8 @@ from kn_ray.pipeline.layout import SHARD_KINDS, part_file, shard_name
 from kn_ray.pipeline.record import RunRecord
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.pipeline.tables import ACTIVATIONS, KINDS, NEURONS, PROMPTS
-from kn_ray.stages.aggregate.tables import KNOWLEDGE_NEURONS, RELATION_NEURONS
-from kn_ray.stages.edit.tables import EDITS, as_table, metric_rows, prompt_row
+from kn_ray.stages.aggregate.schemas import KNOWLEDGE_NEURONS, RELATION_NEURONS
+from kn_ray.stages.edit.outcomes import EDITS, as_table, metric_rows, prompt_row
 
 RELATION_IDS = ["P17", "P19", "P20", "P27", "P30", "P36", "P37", "P39", "P101", "P103",
                 "P106", "P108", "P127", "P131", "P136", "P138", "P140", "P159", "P176", "P178"]

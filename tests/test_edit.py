@@ -19,10 +19,10 @@ from kn_ray.interfaces.jobs import options_from_spec
 from kn_ray.placement import Placement
 from kn_ray.stages.edit.corpus import EditCorpus, rng_for
 from kn_ray.stages.edit.options import EditOptions, EditSettings
-from kn_ray.stages.edit.runner import (EditRunner, apply_erase, apply_update, erase_value, random_neurons,
+from kn_ray.stages.edit.experiments import (EditRunner, apply_erase, apply_update, erase_value, random_neurons,
                                        update_delta)
 from kn_ray.stages.edit.stage import save_edit
-from kn_ray.stages.edit.tables import EDITS, as_table, corpus_ppl, metric_rows, relative_change
+from kn_ray.stages.edit.outcomes import EDITS, as_table, corpus_ppl, metric_rows, relative_change
 from tests.pipeline_fixtures import save_tiny_model
 from tests.synthetic import write_tables
 from tests.numerics import assert_same_edit_rows, assert_same_numbers

@@ -14,7 +14,7 @@ import pytest
 
 from kn_ray.engine import load_model
 from kn_ray.engine.editing import edited
-from kn_ray.stages.edit.runner import FACTORS, EditRunner, apply_erase, apply_update, erase_value
+from kn_ray.stages.edit.experiments import FACTORS, EditRunner, apply_erase, apply_update, erase_value
 from test_engine_exact import cases
 from test_engine_offload import offloaded_copy, saved
 from tiny_models import CONFIGS

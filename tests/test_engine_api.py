@@ -250,7 +250,7 @@ def test_auto_batches_fill_one_pass_on_a_gpu_and_keep_32_prompts_on_a_cpu(monkey
     """batch_prompts auto: a CPU keeps 32 prompts a batch (a number caps it instead); a GPU takes
     as many prompts as make one pass of max_batch_tokens row-tokens, within the cap."""
     from kn_ray.engine.encoding import Encoded
-    from kn_ray.engine.runner import AUTO_MAX_PROMPTS, CPU_BATCH_PROMPTS, batches
+    from kn_ray.engine.model_runner import AUTO_MAX_PROMPTS, CPU_BATCH_PROMPTS, batches
 
     model, tok = tiny_model("llama", tmp_path)
     group = [(i, Encoded(tuple(range(9)), (5, 6), 8)) for i in range(3000)]  # 9 prompt + 2 object tokens: length 10

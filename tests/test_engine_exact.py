@@ -74,7 +74,7 @@ def test_romberg_weights_equal_a_romberg_table():
     from scipy.integrate import trapezoid
 
     from kn_ray.engine.quadrature import romberg_weights
-    from kn_ray.engine.runner import batches
+    from kn_ray.engine.model_runner import batches
 
     f = lambda x: np.exp(3 * x) / (1 + np.exp(6 * x - 3))  # a sigmoid-shaped path, like P(alpha)
     for level in range(5):
@@ -123,7 +123,7 @@ def test_auto_doublings_share_one_pass_across_prompts_and_layers(family, tmp_pat
     from kn_ray.engine import adaptive
     from kn_ray.engine.adaptive import FIRST_LEVEL
     from kn_ray.engine.quadrature import romberg_weights
-    from kn_ray.engine.runner import batches
+    from kn_ray.engine.model_runner import batches
 
     model, tok = tiny_model(family, tmp_path)
     prompts, targets = cases(family)
@@ -150,7 +150,7 @@ def test_auto_doublings_share_one_pass_across_prompts_and_layers(family, tmp_pat
     alphas, weights = romberg_weights(MAX_LEVEL)
     fixed = Attributor(model, tok, precision="fp32")
     for group in groups:
-        outs = fixed._attribute_batch([e for _, e in group], alphas, weights, list(range(L)), 0.0)
+        outs = fixed._attribute_batch([e for _, e in group], (alphas, weights), None, list(range(L)), 0.0)
         for (i, _), out in zip(group, outs):
             assert_same_numbers(auto[i].scores, out["scores"], what="scores")
             assert_same_numbers(auto[i].baseline_prob, out["baseline_prob"], what="baseline_prob")

@@ -105,7 +105,7 @@ def test_every_bad_record_is_a_row_with_its_reason(tmp_path):
 
 
 def test_auto_shards_hold_at_least_one_engine_batch_whatever_the_input():
-    from kn_ray.engine.runner import CPU_BATCH_PROMPTS
+    from kn_ray.engine.model_runner import CPU_BATCH_PROMPTS
     from kn_ray.pipeline.plan import MIN_AUTO_SHARD, auto_shard_size
 
     assert MIN_AUTO_SHARD == CPU_BATCH_PROMPTS  # a small run's prompts share the engine's passes

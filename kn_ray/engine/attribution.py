@@ -44,7 +44,7 @@ from .quadrature import AUTO, quadrature
 from .adaptive import FIRST_LEVEL, integrate_adaptive
 from .noisegrad import WeightNoise, check_noise, execution_order, modules_from
 from .smoothing import smoothed
-from .runner import ModelRunner, batches, describe, gold_prob, is_oom
+from .model_runner import ModelRunner, batches, describe, gold_prob, is_oom
 
 
 @dataclass
@@ -165,17 +165,17 @@ class Attributor(ModelRunner):
         if n_steps == AUTO:
             if not tolerance > 0:
                 raise ValueError(f"tolerance must be > 0, got {tolerance}")
-            alphas, weights = None, tolerance  # `_attribute_batch`: no fixed rule; weights holds the tolerance
+            rule = None  # no fixed rule: doubled per (prompt, layer) until `tolerance` holds
         else:
-            alphas, weights = quadrature(n_steps, method)
+            rule = quadrature(n_steps, method)
         layers = self._check_layers(layers)
         prompts, targets, ready, skipped = self._prepare(prompts, targets)
         results: list[Attribution | None] = [None] * len(prompts)
         for i, reason in skipped.items():
             results[i] = Attribution(prompts[i], targets[i], status="skipped", reason=reason)
-        rows = 2**FIRST_LEVEL + 1 if alphas is None else len(alphas) + 1  # per prompt and layer (+ P(baseline))
+        rows = 2**FIRST_LEVEL + 1 if rule is None else len(rule[0]) + 1  # per prompt and layer (+ P(baseline))
         for chunk in batches(ready, self.batch_size(rows, suffix_rows=not self.adapter.masked)):
-            for i, res in self._attribute_safely(chunk, prompts, targets, alphas, weights, layers, baselines):
+            for i, res in self._attribute_safely(chunk, prompts, targets, rule, tolerance, layers, baselines):
                 results[i] = res
             if progress:
                 progress(len(chunk))
@@ -194,17 +194,18 @@ class Attributor(ModelRunner):
         return WeightNoise(sigma, lambda layer: modules_from(order, blocks[layer]), per_layer=True)
 
     # ---- batches ----------------------------------------------------------------------
-    def _attribute_safely(self, chunk, prompts, targets, alphas, weights, layers, baseline):
+    def _attribute_safely(self, chunk, prompts, targets, rule, tolerance, layers, baseline):
         """Run a batch; if it fails, run its prompts one by one so a bad prompt is one error row."""
         start = time.perf_counter()
         try:
-            outs = self._attribute_batch([e for _, e in chunk], alphas, weights, layers, baseline)
+            outs = self._attribute_batch([e for _, e in chunk], rule, tolerance, layers, baseline)
         except Exception as error:  # noqa: BLE001 - isolated and reported per prompt below
             if len(chunk) == 1:
                 i, enc = chunk[0]
                 return [(i, Attribution(prompts[i], targets[i], status="error", reason=describe(error), target_ids=enc.object_ids))]
             warnings.warn(f"kn-ray: a batch of {len(chunk)} prompts failed ({describe(error)}); retrying them one by one")
-            return [pair for item in chunk for pair in self._attribute_safely([item], prompts, targets, alphas, weights, layers, baseline)]
+            return [pair for item in chunk
+                    for pair in self._attribute_safely([item], prompts, targets, rule, tolerance, layers, baseline)]
         seconds = (time.perf_counter() - start) / len(chunk)
         done = []
         for (i, enc), out in zip(chunk, outs):
@@ -212,10 +213,12 @@ class Attributor(ModelRunner):
                                         seconds=seconds, site=self._site, **out)))
         return done
 
-    def _attribute_batch(self, encs, alphas, weights, layers, baseline) -> list[dict]:
+    def _attribute_batch(self, encs, rule, tolerance, layers, baseline) -> list[dict]:
+        """`rule`: a fixed rule's (alphas, weights); None: adaptive to `tolerance` (n_steps="auto")."""
         batch = self._collate(encs)
         clean = self._clean_pass(batch, set(layers))
-        adaptive = alphas is None  # n_steps="auto"; `weights` holds the tolerance
+        adaptive = rule is None
+        alphas, weights = rule or (None, None)
         if not adaptive and not bool((alphas == 0).any()):  # P(baseline) for completeness: one extra row
             alphas, weights = torch.cat([alphas, alphas.new_zeros(1)]), torch.cat([weights, weights.new_zeros(1)])
         if not adaptive:
@@ -223,7 +226,7 @@ class Attributor(ModelRunner):
             alphas, weights = alphas.float().to(self.device), weights.float().to(self.device)
         acts_d = torch.stack([clean.acts[layer] for layer in layers], 1)  # [B, L, F]
         if adaptive:  # every layer at once: the doublings of all open (prompt, layer) pairs share passes
-            grad_d, base_d, evaluations = integrate_adaptive(self, batch, clean, layers, baseline, weights)
+            grad_d, base_d, evaluations = integrate_adaptive(self, batch, clean, layers, baseline, tolerance)
         else:
             sums = [self._integrate(batch, clean, layer, alphas, weights, zero_step, baseline) for layer in layers]
             grad_d, base_d = torch.stack([g for g, _ in sums], 1), torch.stack([p for _, p in sums], 1)

@@ -50,7 +50,7 @@ from .hooks import first_arg, gather_head_input
 from .precision import autocast
 from .quadrature import quadrature
 from .receivers import record_senders, require_circuits, split_receivers
-from .runner import ModelRunner, batches, describe, is_oom
+from .model_runner import ModelRunner, batches, describe, is_oom
 
 METRICS = ("logprob", "logit_diff")
 

@@ -15,7 +15,7 @@ import torch
 
 from .hooks import edit_neurons, gather_head_input
 from .precision import autocast
-from .runner import ModelRunner, batches, gold_prob
+from .model_runner import ModelRunner, batches, gold_prob
 
 Neurons = Sequence[tuple[int, int]]  # (layer, neuron) pairs
 

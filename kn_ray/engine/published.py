@@ -13,7 +13,7 @@ import torch
 from .hooks import edit_neurons
 from .precision import autocast
 from .quadrature import quadrature
-from .runner import ModelRunner
+from .model_runner import ModelRunner
 
 
 class PublishedAttributor(ModelRunner):

@@ -29,7 +29,7 @@ class Shard:
 
 MAX_AUTO_SHARD = 64  # prompts; a shard is also the unit of retry
 MIN_AUTO_SHARDS = 64  # enough shards that every actor of a mid-size cluster gets work
-MIN_AUTO_SHARD = 32  # prompts: one CPU engine batch (engine.runner.CPU_BATCH_PROMPTS), whose rows share each pass
+MIN_AUTO_SHARD = 32  # prompts: one CPU engine batch (engine.model_runner.CPU_BATCH_PROMPTS), whose rows share each pass
 
 
 def auto_shard_size(n_prompts: int) -> int:

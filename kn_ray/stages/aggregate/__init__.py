@@ -2,15 +2,15 @@
 
 params   AggregateParams, the declared options
 stage    aggregate(out, params): DuckDB over the attribute tables
-tables   the Arrow schemas of knowledge_neurons/ and relation_neurons/
+schemas  the Arrow schemas of knowledge_neurons/, relation_neurons/ and relation_circuits/
 
 Names are imported on first use, so the CLI reads AggregateParams without importing DuckDB.
 """
 
 import importlib
 
-_NAMES = {"AggregateParams": "params", "aggregate": "stage", "KNOWLEDGE_NEURONS": "tables",
-          "RELATION_NEURONS": "tables"}
+_NAMES = {"AggregateParams": "params", "aggregate": "stage", "KNOWLEDGE_NEURONS": "schemas",
+          "RELATION_NEURONS": "schemas"}
 __all__ = list(_NAMES)
 
 

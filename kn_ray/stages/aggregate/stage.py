@@ -23,7 +23,7 @@ import duckdb
 import pandas as pd
 
 from kn_ray.stages.aggregate.params import EPS, AggregateParams
-from kn_ray.stages.aggregate.tables import KNOWLEDGE_NEURONS, RELATION_CIRCUITS, RELATION_NEURONS
+from kn_ray.stages.aggregate.schemas import KNOWLEDGE_NEURONS, RELATION_CIRCUITS, RELATION_NEURONS
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.pipeline.tables import KINDS as ATTRIBUTE_TABLES
 from kn_ray.stages.duck import connect, source, write_query

@@ -17,7 +17,7 @@ from kn_ray.pipeline.execute import run_tasks
 from kn_ray.pipeline.options import Resources
 from kn_ray.placement import Placement
 from kn_ray.stages.edit.corpus import WorkUnit
-from kn_ray.stages.edit.runner import EditRunner
+from kn_ray.stages.edit.experiments import EditRunner
 
 
 class EditWorker:

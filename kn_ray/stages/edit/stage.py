@@ -21,10 +21,10 @@ from kn_ray.stages.duck import connect, source
 from kn_ray.stages.edit.corpus import EditCorpus, WorkUnit
 from kn_ray.stages.edit.options import EditOptions
 from kn_ray.placement import Placement
-from kn_ray.stages.edit.runner import EditRunner
+from kn_ray.stages.edit.experiments import EditRunner
 from kn_ray.stages.edit.nothing import nothing_to_edit, notes_text
 from kn_ray.stages.edit.criteria import criteria_summary, criteria_text
-from kn_ray.stages.edit.tables import (EDITS, as_table, json_number, metric_summary, scale_summary, summary_dict,
+from kn_ray.stages.edit.outcomes import (EDITS, as_table, json_number, metric_summary, scale_summary, summary_dict,
                                        summary_text)
 
 def placement_for(run: RunDirectory, options: EditOptions) -> Placement:

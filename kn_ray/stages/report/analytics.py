@@ -17,7 +17,7 @@ import pandas as pd
 from kn_ray.choices import MEMORY_LIMIT
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.stages.duck import connect, source
-from kn_ray.stages.edit.tables import ALL, METRIC_COLUMNS, SCALE_COLUMNS, metric_summary, scale_summary
+from kn_ray.stages.edit.outcomes import ALL, METRIC_COLUMNS, SCALE_COLUMNS, metric_summary, scale_summary
 from kn_ray.stages.report.overlap import MAX_PAIRS, overlap_of
 
 COLUMNS = {
@@ -122,12 +122,12 @@ class Analytics:
         return bool(self.run.parts("edits"))
 
     def edit_rows(self) -> pd.DataFrame:
-        """The edits table's prompt rows (kn_ray.stages.edit.tables.EDITS)."""
+        """The edits table's prompt rows (kn_ray.stages.edit.outcomes.EDITS)."""
         return self._con.execute(f"SELECT * FROM {self._source('edits')} WHERE prompt_id IS NOT NULL").df()
 
     def edit_summary(self) -> pd.DataFrame:
         """Suppress / amplify effects per op, condition and relation ('ALL' = overall); the edit
-        stage's own summary (kn_ray.stages.edit.tables.scale_summary)."""
+        stage's own summary (kn_ray.stages.edit.outcomes.scale_summary)."""
         if not self.has_edits():
             return pd.DataFrame(columns=SCALE_COLUMNS)
         return scale_summary(self._con, self._source("edits"))

@@ -21,7 +21,7 @@ from kn_ray.engine import LoadedModel, Prober, SkipPrompt
 from kn_ray.engine.editing import add_to_value_slots, edited, set_value_slots, value_slot, word_embedding
 from kn_ray.engine.probe import Probe
 from kn_ray.placement import Placement
-from kn_ray.stages.edit.tables import metric_rows, prompt_row
+from kn_ray.stages.edit.outcomes import metric_rows, prompt_row
 from kn_ray.stages.edit.corpus import FactItem, Neurons, PromptRef, RelationItem, WorkUnit, retarget, rng_for
 from kn_ray.stages.edit.criteria import criteria_rows
 
