@@ -74,7 +74,7 @@ def main() -> int:
     for shard in todo:
         o, shard_start = options, time.perf_counter()
         out = computer.compute(shard.shard_id, list(shard.prompts), o.n_steps, o.method, o.keep, None, **o.engine_extra(), **layers)
-        run.commits.write_shard(shard.name, out["tables"], record.config_hash, dict(file_metadata(record), shard=shard.shard_id))
+        run.commits.write_shard(shard.name, out.tables, record.config_hash, dict(file_metadata(record), shard=shard.shard_id))
         computed += len(shard.prompts)
         seconds = time.perf_counter() - shard_start
         print(f"{shard.name}: {len(shard.prompts)} prompts in {seconds:.0f} s "

@@ -63,6 +63,7 @@ class SyntheticEngine:
         from kn_ray.pipeline.commit import Part
         from kn_ray.pipeline.layout import attempt_part
         from kn_ray.pipeline.storage import cached_storage
+        from kn_ray.pipeline.worker import ShardResult
 
         start = time.perf_counter()
         run = cached_storage(output.uri)
@@ -73,7 +74,7 @@ class SyntheticEngine:
                 stream.write(data)
             parts[kind] = Part(name, rows, len(data))
         time.sleep(max(0.0, self.delay * len(specs) - (time.perf_counter() - start)))
-        return dict(parts=parts, seconds=time.perf_counter() - start)
+        return ShardResult(parts=parts)
 
     def _result(self, layout: str):
         """What the engine's Attribution carries (without importing torch: 64 actors fit in memory)."""
@@ -94,6 +95,7 @@ def simulate(actors: int, prompts: int, rate: float, layout: str, shard_size: in
     import ray
 
     from kn_ray.pipeline import execute
+    from kn_ray.pipeline.pool import ActorSpec, open_pool
     from kn_ray.pipeline.options import KeepPolicy, Resources, RunOptions
     from kn_ray.placement import Placement
     from kn_ray.pipeline.plan import plan_shards
@@ -114,8 +116,7 @@ def simulate(actors: int, prompts: int, rate: float, layout: str, shard_size: in
     record = run.open_run(RunRecord.of(identity))
     for kind in ("prompts", "neurons", "activations"):
         os.makedirs(os.path.join(out, kind), exist_ok=True)
-    pool = execute.ActorPool(SyntheticEngine, (rate / actors, layout, 12, 3072, shard_size), {}, options.resources)
-    try:
+    with open_pool(ActorSpec(SyntheticEngine, (rate / actors, layout, 12, 3072, shard_size)), options.resources) as pool:
         pool.model_info()
         for actor in pool.actors:  # all actors up before the clock starts
             ray.get(actor.info.remote())
@@ -127,8 +128,6 @@ def simulate(actors: int, prompts: int, rate: float, layout: str, shard_size: in
                                     progress=_Peak(process, peak))
         wall = time.perf_counter() - t0
         cpu1 = process.cpu_times()
-    finally:
-        pool.shutdown()
     driver_cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
     written = sum(e.stat().st_size for d in ("prompts", "neurons", "activations") for e in os.scandir(os.path.join(out, d)))
     marker = os.path.getsize(os.path.join(out, "_shards", "part-00000.json"))
@@ -146,9 +145,10 @@ def simulate(actors: int, prompts: int, rate: float, layout: str, shard_size: in
 
 def _example_parts():
     from kn_ray.pipeline.commit import Part
+    from kn_ray.pipeline.worker import ShardResult
 
-    return {"parts": {k: Part(f"{k}/part-00000-0123456789.parquet", 1000, 100000) for k in ("prompts", "neurons", "activations")},
-            "seconds": 1.0}
+    return ShardResult(parts={k: Part(f"{k}/part-00000-0123456789.parquet", 1000, 100000)
+                              for k in ("prompts", "neurons", "activations")})
 
 
 class _Peak:

@@ -345,23 +345,22 @@ def test_the_documented_spec_shows_the_declared_defaults():
 
 def test_actors_of_several_gpus_load_with_a_balanced_device_map(monkeypatch):
     import kn_ray.engine
-    from kn_ray.pipeline import execute
+    from kn_ray.pipeline import execute, ray_cluster
 
-    pools, loads = [], []
-    monkeypatch.setattr(execute, "ActorPool", lambda cls, args, kwargs, res, gpus, threads: pools.append((args, gpus)))
+    loads = []
     monkeypatch.setattr(kn_ray.engine, "load_model", lambda name, **kwargs: loads.append(kwargs))
     for gpus, device_map in ((4, "auto"), (1, None), (None, None)):
         options = options_from_spec(dict(BASE, dtype="bf16", max_memory="0=60GiB,cpu=1GiB", workers=dict(gpus=gpus)))
-        execute.attribution_pool(options)
-        (placement,), pool_gpus = pools[-1]
-        assert placement == options.placement and pool_gpus == gpus  # Ray reserves what the placement asks
+        spec = execute.attribution_actors(options)
+        (placement,) = spec.args
+        assert placement == options.placement and spec.gpus == gpus  # Ray reserves what the placement asks
         placement.load()  # what each actor does
         assert loads[-1]["device_map"] == device_map
         assert loads[-1]["dtype"] == "bf16" and loads[-1]["max_memory"] == {0: "60GiB", "cpu": "1GiB"}
     cpu, gpu = dict(num_cpus=2, num_gpus=0), dict(num_cpus=8, num_gpus=1)
-    assert "(2 torch threads each)" in execute.describe_plan(3, cpu, False)
-    assert "(4 torch threads each)" in execute.describe_plan(3, cpu, False, threads=4)  # --threads-per-worker
-    assert "thread" not in execute.describe_plan(3, gpu, False)
+    assert "(2 torch threads each)" in ray_cluster.describe_plan(3, cpu, False)
+    assert "(4 torch threads each)" in ray_cluster.describe_plan(3, cpu, False, threads=4)  # --threads-per-worker
+    assert "thread" not in ray_cluster.describe_plan(3, gpu, False)
 
 
 def test_edit_takes_attributes_placement_flags_as_overrides_of_the_run():
@@ -396,16 +395,16 @@ def test_edit_takes_attributes_placement_flags_as_overrides_of_the_run():
 
 
 def test_default_cpu_plan_is_one_actor_per_group_of_up_to_8_cores(monkeypatch):
-    from kn_ray.pipeline import execute
+    from kn_ray.pipeline import ray_cluster
     from kn_ray.pipeline.options import Resources
 
     for nodes, want in (([2], (1, 2)), ([16], (2, 8)), ([12], (2, 6)), ([0, 1, 1], (2, 1)), ([3, 16], (6, 3))):
-        monkeypatch.setattr(execute.ray, "nodes", lambda: [dict(Alive=True, Resources=dict(CPU=c)) for c in nodes])
-        monkeypatch.setattr(execute.ray, "cluster_resources", lambda: dict(CPU=sum(nodes)))
-        count, opts = execute.actor_resources(Resources())
+        monkeypatch.setattr(ray_cluster.ray, "nodes", lambda: [dict(Alive=True, Resources=dict(CPU=c)) for c in nodes])
+        monkeypatch.setattr(ray_cluster.ray, "cluster_resources", lambda: dict(CPU=sum(nodes)))
+        count, opts = ray_cluster.actor_resources(Resources())
         assert (count, opts["num_cpus"]) == want, nodes
-    assert execute.actor_resources(Resources(cpus_per_worker=1))[1]["num_cpus"] == 1  # an explicit size wins
-    assert execute.actor_resources(Resources(workers=2))[1]["num_cpus"] == 3  # N workers share the CPUs
-    assert execute.actor_resources(Resources(workers=1))[1]["num_cpus"] == 3  # never more than a node's group
-    monkeypatch.setattr(execute.ray, "cluster_resources", lambda: dict(CPU=19, GPU=2))
-    assert execute.actor_resources(Resources()) == (2, execute.actor_resources(Resources(cpus_per_worker=1))[1])
+    assert ray_cluster.actor_resources(Resources(cpus_per_worker=1))[1]["num_cpus"] == 1  # an explicit size wins
+    assert ray_cluster.actor_resources(Resources(workers=2))[1]["num_cpus"] == 3  # N workers share the CPUs
+    assert ray_cluster.actor_resources(Resources(workers=1))[1]["num_cpus"] == 3  # never more than a node's group
+    monkeypatch.setattr(ray_cluster.ray, "cluster_resources", lambda: dict(CPU=19, GPU=2))
+    assert ray_cluster.actor_resources(Resources()) == (2, ray_cluster.actor_resources(Resources(cpus_per_worker=1))[1])

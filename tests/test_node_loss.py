@@ -18,7 +18,8 @@ import psutil
 import pytest
 
 from kn_ray.pipeline.driver import run_pipeline
-from kn_ray.pipeline.execute import TasksFailed, run_tasks
+from kn_ray.pipeline.dispatch import TasksFailed, run_tasks
+from kn_ray.pipeline.pool import ActorSpec
 from kn_ray.pipeline.faults import ENV as FAULTS
 from kn_ray.pipeline.options import Resources, RunOptions
 from kn_ray.pipeline.layout import MARKERS
@@ -232,5 +233,5 @@ def test_with_no_actor_left_the_rest_fails_after_restart_wait(ray_local, tmp_pat
 
     res = Resources(workers=1, max_restarts=1, restart_wait=1.0)
     with pytest.raises(TasksFailed) as failed:
-        list(run_tasks(Vanishing, (str(tmp_path / "gone"),), {}, res, ["a", "b", "c"], key=str))
+        list(run_tasks(ActorSpec(Vanishing, (str(tmp_path / "gone"),)), res, ["a", "b", "c"], key=str))
     assert str(failed.value) == "; ".join(f"{t}: no worker came back within 1 s" for t in "abc")

@@ -12,7 +12,11 @@ record   run.json (RunRecord)
 commit   each shard's parts committed exactly once (attempt parts, markers, resume)
 rundir   the run directory: run.json, tables and summaries, by the catalogue's names
 worker   computing one shard with the engine (no Ray)
-execute  the Ray actor pool and dispatcher (also `kn-ray edit`'s); shards committed by the driver
-         (the only module importing Ray)
+ray_env  the environment of the Ray processes (loopback-only local Ray, variables for the actors)
+ray_cluster  joining or starting Ray; actors sized to the cluster
+pool     the actor pool (also `kn-ray edit`'s): health pings, tasks in flight; open_pool
+dispatch tasks fed to the pool, driver-side retries; run_tasks
+execute  attribution shards on the pool, committed by the driver
+         (ray_cluster, pool, dispatch and execute import Ray)
 driver   one run end to end; report: the end-of-run text; faults: test hooks
 """

@@ -1,7 +1,7 @@
 """One attribution run end to end: facts -> plan -> run.json -> shards on Ray -> report.
 
-Ray is imported only when the run starts (`execute`), so facts, plans and the run directory
-stay usable without it. Re-running the same command resumes: shards whose files are whole are
+Ray is imported only when the run starts (`ray_env.prepare`, then `pool`, `execute`), so
+facts, plans and the run directory stay usable without it. Re-running the same command resumes: shards whose files are whole are
 skipped; a different configuration against the same output directory is refused. `--facts`
 and `--output` may be URIs (`uris.filesystem`); facts on an object store are copied to a
 temporary local directory first.
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from kn_ray import __version__
 
+from . import ray_env
 from .facts import detect_format, read_facts
 from .options import RunOptions
 from .plan import Shard, auto_shard_size, fingerprint, plan_shards
@@ -98,37 +99,31 @@ def run_pipeline(options: RunOptions, *, progress: bool = True) -> RunReport:
     run = RunDirectory(options.output)
     run.refuse_conflict(option_identity(options, fmt))  # before any model loads
 
-    from .execute import attribution_pool, connect, disconnect, run_shards, single_node
+    ray_env.prepare()  # before Ray is imported
+    from .execute import attribution_actors, run_shards
+    from .pool import open_pool
+    from .ray_cluster import single_node
 
-    res = options.resources
-    started = connect(min_cpus=res.cpus_needed)
-    try:
-        pool = attribution_pool(options)
+    with open_pool(attribution_actors(options), options.resources) as pool:
         if progress:
             print(f"workers     {pool.plan}", file=sys.stderr, flush=True)
-        try:
-            info = pool.model_info()
-            prompts = build_prompts(facts, masked=info["masked"], max_templates=options.filters.max_templates)
-            prompts.require(public_uri(options.facts), options.placement.model)
-            if options.mode == "circuits":
-                if info["masked"]:
-                    raise ValueError("--mode circuits needs a causal LM (EAP-IG over pre-LN blocks)")
-                prompts.prompts = with_candidates(prompts.prompts)
-            shards = plan_shards(prompts.prompts, options.shard_size or auto_shard_size(len(prompts.prompts)))
-            record = run.open_run(run_record(options, fmt, info, shards, prompts.dropped_templates))
-            done = run.commits.finished([s.name for s in shards], record.config_hash)
-            stale = run.commits.remove_stale(done)
-            todo = [s for s in shards if s.name not in done]
-            dispatch_start = time.perf_counter()
-            with _progress_bar(sum(map(len, todo)), progress) as bar:
-                result = run_shards(pool, todo, run, record.config_hash, options, file_metadata(record), bar,
-                                    workers_write=not is_local(options.output) or single_node())
-            dispatch_seconds = time.perf_counter() - dispatch_start
-        finally:
-            pool.shutdown()
-    finally:
-        if started:
-            disconnect()
+        info = pool.model_info()
+        prompts = build_prompts(facts, masked=info["masked"], max_templates=options.filters.max_templates)
+        prompts.require(public_uri(options.facts), options.placement.model)
+        if options.mode == "circuits":
+            if info["masked"]:
+                raise ValueError("--mode circuits needs a causal LM (EAP-IG over pre-LN blocks)")
+            prompts.prompts = with_candidates(prompts.prompts)
+        shards = plan_shards(prompts.prompts, options.shard_size or auto_shard_size(len(prompts.prompts)))
+        record = run.open_run(run_record(options, fmt, info, shards, prompts.dropped_templates))
+        done = run.commits.finished([s.name for s in shards], record.config_hash)
+        stale = run.commits.remove_stale(done)
+        todo = [s for s in shards if s.name not in done]
+        dispatch_start = time.perf_counter()
+        with _progress_bar(sum(map(len, todo)), progress) as bar:
+            result = run_shards(pool, todo, run, record.config_hash, options, file_metadata(record), bar,
+                                workers_write=not is_local(options.output) or single_node())
+        dispatch_seconds = time.perf_counter() - dispatch_start
     stale += run.commits.remove_stale(run.commits.markers(record.config_hash))
     counts = run.read("prompts", ["status"]).column("status").value_counts().to_pylist()
     return RunReport(str(run), len(shards), len(shards) - len(todo), len(result.written), result.failed,

@@ -39,6 +39,15 @@ class ShardOutput:
         return Commits(cached_storage(self.uri)).write_parts(self.shard, self.attempt, tables, self.metadata)
 
 
+@dataclass(frozen=True)
+class ShardResult:
+    """What an attempt at a shard returns: the parts it wrote (given a ShardOutput), else its
+    tables, for the driver to write."""
+
+    parts: dict[str, Part] | None = None
+    tables: dict[str, pa.Table] | None = None
+
+
 class ShardComputer:
     def __init__(self, placement: Placement, threads: int | None = None):
         from kn_ray.engine import Attributor
@@ -60,21 +69,18 @@ class ShardComputer:
                     devices=[str(d) for d in lm.devices])
 
     def compute(self, shard_id: int, specs: list[PromptSpec], n_steps: int | str, method: str, keep: KeepPolicy,
-                output: ShardOutput | None = None, mode: str = "neurons", **engine) -> dict:
-        """{'parts': {kind: Part}} written to `output`, or {'tables': {kind: Arrow table}} without
-        one. `engine`: further `Attributor.attribute` keywords (RunOptions.engine_extra);
-        `mode="circuits"`: EAP-IG edges instead (`circuits`)."""
+                output: ShardOutput | None = None, mode: str = "neurons", **engine) -> ShardResult:
+        """The parts written to `output`, or the tables without one. `engine`: further
+        `Attributor.attribute` keywords (RunOptions.engine_extra); `mode="circuits"`: EAP-IG
+        edges instead (`circuits`)."""
         faults.before_task(shard_id)
         if mode == "circuits":
             tables = self.circuits(specs, n_steps, method, **engine)
         else:
             tables = self.neurons(specs, n_steps, method, keep, **engine)
-        if output is None:
-            out = dict(tables=tables)
-        else:
-            out = dict(parts=output.write(tables))
+        result = ShardResult(tables=tables) if output is None else ShardResult(parts=output.write(tables))
         faults.after_task()
-        return out
+        return result
 
     def neurons(self, specs, n_steps, method, keep: KeepPolicy, **engine) -> dict[str, pa.Table]:
         todo = [i for i, spec in enumerate(specs) if spec.status is None]

@@ -1,4 +1,4 @@
-"""Edit work units on the pipeline's actor pool (`kn_ray.pipeline.execute`; the only edit module
+"""Edit work units on the pipeline's actor pool (`kn_ray.pipeline.pool`, fed by `.dispatch`; the only edit module
 that imports ray).
 
 The same pool as attribution: one actor per `gpus_per_worker` GPUs when the cluster has GPUs, else CPU actors of
@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from kn_ray.pipeline import faults
-from kn_ray.pipeline.execute import run_tasks
+from kn_ray.pipeline.dispatch import run_tasks
 from kn_ray.pipeline.options import Resources
+from kn_ray.pipeline.pool import ActorSpec
 from kn_ray.placement import Placement
 from kn_ray.stages.edit.corpus import WorkUnit
 from kn_ray.stages.edit.experiments import EditRunner
@@ -39,6 +40,5 @@ class EditWorker:
 def run_units(units: Sequence[WorkUnit], placement: Placement, workers: int) -> Iterator[tuple[WorkUnit, object]]:
     """Yield (unit, its rows) as units finish on `workers` actors of attribution's default
     `Resources`; raises `TasksFailed` at the end if a unit failed on every attempt."""
-    res = Resources(workers=workers)
-    yield from run_tasks(EditWorker, (placement,), {}, res, units, key=lambda unit: f"{unit.op}-{unit.index:05d}",
-                         gpus=placement.gpus_per_worker, threads=placement.threads)
+    spec = ActorSpec(EditWorker, (placement,), gpus=placement.gpus_per_worker, threads=placement.threads)
+    yield from run_tasks(spec, Resources(workers=workers), units, key=lambda unit: f"{unit.op}-{unit.index:05d}")

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 
 import pyarrow.parquet as pq
 
+from kn_ray.pipeline import ray_env
 from kn_ray.pipeline.layout import group_prefix, part_file
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.stages.duck import connect, source
@@ -62,6 +63,7 @@ def _execute(units: list[WorkUnit], placement: Placement, options: EditOptions):
     if options.local or (options.workers is None and not os.environ.get("RAY_ADDRESS")):
         runner = EditRunner.load(placement)
         return ((unit, runner.run(unit)) for unit in units)
+    ray_env.prepare()  # before the actors' module imports Ray
     from kn_ray.stages.edit.actors import run_units
 
     return run_units(units, placement, options.workers or 1)

@@ -1,0 +1,147 @@
+"""A pool of model-holding Ray actors of one class: started to the cluster's size, health-pinged,
+dropped when dead for good, and the tasks in flight on each.
+
+Ray restarts a crashed actor (`max_restarts`). After any failure the actor is pinged (`info()`,
+the one call Ray retries through restarts): a restarted actor answers once its model is loaded
+again, wherever Ray placed it (a node that replaced a lost one counts), and gets work again; a
+permanently dead one is dropped. Work is fed to the pool by `dispatch.Dispatcher`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import ray
+from ray.exceptions import RayError, RayTaskError
+
+from .options import Resources
+from .ray_cluster import actor_resources, connected, describe_plan
+
+SAME_MODEL = ("revision", "precision", "dtype")  # what every actor's `info()` must agree on
+
+
+class ModelLoadError(ValueError):
+    """No worker could load the model (a wrong name or path, usually)."""
+
+
+@dataclass(frozen=True)
+class ActorSpec:
+    """The actors of a pool: `actor_class(*args, threads=N, **kwargs)` with N torch threads
+    (`threads`, else its logical CPUs on CPU actors, None on GPU actors), `gpus` each
+    (`Placement.gpus_per_worker` and `.threads`)."""
+
+    actor_class: type
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    gpus: float | None = None
+    threads: int | None = None
+
+
+class ActorPool:
+    """The actors, their tasks in flight, and which are waiting on a health ping."""
+
+    def __init__(self, spec: ActorSpec, res: Resources):
+        count, opts = actor_resources(res, spec.gpus)
+        self.plan = describe_plan(count, opts, bool(res.workers), spec.threads)
+        threads = spec.threads or (None if opts["num_gpus"] else max(1, int(opts["num_cpus"])))
+        remote = ray.remote(spec.actor_class).options(**opts)
+        self.limit, self.restart_wait = res.in_flight, res.restart_wait
+        self.actors = [remote.remote(*spec.args, threads=threads, **spec.kwargs) for _ in range(count)]
+        # healthy actor -> tasks in flight. An actor gets work only once its ping has answered: a
+        # call queued on an actor still loading waits for it as long as it takes, forever if its
+        # node is lost and none has room for it again.
+        self._load: dict = {}
+        self.pings = {_ping(a): a for a in self.actors}  # ref -> actor not yet known healthy
+        self.lost: set = set()  # actors whose call died with them, not yet back
+        self.back = 0  # how often a lost actor came back
+        self.info: dict | None = None
+
+    def model_info(self) -> dict:
+        """The model as the first healthy actor loaded it; raises if no actor can load it."""
+        error = None
+        while self.info is None:
+            if not self.pings:
+                raise ModelLoadError(f"no worker could load the model: {error}")
+            [ref], _ = ray.wait(list(self.pings), num_returns=1)
+            error = self.answer(ref) or error
+        return self.info
+
+    def answer(self, ref) -> str | None:
+        """Handle a ping reply: the actor is healthy again, or dropped; returns an error text."""
+        actor = self.pings.pop(ref)
+        try:
+            info = ray.get(ref)
+        except RayError as error:
+            self.drop(actor)
+            return short_error(error)
+        if self.info is None:
+            self.info = info
+        elif [info.get(k) for k in SAME_MODEL] != [self.info.get(k) for k in SAME_MODEL]:
+            self.drop(actor)
+            return f"worker loaded revision {info.get('revision')} at {info.get('precision')}, " \
+                   f"not {self.info.get('revision')}"
+        self._load[actor] = 0
+        if actor in self.lost:
+            self.lost.discard(actor)
+            self.back += 1
+        return None
+
+    def reserve(self):
+        """The least-busy healthy actor with room for another task, counted as busy with it; or None."""
+        ready = [a for a, n in self._load.items() if n < self.limit]
+        if not ready:
+            return None
+        actor = min(ready, key=self._load.get)
+        self._load[actor] += 1
+        return actor
+
+    def release(self, actor) -> None:
+        """A task of `actor` ended (its actor alive)."""
+        if actor in self._load:
+            self._load[actor] -= 1
+
+    def failed(self, actor) -> bool:
+        """A call died with its actor: ping it before giving it more work (a dead actor fails the
+        ping and is dropped). False if the actor was already being checked."""
+        if actor not in self._load:
+            return False
+        del self._load[actor]
+        self.lost.add(actor)
+        self.pings[_ping(actor)] = actor
+        return True
+
+    def drop(self, actor) -> None:
+        self._load.pop(actor, None)
+        ray.kill(actor, no_restart=True)
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+
+@contextlib.contextmanager
+def open_pool(spec: ActorSpec, res: Resources):
+    """A pool for the block, on a Ray connected for it (`ray_cluster.connected`); its actors are
+    killed after it, and a Ray this call started is shut down."""
+    with connected(min_cpus=res.cpus_needed):
+        pool = ActorPool(spec, res)
+        try:
+            yield pool
+        finally:
+            pool.shutdown()
+
+
+def _ping(actor):
+    """`actor.info()`, retried by Ray while the actor restarts (its node lost, its process
+    crashed): it answers once the actor is back, or fails once it is gone for good."""
+    return actor.info.options(max_task_retries=-1).remote()
+
+
+def short_error(error: BaseException) -> str:
+    """One line: the exception raised in a task or actor constructor (the traceback's last line),
+    else what happened to the actor (the first line)."""
+    text = str(error)
+    lines = [line for line in text.strip().splitlines() if line.strip()] or [type(error).__name__]
+    raised = isinstance(error, RayTaskError) or "creation task" in lines[0]
+    return (lines[-1] if raised else lines[0]).strip()[:300]

@@ -1,0 +1,33 @@
+"""The environment of the Ray processes kn-ray starts; imports no Ray.
+
+Ray reads `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER` once, when it is imported, in this process and in
+every process it starts. With clusters "disabled" a local Ray resolves its node address to
+127.0.0.1 instead of the machine's public IP, so it binds to loopback only. `prepare()` sets it,
+before the first `import ray` of a command (`driver.run_pipeline`, the edit stage), and only
+when kn-ray starts the Ray itself (no $RAY_ADDRESS); nothing changes the environment on import.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import faults
+
+LOOPBACK_ONLY = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+# Forwarded to the actors, so they reach the output filesystem as the driver does (Ray's
+# runtime_env; never written to run.json or Parquet).
+FORWARDED = (faults.ENV, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+             "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE",
+             "AWS_SHARED_CREDENTIALS_FILE", "GOOGLE_APPLICATION_CREDENTIALS")
+
+
+def prepare() -> None:
+    """Before Ray is imported: a local Ray to be started binds to loopback only."""
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault(*LOOPBACK_ONLY)
+
+
+def forwarded() -> dict[str, str]:
+    """The variables of `FORWARDED` set here, for the actors' runtime_env."""
+    return {name: os.environ[name] for name in FORWARDED if os.environ.get(name)}
