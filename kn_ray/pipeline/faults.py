@@ -6,7 +6,7 @@ attribution shard or an edit work unit, N its shard id or unit index:
 * `exit_once=PATH`: the first task attempt that finds no file at PATH creates it and kills
   its worker process (`os._exit`) before returning: a crashed actor, exactly once per PATH.
 * `fail_shard=N`: every attempt at task N raises: a task that can never succeed.
-* `delay=SECONDS`: sleep before each task: time to interrupt a run part-way.
+* `delay=SECONDS`: sleep before each task: time to interrupt a run midway.
 * `hold=PATH`: each task waits while a file exists at PATH: a test holds a run at a point
   of its choosing (a node lost and replaced) and lets it go on by deleting PATH.
 """
