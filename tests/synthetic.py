@@ -1,5 +1,6 @@
-"""Synthetic `kn-ray attribute` outputs, written through the run directory as the pipeline
-writes them (`write_run`), for tests and benchmarks.
+"""Synthetic `kn-ray attribute` outputs for tests and benchmarks, written as the pipeline writes.
+
+Runs go through the run directory's own writer (`write_run`: committed shards, staged tables).
 
 Each fact gets planted knowledge neurons (a few of its own, mostly in upper layers, plus
 some of its relation's) that score high in most of its prompts, over uniform noise rows;
@@ -333,6 +334,16 @@ def _probe(rng, gold_prob: float) -> Probe:
     return Probe("", "", gold_prob=float(gold_prob), n_target_tokens=1, top_id=0 if correct else 1, first_target_id=0)
 
 
+def write_explorable_run(out: str | Path, facts: int, edited_facts: int, seed: int) -> Path:
+    """A synthetic run with every stage the explorer shows: attribution, aggregation and edits."""
+    from kn_ray.stages.aggregate import aggregate
+
+    write_synthetic_run(out, SyntheticSpec(facts=facts, relations=3, layers=6, neurons=256, seed=seed))
+    aggregate(out)
+    write_synthetic_edits(out, facts=edited_facts)
+    return Path(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.synthetic", description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
@@ -354,12 +365,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     raise SystemExit(main())
 
-
-def write_explorable_run(out: str | Path, facts: int, edited_facts: int, seed: int) -> Path:
-    """A synthetic run with every stage the explorer shows: attribution, aggregation and edits."""
-    from kn_ray.stages.aggregate import aggregate
-
-    write_synthetic_run(out, SyntheticSpec(facts=facts, relations=3, layers=6, neurons=256, seed=seed))
-    aggregate(out)
-    write_synthetic_edits(out, facts=edited_facts)
-    return Path(out)

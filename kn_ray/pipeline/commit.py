@@ -83,7 +83,8 @@ class Commits:
         sizes = self.storage.sizes([p.file for p in parts.values()])
         for kind, part in parts.items():
             if part.file != attempt_part(kind, shard, attempt) or sizes[part.file] != part.bytes:
-                raise CommitError(f"{shard}: {part.file} holds {sizes[part.file]} bytes, the attempt reported {part.bytes}")
+                raise CommitError(f"{shard}: {part.file} holds {sizes[part.file]} bytes, "
+                                  f"the attempt reported {part.bytes}")
         done = dict(shard=shard, attempt=attempt, config_hash=run_hash,
                     files={k: p.file for k, p in parts.items()},
                     rows={k: p.rows for k, p in parts.items()}, bytes={k: p.bytes for k, p in parts.items()})

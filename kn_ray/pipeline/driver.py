@@ -1,10 +1,10 @@
 """One attribution run end to end: facts -> plan -> run.json -> shards on Ray -> report.
 
 Ray is imported only when the run starts (`ray_env.prepare`, then `pool`, `execute`), so
-facts, plans and the run directory stay usable without it. Re-running the same command resumes: shards whose files are whole are
-skipped; a different configuration against the same output directory is refused. `--facts`
-and `--output` may be URIs (`uris.filesystem`); facts on an object store are copied to a
-temporary local directory first.
+facts, plans and the run directory stay usable without it. Re-running the same command
+resumes: shards whose files are whole are skipped; a different configuration against the same
+output directory is refused. `--facts` and `--output` may be URIs (`uris.filesystem`); facts on
+an object store are copied to a temporary local directory first.
 """
 
 from __future__ import annotations
