@@ -19,6 +19,20 @@ if TYPE_CHECKING:
 EPS = 1e-9  # `count >= share * n` is meant in decimals: 0.6 * 10 must admit a count of 6
 
 
+@dataclass(frozen=True)
+class Method:
+    """What scores a neuron (the `method` column of knowledge_neurons and relation_neurons): its
+    integrated gradient, or, as the paper's baseline, its activation."""
+
+    name: str
+    table: str  # the attribute stage's table it reads
+    column: str  # its value column
+
+
+METHODS = (Method("ig", "neurons", "score"), Method("activation", "activations", "activation"))
+METHOD_NAMES = tuple(m.name for m in METHODS)
+
+
 @dataclass
 class AggregateParams:
     t: float = option(0.2, "coarse threshold: score >= t x the prompt's max")
@@ -33,8 +47,8 @@ class AggregateParams:
                                    "--top-edges)")
     memory_limit: str = option(MEMORY_LIMIT, "DuckDB memory limit; beyond it, joins and group-bys spill to disk")
     threads: int | None = option(None, "DuckDB threads (default: all cores)")
-    methods: tuple[str, ...] = option(("ig", "activation"), "skip the activation baseline", flag="--no-activation",
-                                      action="store_const", const=("ig",))
+    methods: tuple[str, ...] = option(METHOD_NAMES, "skip the activation baseline", flag="--no-activation",
+                                      action="store_const", const=METHOD_NAMES[:1])
 
     @classmethod
     def recorded(cls, summary: dict | None) -> "AggregateParams":

@@ -17,12 +17,12 @@ spill to disk instead of holding the rows in memory.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import duckdb
 import pandas as pd
 
-from kn_ray.stages.aggregate.params import EPS, AggregateParams
+from kn_ray.stages.aggregate.params import EPS, METHODS, AggregateParams, Method
 from kn_ray.stages.aggregate.schemas import KNOWLEDGE_NEURONS, RELATION_CIRCUITS, RELATION_NEURONS
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.pipeline.tables import KINDS as ATTRIBUTE_TABLES
@@ -31,16 +31,6 @@ from kn_ray.stages.duck import connect, source, write_query
 ADAPTIVE_STEP = 0.05
 ADAPTIVE_EVALUATIONS = 6
 ADAPTIVE_TARGET = (2.0, 5.0)  # mean knowledge neurons per fact the authors aimed for
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    table: str  # input folder
-    column: str  # value column
-
-
-METHODS = (Method("ig", "neurons", "score"), Method("activation", "activations", "activation"))
 
 
 def aggregate(out, params: AggregateParams | None = None) -> dict:

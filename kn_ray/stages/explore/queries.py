@@ -18,7 +18,7 @@ import pandas as pd
 
 from kn_ray.choices import MEMORY_LIMIT
 from kn_ray.pipeline.rundir import RunDirectory
-from kn_ray.stages.aggregate.params import AggregateParams
+from kn_ray.stages.aggregate.params import METHOD_NAMES, AggregateParams
 from kn_ray.stages.duck import source
 from kn_ray.stages.edit.criteria import CRITERIA
 from kn_ray.stages.report.analytics import ALL, Analytics
@@ -275,10 +275,10 @@ class RunQueries(Analytics):
         per = scores.groupby(["layer", "neuron"]).agg(coarse_prompts=("coarse", "sum"), shown_prompts=("score", "size"),
                                                       mean_score=("score", "mean"), mean_rel=("rel", "mean"))
         per = per.reset_index()
-        for method in ("ig", "activation"):
+        for method in METHOD_NAMES:
             keys = kn[kn.method == method][["layer", "neuron"]].assign(**{f"kn_{method}": True})
             per = per.merge(keys, on=["layer", "neuron"], how="outer")
-        for method in ("ig", "activation"):
+        for method in METHOD_NAMES:
             per[f"kn_{method}"] = per[f"kn_{method}"].astype("boolean").fillna(False).astype(bool)
         per[["coarse_prompts", "shown_prompts"]] = per[["coarse_prompts", "shown_prompts"]].fillna(0).astype(int)
         per = per[(per.coarse_prompts > 0) | per.kn_ig | per.kn_activation]
