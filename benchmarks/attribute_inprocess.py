@@ -73,7 +73,7 @@ def main() -> int:
     computed = 0
     for shard in todo:
         o, shard_start = options, time.perf_counter()
-        out = computer.compute(shard.shard_id, list(shard.prompts), o.n_steps, o.method, o.keep, None, **o.engine_extra(), **layers)
+        out = computer.compute(shard.shard_id, list(shard.prompts), o.n_steps, o.rule, o.keep, None, **o.engine_extra(), **layers)
         run.commits.write_shard(shard.name, out.tables, record.config_hash, dict(file_metadata(record), shard=shard.shard_id))
         computed += len(shard.prompts)
         seconds = time.perf_counter() - shard_start

@@ -44,7 +44,7 @@ def pick_facts(lm, path, relations, per_relation, probe_limit=150):
 
 def knowledge_neurons(attr, spec, t=0.2):
     """One prompt's neurons with score >= t x max (the coarse threshold; no sharing rule with one prompt)."""
-    [res] = attr.attribute([spec.prompt], [spec.target], n_steps=6, method="gausslegendre")
+    [res] = attr.attribute([spec.prompt], [spec.target], n_steps=6, rule="gausslegendre")
     layer, neuron = np.nonzero((res.scores >= t * res.scores.max()) & (res.scores > 0))
     return list(zip(layer.tolist(), neuron.tolist()))
 

@@ -201,7 +201,7 @@ def check_exact(check: Check, result: dict) -> None:
     steps = check.plan.exact_steps
     alphas, weights = quadrature(steps, "left")
     rows = result.setdefault("rows", [])
-    result.update(tolerance=EXACT_TOL, n_steps=steps, method="left")
+    result.update(tolerance=EXACT_TOL, n_steps=steps, rule="left")
     for family in sorted(CONFIGS):
         model, tok = tiny_model(family, check.work)
         model64 = float64(model)

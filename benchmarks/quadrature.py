@@ -67,12 +67,12 @@ def main() -> None:
     prompts, targets = pararel_prompts(args.pararel, args.prompts, args.seed)
     attr = Attributor(load_model("smollm2"), precision="fp32")
 
-    def run(method, steps):
+    def run(rule, steps):
         start = time.perf_counter()
-        if method == "auto":
+        if rule == "auto":
             res = attr.attribute(prompts, targets, n_steps="auto", tolerance=steps, layers=layers)
         else:
-            res = attr.attribute(prompts, targets, n_steps=steps, method=method, layers=layers)
+            res = attr.attribute(prompts, targets, n_steps=steps, rule=rule, layers=layers)
         return res, time.perf_counter() - start
 
     ref, ref_s = run("gausslegendre", args.reference_nodes)
@@ -86,13 +86,13 @@ def main() -> None:
     print("| rule | evaluations / (prompt, layer) | mean rel. L2 | max rel. L2 | mean top-10 overlap | "
           "min top-10 overlap | median completeness / abs(P - P0) | seconds |")
     print("|---|---|---|---|---|---|---|---|")
-    for method, steps in RULES:
-        res, secs = run(method, steps)
+    for rule, steps in RULES:
+        res, secs = run(rule, steps)
         l2, top = zip(*(metrics(res[i].scores, ref[i].scores) for i in ok))
         evals = np.mean([res[i].evaluations.mean() for i in ok])
         rel_c = np.median([np.median(res[i].completeness / np.maximum(np.abs(res[i].gold_prob - res[i].baseline_prob), 1e-12))
                            for i in ok])
-        name = f"auto, tolerance {steps}" if method == "auto" else f"{method}-{steps}"
+        name = f"auto, tolerance {steps}" if rule == "auto" else f"{rule}-{steps}"
         print(f"| {name} | {evals:.1f} | {np.mean(l2):.2e} | {np.max(l2):.2e} | {np.mean(top):.3f} | {np.min(top):.1f} | "
               f"{rel_c:.1e} | {secs:.1f} |", flush=True)
 

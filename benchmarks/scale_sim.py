@@ -59,7 +59,7 @@ class SyntheticEngine:
         return dict(name="synthetic", source="synthetic", revision="synthetic", masked=True, num_layers=self.layers,
                     num_neurons=self.neurons, precision="fp32", device="cpu")
 
-    def compute(self, shard_id, specs, n_steps, method, keep, output):
+    def compute(self, shard_id, specs, n_steps, rule, keep, output):
         from kn_ray.pipeline.commit import Part
         from kn_ray.pipeline.layout import attempt_part
         from kn_ray.pipeline.storage import cached_storage

@@ -100,14 +100,14 @@ def main() -> None:
     ap.add_argument("--above", default="", help="NoiseGrad settings with noised_weights=above (sigmas); empty: none")
     ap.add_argument("--fusion", default="", help="FusionGrad settings, weight:input sigma pairs, comma-separated")
     ap.add_argument("--n-steps", type=int, default=6)
-    ap.add_argument("--method", default="gausslegendre")
+    ap.add_argument("--rule", default="gausslegendre")
     ap.add_argument("--layers", default="0-29", help="first-last layer scored (inclusive)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     lo, hi = map(int, args.layers.split("-"))
     lm = load_model("smollm2")
     attr, prober = Attributor(lm, precision="fp32"), Prober(lm, precision="fp32")
-    rule = dict(n_steps=args.n_steps, method=args.method, layers=list(range(lo, hi + 1)))
+    rule = dict(n_steps=args.n_steps, rule=args.rule, layers=list(range(lo, hi + 1)))
     facts = facts_with_prompts(args.pararel, args.facts, 6, args.max_prompts, args.seed)
     rng = random.Random(args.seed)
     settings = noise_settings(args)
@@ -151,7 +151,7 @@ def main() -> None:
 def report(args, facts, n_prompts, ps, ref_sizes, ref_effects, rows, settings, seconds, start, out) -> None:
     lo, hi = map(int, args.layers.split("-"))
     say = lambda text="": print(text, file=out, flush=True)  # noqa: E731
-    say(f"SmolLM2-135M, fp32, {args.method}-{args.n_steps}, layers {lo}-{hi}, coarse t = {T}; {len(n_prompts)} of "
+    say(f"SmolLM2-135M, fp32, {args.rule}-{args.n_steps}, layers {lo}-{hi}, coarse t = {T}; {len(n_prompts)} of "
         f"{len(facts)} PARAREL facts with >= 6 causal prompts (at most {args.max_prompts} used, mean "
         f"{np.mean(n_prompts):.1f}); 2 seeded prompts per fact (knowledge neurons: coarse in both); seed {args.seed}; "
         f"{time.perf_counter() - start:.0f} s.\n")

@@ -41,7 +41,7 @@ def rule(text: str) -> dict:
     name, value = text.split(":")
     if name == "auto":
         return dict(n_steps="auto", tolerance=float(value))
-    return dict(n_steps=int(value), method=name)
+    return dict(n_steps=int(value), rule=name)
 
 
 def timed(attr, prompts, targets, kw, per_prompt: bool):

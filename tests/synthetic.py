@@ -224,7 +224,7 @@ def _part(rng, spec: SyntheticSpec, fact_index: np.ndarray, relation_neurons, al
 
 def run_config(spec: SyntheticSpec, shards: int) -> dict:
     """run.json in the attribute stage's layout (docs/output-schema.md)."""
-    return {"identity": {"model": spec.model, "attribution": {"method": "left", "n_steps": 20},
+    return {"identity": {"model": spec.model, "attribution": {"rule": "left", "n_steps": 20},
                          "model_info": {"revision": "synthetic", "num_layers": spec.layers, "num_neurons": spec.neurons},
                          "keep": {"ratio": 0.1, "dense": False, "activation_ratio": 0.5},
                          "input": {"format": "synthetic"}, "plan": {"shards": shards}},

@@ -32,7 +32,7 @@ def world(tmp_path_factory):
 
 def options(world, out, **kw):
     return RunOptions(Placement(str(world["llama"]), precision="fp32"), facts=str(world["data"]), output=str(out),
-                      resources=Resources(workers=1), mode="circuits", n_steps=2, method="gausslegendre",
+                      resources=Resources(workers=1), mode="circuits", n_steps=2, rule="gausslegendre",
                       top_edges=15, faithfulness_random=1, shard_size=5, **kw)
 
 

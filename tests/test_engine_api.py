@@ -113,8 +113,8 @@ def test_unusable_prompts_are_skipped_with_reasons(tmp_path):
 
 def test_bad_arguments_are_clear_errors(llama, tmp_path):
     attr = Attributor(llama, precision="fp32")
-    with pytest.raises(ValueError, match="method must be one of"):
-        attr.attribute(["the city of"], [" rome"], method="simpson")
+    with pytest.raises(ValueError, match="rule must be one of"):
+        attr.attribute(["the city of"], [" rome"], rule="simpson")
     with pytest.raises(ValueError, match="subset of 0..2"):
         attr.attribute(["the city of"], [" rome"], layers=[3])
     with pytest.raises(ValueError, match="2 prompts but 1 targets"):

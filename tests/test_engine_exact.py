@@ -15,14 +15,14 @@ pytestmark = pytest.mark.numerics  # comparisons of two computations: `make test
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
-@pytest.mark.parametrize("method", RULES)
-def test_scores_match_float64_reference(family, method, tmp_path):
+@pytest.mark.parametrize("rule", RULES)
+def test_scores_match_float64_reference(family, rule, tmp_path):
     model, tok = tiny_model(family, tmp_path)
     model64 = float64(model)
     prompts, targets = cases(family)
     n_steps = 4
-    alphas, weights = quadrature(n_steps, method)
-    results = Attributor(model, tok, precision="fp32").attribute(prompts, targets, n_steps=n_steps, method=method)
+    alphas, weights = quadrature(n_steps, rule)
+    results = Attributor(model, tok, precision="fp32").attribute(prompts, targets, n_steps=n_steps, rule=rule)
     for prompt, target, res in zip(prompts, targets, results):
         assert res.ok, res.reason
         for layer in range(model.config.num_hidden_layers):
@@ -49,7 +49,7 @@ def test_completeness_midpoint_200_steps(family, tmp_path):
     """sum_i score_i ~= P(x) - P(layer zeroed): the residual is <= 1% of that change."""
     model, tok = tiny_model(family, tmp_path)
     prompts, targets = cases(family)
-    for res in Attributor(model, tok, precision="fp32").attribute(prompts, targets, n_steps=200, method="midpoint"):
+    for res in Attributor(model, tok, precision="fp32").attribute(prompts, targets, n_steps=200, rule="midpoint"):
         change = np.abs(res.gold_prob - res.baseline_prob)
         assert np.all(res.completeness <= 0.01 * change), (res.completeness, change)
         assert rel_err(res.scores.sum(-1), res.gold_prob - res.baseline_prob) <= 0.01
@@ -64,8 +64,8 @@ def test_rules_integrate_polynomials():
             assert float((weights * alphas**degree).sum()) == pytest.approx(1 / (degree + 1), rel=1e-12)
         if m <= 6:  # and not degree 2m (above that the miss is below rounding)
             assert float((weights * alphas ** (2 * m)).sum()) != pytest.approx(1 / (2 * m + 1), rel=1e-12)
-    for method in RULES:
-        assert float(quadrature(7, method)[1].sum()) == pytest.approx(1, abs=1e-14)
+    for rule in RULES:
+        assert float(quadrature(7, rule)[1].sum()) == pytest.approx(1, abs=1e-14)
     with pytest.raises(ValueError, match="n_steps"):
         quadrature(0, "gausslegendre")
 
@@ -94,7 +94,7 @@ def test_auto_steps_meet_tolerance_and_match_a_fine_rule(family, tmp_path):
     attr = Attributor(model, tok, precision="fp32")
     tol = 1e-3
     auto = attr.attribute(prompts, targets, n_steps="auto", tolerance=tol)
-    fine = attr.attribute(prompts, targets, n_steps=48, method="gausslegendre")
+    fine = attr.attribute(prompts, targets, n_steps=48, rule="gausslegendre")
     for a, f in zip(auto, fine):
         change = np.abs(a.gold_prob - a.baseline_prob)
         capped = a.evaluations == 65
@@ -109,8 +109,8 @@ def test_auto_steps_meet_tolerance_and_match_a_fine_rule(family, tmp_path):
 def test_evaluations_count_the_rows_of_each_rule(tmp_path):
     model, tok = tiny_model("llama", tmp_path)
     attr = Attributor(model, tok, precision="fp32")
-    for method, rows in (("left", 20), ("midpoint", 21), ("trapezoid", 21), ("gausslegendre", 21)):
-        [res] = attr.attribute(["the city of"], [" rome"], n_steps=20, method=method)
+    for rule, rows in (("left", 20), ("midpoint", 21), ("trapezoid", 21), ("gausslegendre", 21)):
+        [res] = attr.attribute(["the city of"], [" rome"], n_steps=20, rule=rule)
         assert res.evaluations.tolist() == [rows] * 3
 
 

@@ -54,7 +54,7 @@ def test_demo_job_uses_the_bundled_facts():
     (dict(BASE, attribution=dict(n_steps=2.5)), "n_steps must be int or str"),
     (dict(BASE, attribution=dict(n_steps="auto", tolerance=0)), "tolerance must be > 0"),
     (dict(BASE, attribution=dict(n_steps=0)), "n_steps must be >= 1"),
-    (dict(BASE, attribution=dict(method="simpson")), "method must be one of"),
+    (dict(BASE, attribution=dict(rule="simpson")), "rule must be one of"),
     (dict(BASE, keep=dict(ratio=1.5)), "ratio must be in [0, 1]"),
     (dict(BASE, keep=dict(dense="yes")), "keep.dense must be bool"),
     (dict(BASE, workers=dict(count=0)), "workers must be >= 1"),
@@ -111,7 +111,7 @@ def test_big_model_jobs_split_models_as_documented():
 def test_auto_steps_from_flags_and_spec_enter_the_run_identity(tmp_path):
     args = build_parser().parse_args(["attribute", "--model", "m", "--facts", "f.jsonl", "--output", "out",
                                       "--n-steps", "auto", "--tolerance", "0.001", "--method", "gausslegendre"])
-    spec = dict(BASE, attribution=dict(n_steps="auto", tolerance=0.001, method="gausslegendre"))
+    spec = dict(BASE, attribution=dict(n_steps="auto", tolerance=0.001, rule="gausslegendre"))  # --method: --rule's alias
     options = options_from_spec(spec_from_args(args))
     assert options == options_from_spec(spec)
     assert options.attribution()["tolerance"] == 0.001 and options.engine_extra() == dict(tolerance=0.001)

@@ -216,7 +216,7 @@ def test_auto_steps_reach_the_engine_through_ray(world, ray_local, tmp_path):
     kw = dict(n_steps="auto", tolerance=0.005)
     out = tmp_path / "auto"
     assert run_pipeline(options(world, out, model="llama", **kw), progress=False).ok
-    assert json.loads((out / "run.json").read_text())["identity"]["attribution"] == dict(kw, method="left", precision="auto")
+    assert json.loads((out / "run.json").read_text())["identity"]["attribution"] == dict(kw, rule="left", precision="auto")
     prompts = frames(out)["prompts"].set_index("prompt_id")
     direct = Attributor(load_model(str(world["llama"]), device="cpu")).attribute(
         [s.prompt for s in specs], [s.target for s in specs], **kw)

@@ -60,7 +60,7 @@ def test_head_scores_match_float64_reference(family, tmp_path):
     prompts, targets = [prompts[i] for i in pick], [targets[i] for i in pick]
     alphas, weights = quadrature(4, "gausslegendre")
     heads = attention_shape(model.config)[0]
-    results = Attributor(model, tok, precision="fp32").attribute(prompts, targets, n_steps=4, method="gausslegendre",
+    results = Attributor(model, tok, precision="fp32").attribute(prompts, targets, n_steps=4, rule="gausslegendre",
                                                                  site="attn.hook_z")
     for prompt, target, res in zip(prompts, targets, results):
         assert res.ok and res.site == "attn.hook_z" and res.scores.shape == (3, heads)

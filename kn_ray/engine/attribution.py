@@ -120,7 +120,7 @@ class Attributor(ModelRunner):
         targets: str | Sequence[str],
         *,
         n_steps: int | str = N_STEPS,
-        method: str = RULE,
+        rule: str = RULE,
         tolerance: float = TOLERANCE,
         layers: Sequence[int] | None = None,
         baselines: float = 0.0,
@@ -136,7 +136,7 @@ class Attributor(ModelRunner):
         """Score every neuron of `layers` (default: all) for each (prompt, target).
 
         Score_i = (a_i - b) * sum_k w_k dP/dx_i at x = b + alpha_k (a - b), the quadrature rule
-        `method` (see `quadrature`) over `n_steps` steps; b = `baselines` (the paper: 0).
+        `rule` (see `quadrature`) over `n_steps` steps; b = `baselines` (the paper: 0).
         `n_steps="auto"`: per prompt and layer, Romberg on nested trapezoid rules, doubled until
         the completeness residual <= `tolerance` x |P - P(layer at baseline)| (`adaptive`).
         `nt_samples` > 0: the mean over that many copies with noisy input embeddings, noise
@@ -153,7 +153,7 @@ class Attributor(ModelRunner):
             if nt_samples < 1 or stdevs < 0:
                 raise ValueError(f"nt_samples must be >= 1 and stdevs >= 0, got {nt_samples}, {stdevs}")
             check_noise(noise, noised_weights, weight_stdevs)
-            results = smoothed(lambda group: self.attribute(prompts, targets, n_steps=n_steps, method=method,
+            results = smoothed(lambda group: self.attribute(prompts, targets, n_steps=n_steps, rule=rule,
                                                             tolerance=tolerance, layers=group, baselines=baselines,
                                                             site=site),
                                self.model, self._check_layers(layers), nt_samples, nt_seed,
@@ -167,7 +167,7 @@ class Attributor(ModelRunner):
                 raise ValueError(f"tolerance must be > 0, got {tolerance}")
             rule = None  # no fixed rule: doubled per (prompt, layer) until `tolerance` holds
         else:
-            rule = quadrature(n_steps, method)
+            rule = quadrature(n_steps, rule)
         layers = self._check_layers(layers)
         prompts, targets, ready, skipped = self._prepare(prompts, targets)
         results: list[Attribution | None] = [None] * len(prompts)

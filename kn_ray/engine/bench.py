@@ -24,7 +24,7 @@ from .published import PublishedAttributor
 @dataclass
 class BenchRow:
     model: str
-    method: str  # engine | published
+    implementation: str  # engine | published
     device: str
     precision: str  # compute (autocast)
     dtype: str  # weights
@@ -203,13 +203,13 @@ def benchmark(
     k = max(1, min(published_prompts, len(prompts)))
     m = max(1, min(flop_prompts, len(prompts)))
     rows = []
-    for method, fn, ps, ts in (
+    for implementation, fn, ps, ts in (
         ("engine", run_engine, prompts, targets),
         ("published", run_published, prompts[:k], targets[:k]),
     ):
         with PeakMemory(lm.devices) as memory, Stopwatch(lm.devices) as clock:
             fn(ps, ts)
-        if method == "engine":
+        if implementation == "engine":
             flops = sum(count_flops(lambda i=i: fn(prompts[i : i + 1], targets[i : i + 1])) for i in range(m)) / m
         else:
             flops = sum(published_flops(prompts[i], targets[i]) for i in range(m)) / m
@@ -218,7 +218,7 @@ def benchmark(
         achieved = flops / 1e9 / per_prompt
         rows.append(
             BenchRow(
-                model=name, method=method, device=",".join(map(str, lm.devices)), precision=engine.precision,
+                model=name, implementation=implementation, device=",".join(map(str, lm.devices)), precision=engine.precision,
                 dtype=dtype_name(lm.dtype), n_steps=n_steps,
                 prompts=len(ps), mean_tokens=sum(tokens[: len(ps)]) / len(ps), seconds_per_prompt=per_prompt,
                 prompts_per_second=1 / per_prompt, peak_memory_mb=memory.mb, gflop_per_prompt=flops / 1e9,
@@ -230,16 +230,16 @@ def benchmark(
 
 
 def markdown_table(rows: list[BenchRow]) -> str:
-    """One line per (model, method); speed-up is the published method's s/prompt (same model,
+    """One line per (model, implementation); speed-up is the published method's s/prompt (same model,
     precision and weights) over this row's."""
-    head = ("| model | method | device | weights | precision | prompts | tokens | s/prompt | prompts/s | peak MB "
+    head = ("| model | implementation | device | weights | precision | prompts | tokens | s/prompt | prompts/s | peak MB "
             "| GFLOP/prompt | GFLOP/s | MFU | speed-up |")
     lines = [head, "|" + "---|" * 14]
     for r in rows:
-        base = next((o.seconds_per_prompt for o in rows if o.method == "published"
+        base = next((o.seconds_per_prompt for o in rows if o.implementation == "published"
                      and (o.model, o.precision, o.dtype) == (r.model, r.precision, r.dtype)), float("nan"))
         cells = [
-            r.model, r.method, r.device, r.dtype, r.precision, str(r.prompts), f"{r.mean_tokens:.1f}", f"{r.seconds_per_prompt:.3f}",
+            r.model, r.implementation, r.device, r.dtype, r.precision, str(r.prompts), f"{r.mean_tokens:.1f}", f"{r.seconds_per_prompt:.3f}",
             f"{r.prompts_per_second:.3f}", " ".join(f"{k}:{v:.0f}" for k, v in r.peak_memory_mb_by_device.items()), f"{r.gflop_per_prompt:.1f}", f"{r.achieved_gflops:.1f}",
             "-" if r.mfu is None else f"{100 * r.mfu:.1f}%", f"{base / r.seconds_per_prompt:.1f}x",
         ]

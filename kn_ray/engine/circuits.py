@@ -146,7 +146,7 @@ class EdgeAttributor(ModelRunner):
         *,
         corrupted_targets: Sequence[str] | None = None,
         n_steps: int = 5,
-        method: str = "gausslegendre",
+        rule: str = "gausslegendre",
         metric: str = "logprob",
         progress: Callable[[int], None] | None = None,
     ) -> list[EdgeAttribution]:
@@ -154,7 +154,7 @@ class EdgeAttributor(ModelRunner):
         (the corrupted facts' objects) are needed for metric="logit_diff"."""
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        alphas, weights = quadrature(n_steps, method)
+        alphas, weights = quadrature(n_steps, rule)
         items = self._pairs(prompts, targets, corrupted, corrupted_targets, metric)
         results: list[EdgeAttribution | None] = [None] * len(items[0])
         for i, reason in items[3].items():

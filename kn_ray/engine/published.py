@@ -19,14 +19,14 @@ from .model_runner import ModelRunner
 class PublishedAttributor(ModelRunner):
     """Per-layer integrated gradients with batch = n_steps and no reuse (slow on purpose)."""
 
-    def attribute_one(self, prompt: str, target: str, *, n_steps: int = 20, method: str = "left",
+    def attribute_one(self, prompt: str, target: str, *, n_steps: int = 20, rule: str = "left",
                       layers: list[int] | None = None) -> np.ndarray:
         """Scores [layers, neurons] for one prompt (same definition as Attributor); default all layers."""
         enc = self.encode(prompt, target)
         ids = torch.tensor([list(enc.prompt_ids) + list(enc.object_ids[:-1])], device=self.device)
         pos, gold = enc.target_index, torch.tensor(enc.object_ids, device=self.device)
         preds = pos + torch.arange(len(enc.object_ids), device=self.device)
-        alphas, weights = (t.float().to(self.device) for t in quadrature(n_steps, method))
+        alphas, weights = (t.float().to(self.device) for t in quadrature(n_steps, rule))
         scores = []
         for layer in range(self.lm.num_layers) if layers is None else layers:
             with torch.no_grad():

@@ -22,27 +22,27 @@ import torch
 from kn_ray.choices import AUTO, RULES  # noqa: F401 - n_steps="auto": adaptive steps
 
 
-def quadrature(n_steps: int, method: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
-    """(alphas, weights) of `method` with `n_steps` steps (nodes), float64; weights sum to 1."""
+def quadrature(n_steps: int, rule: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """(alphas, weights) of `rule` with `n_steps` steps (nodes), float64; weights sum to 1."""
     if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
         raise ValueError(f"n_steps must be an int >= 1, got {n_steps!r}")
     m = int(n_steps)
-    if method == "gausslegendre":
+    if rule == "gausslegendre":
         x, w = np.polynomial.legendre.leggauss(m)
         return torch.from_numpy((x + 1) / 2), torch.from_numpy(w / 2)
-    k = torch.arange(m + (method == "trapezoid"), dtype=torch.float64)
-    if method == "left":
+    k = torch.arange(m + (rule == "trapezoid"), dtype=torch.float64)
+    if rule == "left":
         alphas = k / m
-    elif method == "right":
+    elif rule == "right":
         alphas = (k + 1) / m
-    elif method == "midpoint":
+    elif rule == "midpoint":
         alphas = (k + 0.5) / m
-    elif method == "trapezoid":
+    elif rule == "trapezoid":
         alphas = k / m
     else:
-        raise ValueError(f"method must be one of {RULES}, got {method!r}")
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     weights = torch.full_like(alphas, 1.0 / m)
-    if method == "trapezoid":
+    if rule == "trapezoid":
         weights[0] = weights[-1] = 0.5 / m
     return alphas, weights
 

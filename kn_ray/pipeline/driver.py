@@ -85,8 +85,8 @@ def file_metadata(record: RunRecord) -> dict:
     ident = record.identity
     return dict(config_hash=record.config_hash, kn_ray_version=ident["kn_ray_version"], model=ident["model"],
                 model_revision=ident["model_info"]["revision"], precision=ident["model_info"]["precision"],
-                n_steps=ident["attribution"]["n_steps"], method=ident["attribution"]["method"], keep=ident["keep"],
-                **{k: v for k, v in ident["attribution"].items() if k not in ("n_steps", "method", "precision")})
+                n_steps=ident["attribution"]["n_steps"], rule=ident["attribution"]["rule"], keep=ident["keep"],
+                **{k: v for k, v in ident["attribution"].items() if k not in ("n_steps", "rule", "precision")})
 
 
 def run_pipeline(options: RunOptions, *, progress: bool = True) -> RunReport:

@@ -45,7 +45,7 @@ def run_shards(pool: ActorPool, shards: list[Shard], run: RunDirectory, run_hash
         meta = dict(metadata, shard=shard.shard_id, attempt=attempt)
         output = ShardOutput(run.uri, shard.name, attempt, meta) if workers_write else None
         o = options
-        return actor.compute.remote(shard.shard_id, list(shard.prompts), o.n_steps, o.method, o.keep, output,
+        return actor.compute.remote(shard.shard_id, list(shard.prompts), o.n_steps, o.rule, o.keep, output,
                                     **o.engine_extra()), (attempt, meta)
 
     def commit(shard: Shard, result: ShardResult, attempt: str, meta: dict) -> None:

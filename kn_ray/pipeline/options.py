@@ -85,7 +85,8 @@ class RunOptions:
     filters: Filters = option(factory=Filters, section="filters")
     n_steps: int | str = option(N_STEPS, "integration steps, or auto (adaptive, see --tolerance)", section="attribution",
                                 type=int_or_auto)
-    method: str = option(RULE, "quadrature rule (left with 20 steps: the paper's)", choices=RULES, section="attribution")
+    rule: str = option(RULE, "quadrature rule (left with 20 steps: the paper's)", choices=RULES, section="attribution",
+                       aliases=("--method",))
     tolerance: float = option(TOLERANCE, "--n-steps auto: completeness residual <= T x |P - P(layer at baseline)|",
                               section="attribution")
     nt_samples: int = option(0, "smooth: average over K noisy copies (0: off); --noise says what they perturb",
@@ -140,10 +141,10 @@ class RunOptions:
 
     def attribution(self) -> dict:
         """The options that change the scores (the run's identity records them)."""
-        return dict(n_steps=self.n_steps, method=self.method, precision=self.placement.precision, **self.engine_extra())
+        return dict(n_steps=self.n_steps, rule=self.rule, precision=self.placement.precision, **self.engine_extra())
 
     def engine_extra(self) -> dict:
-        """`Attributor.attribute` keywords beyond n_steps and method, only where they apply."""
+        """`Attributor.attribute` keywords beyond n_steps and rule, only where they apply."""
         if self.mode == "circuits":
             return dict(mode=self.mode, metric=self.metric, top_edges=self.top_edges,
                         faithfulness_random=self.faithfulness_random)

@@ -68,31 +68,31 @@ class ShardComputer:
                     dtype=self.dtype, device=str(lm.device),
                     devices=[str(d) for d in lm.devices])
 
-    def compute(self, shard_id: int, specs: list[PromptSpec], n_steps: int | str, method: str, keep: KeepPolicy,
+    def compute(self, shard_id: int, specs: list[PromptSpec], n_steps: int | str, rule: str, keep: KeepPolicy,
                 output: ShardOutput | None = None, mode: str = "neurons", **engine) -> ShardResult:
         """The parts written to `output`, or the tables without one. `engine`: further
         `Attributor.attribute` keywords (RunOptions.engine_extra); `mode="circuits"`: EAP-IG
         edges instead (`circuits`)."""
         faults.before_task(shard_id)
         if mode == "circuits":
-            tables = self.circuits(specs, n_steps, method, **engine)
+            tables = self.circuits(specs, n_steps, rule, **engine)
         else:
-            tables = self.neurons(specs, n_steps, method, keep, **engine)
+            tables = self.neurons(specs, n_steps, rule, keep, **engine)
         result = ShardResult(tables=tables) if output is None else ShardResult(parts=output.write(tables))
         faults.after_task()
         return result
 
-    def neurons(self, specs, n_steps, method, keep: KeepPolicy, **engine) -> dict[str, pa.Table]:
+    def neurons(self, specs, n_steps, rule, keep: KeepPolicy, **engine) -> dict[str, pa.Table]:
         todo = [i for i, spec in enumerate(specs) if spec.status is None]
         results: list = [None] * len(specs)
         if todo:
             computed = self.attributor.attribute([specs[i].prompt for i in todo], [specs[i].target for i in todo],
-                                                 n_steps=n_steps, method=method, **engine)
+                                                 n_steps=n_steps, rule=rule, **engine)
             for i, res in zip(todo, computed):
                 results[i] = res
         return shard_tables(specs, results, keep, self.lm.num_neurons)
 
-    def circuits(self, specs, n_steps, method, *, metric: str, top_edges: int, faithfulness_random: int) -> dict[str, pa.Table]:
+    def circuits(self, specs, n_steps, rule, *, metric: str, top_edges: int, faithfulness_random: int) -> dict[str, pa.Table]:
         """EAP-IG edges of every prompt against its corrupted partner (`corrupt`), and the
         faithfulness curve of its circuits."""
         from kn_ray.engine.circuits import EdgeAttribution, EdgeAttributor
@@ -113,7 +113,7 @@ class ShardComputer:
                     todo.append((i, partner, spec.target[: len(spec.target) - len(spec.target.lstrip())] + partner[2]))
         computed = eap.attribute_edges([specs[i].prompt for i, _, _ in todo], [specs[i].target for i, _, _ in todo],
                                        [p[1] for _, p, _ in todo], corrupted_targets=[t for _, _, t in todo],
-                                       n_steps=n_steps, method=method, metric=metric) if todo else []
+                                       n_steps=n_steps, rule=rule, metric=metric) if todo else []
         for (i, partner, other), res in zip(todo, computed):
             curve = faithfulness_curve(eap, res, n_random=faithfulness_random, corrupted_target=other) \
                 if res.ok and faithfulness_random else None
