@@ -15,6 +15,8 @@ import psutil
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from kn_ray.choices import N_STEPS
+
 from .attribution import Attributor
 from .loading import LoadedModel
 from .precision import dtype_name
@@ -161,7 +163,7 @@ def benchmark(
     prompts: list[str],
     targets: list[str],
     *,
-    n_steps: int = 20,
+    n_steps: int = N_STEPS,
     precision: str = "fp32",
     published_prompts: int = 2,
     name: str | None = None,

@@ -19,10 +19,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kn_ray.choices import AUTO, RULES  # noqa: F401 - n_steps="auto": adaptive steps
+from kn_ray.choices import AUTO, RULE, RULES  # noqa: F401 - AUTO: n_steps="auto", adaptive steps
 
 
-def quadrature(n_steps: int, rule: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+def quadrature(n_steps: int, rule: str = RULE) -> tuple[torch.Tensor, torch.Tensor]:
     """(alphas, weights) of `rule` with `n_steps` steps (nodes), float64; weights sum to 1."""
     if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
         raise ValueError(f"n_steps must be an int >= 1, got {n_steps!r}")
