@@ -1,7 +1,7 @@
 """`kn-ray attribute` without Ray: the same run directory, computed shard by shard in this process.
 
-For a machine so loaded that Ray's raylet misses its fixed 30 s start-up window (issue 18's
-corpus runs: load average ~30 on 2 cores). Takes `kn-ray attribute`'s flags; builds the same
+For a machine so loaded that Ray's raylet misses its fixed 30 s start-up window (the PARAREL
+corpus runs in RESULTS.md: load average ~30 on 2 cores). Takes `kn-ray attribute`'s flags; builds the same
 prompts, plan, run.json (config hash) and Parquet parts as the Ray pipeline (kn_ray.pipeline
 .driver), so `kn-ray aggregate / edit / report` read the result as any other run, and a re-run
 resumes. One model, one torch thread (`--cpus-per-worker`), no retries: a failing shard stops it.

@@ -1,4 +1,4 @@
-"""Which PARAREL relations does a model know? A forward-only probe (issue 18).
+"""Which PARAREL relations does a model know? A forward-only probe.
 
 For every relation: the facts `kn-ray attribute --max-facts-per-relation N --max-templates K`
 would take (the first N facts, their first K templates a causal LM can use), P(gold) and

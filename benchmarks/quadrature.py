@@ -1,4 +1,4 @@
-"""Score error against model evaluations for each quadrature rule (issue 11, part 1).
+"""Score error against model evaluations for each quadrature rule.
 
 For PARAREL prompts (causal templates), every rule's scores are compared with a 256-node
 Gauss-Legendre reference integral over the same layers:

@@ -1,4 +1,4 @@
-"""Knowledge neurons from 2 prompts, with and without smoothing, against those from all prompts (issues 11, 16).
+"""Knowledge neurons from 2 prompts, with and without smoothing, against those from all prompts.
 
 For PARAREL facts with >= 6 usable causal prompts (SmolLM2):
 

@@ -1,4 +1,4 @@
-"""NoiseGrad / FusionGrad: attribution averaged over models with noisy weights (issue 16)."""
+"""NoiseGrad / FusionGrad: attribution averaged over models with noisy weights."""
 
 from __future__ import annotations
 
