@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from kn_ray.choices import N_STEPS, NOISE, NOISED_WEIGHTS, RULE, RULES, STDEVS, TOLERANCE, WEIGHT_STDEVS
+from kn_ray.choices import AUTO, N_STEPS, NOISE, NOISED_WEIGHTS, RULE, RULES, STDEVS, TOLERANCE, WEIGHT_STDEVS
 from kn_ray.fields import check_choices, int_or_auto, option
 from kn_ray.placement import Placement
 
@@ -112,18 +112,15 @@ class RunOptions:
     report_facts: int = option(3, "facts whose top neurons are printed at the end")
 
     def check(self) -> "RunOptions":
-        from kn_ray.engine.noisegrad import check_noise
-        from kn_ray.engine.quadrature import AUTO
-
-        check_choices(self)
+        check_choices(self)  # rule, noise, noised_weights, mode, metric, the keep policy's and placement's
         self.placement.check()
         if self.n_steps != AUTO and (isinstance(self.n_steps, (bool, str)) or self.n_steps < 1):
             raise ValueError(f"n_steps must be >= 1 or 'auto', got {self.n_steps!r}")
         if not self.tolerance > 0:
             raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
-        if self.nt_samples < 0 or self.stdevs < 0:
-            raise ValueError(f"nt_samples and stdevs must be >= 0, got {self.nt_samples}, {self.stdevs}")
-        check_noise(self.noise, self.noised_weights, self.weight_stdevs)
+        if self.nt_samples < 0 or self.stdevs < 0 or not self.weight_stdevs >= 0:
+            raise ValueError(f"nt_samples, stdevs and weight_stdevs must be >= 0, got {self.nt_samples}, {self.stdevs}, "
+                             f"{self.weight_stdevs}")
         if self.mode == "circuits" and (self.n_steps == AUTO or self.nt_samples):
             raise ValueError("circuits take a fixed n_steps and no smoothing")
         if self.top_edges < 1 or self.faithfulness_random < 0:
