@@ -118,9 +118,10 @@ class RunOptions:
             raise ValueError(f"n_steps must be >= 1 or 'auto', got {self.n_steps!r}")
         if not self.tolerance > 0:
             raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
-        if self.nt_samples < 0 or self.stdevs < 0 or not self.weight_stdevs >= 0:
-            raise ValueError(f"nt_samples, stdevs and weight_stdevs must be >= 0, got {self.nt_samples}, {self.stdevs}, "
-                             f"{self.weight_stdevs}")
+        if self.nt_samples < 0 or self.stdevs < 0:
+            raise ValueError(f"nt_samples and stdevs must be >= 0, got {self.nt_samples}, {self.stdevs}")
+        if not self.weight_stdevs >= 0:
+            raise ValueError(f"weight_stdevs must be >= 0, got {self.weight_stdevs}")
         if self.mode == "circuits" and (self.n_steps == AUTO or self.nt_samples):
             raise ValueError("circuits take a fixed n_steps and no smoothing")
         if self.top_edges < 1 or self.faithfulness_random < 0:
