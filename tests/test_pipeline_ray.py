@@ -41,7 +41,9 @@ def world(tmp_path_factory):
 
 def options(world, out: Path, model="bert", workers=1, facts=None, **kw) -> RunOptions:
     kw = {"n_steps": N_STEPS, "shard_size": 10, **kw}
-    return RunOptions(Placement(str(world[model])), facts=str(facts or world["data"]), output=str(out),
+    # fp32 compute: `auto` is bf16 on CPUs with native bf16 (AVX512-BF16, AMX), whose rounding
+    # depends on the batch composition, which differs between the pipeline and a direct call
+    return RunOptions(Placement(str(world[model]), precision="fp32"), facts=str(facts or world["data"]), output=str(out),
                       resources=Resources(workers=workers, **kw.pop("res", {})), **kw)
 
 
@@ -77,13 +79,12 @@ def planned_ids(world, masked=True) -> set[str]:
     return {p.prompt_id for p in build_prompts(read_facts(world["data"]), masked=masked).prompts}
 
 
-# not in the numerics matrix: under 2 threads + avx512 + 7-token batches in-process it differed by
-# 4.7e-4 of the scale (beyond rounding; under investigation), see the closing note of this session
+@pytest.mark.numerics
 def test_results_equal_the_engine_run_directly(world, reference):
     """Every prompt once; status, probabilities and kept neurons as the engine computes them."""
     specs = build_prompts(read_facts(world["data"]), masked=True).prompts
     assert_each_prompt_once(reference, {s.prompt_id for s in specs})
-    direct = Attributor(load_model(str(world["bert"]), device="cpu")).attribute(
+    direct = Attributor(load_model(str(world["bert"]), device="cpu"), precision="fp32").attribute(
         [s.prompt for s in specs], [s.target for s in specs], n_steps=N_STEPS)
     got = frames(reference)
     prompts = got["prompts"].set_index("prompt_id")
@@ -187,7 +188,7 @@ def test_killed_driver_resumes_without_touching_finished_shards(world, reference
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "kn_ray.interfaces.cli", "attribute", "--model", str(world["bert"]),
            "--facts", str(world["data"]), "--output", str(out), "--n-steps", str(N_STEPS), "--shard-size", "10",
-           "--workers", "1", "--no-progress"]
+           "--precision", "fp32", "--workers", "1", "--no-progress"]
     env = dict(os.environ, RAY_ADDRESS=ray_local, **{FAULTS: "delay=1.5"})
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -216,9 +217,9 @@ def test_auto_steps_reach_the_engine_through_ray(world, ray_local, tmp_path):
     kw = dict(n_steps="auto", tolerance=0.005)
     out = tmp_path / "auto"
     assert run_pipeline(options(world, out, model="llama", **kw), progress=False).ok
-    assert json.loads((out / "run.json").read_text())["identity"]["attribution"] == dict(kw, rule="left", precision="auto")
+    assert json.loads((out / "run.json").read_text())["identity"]["attribution"] == dict(kw, rule="left", precision="fp32")
     prompts = frames(out)["prompts"].set_index("prompt_id")
-    direct = Attributor(load_model(str(world["llama"]), device="cpu")).attribute(
+    direct = Attributor(load_model(str(world["llama"]), device="cpu"), precision="fp32").attribute(
         [s.prompt for s in specs], [s.target for s in specs], **kw)
     assert all(res.ok for res in direct)
     for spec, res in zip(specs, direct):

@@ -47,7 +47,7 @@ def world(tmp_path_factory):
 
 
 def options(world, output: str, facts: str | None = None, workers: int = 1) -> RunOptions:
-    return RunOptions(Placement(str(world["model"])), facts=facts or str(world["facts"]), output=output,
+    return RunOptions(Placement(str(world["model"]), precision="fp32"), facts=facts or str(world["facts"]), output=output,
                       n_steps=N_STEPS, shard_size=3, resources=Resources(workers=workers))
 
 
@@ -118,7 +118,7 @@ def test_killed_driver_resumes_on_s3_without_rewriting_finished_parts(world, loc
     run = RunDirectory(uri)
     cmd = [sys.executable, "-m", "kn_ray.interfaces.cli", "attribute", "--model", str(world["model"]),
            "--facts", str(world["facts"]), "--output", uri, "--n-steps", str(N_STEPS), "--shard-size", "3",
-           "--workers", "1", "--no-progress"]
+           "--precision", "fp32", "--workers", "1", "--no-progress"]
     env = dict(os.environ, RAY_ADDRESS=ray_local, **{FAULTS: "delay=1.0"})
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
