@@ -3,10 +3,15 @@
 The straightforward implementation does what the published EAP-IG code does: one prompt at a
 time; for each interpolation point one full forward (logits at every position) and backward;
 at every point the [senders, T, d] x [receivers, T, d] dot products are taken and added to the
-scores. Its receivers get their own residual copies the same way (TransformerLens's split
-q/k/v inputs cost the same). Both run in fp32 and give the same scores (checked here).
+scores; by default the published rule (`left`: alpha = k/m, k < m) with m = 5. Its receivers
+get their own residual copies the same way (TransformerLens's split q/k/v inputs cost the
+same), and its logits column the same straight-line gradient. `--check` first runs the engine
+with the same rule: both give the same scores (the checksums). The engine then runs its own rule
+(`--engine-steps`, `--engine-method`); each line reports, per prompt, the residuals relative to
+the change: at the logits and along the embedding path (the one that says how many nodes the
+integral needs).
 
-    flock /tmp/kn-bench.lock python benchmarks/circuits_bench.py --model smollm2 --prompts 6
+    flock /tmp/kn-bench.lock python benchmarks/circuits_bench.py --model smollm2 --prompts 4 --check --engine-steps 3
     flock /tmp/kn-bench.lock python benchmarks/circuits_bench.py --model llama3.2-1b-random --prompts 2
 
 Each (model, implementation) runs in its own process for its peak RSS; the two alternate
@@ -44,36 +49,48 @@ def load(name):
     return load_model(name)
 
 
-def straightforward(eap, prompt, corrupted, target, n_steps):
-    """One prompt, one full forward/backward per point, scores accumulated at every point."""
-    from kn_ray.engine.circuits import _slices
+def straightforward(eap, prompt, corrupted, target, n_steps, method):
+    """One prompt, one full forward/backward per point, scores accumulated at every point. Returns
+    (scores [U, V], |edges into logits - change|, |embedding-path sum out of input - change|)."""
+    from kn_ray.engine.circuits import _by_group
     from kn_ray.engine.quadrature import quadrature
     from kn_ray.engine.receivers import split_receivers
 
-    alphas, weights = quadrature(n_steps, "gausslegendre")
+    alphas, weights = quadrature(n_steps, method)
     pair = eap._collate_pair([(eap.encode(prompt, target), eap.encode(corrupted, target), 0)])
     clean = eap._run_senders(pair.clean, pair, "logprob")
     corr = eap._run_senders(pair.corrupted, pair, "logprob")
-    delta = clean[0][0] - corr[0][0]  # [U, T, d]
-    ids = pair.clean.input_ids
-    K = pair.clean.gold_ids.shape[1]
+    delta = clean.outputs[0] - corr.outputs[0]  # [U, T, d]
+    ids, pos, gold = pair.clean.input_ids, pair.clean.pred_cols[0], pair.clean.gold_ids[0][:, None]
+    H, L, (T, d) = eap.heads, eap.lm.num_layers, delta.shape[1:]
     scores = torch.zeros(eap.graph.num_senders, eap.graph.num_receivers)
-    emb = eap.model.get_input_embeddings()
+    input_sum = 0.0
+    emb, head = eap.model.get_input_embeddings(), eap.adapter.head_module(eap.model)
     for alpha, w in zip(alphas.tolist(), weights.tolist()):
-        mixed = corr[1] + alpha * (clean[1] - corr[1])
-        eps = torch.zeros(1, ids.shape[1], eap.graph.num_receivers, delta.shape[-1], requires_grad=True)
+        mixed = corr.embeds + alpha * (clean.embeds - corr.embeds)
+        leaves = [torch.zeros((1, T, H, d) if i % 2 == 0 and i < 2 * L else (1, T, d), requires_grad=True)
+                  for i in range(2 * L + 1)]
         handle = emb.register_forward_hook(lambda _m, _a, out: mixed)
         try:
-            with split_receivers(eap.model, eap.adapter, _slices(eps, eap.heads, eap.lm.num_layers)):
+            with split_receivers(eap.model, eap.adapter, _by_group(leaves)):
                 logits = eap.model(input_ids=ids).logits[0]  # every position
-                pos = pair.clean.pred_cols[0]
-                logp = logits[pos].log_softmax(-1).gather(1, pair.clean.gold_ids[0][:, None])[:, 0]
-                (grad,) = torch.autograd.grad(logp.sum(), eps)
+                logp = logits[pos].log_softmax(-1).gather(1, gold)[:, 0]
+                grads = torch.autograd.grad(logp.sum(), leaves)
         finally:
             handle.remove()
-        scores += w * torch.einsum("utd,tvd->uv", delta, grad[0])
-    del K
-    return scores * torch.from_numpy(eap.graph.valid)
+        grad = torch.cat([g if g.dim() == 4 else g.unsqueeze(2) for g in grads], 2)[0]  # [T, V, d]
+        input_sum += w * float(torch.einsum("td,tvd,v->", delta[0], grad, torch.from_numpy(eap.graph.valid[0]).float()))
+        # the logits: along the straight line at the final residual (predicting positions)
+        x = (corr.final + alpha * (clean.final - corr.final)).requires_grad_(True)
+        with torch.enable_grad():
+            line = head(eap._final_norm(x))[0].log_softmax(-1).gather(1, gold)[:, 0]
+            (g_line,) = torch.autograd.grad(line.sum(), x)
+        grad[:, -1] = 0
+        grad[pos, -1] = g_line[0]
+        scores += w * torch.einsum("utd,tvd->uv", delta, grad)
+    scores *= torch.from_numpy(eap.graph.valid)
+    change = float(clean.metric[0] - corr.metric[0])
+    return scores, abs(float(scores[:, -1].sum()) - change), abs(input_sum - change), change
 
 
 def worker(args):
@@ -86,32 +103,46 @@ def worker(args):
     start = time.perf_counter()
     if args.impl == "engine":
         results = eap.attribute_edges([p for p, _, _ in pairs], [t for _, _, t in pairs], [c for _, c, _ in pairs],
-                                      n_steps=args.n_steps)
-        scores = [r.scores for r in results]
+                                      n_steps=args.n_steps, method=args.method)
+        rows = [(r.scores, r.completeness, r.input_residual, r.change) for r in results]
     else:
-        scores = [straightforward(eap, p, c, t, args.n_steps).numpy() for p, c, t in pairs]
+        rows = [straightforward(eap, p, c, t, args.n_steps, args.method) for p, c, t in pairs]
     seconds = time.perf_counter() - start
-    print(json.dumps(dict(model=args.model, impl=args.impl, prompts=len(pairs), seconds=seconds,
-                          s_per_prompt=seconds / len(pairs), peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                          checksum=float(sum(np.abs(s).sum() for s in scores)), edges=eap.graph.num_edges)))
+    rows = [(np.asarray(s), c, i, ch) for s, c, i, ch in rows]
+    print(json.dumps(dict(model=args.model, impl=args.impl, rule=f"{args.method} {args.n_steps}", prompts=len(pairs),
+                          seconds=seconds, s_per_prompt=seconds / len(pairs),
+                          peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                          checksum=float(sum(np.abs(s).sum() for s, *_ in rows)), edges=eap.graph.num_edges,
+                          logits_residual=[round(c / abs(ch), 6) for _, c, _, ch in rows],
+                          input_residual=[round(i / abs(ch), 4) for _, _, i, ch in rows])))
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--prompts", type=int, default=6)
-    ap.add_argument("--n-steps", type=int, default=5)
+    ap.add_argument("--n-steps", type=int, default=5, help="the straightforward implementation's points")
+    ap.add_argument("--method", default="left", help="its rule (left: the published code's)")
+    ap.add_argument("--engine-steps", type=int, default=None, help="the engine's points (default: --n-steps)")
+    ap.add_argument("--engine-method", default="gausslegendre")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--impl", choices=("engine", "straightforward"))
+    ap.add_argument("--check", action="store_true", help="first the engine with the straightforward rule: same scores")
     args = ap.parse_args()
     if args.impl:
         return worker(args)
+
+    def run(impl, n_steps, method):
+        cmd = [sys.executable, __file__, "--model", args.model, "--prompts", str(args.prompts),
+               "--n-steps", str(n_steps), "--method", method, "--impl", impl]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        print(out, flush=True)
+
+    if args.check:
+        run("engine", args.n_steps, args.method)
     for _ in range(args.rounds):
-        for impl in ("engine", "straightforward"):
-            cmd = [sys.executable, __file__, "--model", args.model, "--prompts", str(args.prompts),
-                   "--n-steps", str(args.n_steps), "--impl", impl]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            print(out, flush=True)
+        run("engine", args.engine_steps or args.n_steps, args.engine_method)
+        run("straightforward", args.n_steps, args.method)
 
 
 if __name__ == "__main__":

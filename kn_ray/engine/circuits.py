@@ -320,19 +320,22 @@ class EdgeAttributor(ModelRunner):
         """One forward/backward over rows (prompt, alpha): dM/d(input_v) as [R, T, V, d]."""
         R, (T, d) = len(pi), e_clean.shape[1:]
         H, L = self.heads, self.lm.num_layers
-        eps = torch.zeros(R, T, self.graph.num_receivers, d, device=self.device, requires_grad=True)
+        # one zero leaf per receiver group: slices of one [R, T, V, d] leaf would each backpropagate
+        # into a zero tensor of the full size (2 L + 1 of them per pass)
+        leaves = [torch.zeros((R, T, H, d) if i % 2 == 0 and i < 2 * L else (R, T, d), device=self.device,
+                              requires_grad=True) for i in range(2 * L + 1)]
         mixed = e_corr[pi] + alpha[:, None, None].to(e_clean.dtype) * (e_clean[pi] - e_corr[pi])
         handle = self.model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: mixed.to(out.dtype))
         try:
             with torch.enable_grad(), autocast(self.precision, self.device), \
-                    split_receivers(self.model, self.adapter, _slices(eps, H, L)), \
+                    split_receivers(self.model, self.adapter, _by_group(leaves)), \
                     gather_head_input(self.model, self.adapter, pair.clean.pred_cols[pi]):
                 logits = self.model(**self._inputs(pair.clean, pi)).logits.to(self.device)
                 values = self._metric(logits, pair, pi, metric)
-                (grad,) = torch.autograd.grad(values.sum(), eps)
+                grads = torch.autograd.grad(values.sum(), leaves)
         finally:
             handle.remove()
-        return grad.float()
+        return torch.cat([g if g.dim() == 4 else g.unsqueeze(2) for g in grads], 2).float()
 
     # ---- patching -----------------------------------------------------------------------
     @torch.no_grad()
@@ -364,22 +367,30 @@ class EdgeAttributor(ModelRunner):
 
         rows = torch.zeros(R, dtype=torch.long, device=self.device)
         with autocast(self.precision, self.device), record_senders(self.model, self.adapter, sink), \
-                split_receivers(self.model, self.adapter, _slices(correction, H, L)), \
+                split_receivers(self.model, self.adapter, _by_group(_groups(correction, H, L))), \
                 gather_head_input(self.model, self.adapter, pair.clean.pred_cols[rows]):
             logits = self.model(**self._inputs(pair.clean, rows)).logits.to(self.device)
         return self._metric(logits, pair, rows, metric)
 
 
-def _slices(per_receiver: torch.Tensor, heads: int, layers: int):
-    """extra(kind, layer) for `split_receivers` from a [R, T, receivers, d] tensor."""
+def _by_group(parts: list[torch.Tensor]):
+    """extra(kind, layer) for `split_receivers` from one tensor per receiver group, in the
+    graph's order: layer l's heads [R, T, heads, d] at 2 l, its MLP [R, T, d] at 2 l + 1, the
+    logits [R, T, d] last."""
 
     def extra(kind, layer):
-        base = layer * (heads + 1)
-        if kind == "heads":
-            return per_receiver[:, :, base: base + heads]
-        return per_receiver[:, :, base + heads] if kind == "mlp" else per_receiver[:, :, -1]
+        return parts[2 * layer] if kind == "heads" else parts[2 * layer + 1] if kind == "mlp" else parts[-1]
 
     return extra
+
+
+def _groups(per_receiver: torch.Tensor, heads: int, layers: int) -> list[torch.Tensor]:
+    """A [R, T, receivers, d] tensor as `_by_group`'s parts (views)."""
+    parts = []
+    for layer in range(layers):
+        base = layer * (heads + 1)
+        parts += [per_receiver[:, :, base: base + heads], per_receiver[:, :, base + heads]]
+    return parts + [per_receiver[:, :, -1]]
 
 
 def _batches(ready, size):
