@@ -285,16 +285,6 @@ class Attributor(ModelRunner):
             kv = [(lay.keys[:, :, :sc], lay.values[:, :, :sc]) for lay in out.past_key_values.layers]
         return _Clean(gold, top_ids, top_prob, hidden_in, acts, kv)
 
-    def _full_cache(self) -> dict:
-        """Causal LMs: a cache that keeps every position of every layer. A sliding-window layer's
-        own cache keeps only the last window - 1 keys, but the scaled rows need the whole prefix
-        (`_prefix_cache` hands it to a cache that applies the window again)."""
-        if self.adapter.masked:
-            return dict(use_cache=False)
-        from transformers import DynamicCache
-
-        return dict(past_key_values=DynamicCache(), use_cache=True)
-
     # ---- one layer ----------------------------------------------------------------------
     def _integrate(self, batch, clean, layer, alphas, weights, zero_step, baseline):
         """sum_k w_k dP/dx(alpha_k) [B, F] (weights [A, K]: [B, K, F]) for every prompt of the batch at
@@ -380,14 +370,6 @@ class Attributor(ModelRunner):
             prob = gold_prob(logits, batch.gold_ids[pi], batch.gold_valid[pi])
             (grad,) = torch.autograd.grad(prob.sum(), x)
         return grad.float(), prob.detach()
-
-    def _prefix_cache(self, kv, pi, layer):
-        """A fresh cache holding the clean prefix for the rows `pi` (layers below `layer` are never read)."""
-        from transformers import DynamicCache
-
-        data = [(k[pi.to(k.device)], v[pi.to(v.device)]) if i >= layer else (k[:1], v[:1]) for i, (k, v) in enumerate(kv)]
-        return DynamicCache(ddp_cache_data=data, config=self.model.config)
-
 
 def _layer_rows(layer, n: int) -> dict[int, torch.Tensor]:
     """{layer: host indices of its rows} for `_rows`' `layer` (one int for all n rows, or one per row)."""

@@ -110,6 +110,7 @@ class _Run:
     final: torch.Tensor
     metric: torch.Tensor
     gold: torch.Tensor
+    kv: list | None = None  # (clean runs) per layer keys/values [B, kv heads, T, head_dim]
 
 
 @dataclass
@@ -224,19 +225,19 @@ class EdgeAttributor(ModelRunner):
 
     def _batch(self, encs, alphas, weights, metric) -> list[dict]:
         pair = self._collate_pair(encs)
-        clean = self._run_senders(pair.clean, pair, metric)
+        clean = self._run_senders(pair.clean, pair, metric, keep_cache=True)
         corr = self._run_senders(pair.corrupted, pair, metric)
         alphas, weights = alphas.float().to(self.device), weights.float().to(self.device)
         real = pair.clean.attention_mask[:, None, :, None].to(clean.outputs.dtype)
         delta = (clean.outputs - corr.outputs) * real  # [B, U, T, d]
-        grads = self._integrate(pair, clean.embeds, corr.embeds, alphas, weights, metric) * real
+        grads = self._integrate(pair, clean, corr.embeds, alphas, weights, metric)  # [B, T, V, d]
         change = clean.metric - corr.metric
         valid = self._valid.to(grads.dtype)
-        input_residual = (torch.einsum("btd,bvtd,v->b", delta[:, 0], grads, valid[0]) - change).abs()
-        grads[:, -1] = 0  # the logits: along the straight line at their own input instead
+        input_residual = (torch.einsum("btd,btvd,v->b", delta[:, 0], grads, valid[0]) - change).abs()
+        grads[:, :, -1] = 0  # the logits: along the straight line at their own input instead
         cols = pair.clean.pred_cols[:, :, None].expand(-1, -1, grads.shape[-1])
-        grads[:, -1].scatter_(1, cols, self._final_line(pair, clean.final, corr.final, alphas, weights, metric))
-        scores = torch.einsum("butd,bvtd->buv", delta, grads) * valid
+        grads[:, :, -1].scatter_(1, cols, self._final_line(pair, clean.final, corr.final, alphas, weights, metric))
+        scores = torch.einsum("butd,btvd->buv", delta, grads) * valid
         completeness = (scores[:, :, -1].sum(-1) - change).abs()
         scores, completeness, input_residual, m_clean, m_corr, gold = (
             t.cpu() for t in (scores, completeness, input_residual, clean.metric, corr.metric, clean.gold))
@@ -246,7 +247,7 @@ class EdgeAttributor(ModelRunner):
                 for b in range(pair.clean.size)]
 
     @torch.no_grad()
-    def _run_senders(self, batch: Batch, pair: _Pair, metric: str) -> _Run:
+    def _run_senders(self, batch: Batch, pair: _Pair, metric: str, keep_cache: bool = False) -> _Run:
         outputs: list[torch.Tensor] = []
         embeds: list[torch.Tensor] = []
         final: list[torch.Tensor] = []
@@ -264,13 +265,15 @@ class EdgeAttributor(ModelRunner):
         try:
             with autocast(self.precision, self.device), record_senders(self.model, self.adapter, sink), \
                     gather_head_input(self.model, self.adapter, batch.pred_cols):
-                logits = self.model(**self._inputs(batch, rows)).logits.to(self.device)
+                out = self.model(**self._inputs(batch, rows), **(self._full_cache() if keep_cache else {}))
         finally:
             for handle in handles:
                 handle.remove()
+        logits = out.logits.to(self.device)
+        kv = [(lay.keys, lay.values) for lay in out.past_key_values.layers] if keep_cache else None
         gold = self._metric(logits, pair, rows, "logprob").exp()
         return _Run(torch.cat(outputs, -2).transpose(1, 2), embeds[0], final[0].to(self.device),
-                    self._metric(logits, pair, rows, metric), gold)
+                    self._metric(logits, pair, rows, metric), gold, kv)
 
     def _final_line(self, pair, r_clean, r_corr, alphas, weights, metric) -> torch.Tensor:
         """sum_k w_k dM/dR at R = R(corrupted) + alpha_k (R(clean) - R(corrupted)), R the final
@@ -294,43 +297,55 @@ class EdgeAttributor(ModelRunner):
         return (logp * pair.clean.gold_valid[rows]).sum(-1)
 
     # ---- gradients ----------------------------------------------------------------------
-    def _integrate(self, pair, e_clean, e_corr, alphas, weights, metric) -> torch.Tensor:
-        """sum_k w_k dM/d(input_v) for every receiver v: [B, V, T, d] fp32."""
-        B, A, T = pair.clean.size, len(alphas), pair.clean.input_ids.shape[1]
-        H, V, d = self.heads, self.graph.num_receivers, e_clean.shape[-1]
-        prompt_of = torch.arange(B, device=self.device).repeat_interleave(A)
-        step_of = torch.arange(A, device=self.device).repeat(B)
-        grads = torch.zeros(B, V, T, d, device=self.device)
-        lo = 0
-        while lo < len(prompt_of):
-            n_rows = max(1, self.max_batch_tokens // (T * max(1, H // 2)))
-            pi, si = prompt_of[lo: lo + n_rows], step_of[lo: lo + n_rows]
-            try:
-                g = self._rows(pair, pi, alphas[si], e_clean, e_corr, metric)
-            except Exception as error:  # noqa: BLE001
-                if not is_oom(error) or n_rows == 1:
-                    raise
-                self._back_off()
-                continue
-            grads.index_add_(0, pi, g.transpose(1, 2) * weights[si][:, None, None, None])
-            lo += len(pi)
-        return grads
+    def _integrate(self, pair, clean: _Run, e_corr, alphas, weights, metric) -> torch.Tensor:
+        """sum_k w_k dM/d(input_v) for every receiver v: [B, T, V, d] fp32, zero where a prompt's
+        clean and corrupted tokens have not differed yet.
 
-    def _rows(self, pair, pi, alpha, e_clean, e_corr, metric) -> torch.Tensor:
-        """One forward/backward over rows (prompt, alpha): dM/d(input_v) as [R, T, V, d]."""
-        R, (T, d) = len(pi), e_clean.shape[1:]
+        Those columns (the template before the subject) are the same on the whole path, so
+        their keys and values come from the clean run's cache and every sender's difference is
+        zero there: rows start at the prompt's first differing column (prompts that start at
+        the same column share passes)."""
+        B, A, T = pair.clean.size, len(alphas), pair.clean.input_ids.shape[1]
+        H, V, d = self.heads, self.graph.num_receivers, clean.embeds.shape[-1]
+        grads = torch.zeros(B, T, V, d, device=self.device)
+        for start, prompts in _start_groups(pair).items():
+            prompt_of = prompts.repeat_interleave(A)
+            step_of = torch.arange(A, device=self.device).repeat(len(prompts))
+            lo = 0
+            while lo < len(prompt_of):
+                n_rows = max(1, self.max_batch_tokens // ((T - start) * max(1, H // 2)))
+                pi, si = prompt_of[lo: lo + n_rows], step_of[lo: lo + n_rows]
+                try:
+                    g = self._rows(pair, pi, alphas[si], clean, e_corr, metric, start)
+                except Exception as error:  # noqa: BLE001
+                    if not is_oom(error) or n_rows == 1:
+                        raise
+                    self._back_off()
+                    continue
+                grads[:, start:].index_add_(0, pi, g * weights[si][:, None, None, None])
+                lo += len(pi)
+        return grads * pair.clean.attention_mask[:, :, None, None]
+
+    def _rows(self, pair, pi, alpha, clean: _Run, e_corr, metric, start: int) -> torch.Tensor:
+        """One forward/backward over rows (prompt, alpha) from column `start`: dM/d(input_v) as [R, T - start, V, d]."""
+        e_clean = clean.embeds
+        R, T, d = len(pi), e_clean.shape[1] - start, e_clean.shape[-1]
         H, L = self.heads, self.lm.num_layers
         # one zero leaf per receiver group: slices of one [R, T, V, d] leaf would each backpropagate
         # into a zero tensor of the full size (2 L + 1 of them per pass)
         leaves = [torch.zeros((R, T, H, d) if i % 2 == 0 and i < 2 * L else (R, T, d), device=self.device,
                               requires_grad=True) for i in range(2 * L + 1)]
-        mixed = e_corr[pi] + alpha[:, None, None].to(e_clean.dtype) * (e_clean[pi] - e_corr[pi])
+        mixed = e_corr[pi, start:] + alpha[:, None, None].to(e_clean.dtype) * (e_clean[pi, start:] - e_corr[pi, start:])
+        inputs = self._inputs(pair.clean, pi, start)
+        if start:
+            prefix = [(k[:, :, :start], v[:, :, :start]) for k, v in clean.kv]
+            inputs.update(past_key_values=self._prefix_cache(prefix, pi, repeat=H // prefix[0][0].shape[1]), use_cache=True)
         handle = self.model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: mixed.to(out.dtype))
         try:
             with torch.enable_grad(), autocast(self.precision, self.device), \
                     split_receivers(self.model, self.adapter, _by_group(leaves)), \
-                    gather_head_input(self.model, self.adapter, pair.clean.pred_cols[pi]):
-                logits = self.model(**self._inputs(pair.clean, pi)).logits.to(self.device)
+                    gather_head_input(self.model, self.adapter, pair.clean.pred_cols[pi] - start):
+                logits = self.model(**inputs).logits.to(self.device)
                 values = self._metric(logits, pair, pi, metric)
                 grads = torch.autograd.grad(values.sum(), leaves)
         finally:
@@ -391,6 +406,15 @@ def _groups(per_receiver: torch.Tensor, heads: int, layers: int) -> list[torch.T
         base = layer * (heads + 1)
         parts += [per_receiver[:, :, base: base + heads], per_receiver[:, :, base + heads]]
     return parts + [per_receiver[:, :, -1]]
+
+
+def _start_groups(pair: _Pair) -> dict[int, torch.Tensor]:
+    """{column: the prompts whose clean and corrupted tokens first differ there} (at most the
+    first predicting column)."""
+    same = pair.clean.input_ids == pair.corrupted.input_ids
+    first = torch.where(same.all(1), same.shape[1], (~same).int().argmax(1))
+    first = torch.minimum(first, pair.clean.pred_cols[:, 0])
+    return {int(c): (first == c).nonzero()[:, 0] for c in first.unique()}
 
 
 def _batches(ready, size):

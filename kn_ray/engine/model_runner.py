@@ -64,6 +64,28 @@ class ModelRunner:
             inputs["position_ids"] = batch.position_ids[rows, start:]
         return inputs
 
+    def _full_cache(self) -> dict:
+        """Causal LMs: a cache that keeps every position of every layer. A sliding-window layer's
+        own cache keeps only the last window - 1 keys, but the scaled rows need the whole prefix
+        (`_prefix_cache` hands it to a cache that applies the window again)."""
+        if self.adapter.masked:
+            return dict(use_cache=False)
+        from transformers import DynamicCache
+
+        return dict(past_key_values=DynamicCache(), use_cache=True)
+
+    def _prefix_cache(self, kv, pi, layer=0, repeat: int = 1):
+        """A fresh cache holding the clean prefix for the rows `pi` (layers below `layer` are never
+        read); `repeat` > 1 repeats grouped-query keys/values per query head."""
+        from transformers import DynamicCache
+
+        def rows(t):
+            t = t[pi.to(t.device)]
+            return t if repeat == 1 else t.repeat_interleave(repeat, dim=1)
+
+        data = [(rows(k), rows(v)) if i >= layer else (k[:1], v[:1]) for i, (k, v) in enumerate(kv)]
+        return DynamicCache(ddp_cache_data=data, config=self.model.config)
+
     def token_texts(self, ids: list[int]) -> list[str]:
         """Readable text of each token id; ids past the tokenizer's vocabulary (padded embedding
         tables) read as `<id N>` instead of failing."""
