@@ -95,22 +95,23 @@ def straightforward(eap, prompt, corrupted, target, n_steps, method):
 
 def worker(args):
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     from kn_ray.engine.circuits import EdgeAttributor
 
     lm = load(args.model)
     eap = EdgeAttributor(lm, precision="fp32")
     pairs = [p for p in PAIRS if len(lm.tokenizer(p[0])["input_ids"]) == len(lm.tokenizer(p[1])["input_ids"])][: args.prompts]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     if args.impl == "engine":
         results = eap.attribute_edges([p for p, _, _ in pairs], [t for _, _, t in pairs], [c for _, c, _ in pairs],
                                       n_steps=args.n_steps, method=args.method)
         rows = [(r.scores, r.completeness, r.input_residual, r.change) for r in results]
     else:
         rows = [straightforward(eap, p, c, t, args.n_steps, args.method) for p, c, t in pairs]
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     rows = [(np.asarray(s), c, i, ch) for s, c, i, ch in rows]
     print(json.dumps(dict(model=args.model, impl=args.impl, rule=f"{args.method} {args.n_steps}", prompts=len(pairs),
-                          seconds=seconds, s_per_prompt=seconds / len(pairs),
+                          seconds=seconds, s_per_prompt=seconds / len(pairs), cpu_s_per_prompt=cpu / len(pairs),
                           peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                           checksum=float(sum(np.abs(s).sum() for s, *_ in rows)), edges=eap.graph.num_edges,
                           logits_residual=[round(c / abs(ch), 6) for _, c, _, ch in rows],
@@ -126,6 +127,8 @@ def main():
     ap.add_argument("--engine-steps", type=int, default=None, help="the engine's points (default: --n-steps)")
     ap.add_argument("--engine-method", default="gausslegendre")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; 1 on a shared machine, where two threads spin at every barrier")
     ap.add_argument("--impl", choices=("engine", "straightforward"))
     ap.add_argument("--check", action="store_true", help="first the engine with the straightforward rule: same scores")
     args = ap.parse_args()
@@ -134,7 +137,7 @@ def main():
 
     def run(impl, n_steps, method):
         cmd = [sys.executable, __file__, "--model", args.model, "--prompts", str(args.prompts),
-               "--n-steps", str(n_steps), "--method", method, "--impl", impl]
+               "--n-steps", str(n_steps), "--method", method, "--impl", impl, "--threads", str(args.threads)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         print(out, flush=True)
 

@@ -45,14 +45,19 @@ class _PerHeadProjection(nn.Module):
         self.proj, self.normed, self.layer, self.shared = proj, normed, layer, shared
         self.columns = columns  # [heads, c]
         self.inverse = None if shared else torch.argsort(columns.flatten())
+        self.per_head = None
 
     def forward(self, _hidden):
         n_rep = self.normed[self.layer]  # [.., heads, d]
-        weight = value_matrix(self.proj)  # [out, in] for Linear and Conv1D alike
-        cols = self.columns.to(weight.device)
-        y = torch.einsum("...hd,hcd->...hc", n_rep, weight[cols])
-        if self.proj.bias is not None:
-            y = y + self.proj.bias[cols]
+        if self.per_head is None:  # gathered once per context (the weights do not change inside it)
+            weight = value_matrix(self.proj)  # [out, in] for Linear and Conv1D alike
+            cols = self.columns.to(weight.device)
+            bias = None if self.proj.bias is None else self.proj.bias[cols]
+            self.per_head = (weight[cols], bias)
+        weight, bias = self.per_head
+        y = torch.einsum("...hd,hcd->...hc", n_rep, weight)
+        if bias is not None:
+            y = y + bias
         y = y.flatten(-2)  # head-major: [q/k/v columns of head 0, head 1, ...]
         return y if self.shared else y[..., self.inverse.to(y.device)]
 
