@@ -260,3 +260,55 @@ def test_edit_finds_the_aggregates_knowledge_neurons_by_its_recorded_rule(synthe
     kn = knowledge_neurons(out)
     expected = {f: sorted(zip(g.layer, g.neuron)) for f, g in kn[kn.fact_id.isin(facts)].groupby("fact_id")}
     assert found and {f: sorted(v) for f, v in found.items()} == expected
+
+
+def test_circuit_neurons_link_each_facts_circuit_to_its_knowledge_neuron_layers(tmp_path):
+    """`--neuron-run`: per fact and knowledge-neuron layer, the circuit edges into that layer's MLP,
+    against a pandas computation; edges into other layers, edges beyond the circuit, other
+    methods' neurons and facts without knowledge neurons stay out."""
+    import pyarrow as pa
+
+    from kn_ray.pipeline.circuit_tables import EDGES
+    from kn_ray.stages.aggregate import KNOWLEDGE_NEURONS
+
+    edges = [  # (prompt, fact, rank, sender, receiver, score)
+        ("f1/0", "f1", 0, "a1.h0", "m2", 0.5), ("f1/0", "f1", 1, "m0", "m2", -0.4), ("f1/0", "f1", 2, "input", "m1", 0.3),
+        ("f1/1", "f1", 0, "a1.h0", "m2", 0.3), ("f1/1", "f1", 1, "a0.h1", "logits", 0.2),
+        ("f1/1", "f1", 2, "m0", "m2", 0.1),  # rank 2: beyond a circuit of 2 edges
+        ("f2/0", "f2", 0, "input", "m0", 0.9), ("f3/0", "f3", 0, "input", "m2", 0.7)]
+    shard = {"edges": pa.Table.from_pylist([dict(prompt_id=p, fact_id=f, relation="P1", rank=r, sender=u, receiver=v, score=s)
+                                            for p, f, r, u, v, s in edges], schema=EDGES)}
+    write_run(tmp_path / "circuits", None, [shard])
+    kn = [("f1", 2, 7, "ig"), ("f1", 2, 9, "ig"), ("f1", 1, 3, "activation"), ("f2", 0, 1, "ig"), ("f9", 2, 1, "ig")]
+    write_run(tmp_path / "neurons", None, [], later={"knowledge_neurons": pa.Table.from_pylist(
+        [dict(fact_id=f, relation="P1", layer=l, neuron=n, n_prompts=3, share=1.0, mean_score=1.0, method=m)
+         for f, l, n, m in kn], schema=KNOWLEDGE_NEURONS)})
+    summary = aggregate(tmp_path / "circuits", AggregateParams(circuit_top=2, neuron_run=str(tmp_path / "neurons")))
+    got = pd.read_parquet(tmp_path / "circuits" / "circuit_neurons")
+
+    frame = pd.DataFrame(edges, columns=["prompt_id", "fact_id", "rank", "sender", "receiver", "score"])
+    frame = frame[frame["rank"] < 2]
+    layers = pd.DataFrame([k for k in kn if k[3] == "ig"], columns=["fact_id", "layer", "neuron", "method"])
+    layers = layers.groupby(["fact_id", "layer"]).size().rename("n_neurons").reset_index()
+    frame["layer"] = frame.receiver.str.extract(r"^m(\d+)$")[0].astype(float)
+    want = frame.merge(layers, on=["fact_id", "layer"]).groupby(["fact_id", "layer", "sender"]).agg(
+        n_neurons=("n_neurons", "first"), n_prompts=("prompt_id", "nunique"), mean_score=("score", "mean")).reset_index()
+    assert sorted(zip(got.fact_id, got.layer, got.sender, got.n_neurons, got.n_prompts)) == \
+        sorted(zip(want.fact_id, want.layer.astype(int), want.sender, want.n_neurons, want.n_prompts))
+    assert len(got) == 3  # f1 layer 2: a1.h0 (2 prompts), m0 (1); f2 layer 0: input
+    assert_same_numbers(got.sort_values(["fact_id", "sender"]).mean_score.to_numpy(),
+                        want.sort_values(["fact_id", "sender"]).mean_score.to_numpy())
+    assert list(got.sender[got.fact_id == "f1"]) == ["a1.h0", "m0"]  # by |mean score|
+    assert summary["counts"]["circuit_neurons"] == {"rows": 3, "facts_with_knowledge_neurons": 2, "facts_with_a_circuit": 3}
+
+
+def test_neuron_run_without_knowledge_neurons_is_a_clear_error(tmp_path):
+    import pyarrow as pa
+
+    from kn_ray.pipeline.circuit_tables import EDGES
+
+    write_run(tmp_path / "circuits", None, [{"edges": pa.Table.from_pylist(
+        [dict(prompt_id="f/0", fact_id="f", relation="P", rank=0, sender="input", receiver="m0", score=1.0)], schema=EDGES)}])
+    write_run(tmp_path / "neurons", None, [])
+    with pytest.raises(ValueError, match="kn-ray aggregate"):
+        aggregate(tmp_path / "circuits", AggregateParams(neuron_run=str(tmp_path / "neurons")))

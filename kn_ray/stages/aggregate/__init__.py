@@ -2,7 +2,8 @@
 
 params   AggregateParams, the declared options
 stage    aggregate(out, params): DuckDB over the attribute tables
-schemas  the Arrow schemas of knowledge_neurons/, relation_neurons/ and relation_circuits/
+schemas  the Arrow schemas of knowledge_neurons/, relation_neurons/, relation_circuits/ and
+         circuit_neurons/
 
 Names are imported on first use, so the CLI reads AggregateParams without importing DuckDB.
 """

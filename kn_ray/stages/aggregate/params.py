@@ -45,6 +45,9 @@ class AggregateParams:
                                        "relation circuit is in")
     circuit_top: int = option(100, "circuits run: a fact's circuit, its top edges by |score| (at most the run's "
                                    "--top-edges)")
+    neuron_run: str | None = option(None, "circuits run: an aggregated neuron run of the same facts; links each fact's "
+                                           "circuit to the layers of its knowledge neurons (table circuit_neurons)",
+                                     metavar="RUN")
     memory_limit: str = option(MEMORY_LIMIT, "DuckDB memory limit; beyond it, joins and group-bys spill to disk")
     threads: int | None = option(None, "DuckDB threads (default: all cores)")
     methods: tuple[str, ...] = option(METHOD_NAMES, "skip the activation baseline", flag="--no-activation",

@@ -27,6 +27,16 @@ RELATION_CIRCUITS = pa.schema([  # a circuits run: edges shared by the circuits 
     ("mean_score", pa.float32()),  # mean EAP-IG score over those facts' prompts
 ])
 
+CIRCUIT_NEURONS = pa.schema([  # a circuits run with --neuron-run: who writes into the knowledge-neuron layers
+    ("fact_id", pa.string()),
+    ("relation", pa.string()),
+    ("layer", pa.int16()),  # a layer holding knowledge neurons (ig) of the fact in the neuron run
+    ("n_neurons", pa.int32()),  # the fact's knowledge neurons in that layer
+    ("sender", pa.string()),  # a node whose edge into m{layer} is in the circuit of a prompt of the fact
+    ("n_prompts", pa.int32()),  # the fact's prompts whose circuit holds that edge
+    ("mean_score", pa.float32()),  # its mean EAP-IG score over them
+])
+
 RELATION_NEURONS = pa.schema([
     ("relation", pa.string()),
     ("layer", pa.int16()),

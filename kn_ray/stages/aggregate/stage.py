@@ -23,7 +23,7 @@ import duckdb
 import pandas as pd
 
 from kn_ray.stages.aggregate.params import EPS, METHODS, AggregateParams, Method
-from kn_ray.stages.aggregate.schemas import KNOWLEDGE_NEURONS, RELATION_CIRCUITS, RELATION_NEURONS
+from kn_ray.stages.aggregate.schemas import CIRCUIT_NEURONS, KNOWLEDGE_NEURONS, RELATION_CIRCUITS, RELATION_NEURONS
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.pipeline.tables import KINDS as ATTRIBUTE_TABLES
 from kn_ray.stages.duck import connect, source, write_query
@@ -57,7 +57,8 @@ def aggregate(out, params: AggregateParams | None = None) -> dict:
 
 def aggregate_circuits(run: RunDirectory, params: AggregateParams) -> dict:
     """A circuits run: relation circuits, the edges in the circuits (top `circuit_top` edges by
-    |score| of a prompt) of at least `circuit_share` of a relation's facts."""
+    |score| of a prompt) of at least `circuit_share` of a relation's facts; with `neuron_run`,
+    the link to the knowledge neurons (`circuit_neurons`)."""
     started = time.perf_counter()
     with run.scratch("aggregate-spill") as temp_dir, connect(params.memory_limit, params.threads, temp_dir) as con:
         edges = source(con, run, "edges", local_dir=temp_dir)
@@ -72,11 +73,37 @@ def aggregate_circuits(run: RunDirectory, params: AggregateParams) -> dict:
         with run.staged("relation_circuits") as tmp:
             rows = write_query(con, query, RELATION_CIRCUITS, tmp)
         facts = dict(con.execute("SELECT relation, n FROM circuit_facts ORDER BY relation").fetchall())
-    summary = {"parameters": {"circuit_share": params.circuit_share, "circuit_top": params.circuit_top},
-               "counts": {"relation_circuit_edges": rows, "facts_with_a_circuit": facts},
-               "seconds": round(time.perf_counter() - started, 3)}
+        counts = {"relation_circuit_edges": rows, "facts_with_a_circuit": facts}
+        if params.neuron_run:
+            counts["circuit_neurons"] = _link_knowledge_neurons(con, run, params.neuron_run, temp_dir)
+    summary = {"parameters": {"circuit_share": params.circuit_share, "circuit_top": params.circuit_top,
+                              "neuron_run": params.neuron_run},
+               "counts": counts, "seconds": round(time.perf_counter() - started, 3)}
     run.write_summary("aggregate", summary)
     return summary
+
+
+def _link_knowledge_neurons(con, run: RunDirectory, neuron_run: str, scratch) -> dict:
+    """`circuit_neurons`: for each fact, each layer holding its knowledge neurons (ig, from the
+    aggregated neuron run) and each node whose edge into that layer's MLP is in the fact's
+    circuit (temp table `circuits`): which heads and MLPs write into the knowledge-neuron layers."""
+    neurons = RunDirectory(neuron_run).require()
+    if not neurons.parts("knowledge_neurons"):
+        raise ValueError(f"--neuron-run {neuron_run}: no knowledge_neurons; run `kn-ray aggregate {neuron_run}` first")
+    kn = source(con, neurons, "knowledge_neurons", local_dir=scratch)
+    con.execute(f"CREATE TEMP TABLE kn_layers AS SELECT fact_id, layer, count(*) AS n_neurons FROM {kn} "
+                f"WHERE method = 'ig' GROUP BY fact_id, layer")
+    query = """
+        SELECT e.fact_id, any_value(e.relation) AS relation, k.layer, any_value(k.n_neurons) AS n_neurons,
+               e.sender, count(DISTINCT e.prompt_id) AS n_prompts, avg(e.score) AS mean_score
+        FROM circuits e JOIN kn_layers k ON e.fact_id = k.fact_id AND e.receiver = 'm' || k.layer
+        GROUP BY e.fact_id, k.layer, e.sender
+        ORDER BY relation, e.fact_id, k.layer, abs(avg(e.score)) DESC, e.sender"""
+    with run.staged("circuit_neurons") as tmp:
+        rows = write_query(con, query, CIRCUIT_NEURONS, tmp)
+    linked, with_kn = con.execute("SELECT count(DISTINCT c.fact_id) FILTER (WHERE k.fact_id IS NOT NULL), "
+                                  "count(DISTINCT c.fact_id) FROM circuits c LEFT JOIN kn_layers k USING (fact_id)").fetchall()[0]
+    return {"rows": rows, "facts_with_knowledge_neurons": linked, "facts_with_a_circuit": with_kn}
 
 
 def _aggregate(con, run: RunDirectory, methods: list[Method], params: AggregateParams, scratch) -> dict:
