@@ -7,7 +7,7 @@ scores; by default the published rule (`left`: alpha = k/m, k < m) with m = 5. I
 get their own residual copies the same way (TransformerLens's split q/k/v inputs cost the
 same), and its logits column the same straight-line gradient. `--check` first runs the engine
 with the same rule: both give the same scores (the checksums). The engine then runs its own rule
-(`--engine-steps`, `--engine-method`); each line reports, per prompt, the residuals relative to
+(`--engine-steps`, `--engine-rule`); each line reports, per prompt, the residuals relative to
 the change: at the logits and along the embedding path (the one that says how many nodes the
 integral needs).
 
@@ -49,14 +49,14 @@ def load(name):
     return load_model(name)
 
 
-def straightforward(eap, prompt, corrupted, target, n_steps, method):
+def straightforward(eap, prompt, corrupted, target, n_steps, rule):
     """One prompt, one full forward/backward per point, scores accumulated at every point. Returns
     (scores [U, V], |edges into logits - change|, |embedding-path sum out of input - change|)."""
     from kn_ray.engine.circuits import _by_group
     from kn_ray.engine.quadrature import quadrature
     from kn_ray.engine.receivers import split_receivers
 
-    alphas, weights = quadrature(n_steps, method)
+    alphas, weights = quadrature(n_steps, rule)
     pair = eap._collate_pair([(eap.encode(prompt, target), eap.encode(corrupted, target), 0)])
     clean = eap._run_senders(pair.clean, pair, "logprob")
     corr = eap._run_senders(pair.corrupted, pair, "logprob")
@@ -104,13 +104,13 @@ def worker(args):
     start, cpu = time.perf_counter(), time.process_time()
     if args.impl == "engine":
         results = eap.attribute_edges([p for p, _, _ in pairs], [t for _, _, t in pairs], [c for _, c, _ in pairs],
-                                      n_steps=args.n_steps, method=args.method)
+                                      n_steps=args.n_steps, rule=args.rule)
         rows = [(r.scores, r.completeness, r.input_residual, r.change) for r in results]
     else:
-        rows = [straightforward(eap, p, c, t, args.n_steps, args.method) for p, c, t in pairs]
+        rows = [straightforward(eap, p, c, t, args.n_steps, args.rule) for p, c, t in pairs]
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     rows = [(np.asarray(s), c, i, ch) for s, c, i, ch in rows]
-    print(json.dumps(dict(model=args.model, impl=args.impl, rule=f"{args.method} {args.n_steps}", prompts=len(pairs),
+    print(json.dumps(dict(model=args.model, impl=args.impl, rule=f"{args.rule} {args.n_steps}", prompts=len(pairs),
                           seconds=seconds, s_per_prompt=seconds / len(pairs), cpu_s_per_prompt=cpu / len(pairs),
                           peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                           checksum=float(sum(np.abs(s).sum() for s, *_ in rows)), edges=eap.graph.num_edges,
@@ -123,9 +123,9 @@ def main():
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--n-steps", type=int, default=5, help="the straightforward implementation's points")
-    ap.add_argument("--method", default="left", help="its rule (left: the published code's)")
+    ap.add_argument("--rule", default="left", help="its quadrature rule (left: the published code's)")
     ap.add_argument("--engine-steps", type=int, default=None, help="the engine's points (default: --n-steps)")
-    ap.add_argument("--engine-method", default="gausslegendre")
+    ap.add_argument("--engine-rule", default="gausslegendre")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 on a shared machine, where two threads spin at every barrier")
@@ -135,17 +135,17 @@ def main():
     if args.impl:
         return worker(args)
 
-    def run(impl, n_steps, method):
+    def run(impl, n_steps, rule):
         cmd = [sys.executable, __file__, "--model", args.model, "--prompts", str(args.prompts),
-               "--n-steps", str(n_steps), "--method", method, "--impl", impl, "--threads", str(args.threads)]
+               "--n-steps", str(n_steps), "--rule", rule, "--impl", impl, "--threads", str(args.threads)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         print(out, flush=True)
 
     if args.check:
-        run("engine", args.n_steps, args.method)
+        run("engine", args.n_steps, args.rule)
     for _ in range(args.rounds):
-        run("engine", args.engine_steps or args.n_steps, args.engine_method)
-        run("straightforward", args.n_steps, args.method)
+        run("engine", args.engine_steps or args.n_steps, args.engine_rule)
+        run("straightforward", args.n_steps, args.rule)
 
 
 if __name__ == "__main__":
