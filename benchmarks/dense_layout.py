@@ -28,7 +28,7 @@ from kn_ray.pipeline.prompts import PromptSpec
 from kn_ray.pipeline.commit import new_attempt
 from kn_ray.pipeline.layout import shard_name
 from kn_ray.pipeline.rundir import RunDirectory
-from kn_ray.pipeline.tables import neuron_table, shard_tables
+from kn_ray.pipeline.neuron_tables import neuron_table, shard_tables
 
 LAYOUTS = {"rows": None, "dense32": "float32", "dense16": "float16"}
 

@@ -42,7 +42,7 @@ class SyntheticEngine:
 
         from kn_ray.pipeline.options import KeepPolicy
         from kn_ray.pipeline.prompts import PromptSpec
-        from kn_ray.pipeline.tables import shard_tables
+        from kn_ray.pipeline.neuron_tables import shard_tables
 
         self.delay, self.layers, self.neurons = 1.0 / per_actor_rate, layers, neurons
         self.rng = np.random.default_rng(os.getpid())

@@ -31,7 +31,7 @@ from kn_ray.engine.probe import Probe
 from kn_ray.pipeline.layout import SHARD_KINDS, part_file, shard_name
 from kn_ray.pipeline.record import RunRecord
 from kn_ray.pipeline.rundir import RunDirectory
-from kn_ray.pipeline.tables import ACTIVATIONS, KINDS, NEURONS, PROMPTS
+from kn_ray.pipeline.neuron_tables import ACTIVATIONS, KINDS, NEURONS, PROMPTS
 from kn_ray.stages.aggregate.schemas import KNOWLEDGE_NEURONS, RELATION_NEURONS
 from kn_ray.stages.edit.outcomes import EDITS, as_table, metric_rows, prompt_row
 

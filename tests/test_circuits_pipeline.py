@@ -14,7 +14,7 @@ from kn_ray.pipeline.driver import run_pipeline
 from kn_ray.pipeline.facts import read_facts
 from kn_ray.pipeline.options import Resources, RunOptions
 from kn_ray.pipeline.prompts import build_prompts
-from kn_ray.pipeline.report import top_edges_text
+from kn_ray.pipeline.summary import top_edges_text
 from kn_ray.stages.aggregate import AggregateParams, aggregate
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.placement import Placement
@@ -38,8 +38,8 @@ def options(world, out, **kw):
 
 def test_circuit_tables_equal_the_engine_and_resume(world, ray_local, tmp_path):
     out = tmp_path / "out"
-    report = run_pipeline(options(world, out), progress=False)
-    assert report.ok
+    summary = run_pipeline(options(world, out), progress=False)
+    assert summary.ok
     store = RunDirectory(out)
     assert {"prompts", "edges", "nodes", "faithfulness"} <= set(store.tables()) and "neurons" not in store.tables()
     prompts = store.read("prompts").to_pandas().set_index("prompt_id")
@@ -87,4 +87,4 @@ def test_circuit_tables_equal_the_engine_and_resume(world, ray_local, tmp_path):
     assert text.startswith("top edges") and text.count("->") >= 2 * 4 and "faithfulness with 1% of edges" in text
 
     again = run_pipeline(options(world, out), progress=False)  # every shard is committed: nothing recomputed
-    assert again.ok and again.resumed == report.shards and again.written == 0
+    assert again.ok and again.resumed == summary.shards and again.written == 0

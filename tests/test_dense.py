@@ -9,7 +9,7 @@ import pandas as pd
 from kn_ray.pipeline.driver import run_pipeline
 from kn_ray.pipeline.options import KeepPolicy
 from kn_ray.pipeline.rundir import RunDirectory
-from kn_ray.pipeline.tables import sparse_rows
+from kn_ray.pipeline.neuron_tables import sparse_rows
 from kn_ray.stages.aggregate import AggregateParams, aggregate
 from tests.numerics import assert_same_frames, assert_same_numbers
 from tests.test_s3 import local_run, options, world  # noqa: F401  (the tiny JSONL world, its model, a sparse run)

@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 
 from kn_ray.interfaces.cli import main as cli
 from kn_ray.pipeline.rundir import RunDirectory
-from kn_ray.pipeline.tables import dense_schema
+from kn_ray.pipeline.neuron_tables import dense_schema
 from kn_ray.stages.aggregate import AggregateParams
 from kn_ray.stages.explore.app import create_app, fact_url
 from kn_ray.stages.explore.options import ExploreOptions

@@ -23,7 +23,7 @@ from kn_ray.placement import Placement
 from kn_ray.pipeline.prompts import build_prompts
 from kn_ray.pipeline.record import RunConflict
 from kn_ray.pipeline.rundir import RunDirectory
-from kn_ray.pipeline.tables import kept
+from kn_ray.pipeline.neuron_tables import kept
 from tests.pipeline_fixtures import BAD_LINES, PARAREL, pararel_slice, save_tiny_model, texts_of_pararel
 from tests.numerics import assert_same_frames, assert_same_numbers
 
@@ -51,8 +51,8 @@ def options(world, out: Path, model="bert", workers=1, facts=None, **kw) -> RunO
 def reference(world, ray_local):
     """An uninterrupted single-worker run, the baseline the fault tests compare to."""
     out = world["root"] / "reference"
-    report = run_pipeline(options(world, out), progress=False)
-    assert report.ok
+    summary = run_pipeline(options(world, out), progress=False)
+    assert summary.ok
     return out
 
 
@@ -122,9 +122,9 @@ def test_bad_input_rows_carry_reasons_and_good_facts_are_computed(world, ray_loc
     path = tmp_path / "facts.jsonl"
     path.write_bytes(b"\n".join([line for line, _ in BAD_LINES] + [line.encode() for line, _ in engine_skips]) + b"\n")
     world = dict(world, vocab=save_tiny_model("bert", [path.read_text(errors="ignore")], tmp_path / "model"))
-    report = run_pipeline(options(world, tmp_path / "out", model="vocab", facts=path, shard_size=3), progress=False)
+    summary = run_pipeline(options(world, tmp_path / "out", model="vocab", facts=path, shard_size=3), progress=False)
     rows = RunDirectory(tmp_path / "out").read("prompts").to_pandas()
-    assert report.ok and len(rows) == report.counts["ok"] + report.counts["skipped"] + report.counts["error"]
+    assert summary.ok and len(rows) == summary.counts["ok"] + summary.counts["skipped"] + summary.counts["error"]
     assert sorted(rows.loc[rows["status"] == "ok", "fact_id"]) == ["ok1", "ok2"]
     for _, why in BAD_LINES:
         if why:
@@ -144,24 +144,24 @@ def test_two_actors_give_the_results_of_one(world, ray_local, tmp_path):
 
 def test_killed_actor_shards_rerun_elsewhere(world, reference, tmp_path, monkeypatch):
     monkeypatch.setenv(FAULTS, f"exit_once={tmp_path / 'killed'}")
-    report = run_pipeline(options(world, tmp_path / "out", workers=2), progress=False)
-    assert (tmp_path / "killed").exists() and report.actors_lost >= 1 and report.retries >= 1
-    assert report.ok
+    summary = run_pipeline(options(world, tmp_path / "out", workers=2), progress=False)
+    assert (tmp_path / "killed").exists() and summary.actors_lost >= 1 and summary.retries >= 1
+    assert summary.ok
     assert_each_prompt_once(tmp_path / "out", planned_ids(world))
     # the killed attempt wrote its parts before dying: never committed, removed at the end
-    assert report.stale_removed == 3 and len(list((tmp_path / "out").rglob("part-*.parquet"))) == 3 * report.shards
+    assert summary.stale_removed == 3 and len(list((tmp_path / "out").rglob("part-*.parquet"))) == 3 * summary.shards
     assert_same_results(reference, tmp_path / "out")
 
 
 def test_failing_shard_is_reported_then_retried_by_a_rerun(world, reference, tmp_path, monkeypatch):
-    from kn_ray.interfaces.jobs import run_and_report
+    from kn_ray.interfaces.jobs import run_and_summarise
 
     monkeypatch.setenv(FAULTS, "fail_shard=1")
     opts = options(world, tmp_path / "out", res=dict(max_attempts=2))
-    assert run_and_report(opts, progress=False) == 1
+    assert run_and_summarise(opts, progress=False) == 1
     monkeypatch.delenv(FAULTS)
-    report = run_pipeline(opts, progress=False)
-    assert report.ok and report.written == 1 and report.resumed == report.shards - 1
+    summary = run_pipeline(opts, progress=False)
+    assert summary.ok and summary.written == 1 and summary.resumed == summary.shards - 1
     assert_same_results(reference, tmp_path / "out")
 
 
@@ -171,8 +171,8 @@ def test_truncated_shard_is_recomputed_and_others_untouched(world, reference, tm
     victim = out / RunDirectory(out).commits.marker("part-00001")["files"]["neurons"]
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     before = {p: p.stat().st_mtime_ns for p in out.rglob("part-*") if "part-00001" not in p.name}
-    report = run_pipeline(options(world, out), progress=False)
-    assert report.written == 1 and report.resumed == report.shards - 1
+    summary = run_pipeline(options(world, out), progress=False)
+    assert summary.written == 1 and summary.resumed == summary.shards - 1
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
     assert not victim.exists() and len(list(out.rglob("part-00001-*.parquet"))) == 3  # the damaged attempt removed
     assert_same_results(reference, out)
@@ -203,8 +203,8 @@ def test_killed_driver_resumes_without_touching_finished_shards(world, reference
     names = [p.stem for p in done]
     before = {p: p.stat().st_mtime_ns for p in out.rglob("part-*.parquet") if p.stem[:10] in names}
     assert len(before) >= 3 * len(names)
-    report = run_pipeline(options(world, out), progress=False)
-    assert report.ok and report.resumed >= len(names)
+    summary = run_pipeline(options(world, out), progress=False)
+    assert summary.ok and summary.resumed >= len(names)
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
     assert_same_results(reference, out)
 

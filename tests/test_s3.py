@@ -22,7 +22,7 @@ from kn_ray.pipeline.options import Resources, RunOptions
 from kn_ray.placement import Placement
 from kn_ray.pipeline.layout import MARKERS
 from kn_ray.pipeline.rundir import RunDirectory
-from kn_ray.pipeline.tables import KINDS
+from kn_ray.pipeline.neuron_tables import KINDS
 from tests.numerics import assert_same_frames
 from tests.pipeline_fixtures import save_tiny_model
 from tests.s3_server import BUCKET, s3_server  # noqa: F401  (a fixture)
@@ -92,8 +92,8 @@ def s3_run(world, s3_server, ray_local):
 
     boto3.client("s3").upload_file(str(world["facts"]), BUCKET, "inputs/facts.jsonl")
     uri = f"s3://{BUCKET}/runs/equal"
-    report = run_pipeline(options(world, uri, facts=f"s3://{BUCKET}/inputs/facts.jsonl", workers=2), progress=False)
-    assert report.ok and report.written == report.shards > 2
+    summary = run_pipeline(options(world, uri, facts=f"s3://{BUCKET}/inputs/facts.jsonl", workers=2), progress=False)
+    assert summary.ok and summary.written == summary.shards > 2
     return uri
 
 
@@ -134,8 +134,8 @@ def test_killed_driver_resumes_on_s3_without_rewriting_finished_parts(world, loc
     before = {name: mtime for name, mtime in objects(run).items() if name in committed}
     markers_before = {name: json.dumps(m, sort_keys=True) for name, m in done.items()}
 
-    report = run_pipeline(options(world, uri), progress=False)
-    assert report.ok and report.resumed >= len(done) and report.written == report.shards - report.resumed
+    summary = run_pipeline(options(world, uri), progress=False)
+    assert summary.ok and summary.resumed >= len(done) and summary.written == summary.shards - summary.resumed
     after = objects(run)
     assert all(after.get(name) == mtime for name, mtime in before.items())  # finished parts not rewritten
     assert all(json.dumps(run.markers()[n], sort_keys=True) == m for n, m in markers_before.items())

@@ -16,7 +16,7 @@ from kn_ray.pipeline.commit import METADATA_KEY, CommitError, Part, new_attempt
 from kn_ray.pipeline.record import RunConflict, RunRecord
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.pipeline.uris import filesystem, public_uri
-from kn_ray.pipeline.tables import KINDS, SCHEMAS, dense_schema, shard_tables, sparse_rows
+from kn_ray.pipeline.neuron_tables import KINDS, SCHEMAS, dense_schema, shard_tables, sparse_rows
 from tests.numerics import assert_same_numbers
 
 

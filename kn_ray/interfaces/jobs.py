@@ -21,7 +21,7 @@ from kn_ray.interfaces.declared import SpecError, from_spec
 from kn_ray.pipeline.options import RunOptions
 
 BUILTIN = "builtin:"
-__all__ = ["SpecError", "load_job", "options_from_spec", "resolve_facts", "run_and_report"]
+__all__ = ["SpecError", "load_job", "options_from_spec", "resolve_facts", "run_and_summarise"]
 
 
 def load_job(path: str | Path, overrides: dict | None = None) -> RunOptions:
@@ -64,18 +64,18 @@ def resolve_facts(facts: str) -> str:
     return str(path)
 
 
-def run_and_report(options: RunOptions, *, progress: bool = True) -> int:
+def run_and_summarise(options: RunOptions, *, progress: bool = True) -> int:
     """Run, print the summary, skip/error reasons and top neurons; 0 if every shard finished, else 1."""
     from kn_ray.pipeline.driver import run_pipeline
-    from kn_ray.pipeline.report import reasons_text, summary_text, top_edges_text, top_neurons_text
+    from kn_ray.pipeline.summary import reasons_text, summary_text, top_edges_text, top_neurons_text
     from kn_ray.pipeline.rundir import RunDirectory
 
-    report = run_pipeline(options, progress=progress)
+    summary = run_pipeline(options, progress=progress)
     store = RunDirectory(options.output)
     top = top_edges_text if options.mode == "circuits" else top_neurons_text
-    for text in (summary_text(report), reasons_text(store), top(store, options.report_facts)):
+    for text in (summary_text(summary), reasons_text(store), top(store, options.summary_facts)):
         if text:
             print(text + "\n", flush=True)
-    if not report.ok:
-        print(f"kn-ray: {len(report.failed)} shard(s) failed; re-run the same command to retry them", flush=True)
-    return 0 if report.ok else 1
+    if not summary.ok:
+        print(f"kn-ray: {len(summary.failed)} shard(s) failed; re-run the same command to retry them", flush=True)
+    return 0 if summary.ok else 1

@@ -4,7 +4,7 @@ facts    reading PARAREL / JSON Lines; bad records become rows, never exceptions
 prompts  (fact, template) -> prompt and target for masked or causal LMs; stable ids
 plan     deterministic shards of whole facts
 options  validated run options (the CLI and job specs build them)
-tables   results as Arrow tables (the Parquet contract, docs/output-schema.md)
+neuron_tables  results as Arrow tables (the Parquet contract, docs/output-schema.md)
 layout   every file and folder name of the run directory (the catalogue)
 uris     local paths and URIs: their filesystem, what may be recorded
 storage  files under one root on any filesystem: whole writes, listings, staged folders
@@ -18,5 +18,5 @@ pool     the actor pool (also `kn-ray edit`'s): health pings, tasks in flight; o
 dispatch tasks fed to the pool, driver-side retries; run_tasks
 execute  attribution shards on the pool, committed by the driver
          (ray_cluster, pool, dispatch and execute import Ray)
-driver   one run end to end; report: the end-of-run text; faults: test hooks
+driver   one run end to end; summary: the end-of-run text; faults: test hooks
 """

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from .prompts import PromptSpec
-from .tables import prompt_table
+from .neuron_tables import prompt_table
 
 _KEYS = [("prompt_id", pa.string()), ("fact_id", pa.string()), ("relation", pa.string())]
 EDGES = pa.schema(_KEYS + [("rank", pa.int32()), ("sender", pa.string()), ("receiver", pa.string()),

@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 
 from .layout import MARKERS, PART, SHARD_KINDS, attempt_part, marker_file, marker_shard
 from .storage import Storage
-from .tables import KINDS
+from .neuron_tables import KINDS
 
 METADATA_KEY = b"kn_ray"  # every part's key-value metadata: the run's config_hash, the attempt, ...
 IO_THREADS = 16  # parallel small reads (markers, footers): object stores answer each in ~10-50 ms

@@ -1,4 +1,4 @@
-"""One attribution run end to end: facts -> plan -> run.json -> shards on Ray -> report.
+"""One attribution run end to end: facts -> plan -> run.json -> shards on Ray -> summary.
 
 Ray is imported only when the run starts (`ray_env.prepare`, then `pool`, `execute`), so
 facts, plans and the run directory stay usable without it. Re-running the same command
@@ -30,7 +30,7 @@ from .uris import is_local, local_copy, public_uri
 
 
 @dataclass
-class RunReport:
+class RunSummary:
     output: str
     shards: int
     resumed: int  # shards finished by an earlier run
@@ -89,7 +89,7 @@ def file_metadata(record: RunRecord) -> dict:
                 **{k: v for k, v in ident["attribution"].items() if k not in ("n_steps", "rule", "precision")})
 
 
-def run_pipeline(options: RunOptions, *, progress: bool = True) -> RunReport:
+def run_pipeline(options: RunOptions, *, progress: bool = True) -> RunSummary:
     options.check()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kn-ray-facts-") as scratch:
@@ -126,7 +126,7 @@ def run_pipeline(options: RunOptions, *, progress: bool = True) -> RunReport:
         dispatch_seconds = time.perf_counter() - dispatch_start
     stale += run.commits.remove_stale(run.commits.markers(record.config_hash))
     counts = run.read("prompts", ["status"]).column("status").value_counts().to_pylist()
-    return RunReport(str(run), len(shards), len(shards) - len(todo), len(result.written), result.failed,
+    return RunSummary(str(run), len(shards), len(shards) - len(todo), len(result.written), result.failed,
                      result.retries, result.actors_lost, result.prompts, time.perf_counter() - start, dispatch_seconds,
                      {c["values"]: c["counts"] for c in counts}, pool.plan, stale, result.actors_back)
 

@@ -21,7 +21,7 @@ from .options import RunOptions
 from .plan import Shard
 from .pool import ActorPool, ActorSpec
 from .rundir import RunDirectory
-from .tables import KINDS
+from .neuron_tables import KINDS
 from .worker import ShardComputer, ShardOutput, ShardResult
 
 COMMIT_THREADS = 8  # concurrent marker writes (fsync locally, a PUT on object stores)

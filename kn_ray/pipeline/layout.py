@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 
 from .circuit_tables import CIRCUIT_KINDS
-from .tables import KINDS
+from .neuron_tables import KINDS
 
 RUN_FILE = "run.json"
 MARKERS = "_shards"

@@ -109,7 +109,7 @@ class RunOptions:
     keep: KeepPolicy = option(factory=KeepPolicy, section="keep")
     shard_size: int | None = option(None, "prompts per shard (default: about 64 shards of 32 to 64 prompts)", group="workers")
     resources: Resources = option(factory=Resources, section="workers")
-    report_facts: int = option(3, "facts whose top neurons are printed at the end")
+    summary_facts: int = option(3, "facts whose top neurons the end-of-run summary prints", aliases=("--report-facts",))
 
     def check(self) -> "RunOptions":
         check_choices(self)  # rule, noise, noised_weights, mode, metric, the keep policy's and placement's

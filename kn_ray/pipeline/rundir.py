@@ -18,7 +18,7 @@ from .commit import Commits
 from .layout import PART, RUN_FILE, SHARD_KINDS, SUMMARIES, TABLES, is_part
 from .record import RunConflict, RunRecord, describe_difference
 from .storage import Storage
-from .tables import SCHEMAS as NEURON_SCHEMAS
+from .neuron_tables import SCHEMAS as NEURON_SCHEMAS
 
 SCHEMAS = {**NEURON_SCHEMAS, **CIRCUIT_SCHEMAS}  # the attribute tables
 

@@ -22,7 +22,7 @@ from .options import KeepPolicy
 from .prompts import PromptSpec
 from .commit import Commits, Part
 from .storage import cached_storage
-from .tables import shard_tables
+from .neuron_tables import shard_tables
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,6 @@ def spec_from_args(args) -> dict:
 
 
 def run(args) -> int:
-    from kn_ray.interfaces.jobs import options_from_spec, run_and_report
+    from kn_ray.interfaces.jobs import options_from_spec, run_and_summarise
 
-    return run_and_report(options_from_spec(spec_from_args(args)), progress=not args.no_progress)
+    return run_and_summarise(options_from_spec(spec_from_args(args)), progress=not args.no_progress)

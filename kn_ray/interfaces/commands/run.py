@@ -30,8 +30,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from kn_ray.interfaces.jobs import load_job, run_and_report
+    from kn_ray.interfaces.jobs import load_job, run_and_summarise
 
     job = declared.from_args(JobRun, args)
     options = load_job(job.spec, job.overrides() or None)
-    return run_and_report(options, progress=not args.no_progress)
+    return run_and_summarise(options, progress=not args.no_progress)

@@ -1,6 +1,6 @@
 """Arrow schemas of the tables `kn-ray aggregate` writes (docs/output-schema.md).
 
-It reads the attribute stage's tables, whose schemas `kn_ray.pipeline.tables` owns.
+It reads the attribute stage's tables, whose schemas `kn_ray.pipeline.neuron_tables` owns.
 """
 
 from __future__ import annotations

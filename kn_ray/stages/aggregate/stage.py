@@ -25,7 +25,7 @@ import pandas as pd
 from kn_ray.stages.aggregate.params import EPS, METHODS, AggregateParams, Method
 from kn_ray.stages.aggregate.schemas import CIRCUIT_NEURONS, KNOWLEDGE_NEURONS, RELATION_CIRCUITS, RELATION_NEURONS
 from kn_ray.pipeline.rundir import RunDirectory
-from kn_ray.pipeline.tables import KINDS as ATTRIBUTE_TABLES
+from kn_ray.pipeline.neuron_tables import KINDS as ATTRIBUTE_TABLES
 from kn_ray.stages.duck import connect, source, write_query
 
 ADAPTIVE_STEP = 0.05

@@ -1,4 +1,4 @@
-"""End-of-run text: the summary, the commonest skip/error reasons, and top neurons per fact."""
+"""End-of-run summary text: the run's counts, the commonest skip/error reasons, and top neurons per fact."""
 
 from __future__ import annotations
 
@@ -8,24 +8,24 @@ import numpy as np
 import pandas as pd
 
 from .rundir import RunDirectory
-from .tables import sparse_rows
+from .neuron_tables import sparse_rows
 
 _LOCATION = re.compile(r"^\S+:\d+: ")  # 'facts/P17.jsonl:3: ' in front of input errors
 
 
-def summary_text(report) -> str:
-    c = report.counts
+def summary_text(summary) -> str:
+    c = summary.counts
     lines = [
-        f"output      {report.output}",
+        f"output      {summary.output}",
         f"prompts     {sum(c.values())}: {c.get('ok', 0)} done, {c.get('skipped', 0)} skipped, {c.get('error', 0)} errors",
-        f"workers     {report.workers}",
-        f"shards      {report.shards}: {report.written} written now, {report.resumed} already done, "
-        f"{len(report.failed)} failed ({report.retries} retries, {report.actors_lost} workers lost, "
-        f"{report.actors_back} back)",
-        f"time        {report.seconds:.1f} s; {report.prompts_computed} prompts in {report.dispatch_seconds:.1f} s "
-        f"= {report.throughput:.2f} prompts/s",
+        f"workers     {summary.workers}",
+        f"shards      {summary.shards}: {summary.written} written now, {summary.resumed} already done, "
+        f"{len(summary.failed)} failed ({summary.retries} retries, {summary.actors_lost} workers lost, "
+        f"{summary.actors_back} back)",
+        f"time        {summary.seconds:.1f} s; {summary.prompts_computed} prompts in {summary.dispatch_seconds:.1f} s "
+        f"= {summary.throughput:.2f} prompts/s",
     ]
-    lines += [f"FAILED      {name}: {why}" for name, why in sorted(report.failed.items())]
+    lines += [f"FAILED      {name}: {why}" for name, why in sorted(summary.failed.items())]
     return "\n".join(lines)
 
 
