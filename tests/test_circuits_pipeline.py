@@ -38,8 +38,8 @@ def options(world, out, **kw):
 
 def test_circuit_tables_equal_the_engine_and_resume(world, ray_local, tmp_path):
     out = tmp_path / "out"
-    summary = run_pipeline(options(world, out), progress=False)
-    assert summary.ok
+    first = run_pipeline(options(world, out), progress=False)
+    assert first.ok
     store = RunDirectory(out)
     assert {"prompts", "edges", "nodes", "faithfulness"} <= set(store.tables()) and "neurons" not in store.tables()
     prompts = store.read("prompts").to_pandas().set_index("prompt_id")
@@ -87,4 +87,4 @@ def test_circuit_tables_equal_the_engine_and_resume(world, ray_local, tmp_path):
     assert text.startswith("top edges") and text.count("->") >= 2 * 4 and "faithfulness with 1% of edges" in text
 
     again = run_pipeline(options(world, out), progress=False)  # every shard is committed: nothing recomputed
-    assert again.ok and again.resumed == summary.shards and again.written == 0
+    assert again.ok and again.resumed == first.shards and again.written == 0
