@@ -11,7 +11,7 @@ with the same rule: both give the same scores (the checksums). The engine then r
 the change: at the logits and along the embedding path (the one that says how many nodes the
 integral needs).
 
-    flock /tmp/kn-bench.lock python benchmarks/circuits_bench.py --model smollm2 --prompts 4 --check --engine-steps 3
+    flock /tmp/kn-bench.lock python benchmarks/circuits_bench.py --model smollm2 --prompts 8 --check --rounds 2
     flock /tmp/kn-bench.lock python benchmarks/circuits_bench.py --model llama3.2-1b-random --prompts 2
 
 Each (model, implementation) runs in its own process for its peak RSS; the two alternate
