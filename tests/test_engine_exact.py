@@ -114,13 +114,15 @@ def test_evaluations_count_the_rows_of_each_rule(tmp_path):
         assert res.evaluations.tolist() == [rows] * 3
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
-def test_auto_doublings_share_one_pass_across_prompts_and_layers(family, tmp_path, monkeypatch):
-    """Every doubling of `auto` is one pass over all open (prompt, layer) pairs, whatever their
-    layer (a pass starts at the lowest); the nodes up to the first check are one pass per layer.
-    With a tolerance no pair meets, every pair runs to the cap (here 17 nodes): the scores must
-    then be the fixed 17-node Romberg rule's, computed layer by layer."""
-    from kn_ray.engine import adaptive
+@pytest.mark.parametrize("family, fixed", [("llama", 1e9), ("bert", 0)])
+def test_auto_passes_follow_the_cost_model(family, fixed, tmp_path, monkeypatch):
+    """`auto` runs the first nodes and each doubling in the passes the cost model chooses: with
+    a pass's fixed cost far above any recomputation, ONE pass per stage over all (prompt, layer)
+    pairs of a batch (starting at the lowest layer); with no fixed cost, one pass per layer (a
+    shared pass would only recompute blocks). With a tolerance no pair meets, every pair runs to
+    the cap (here 17 nodes): the scores must then be the fixed 17-node Romberg rule's, computed
+    layer by layer, whatever the passes."""
+    from kn_ray.engine import adaptive, pass_plan
     from kn_ray.engine.adaptive import FIRST_LEVEL
     from kn_ray.engine.quadrature import romberg_weights
     from kn_ray.engine.model_runner import batches
@@ -137,20 +139,54 @@ def test_auto_doublings_share_one_pass_across_prompts_and_layers(family, tmp_pat
 
     attr._rows = counted_rows
     monkeypatch.setattr(adaptive, "MAX_LEVEL", MAX_LEVEL := FIRST_LEVEL + 2)
+    monkeypatch.setitem(pass_plan.FIXED_ROW_TOKENS, "cpu", fixed)
     auto = attr.attribute(prompts, targets, n_steps="auto", tolerance=1e-12)
     L = model.config.num_hidden_layers
     assert all(r.evaluations.tolist() == [2**MAX_LEVEL + 1] * L for r in auto)
     _, _, encs, _ = attr._prepare(prompts, targets)
     groups = list(batches(encs, len(encs)))  # the engine's batches: one per object length
-    doublings = MAX_LEVEL - FIRST_LEVEL
-    assert len(passes) == len(groups) * (L + doublings)
-    shared = [(layers, rows) for layers, rows in passes if len(layers) > 1]
-    assert len(shared) == len(groups) * doublings
-    assert all(layers == set(range(L)) and len(rows) > 1 for layers, rows in shared)
+    stages = 1 + MAX_LEVEL - FIRST_LEVEL  # the first nodes, then each doubling
+    assert all(len(group) > 1 for group in groups)
+    if fixed:
+        assert len(passes) == len(groups) * stages
+        assert all(layers == set(range(L)) for layers, _ in passes)
+    else:
+        assert len(passes) == len(groups) * stages * L
+        assert sorted(min(layers) for layers, _ in passes) == sorted(list(range(L)) * len(groups) * stages)
+        assert all(len(layers) == 1 for layers, _ in passes)
+    sizes = sorted(len(rows) for _, rows in passes)
+    assert sizes == sorted(len(g) for g in groups for _ in range(len(passes) // len(groups)))
     alphas, weights = romberg_weights(MAX_LEVEL)
-    fixed = Attributor(model, tok, precision="fp32")
+    fixed_rule = Attributor(model, tok, precision="fp32")
     for group in groups:
-        outs = fixed._attribute_batch([e for _, e in group], (alphas, weights), None, list(range(L)), 0.0)
+        outs = fixed_rule._attribute_batch([e for _, e in group], (alphas, weights), None, list(range(L)), 0.0)
         for (i, _), out in zip(group, outs):
             assert_same_numbers(auto[i].scores, out["scores"], what="scores")
             assert_same_numbers(auto[i].baseline_prob, out["baseline_prob"], what="baseline_prob")
+
+
+def test_layer_groups_are_the_cheapest_contiguous_split():
+    """The dynamic programme finds the least-cost split into contiguous layer groups: checked
+    against every split (2^(d-1) of d layers) on random rows, costs and pass sizes."""
+    import itertools
+
+    from kn_ray.engine.pass_plan import layer_groups, pass_cost
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n_layers = int(rng.integers(1, 13))
+        d = int(rng.integers(1, n_layers + 1))
+        layers = sorted(rng.choice(n_layers, d, replace=False).tolist())
+        rows = rng.integers(1, 200, d).tolist()
+        model = dict(n_layers=n_layers, tokens=int(rng.integers(1, 12)), fixed=float(rng.choice([0, 1, 12, 256, 1e6])),
+                     head=float(rng.uniform(0, 10)), rows_per_pass=int(rng.choice([1, 50, 10**6])))
+
+        def cost(split):
+            return sum(pass_cost(layers[i], sum(rows[i:j]), **model) for i, j in split)
+
+        best = min(cost(list(zip((0,) + cuts, cuts + (d,))))
+                   for k in range(d) for cuts in itertools.combinations(range(1, d), k))
+        got = layer_groups(layers, rows, **model)
+        assert [i for i, _ in got][0] == 0 and got[-1][1] == d
+        assert all(a[1] == b[0] for a, b in zip(got, got[1:]))
+        assert cost(got) == pytest.approx(best, rel=1e-12)

@@ -10,16 +10,18 @@ form). After each doubling, a (prompt, layer) whose completeness residual
 stops; the others go on, up to 2^MAX_LEVEL + 1 nodes. The FLOOR keeps a layer that barely
 moves P (where the residual is all rounding) from running to the cap.
 
-Time follows evaluations: the nodes up to FIRST_LEVEL are one pass per layer (like a fixed
-rule), and each later doubling is ONE batched pass over every (prompt, layer) of the batch that
-has not converged yet, whatever its layer (`Attributor._integrate_rows` starts it at the lowest
-of their layers).
+Time follows evaluations: the nodes up to FIRST_LEVEL for every (prompt, layer), and each later
+doubling's nodes for every (prompt, layer) that has not converged yet, run in passes shared across
+prompts and layers; a pass starts at the lowest of its layers, and `pass_plan` splits the layers
+into the contiguous groups that cost least (few rows: one pass across layers, as reading weights
+bounds it; many rows: about one pass per layer, as recomputing the blocks between would cost more).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .pass_plan import fixed_cost, head_blocks, layer_groups
 from .quadrature import nested_nodes
 
 FIRST_LEVEL = 2  # the first check: 5 nodes (Boole's rule); 3-node Simpson can pass by luck
@@ -59,42 +61,78 @@ def integrate_adaptive(attributor, batch, clean, layers: list[int], baseline: fl
     estimate = torch.zeros(B, L, attributor._width, device=dev)
     p_zero = torch.zeros(B, L, device=dev)
     used = torch.full((B, L), 2**FIRST_LEVEL + 1, dtype=torch.int32)
-    alphas, weights = first_rule()
-    alphas, weights = alphas.float().to(dev), weights.float().to(dev)
-    prompts, slots, rows = [], [], []  # the (prompt, layer slot) pairs still open, and their Romberg rows
-    for li, layer in enumerate(layers):
-        sums, p0 = attributor._integrate(batch, clean, layer, alphas, weights, 0, baseline)  # [B, K, F], [B]
+    alphas, weights = first_rule()  # alphas[0] = 0: P at the baseline
+    prompt, slot = torch.arange(B).repeat(L), torch.arange(L).repeat_interleave(B)  # host, by layer
+    kept, rows = [], []
+    for lo, hi, sums, probs in _passes(attributor, batch, clean, layers, prompt, slot, alphas, weights, baseline):
         row = None
         for j in range(FIRST_LEVEL + 1):
             row = extend(row, sums[:, j])
-        p_zero[:, li], estimate[:, li] = p0, row[:, -1]
-        open_ = torch.arange(B, device=dev)
-        open_ = open_[_unconverged(clean, layer, open_, p0, row[:, -1], baseline, tolerance)]
-        prompts.append(open_)
-        slots.append(torch.full((len(open_),), li, dtype=torch.long))
-        rows.append(row[open_])
-    prompt, slot, row = torch.cat(prompts), torch.cat(slots), torch.cat(rows)
+        pi, si = prompt[lo:hi].to(dev), slot[lo:hi].to(dev)
+        p_zero[pi, si], estimate[pi, si] = probs[:, 0], row[:, -1]
+        keep = _open(clean, layers, prompt[lo:hi], slot[lo:hi], probs[:, 0], row[:, -1], baseline, tolerance)
+        kept.append(torch.arange(lo, hi)[keep.cpu()])
+        rows.append(row[keep])
+    keep = torch.cat(kept)
+    prompt, slot, row = prompt[keep], slot[keep], torch.cat(rows)
     for level in range(FIRST_LEVEL + 1, MAX_LEVEL + 1):
         if len(prompt) == 0:
             break
-        nodes = nested_nodes(level).float().to(dev)
-        n, A = len(prompt), len(nodes)
-        pair = torch.arange(n).repeat_interleave(A)
-        step = torch.arange(A).repeat(n)
-        sums, _ = attributor._integrate_rows(batch, clean, prompt[pair.to(dev)], torch.tensor(layers)[slot][pair],
-                                             nodes[step.to(dev)], torch.full((n * A, 1), 0.5**level, device=dev),
-                                             pair.to(dev), n, baseline)
-        row = extend(row, sums[:, 0])
-        estimate[prompt, slot.to(dev)] = row[:, -1]
-        used[prompt.cpu(), slot] = 2**level + 1
-        keep = torch.zeros(n, dtype=torch.bool, device=dev)
-        for li in slot.unique().tolist():  # the check reads each layer's activations
-            mine = (slot == li).to(dev)
-            keep[mine] = _unconverged(clean, layers[li], prompt[mine], p_zero[prompt[mine], li], row[mine, -1],
-                                      baseline, tolerance)
-        keep_host = keep.cpu()
-        prompt, slot, row = prompt[keep], slot[keep_host], row[keep]
+        nodes = nested_nodes(level)
+        kept, rows = [], []
+        for lo, hi, sums, _ in _passes(attributor, batch, clean, layers, prompt, slot, nodes,
+                                       torch.full((len(nodes), 1), 0.5**level, dtype=torch.float64), baseline):
+            part = extend(row[lo:hi], sums[:, 0])
+            pi, si = prompt[lo:hi].to(dev), slot[lo:hi].to(dev)
+            estimate[pi, si] = part[:, -1]
+            used[prompt[lo:hi], slot[lo:hi]] = 2**level + 1
+            keep = _open(clean, layers, prompt[lo:hi], slot[lo:hi], p_zero[pi, si], part[:, -1], baseline, tolerance)
+            kept.append(torch.arange(lo, hi)[keep.cpu()])
+            rows.append(part[keep])
+        keep = torch.cat(kept)
+        prompt, slot, row = prompt[keep], slot[keep], torch.cat(rows)
     return estimate, p_zero, used
+
+
+def _passes(attributor, batch, clean, layers, prompt, slot, alphas, weights, baseline):
+    """Every node of `alphas` for every pair (prompt[k], layers[slot[k]]) (host tensors, sorted by
+    slot), in the passes `pass_plan.layer_groups` chooses: per pass, (lo, hi, sums [hi - lo, K, F]
+    = sum_a weights[a] dP/dx(alpha_a), P [hi - lo, A]) for the pairs lo..hi-1."""
+    dev, A = attributor.device, len(alphas)
+    layer_of = torch.tensor(layers)[slot]
+    distinct, counts = torch.unique_consecutive(layer_of, return_counts=True)
+    bounds = [0] + counts.cumsum(0).tolist()
+    plan = layer_groups(distinct.tolist(), (counts * A).tolist(), **cost_model(attributor, batch))
+    alphas, weights = alphas.float().to(dev), weights.float().to(dev)
+    for i, j in plan:
+        lo, hi = bounds[i], bounds[j]
+        n = hi - lo
+        pair, step = torch.arange(n).repeat_interleave(A), torch.arange(A).repeat(n)
+        pair_d, step_d = pair.to(dev), step.to(dev)
+        sums, probs = attributor._integrate_rows(batch, clean, prompt[lo:hi][pair].to(dev), layer_of[lo:hi][pair],
+                                                 alphas[step_d], weights[step_d], pair_d, n, baseline)
+        yield lo, hi, sums, probs.view(n, A)
+
+
+def cost_model(attributor, batch) -> dict:
+    """`pass_plan.pass_cost`'s parameters for this model, device and batch."""
+    tokens = batch.input_ids.shape[1] - batch.start_col  # per row (causal rows start at the target)
+    blocks = attributor.adapter.blocks(attributor.model)
+    return dict(n_layers=len(blocks), tokens=tokens, fixed=fixed_cost(attributor.device),
+                head=head_blocks(attributor.model, blocks[0]),
+                rows_per_pass=max(1, attributor.max_batch_tokens // tokens))
+
+
+def _open(clean, layers, prompt, slot, p0, grad_sum, baseline, tolerance) -> torch.Tensor:
+    """Which pairs (prompt[k], layers[slot[k]]) (host tensors) still miss the tolerance (a bool
+    mask on the device; the check reads each layer's activations)."""
+    dev = p0.device
+    keep = torch.zeros(len(prompt), dtype=torch.bool, device=dev)
+    for li in slot.unique().tolist():
+        mine = slot == li
+        md = mine.to(dev)
+        keep[md] = _unconverged(clean, layers[li], prompt[mine].to(dev), p0[md], grad_sum[md], baseline, tolerance)
+    return keep
 
 
 def _unconverged(clean, layer, prompts, p0, grad_sum, baseline, tolerance) -> torch.Tensor:
