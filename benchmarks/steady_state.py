@@ -77,11 +77,16 @@ def main() -> None:
             for n in (small, large):
                 got[n] = timed(attr, prompts[:n], targets[:n], rule(r), args.per_prompt)
             ev = np.concatenate([x.evaluations for x in got[large][2] if x.ok])
+            # rows x blocks they run (a row scaled at layer l runs blocks l..top): the arithmetic
+            row_blocks = np.mean([(x.evaluations * (lm.num_layers - np.array(x.layers))).sum()
+                                  for x in got[large][2] if x.ok])
             slope = [(got[large][i] - got[small][i]) / (large - small) for i in (0, 1)]
             print(json.dumps(dict(model=args.model, rule=r, per_prompt=args.per_prompt, round=rnd,
                                   cpu_s_per_prompt=round(slope[0], 3), wall_s_per_prompt=round(slope[1], 3),
                                   cpu_s={n: round(v[0], 2) for n, v in got.items()},
-                                  median_evaluations=float(np.median(ev)), max_evaluations=int(ev.max()))),
+                                  median_evaluations=float(np.median(ev)), max_evaluations=int(ev.max()),
+                                  mean_evaluations=round(float(ev.mean()), 2),
+                                  row_blocks_per_prompt=round(float(row_blocks)))),
                   flush=True)
 
 

@@ -225,7 +225,7 @@ class Attributor(ModelRunner):
             zero_step = int((alphas == 0).nonzero()[0])  # alphas live on the host: no device sync
             alphas, weights = alphas.float().to(self.device), weights.float().to(self.device)
         acts_d = torch.stack([clean.acts[layer] for layer in layers], 1)  # [B, L, F]
-        if adaptive:  # every layer at once: the doublings of all open (prompt, layer) pairs share passes
+        if adaptive:  # every layer at once: open (prompt, layer) pairs share passes (`pass_plan`)
             grad_d, base_d, evaluations = integrate_adaptive(self, batch, clean, layers, baseline, tolerance)
         else:
             sums = [self._integrate(batch, clean, layer, alphas, weights, zero_step, baseline) for layer in layers]

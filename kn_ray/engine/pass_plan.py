@@ -23,11 +23,11 @@ import math
 import torch
 
 # Row-tokens through a block that cost as much as the block's fixed cost per pass. CPU: measured
-# on SmolLM2-135M (fp32, one thread, AMD Zen 4; BENCHMARKS.md section 12): a block pass costs
-# about as much as its arithmetic on 12 row-tokens. GPU: not measured; a pass is bound by kernel
-# launches and weight reads until it holds some hundreds of row-tokens (the engine's smallest
-# GPU pass, `ModelRunner._default_batch_tokens`, is 256).
-FIXED_ROW_TOKENS = {"cpu": 12, "cuda": 256}
+# by benchmarks/pass_cost.py on SmolLM2-135M (random weights, fp32, one thread, AMD Zen 4): a
+# block pass costs 3.9 ms + 0.19 ms per row-token (BENCHMARKS.md section 12). GPU: not measured;
+# a pass is bound by kernel launches and weight reads until it holds some hundreds of row-tokens
+# (the engine's smallest GPU pass, `ModelRunner._default_batch_tokens`, is 256).
+FIXED_ROW_TOKENS = {"cpu": 20, "cuda": 256}
 
 
 def fixed_cost(device: torch.device) -> int:
