@@ -8,8 +8,9 @@ models get their masked templates), for each rule, interleaved, on one torch thr
 * otherwise: one call for all n prompts, as a shard of n prompts runs now.
 
 Reports CPU seconds of this process (`time.process_time`; on a machine that other work shares,
-the wall clock measures the others too) and wall seconds, and the median and max evaluations per
-(prompt, layer).
+the wall clock measures the others too) and wall seconds, the median, max and mean evaluations
+per (prompt, layer), and the rows x blocks they run per prompt (a row scaled at layer l runs
+blocks l..top: the arithmetic the evaluations cost).
 
     PYTHONPATH=. python benchmarks/steady_state.py --model smollm2 --sizes 2,8 [--per-prompt]
 """
