@@ -16,6 +16,7 @@ import ray
 
 from .options import Resources
 from .ray_env import forwarded
+
 MAX_CPU_GROUP = 8  # CPUs per default CPU actor: torch threads scale to about that many on one model
 
 @contextlib.contextmanager
@@ -66,9 +67,10 @@ def actor_resources(res: Resources, gpus: float | None = None) -> tuple[int, dic
 def cpu_group(workers: int | None = None, cluster_cpus: float = 1) -> int:
     """The default CPUs of a CPU actor: the smallest node's CPUs, in groups of at most MAX_CPU_GROUP
     (with a number of `workers`, also at most their share of the cluster's CPUs).
-    One multi-threaded actor per group beats one single-threaded actor per core (BENCHMARKS.md,
-    "The CPU default plan": a second thread speeds a pass up more than a second model copy does)
-    and holds one copy of the model instead of one per core."""
+    One multi-threaded actor per group holds one copy of the model instead of one per core, and
+    uses every core of a small run, whose few shards (>= 32 prompts each) would leave
+    single-threaded actors idle; on runs of many shards of a small model, one single-threaded
+    actor per core can be faster (BENCHMARKS.md, "The CPU default plan": SmolLM2, 88% of it)."""
     nodes = [node.get("Resources", {}).get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
     smallest = int(min((n for n in nodes if n >= 1), default=1))
     group = smallest // math.ceil(smallest / MAX_CPU_GROUP)
