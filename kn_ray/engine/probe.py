@@ -32,6 +32,7 @@ class Probe:
     top_id: int = -1
     top_prob: float = math.nan
     first_target_id: int = -1  # the target's first token (top-1 accuracy compares it to top_id)
+    gold_rank: int = -1  # rank of the target's first token at the target position (1 = the top prediction)
 
     @property
     def correct(self) -> bool:
@@ -80,7 +81,9 @@ class Prober(ModelRunner):
                 stack.enter_context(edit_neurons(self.model, self.adapter, layer, _scaler(rows, batch.target_col, scale)))
             logits = self.model(**self._inputs(batch, rows)).logits.to(self.device)
         gold = gold_prob(logits, batch.gold_ids, batch.gold_valid)
-        top_prob, top_ids = logits[:, 0].float().softmax(-1).max(-1)
+        first = logits[:, 0].float()
+        top_prob, top_ids = first.softmax(-1).max(-1)
+        ranks = gold_rank(first, batch.gold_ids[:, 0])
         tokens = self.token_texts(top_ids.tolist())
         return [
             dict(
@@ -88,6 +91,7 @@ class Prober(ModelRunner):
                 top_token=tokens[b],
                 top_id=int(top_ids[b]),
                 top_prob=float(top_prob[b]),
+                gold_rank=int(ranks[b]),
             )
             for b in range(batch.size)
         ]
@@ -101,6 +105,12 @@ class Prober(ModelRunner):
                     scales[layer] = torch.ones(size, self.lm.num_neurons, device=self.device)
                 scales[layer][b, neuron] = factor
         return scales
+
+
+def gold_rank(logits: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    """1 + the number of tokens scored strictly above the gold token (`logits` [B, V], `gold` [B]):
+    1 when the greedy prediction is the gold token (a tie counts for the gold)."""
+    return 1 + (logits > logits.gather(1, gold[:, None])).sum(-1)
 
 
 def _scaler(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor):

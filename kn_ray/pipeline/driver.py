@@ -12,18 +12,20 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from kn_ray import __version__
 
 from . import ray_env
-from .facts import detect_format, read_facts
+from .facts import FactSet, detect_format, read_facts
+from .known import choose_facts, known_facts, relation_summary, with_probe
 from .options import RunOptions
 from .plan import Shard, auto_shard_size, fingerprint, plan_shards
 from .corrupt import with_candidates
-from .prompts import build_prompts
+from .probe_stage import ProbeResult, fact_order, run_probe
+from .prompts import PromptSet, PromptSpec, build_prompts
 from .record import RunRecord
 from .rundir import RunDirectory
 from .uris import is_local, local_copy, public_uri
@@ -45,6 +47,7 @@ class RunSummary:
     workers: str = ""  # the actor plan, as chosen
     stale_removed: int = 0  # parts of unfinished attempts deleted
     actors_back: int = 0  # lost actors that came back (restarted, model reloaded) and rejoined the pool
+    probe: dict = field(default_factory=dict)  # the probe stage's counts (`probe_counts`)
 
     @property
     def ok(self) -> bool:
@@ -64,17 +67,19 @@ def option_identity(options: RunOptions, fmt: str) -> dict:
         attribution=options.attribution(),
         keep=options.as_dict()["keep"],
         input=dict(format=fmt, filters=options.filters.as_dict()),
+        probe=options.probe.identity(),
     )
 
 
-def run_record(options: RunOptions, fmt: str, info: dict, shards: list[Shard], dropped: int) -> RunRecord:
+def run_record(options: RunOptions, fmt: str, info: dict, prompts: PromptSet) -> RunRecord:
+    """run.json. Its plan is the pool the probe stage reads (every prompt of the input); which of
+    them are attributed follows from the committed probe rows, so it is not part of the identity."""
     identity = option_identity(options, fmt)
     identity["model_info"] = {k: info[k] for k in ("revision", "masked", "num_layers", "num_neurons", "precision", "dtype")}
-    n_prompts = sum(map(len, shards))
-    identity["plan"] = dict(shard_size=options.shard_size or auto_shard_size(n_prompts), shards=len(shards),
-                            prompts=n_prompts,
-                            facts=len({p.fact_id for s in shards for p in s.prompts if p.fact_id}),
-                            dropped_templates=dropped, fingerprint=fingerprint(shards))
+    pool = prompts.prompts
+    identity["plan"] = dict(shard_size=options.shard_size or "auto", prompts=len(pool),
+                            facts=len({p.fact_id for p in pool if p.fact_id}),
+                            dropped_templates=prompts.dropped_templates, fingerprint=fingerprint([Shard(0, tuple(pool))]))
     recorded = dict(options.as_dict(), facts=public_uri(options.facts), output=public_uri(options.output))
     return RunRecord.of(identity, input_path=public_uri(options.facts), model_source=info["source"],
                         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), options=recorded)
@@ -89,17 +94,39 @@ def file_metadata(record: RunRecord) -> dict:
                 **{k: v for k, v in ident["attribution"].items() if k not in ("n_steps", "rule", "precision")})
 
 
-def run_pipeline(options: RunOptions, *, progress: bool = True) -> RunSummary:
-    options.check()
-    start = time.perf_counter()
+def read_pool(options: RunOptions) -> tuple[FactSet, str]:
+    """Every fact the filters admit (--max-facts-per-relation is applied after the probe, to known
+    facts), and the input's format."""
+    pool_filters = replace(options.filters, max_facts_per_relation=None)
     with tempfile.TemporaryDirectory(prefix="kn-ray-facts-") as scratch:
         facts_path = Path(local_copy(options.facts, scratch))
         fmt = detect_format(facts_path) if options.facts_format == "auto" else options.facts_format
-        facts = read_facts(facts_path, fmt, options.filters).require(public_uri(options.facts), options.filters)
+        facts = read_facts(facts_path, fmt, pool_filters).require(public_uri(options.facts), options.filters)
+    return facts, fmt
+
+
+def chosen_prompts(prompts: list[PromptSpec], probe: ProbeResult, options: RunOptions,
+                   input_order: list[str]) -> tuple[list[PromptSpec], set[str]]:
+    """The prompts of the chosen known facts (with their probe fields; unknown ones skipped
+    unless --attribute-unknown), the error rows of inputs that never became a fact; and the
+    chosen facts."""
+    policy, order = options.probe, fact_order(prompts, input_order)
+    chosen = set(choose_facts(order, known_facts(probe.table, policy.min_known_prompts),
+                              options.filters.max_facts_per_relation))
+    probeable = {f for ids in order.values() for f in ids}
+    mine = [s for s in prompts if s.fact_id in chosen or s.fact_id not in probeable]
+    return with_probe(mine, probe.table, policy.attribute_unknown), chosen
+
+
+def run_pipeline(options: RunOptions, *, progress: bool = True) -> RunSummary:
+    options.check()
+    start = time.perf_counter()
+    facts, fmt = read_pool(options)
     run = RunDirectory(options.output)
     run.refuse_conflict(option_identity(options, fmt))  # before any model loads
 
     ray_env.prepare()  # before Ray is imported
+    from .dispatch import DispatchResult
     from .execute import attribution_actors, run_shards
     from .pool import open_pool
     from .ray_cluster import single_node
@@ -110,29 +137,63 @@ def run_pipeline(options: RunOptions, *, progress: bool = True) -> RunSummary:
         info = pool.model_info()
         prompts = build_prompts(facts, masked=info["masked"], max_templates=options.filters.max_templates)
         prompts.require(public_uri(options.facts), options.placement.model)
-        if options.mode == "circuits":
-            if info["masked"]:
-                raise ValueError("--mode circuits needs a causal LM (EAP-IG over pre-LN blocks)")
-            prompts.prompts = with_candidates(prompts.prompts)
-        shards = plan_shards(prompts.prompts, options.shard_size or auto_shard_size(len(prompts.prompts)))
-        record = run.open_run(run_record(options, fmt, info, shards, prompts.dropped_templates))
+        if options.mode == "circuits" and info["masked"]:
+            raise ValueError("--mode circuits needs a causal LM (EAP-IG over pre-LN blocks)")
+        record = run.open_run(run_record(options, fmt, info, prompts))
+        workers_write = not is_local(options.output) or single_node()
+        metadata = file_metadata(record)
+
+        def dispatch(shards: list[Shard], desc: str, **kind):
+            if not shards:
+                return DispatchResult()
+            with _progress_bar(sum(map(len, shards)), progress, desc) as bar:
+                return run_shards(pool, shards, run, record.config_hash, options, metadata, bar,
+                                  workers_write=workers_write, **kind)
+
+        input_order = [f.fact_id for f in facts.facts]
+        probe = run_probe(run, record.config_hash, options, prompts.prompts, input_order,
+                          lambda shards: dispatch(shards, "probing", probe=True))
+        selected, chosen = chosen_prompts(prompts.prompts, probe, options, input_order)
+        run.write_summary("probe", probe_summary(options, probe, chosen))
+        if options.probe.probe_only or probe.failed:
+            shards: list[Shard] = []
+        else:
+            if options.mode == "circuits":
+                selected = with_candidates(selected)
+            shards = plan_shards(selected, options.shard_size or auto_shard_size(len(selected)))
         done = run.commits.finished([s.name for s in shards], record.config_hash)
-        stale = run.commits.remove_stale(done)
         todo = [s for s in shards if s.name not in done]
         dispatch_start = time.perf_counter()
-        with _progress_bar(sum(map(len, todo)), progress) as bar:
-            result = run_shards(pool, todo, run, record.config_hash, options, file_metadata(record), bar,
-                                workers_write=not is_local(options.output) or single_node())
+        result = dispatch(todo, "attributing")
         dispatch_seconds = time.perf_counter() - dispatch_start
-    stale += run.commits.remove_stale(run.commits.markers(record.config_hash))
+    kept = {**run.commits.finished([s.name for s in probe.shards + shards], record.config_hash)}
+    stale = run.commits.remove_stale(kept)
     counts = run.read("prompts", ["status"]).column("status").value_counts().to_pylist()
-    return RunSummary(str(run), len(shards), len(shards) - len(todo), len(result.written), result.failed,
-                     result.retries, result.actors_lost, result.prompts, time.perf_counter() - start, dispatch_seconds,
-                     {c["values"]: c["counts"] for c in counts}, pool.plan, stale, result.actors_back)
+    failed = {**probe.failed, **result.failed}
+    return RunSummary(str(run), len(shards), len(shards) - len(todo), len(result.written), failed,
+                      result.retries, result.actors_lost, result.prompts, time.perf_counter() - start, dispatch_seconds,
+                      {c["values"]: c["counts"] for c in counts}, pool.plan, stale, result.actors_back,
+                      probe=probe_counts(probe, chosen, len(selected) if shards else 0))
 
 
-def _progress_bar(total: int, enabled: bool):
+def probe_summary(options: RunOptions, probe: ProbeResult, chosen: set[str]) -> dict:
+    """probe.json: the rule, and per relation what the model knows."""
+    return dict(rule=str(options.probe.rule), min_known_prompts=options.probe.min_known_prompts,
+                attribute_unknown=options.probe.attribute_unknown,
+                max_facts_per_relation=options.filters.max_facts_per_relation,
+                shards=len(probe.shards), failed=sorted(probe.failed),
+                relations=relation_summary(probe.table, options.probe.min_known_prompts, chosen))
+
+
+def probe_counts(probe: ProbeResult, chosen: set[str], prompts_planned: int) -> dict:
+    known = probe.table.column("known").to_pandas().fillna(False).astype(bool)
+    return dict(prompts=probe.table.num_rows, known=int(known.sum()), facts_chosen=len(chosen),
+                shards=len(probe.shards), written=probe.written, prompts_computed=probe.prompts_computed,
+                seconds=round(probe.seconds, 3), prompts_planned=prompts_planned)
+
+
+def _progress_bar(total: int, enabled: bool, desc: str = "attributing"):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="prompt", desc="attributing", disable=not enabled, dynamic_ncols=True,
+    return tqdm(total=total, unit="prompt", desc=desc, disable=not enabled, dynamic_ncols=True,
                 smoothing=0.1)

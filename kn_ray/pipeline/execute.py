@@ -15,6 +15,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 from .circuit_tables import CIRCUIT_KINDS
+from .known import PROBE_KINDS
 from .commit import CommitError, new_attempt
 from .dispatch import Dispatcher, DispatchResult
 from .options import RunOptions
@@ -33,12 +34,14 @@ def attribution_actors(options: RunOptions) -> ActorSpec:
 
 
 def run_shards(pool: ActorPool, shards: list[Shard], run: RunDirectory, run_hash: str, options: RunOptions,
-               metadata: dict, progress=None, workers_write: bool = True) -> DispatchResult:
+               metadata: dict, progress=None, workers_write: bool = True, probe: bool = False) -> DispatchResult:
     """Compute `shards` and commit each: the actor writes an attempt's parts (or returns tables
     the driver writes), the driver checks them and writes the marker. Commits run on a few
     driver threads, so a marker's fsync or PUT latency never holds up the dispatch loop; a
-    failed commit sends its shard back to the queue."""
-    kinds = CIRCUIT_KINDS if options.mode == "circuits" else KINDS
+    failed commit sends its shard back to the queue. `probe`: the probe stage's forward passes
+    instead of the run's mode."""
+    kinds = PROBE_KINDS if probe else CIRCUIT_KINDS if options.mode == "circuits" else KINDS
+    extra = dict(mode="probe", known=str(options.probe.rule)) if probe else options.engine_extra()
 
     def call(actor, shard: Shard):
         attempt = new_attempt()
@@ -46,7 +49,7 @@ def run_shards(pool: ActorPool, shards: list[Shard], run: RunDirectory, run_hash
         output = ShardOutput(run.uri, shard.name, attempt, meta) if workers_write else None
         o = options
         return actor.compute.remote(shard.shard_id, list(shard.prompts), o.n_steps, o.rule, o.keep, output,
-                                    **o.engine_extra()), (attempt, meta)
+                                    **extra), (attempt, meta)
 
     def commit(shard: Shard, result: ShardResult, attempt: str, meta: dict) -> None:
         parts = result.parts if result.parts is not None else \

@@ -4,10 +4,11 @@
     OUT/run.json                                   RunRecord, written once
     OUT/{prompts,neurons,activations}/part-NNNNN-ATTEMPT.parquet   a shard's parts, per attempt
     OUT/{edges,nodes,faithfulness}/part-NNNNN-ATTEMPT.parquet   --mode circuits, instead of neurons/activations
+    OUT/probe/part-probe-NNNNN-ATTEMPT.parquet     the probe stage's shards (what the model knows)
     OUT/_shards/part-NNNNN.json                    done marker: names the committed attempt's parts
     OUT/{knowledge_neurons,relation_neurons}/part-NNNNN.parquet   aggregate
     OUT/edits/part-OP-NNNNN.parquet                edit, one group of parts per op
-    OUT/aggregate.json, OUT/edits.json             later stages' summaries, beside their tables
+    OUT/probe.json, OUT/aggregate.json, OUT/edits.json   stages' summaries, beside their tables
     OUT/report/                                    the HTML report and its figures
 
 Every table folder holds Parquet parts and nothing else, so any dataset reader (pandas,
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 
 from .circuit_tables import CIRCUIT_KINDS
+from .known import PROBE_KINDS
 from .neuron_tables import KINDS
 
 RUN_FILE = "run.json"
@@ -28,20 +30,22 @@ PART = "part-"  # every part file and shard name starts with it
 PARQUET = ".parquet"
 MARKER_SUFFIX = ".json"
 
-SHARD_KINDS = tuple(dict.fromkeys(KINDS + CIRCUIT_KINDS))  # tables committed shard by shard (either mode)
+SHARD_KINDS = tuple(dict.fromkeys(PROBE_KINDS + KINDS + CIRCUIT_KINDS))  # tables committed shard by shard (any mode)
+PROBE_GROUP = "probe"  # the probe stage's shards: part-probe-NNNNN
 CIRCUITS = "attribute --mode circuits"
 CIRCUITS_AGGREGATE = "aggregate (a circuits run)"
 
 # every table folder of OUT, and the command that writes it
-TABLES: dict[str, str] = {**{kind: "attribute" for kind in KINDS}, **{kind: CIRCUITS for kind in CIRCUIT_KINDS[1:]},
+TABLES: dict[str, str] = {"probe": "attribute (or --probe-only)", **{kind: "attribute" for kind in KINDS}, **{kind: CIRCUITS for kind in CIRCUIT_KINDS[1:]},
                           "knowledge_neurons": "aggregate", "relation_neurons": "aggregate",
                           "relation_circuits": CIRCUITS_AGGREGATE, "edits": "edit"}
-SUMMARIES: dict[str, str] = {"aggregate": "aggregate.json", "edit": "edits.json"}
+SUMMARIES: dict[str, str] = {"probe": "probe.json", "aggregate": "aggregate.json", "edit": "edits.json"}
 
 
-def shard_name(shard_id: int) -> str:
-    """part-NNNNN: a shard's marker (`marker_file`) and the stem of its parts (`attempt_part`)."""
-    return f"{PART}{shard_id:05d}"
+def shard_name(shard_id: int, group: str | None = None) -> str:
+    """part-NNNNN (part-GROUP-NNNNN for the probe stage's shards): a shard's marker (`marker_file`)
+    and the stem of its parts (`attempt_part`)."""
+    return f"{group_prefix(group)}{shard_id:05d}"
 
 
 def marker_file(shard: str) -> str:

@@ -23,7 +23,7 @@ PROMPTS = pa.schema([
     ("prompt_id", pa.string()), ("fact_id", pa.string()), ("relation", pa.string()), ("subject", pa.string()),
     ("object", pa.string()), ("template", pa.string()), ("prompt", pa.string()), ("target", pa.string()),
     ("status", pa.string()), ("error", pa.string()), ("gold_prob", pa.float32()), ("top_token", pa.string()),
-    ("top_prob", pa.float32()), ("max_score", pa.float32()), ("completeness", pa.list_(pa.float32())),
+    ("top_prob", pa.float32()), ("gold_rank", pa.int32()), ("known", pa.bool_()), ("max_score", pa.float32()), ("completeness", pa.list_(pa.float32())),
     ("seconds", pa.float32()), ("evaluations", pa.list_(pa.int32())),
 ])
 _NEURON_KEYS = [("prompt_id", pa.string()), ("fact_id", pa.string()), ("relation", pa.string()),

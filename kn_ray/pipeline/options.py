@@ -15,6 +15,7 @@ from kn_ray.fields import check_choices, int_or_auto, option
 from kn_ray.placement import Placement
 
 from .facts import FORMATS, Filters
+from .known import ProbePolicy
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class RunOptions:
                               "filesystem)", aliases=("-o",))
     facts_format: str = option("auto", "facts format", key="format", choices=FORMATS)
     filters: Filters = option(factory=Filters, section="filters")
+    probe: ProbePolicy = option(factory=ProbePolicy, section="probe")
     n_steps: int | str = option(N_STEPS, "integration steps, or auto (adaptive, see --tolerance)", section="attribution",
                                 type=int_or_auto)
     rule: str = option(RULE, "quadrature rule (left with 20 steps: the paper's)", choices=RULES, section="attribution",
@@ -134,6 +136,7 @@ class RunOptions:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.keep.check()
+        self.probe.check()
         self.resources.check()
         return self
 

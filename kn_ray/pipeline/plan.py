@@ -18,10 +18,11 @@ from .prompts import PromptSpec
 class Shard:
     shard_id: int
     prompts: tuple[PromptSpec, ...]
+    group: str | None = None  # the probe stage's shards are a group of their own (layout.PROBE_GROUP)
 
     @property
     def name(self) -> str:
-        return shard_name(self.shard_id)
+        return shard_name(self.shard_id, self.group)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -40,7 +41,8 @@ def auto_shard_size(n_prompts: int) -> int:
     return max(MIN_AUTO_SHARD, min(MAX_AUTO_SHARD, -(-n_prompts // MIN_AUTO_SHARDS)))
 
 
-def plan_shards(prompts: list[PromptSpec], shard_size: int) -> list[Shard]:
+def plan_shards(prompts: list[PromptSpec], shard_size: int, *, first_id: int = 0, group: str | None = None) -> list[Shard]:
+    """Consecutive runs of whole facts, numbered from `first_id`."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     shards, current = [], []
@@ -48,10 +50,10 @@ def plan_shards(prompts: list[PromptSpec], shard_size: int) -> list[Shard]:
         current.append(spec)
         next_fact = prompts[i + 1].fact_id if i + 1 < len(prompts) else None
         if len(current) >= shard_size and (next_fact != spec.fact_id or not spec.fact_id):
-            shards.append(Shard(len(shards), tuple(current)))
+            shards.append(Shard(first_id + len(shards), tuple(current), group))
             current = []
     if current:
-        shards.append(Shard(len(shards), tuple(current)))
+        shards.append(Shard(first_id + len(shards), tuple(current), group))
     return shards
 
 

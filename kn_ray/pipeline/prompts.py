@@ -31,6 +31,12 @@ class PromptSpec:
     status: str | None = None  # None: to compute; "error" / "skipped": decided before the model runs
     error: str | None = None
     corrupt: tuple = ()  # circuits: candidate corrupted prompts ((prompt_id, prompt, object), ...), `corrupt.py`
+    # the probe's reading (`known.py`): set once the prompt is probed
+    gold_rank: int | None = None
+    known: bool | None = None
+    gold_prob: float | None = None
+    top_token: str | None = None
+    top_prob: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -14,13 +14,14 @@ import pyarrow.parquet as pq
 from pyarrow.fs import FileSelector
 
 from .circuit_tables import CIRCUIT_SCHEMAS
+from .known import PROBE
 from .commit import Commits
 from .layout import PART, RUN_FILE, SHARD_KINDS, SUMMARIES, TABLES, is_part
 from .record import RunConflict, RunRecord, describe_difference
 from .storage import Storage
 from .neuron_tables import SCHEMAS as NEURON_SCHEMAS
 
-SCHEMAS = {**NEURON_SCHEMAS, **CIRCUIT_SCHEMAS}  # the attribute tables
+SCHEMAS = {"probe": PROBE, **NEURON_SCHEMAS, **CIRCUIT_SCHEMAS}  # the attribute tables
 
 
 class RunDirectory(Storage):

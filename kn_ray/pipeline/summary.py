@@ -25,8 +25,24 @@ def summary_text(summary) -> str:
         f"time        {summary.seconds:.1f} s; {summary.prompts_computed} prompts in {summary.dispatch_seconds:.1f} s "
         f"= {summary.throughput:.2f} prompts/s",
     ]
+    p = summary.probe
+    if p:
+        share = p["known"] / p["prompts"] if p["prompts"] else 0.0
+        lines.insert(1, f"probe       {p['prompts']} prompts probed ({p['prompts_computed']} now, {p['seconds']:.1f} s): "
+                        f"{p['known']} known ({share:.0%}); {p['facts_chosen']} facts chosen")
     lines += [f"FAILED      {name}: {why}" for name, why in sorted(summary.failed.items())]
     return "\n".join(lines)
+
+
+def probe_text(store: RunDirectory) -> str:
+    """What the model knows, per relation (probe.json)."""
+    from .known import summary_lines
+
+    probe = store.summary("probe")
+    if not probe or not probe.get("relations"):
+        return ""
+    head = f"what the model knows (a prompt is known if {probe['rule']}; a fact with >= {probe['min_known_prompts']} known prompts):"
+    return "\n".join([head] + ["  " + line for line in summary_lines(probe["relations"])])
 
 
 def reasons_text(store: RunDirectory, limit: int = 8) -> str:

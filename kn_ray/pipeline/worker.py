@@ -59,6 +59,7 @@ class ShardComputer:
         self.dtype = dtype_name(lm.dtype)  # the weights, as loaded: fp32 | bf16 | fp16
         self.attributor = Attributor(lm, precision=placement.precision, max_batch_prompts=placement.batch_cap)
         self.edges = None  # EdgeAttributor, made on the first circuits shard
+        self.prober = None  # Prober, made on the first probe shard
 
     def info(self) -> dict:
         """What the run records about the model, as this worker loaded it."""
@@ -72,9 +73,11 @@ class ShardComputer:
                 output: ShardOutput | None = None, mode: str = "neurons", **engine) -> ShardResult:
         """The parts written to `output`, or the tables without one. `engine`: further
         `Attributor.attribute` keywords (RunOptions.engine_extra); `mode="circuits"`: EAP-IG
-        edges instead (`circuits`)."""
-        faults.before_task(shard_id)
-        if mode == "circuits":
+        edges instead (`circuits`); `mode="probe"`: the probe stage's forward passes (`probe`)."""
+        faults.before_task(f"probe-{shard_id}" if mode == "probe" else shard_id)
+        if mode == "probe":
+            tables = self.probe(specs, **engine)
+        elif mode == "circuits":
             tables = self.circuits(specs, n_steps, rule, **engine)
         else:
             tables = self.neurons(specs, n_steps, rule, keep, **engine)
@@ -91,6 +94,23 @@ class ShardComputer:
             for i, res in zip(todo, computed):
                 results[i] = res
         return shard_tables(specs, results, keep, self.lm.num_neurons)
+
+    def probe(self, specs, *, known: str) -> dict[str, pa.Table]:
+        """One forward pass per prompt: P(gold), the gold's rank, the top prediction, and whether
+        the model knows it under the rule `known` (`known.py`)."""
+        from kn_ray.engine.probe import Prober
+
+        from .known import KnownRule, probe_table
+
+        if self.prober is None:
+            self.prober = Prober(self.lm, precision=self.attributor.precision,
+                                 max_batch_prompts=self.attributor.max_batch_prompts)
+        todo = [i for i, spec in enumerate(specs) if spec.status is None]
+        probes: list = [None] * len(specs)
+        if todo:
+            for i, res in zip(todo, self.prober.probe([specs[i].prompt for i in todo], [specs[i].target for i in todo])):
+                probes[i] = res
+        return {"probe": probe_table(specs, probes, KnownRule.parse(known))}
 
     def circuits(self, specs, n_steps, rule, *, metric: str, top_edges: int, faithfulness_random: int) -> dict[str, pa.Table]:
         """EAP-IG edges of every prompt against its corrupted partner (`corrupt`), and the
