@@ -10,7 +10,12 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BertTokenizer, PreTrainedTokenizerFast
 
+from kn_ray.pipeline.known import ProbePolicy
 from tests.tiny_models import CONFIGS, MASKED, SPECIALS
+
+# Random models know nothing: tests of the pipeline's mechanics attribute every prompt (the paper's rule).
+EVERY_PROMPT = ProbePolicy(known="any")
+EVERY_PROMPT_FLAGS = ("--known", "any")
 
 # A PARAREL sample shipped with the tests (3 relations x 10 facts, all templates; MIT, see its LICENSE).
 PARAREL = Path(__file__).resolve().parent / "fixtures" / "pararel"

@@ -19,7 +19,7 @@ from kn_ray.stages.aggregate import AggregateParams, aggregate
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.placement import Placement
 from tests.numerics import assert_same_numbers
-from tests.pipeline_fixtures import pararel_slice, save_tiny_model, texts_of_pararel
+from tests.pipeline_fixtures import EVERY_PROMPT, pararel_slice, save_tiny_model, texts_of_pararel
 from tests.readers import assert_every_reader_counts
 
 
@@ -32,7 +32,7 @@ def world(tmp_path_factory):
 
 def options(world, out, **kw):
     return RunOptions(Placement(str(world["llama"]), precision="fp32"), facts=str(world["data"]), output=str(out),
-                      resources=Resources(workers=1), mode="circuits", n_steps=2, rule="gausslegendre",
+                      probe=EVERY_PROMPT, resources=Resources(workers=1), mode="circuits", n_steps=2, rule="gausslegendre",
                       top_edges=15, faithfulness_random=1, shard_size=5, **kw)
 
 

@@ -205,7 +205,7 @@ def test_submit_writes_to_a_bucket_and_the_stages_read_it(s3_server, tmp_path):
     work.mkdir()
     (work / "job.yaml").write_text(yaml.safe_dump(dict(
         model=str(model), facts=str(facts), output="relative/out", attribution=dict(n_steps=3),
-        workers=dict(count=2), shard_size=1)))
+        probe=dict(known="any"), workers=dict(count=2), shard_size=1)))
     uri = f"s3://{BUCKET}/submitted/run"
     with running_head(dashboard=True, num_cpus=2) as head:
         submit = [sys.executable, "-m", "kn_ray.interfaces.cli", "submit", "job.yaml", "--address", head.dashboard]

@@ -29,7 +29,7 @@ from kn_ray.stages.aggregate import AggregateParams, aggregate
 from kn_ray.stages.edit.corpus import read_parts
 from kn_ray.stages.edit.options import EditOptions, EditSettings
 from kn_ray.stages.edit.stage import run_edits
-from tests.pipeline_fixtures import save_tiny_model
+from tests.pipeline_fixtures import EVERY_PROMPT, EVERY_PROMPT_FLAGS, save_tiny_model
 from tests.ray_head import free_port, naming, private_tmp, signal_all
 from tests.numerics import assert_same_edit_rows
 
@@ -117,7 +117,8 @@ def world(tmp_path_factory, ray_local):
     model = save_tiny_model("bert", texts, root / "bert")
     local = root / "local"
     opts = RunOptions(placement=Placement(model=str(model), precision="fp32"), facts=str(facts), output=str(local),
-                      n_steps=N_STEPS, shard_size=SHARD, resources=Resources(workers=1, cpus_per_worker=1))
+                      n_steps=N_STEPS, shard_size=SHARD, resources=Resources(workers=1, cpus_per_worker=1),
+                      probe=EVERY_PROMPT)
     assert run_pipeline(opts, progress=False).ok
     aggregate(str(local), AggregateParams(p=0.3, min_prompts=1))
     return dict(root=root, facts=facts, model=model, local=local)
@@ -169,10 +170,10 @@ def test_attribute_survives_a_lost_node(sim, world, tmp_path, replaced):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "kn_ray.interfaces.cli", "attribute", "--model", str(world["model"]),
            "--facts", str(world["facts"]), "--output", str(out), "--n-steps", str(N_STEPS),
-           "--shard-size", str(SHARD), "--precision", "fp32", "--no-progress"]
+           "--shard-size", str(SHARD), "--precision", "fp32", "--no-progress", *EVERY_PROMPT_FLAGS]
     hold = tmp_path / "hold"
     proc = subprocess.Popen(cmd, env=sim.env(hold), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lose_a_node(sim, proc, lambda: len(list((out / MARKERS).glob("*.json"))) >= 1, replaced, hold)
+    lose_a_node(sim, proc, lambda: len(list((out / MARKERS).glob("part-0*.json"))) >= 1, replaced, hold)
     summary = finish(proc)
     assert "2 actors x 1 CPU" in summary and " 0 failed (" in summary and " 0 workers lost" not in summary
     assert f"workers lost, {int(replaced)} back)" in summary  # replaced: the lost actor rejoined the pool

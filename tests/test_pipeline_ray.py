@@ -24,7 +24,7 @@ from kn_ray.pipeline.prompts import build_prompts
 from kn_ray.pipeline.record import RunConflict
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.pipeline.neuron_tables import kept
-from tests.pipeline_fixtures import BAD_LINES, PARAREL, pararel_slice, save_tiny_model, texts_of_pararel
+from tests.pipeline_fixtures import EVERY_PROMPT, EVERY_PROMPT_FLAGS, BAD_LINES, PARAREL, pararel_slice, save_tiny_model, texts_of_pararel
 from tests.numerics import assert_same_frames, assert_same_numbers
 
 N_STEPS = 4
@@ -44,7 +44,7 @@ def options(world, out: Path, model="bert", workers=1, facts=None, **kw) -> RunO
     # fp32 compute: `auto` is bf16 on CPUs with native bf16 (AVX512-BF16, AMX), whose rounding
     # depends on the batch composition, which differs between the pipeline and a direct call
     return RunOptions(Placement(str(world[model]), precision="fp32"), facts=str(facts or world["data"]), output=str(out),
-                      resources=Resources(workers=workers, **kw.pop("res", {})), **kw)
+                      resources=Resources(workers=workers, **kw.pop("res", {})), probe=kw.pop("probe", EVERY_PROMPT), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -188,17 +188,17 @@ def test_killed_driver_resumes_without_touching_finished_shards(world, reference
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "kn_ray.interfaces.cli", "attribute", "--model", str(world["bert"]),
            "--facts", str(world["data"]), "--output", str(out), "--n-steps", str(N_STEPS), "--shard-size", "10",
-           "--precision", "fp32", "--workers", "1", "--no-progress"]
+           "--precision", "fp32", "--workers", "1", "--no-progress", *EVERY_PROMPT_FLAGS]
     env = dict(os.environ, RAY_ADDRESS=ray_local, **{FAULTS: "delay=1.5"})
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
-        while len(list((out / "_shards").glob("*.json"))) < 2 and time.time() < deadline and proc.poll() is None:
+        while len(list((out / "_shards").glob("part-0*.json"))) < 2 and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    done = sorted((out / "_shards").glob("*.json"))
+    done = sorted((out / "_shards").glob("part-0*.json"))
     assert 2 <= len(done) < RunDirectory(reference).record().identity["plan"]["shards"]
     names = [p.stem for p in done]
     before = {p: p.stat().st_mtime_ns for p in out.rglob("part-*.parquet") if p.stem[:10] in names}

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from kn_ray.pipeline.rundir import RunDirectory
-from tests.pipeline_fixtures import save_tiny_model
+from tests.pipeline_fixtures import EVERY_PROMPT_FLAGS, save_tiny_model
 from tests.ray_head import start_head
 
 FACTS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome")]
@@ -29,7 +29,8 @@ def world(tmp_path_factory):
 
 def attribute(world, output: str, env: dict) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "kn_ray.interfaces.cli", "attribute", "--model", str(world["model"]),
-           "--facts", str(world["facts"]), "--output", output, "--n-steps", "2", "--workers", "1", "--no-progress"]
+           "--facts", str(world["facts"]), "--output", output, "--n-steps", "2", "--workers", "1", "--no-progress",
+           *EVERY_PROMPT_FLAGS]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -24,7 +24,7 @@ from kn_ray.pipeline.layout import MARKERS
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.pipeline.neuron_tables import KINDS
 from tests.numerics import assert_same_frames
-from tests.pipeline_fixtures import save_tiny_model
+from tests.pipeline_fixtures import EVERY_PROMPT, EVERY_PROMPT_FLAGS, save_tiny_model
 from tests.s3_server import BUCKET, s3_server  # noqa: F401  (a fixture)
 
 N_STEPS = 3
@@ -48,7 +48,7 @@ def world(tmp_path_factory):
 
 def options(world, output: str, facts: str | None = None, workers: int = 1) -> RunOptions:
     return RunOptions(Placement(str(world["model"]), precision="fp32"), facts=facts or str(world["facts"]), output=output,
-                      n_steps=N_STEPS, shard_size=3, resources=Resources(workers=workers))
+                      n_steps=N_STEPS, shard_size=3, resources=Resources(workers=workers), probe=EVERY_PROMPT)
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +118,12 @@ def test_killed_driver_resumes_on_s3_without_rewriting_finished_parts(world, loc
     run = RunDirectory(uri)
     cmd = [sys.executable, "-m", "kn_ray.interfaces.cli", "attribute", "--model", str(world["model"]),
            "--facts", str(world["facts"]), "--output", uri, "--n-steps", str(N_STEPS), "--shard-size", "3",
-           "--precision", "fp32", "--workers", "1", "--no-progress"]
+           "--precision", "fp32", "--workers", "1", "--no-progress", *EVERY_PROMPT_FLAGS]
     env = dict(os.environ, RAY_ADDRESS=ray_local, **{FAULTS: "delay=1.0"})
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
-        while len(run.listing(MARKERS)) < 2 and time.time() < deadline and proc.poll() is None:
+        while len([i for i in run.listing(MARKERS) if "part-0" in i.path]) < 2 and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGKILL)

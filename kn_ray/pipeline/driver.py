@@ -111,7 +111,7 @@ def chosen_prompts(prompts: list[PromptSpec], probe: ProbeResult, options: RunOp
     unless --attribute-unknown), the error rows of inputs that never became a fact; and the
     chosen facts."""
     policy, order = options.probe, fact_order(prompts, input_order)
-    chosen = set(choose_facts(order, known_facts(probe.table, policy.min_known_prompts),
+    chosen = set(choose_facts(order, known_facts(probe.table, policy.min_known_prompts, policy.rule),
                               options.filters.max_facts_per_relation))
     probeable = {f for ids in order.values() for f in ids}
     mine = [s for s in prompts if s.fact_id in chosen or s.fact_id not in probeable]

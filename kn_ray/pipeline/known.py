@@ -64,7 +64,7 @@ class KnownRule:
         raise ValueError(f"--known {text!r}: expected top:K (K >= 1), prob:P (0 <= P <= 1) or any")
 
     def __str__(self) -> str:
-        return "any" if self.kind == "any" else f"{self.kind}:{int(self.value) if self.kind == 'top' else self.value:g}"
+        return "any" if self.kind == "any" else f"top:{int(self.value)}" if self.kind == "top" else f"prob:{self.value!r}"
 
     def known(self, gold_rank: int | None, gold_prob: float | None) -> bool:
         if self.kind == "any":
@@ -129,12 +129,14 @@ def probe_windows(fact_ids: dict[str, list[str]], limit: int | None) -> Iterator
         start, size = start + size, size * 2
 
 
-def known_facts(probe: pa.Table, min_known: int) -> set[str]:
-    """Facts with at least `min_known` known prompts in `probe`."""
+def known_facts(probe: pa.Table, min_known: int, rule: KnownRule) -> set[str]:
+    """Facts with at least `min_known` known prompts in `probe`; under `any`, every probed
+    prompt counts, even one the model cannot score (the paper's behaviour: every fact is used)."""
     if probe.num_rows == 0:
         return set()
     frame = probe.select(["fact_id", "known"]).to_pandas()
-    counts = frame[frame.known.fillna(False).astype(bool)].groupby("fact_id").size()
+    mine = frame if rule.kind == "any" else frame[frame.known.fillna(False).astype(bool)]
+    counts = mine.groupby("fact_id").size()
     return set(counts[counts >= min_known].index)
 
 

@@ -58,7 +58,7 @@ def run_probe(run: RunDirectory, run_hash: str, options: RunOptions, specs: list
             by_fact.setdefault(spec.fact_id, []).append(spec)
     limit, min_known = options.filters.max_facts_per_relation, options.probe.min_known_prompts
     result = ProbeResult(PROBE.empty_table())
-    size = options.shard_size or PROBE_SHARD
+    size = PROBE_SHARD  # not --shard-size: a probe shard costs about 1/40 of an attribution shard
     windows = probe_windows(order, limit)
     enough: set[str] = set()  # relations with `limit` known facts
     for window in windows:
@@ -75,7 +75,7 @@ def run_probe(run: RunDirectory, run_hash: str, options: RunOptions, specs: list
         result.table = read_probe(run, run_hash, result.shards)
         if result.failed or limit is None:
             break
-        known = known_facts(result.table, min_known)
+        known = known_facts(result.table, min_known, options.probe.rule)
         enough = {rel for rel, ids in order.items() if sum(f in known for f in ids) >= limit}
         if len(enough) == len(order):
             break

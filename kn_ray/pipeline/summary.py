@@ -30,6 +30,9 @@ def summary_text(summary) -> str:
         share = p["known"] / p["prompts"] if p["prompts"] else 0.0
         lines.insert(1, f"probe       {p['prompts']} prompts probed ({p['prompts_computed']} now, {p['seconds']:.1f} s): "
                         f"{p['known']} known ({share:.0%}); {p['facts_chosen']} facts chosen")
+        if not p["facts_chosen"] and p["prompts"]:
+            lines.insert(2, "NOTHING     the model knows none of these facts under the run's --known rule: nothing "
+                            "was attributed (see `probe/`; --known any attributes every prompt, as the paper did)")
     lines += [f"FAILED      {name}: {why}" for name, why in sorted(summary.failed.items())]
     return "\n".join(lines)
 
