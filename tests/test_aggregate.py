@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
 from kn_ray.interfaces.cli import main as cli
 from kn_ray.stages.aggregate import KNOWLEDGE_NEURONS, RELATION_NEURONS, AggregateParams, aggregate
+from kn_ray.stages.aggregate.params import LEVELS
 from tests.numerics import assert_same_numbers
 from kn_ray.pipeline.rundir import RunDirectory
 from tests.synthetic import SyntheticSpec, write_run, write_synthetic_run, write_tables
@@ -54,7 +57,7 @@ def test_coarse_threshold_and_sharing_rule(tmp_path):
         "B": ("R1", [MAX, MAX], 0),  # 2 usable prompts: below the floor of 3
         "C": ("R1", [MAX | {(4, 4): 0.9, (4, 5): 0.9}] * 6 + [MAX | {(4, 4): 0.9}] + [MAX] * 3, 0),
     })
-    summary = aggregate(out, AggregateParams(methods=("ig",)))
+    summary = aggregate(out, AggregateParams(methods=("ig",), levels=LEVELS))  # the rule's every neuron
     kn = knowledge_neurons(out)
     # A: (5,1) in 4/4; (3,7) at exactly 0.2 x max in 3/4 >= 2.8 (>=, as the authors); (2,2) 2/4
     assert neuron_set(kn, "A") == {(5, 1), (3, 7)}
@@ -67,9 +70,9 @@ def test_coarse_threshold_and_sharing_rule(tmp_path):
     assert summary["counts"]["facts_below_min_prompts"] == 1
     assert summary["counts"]["ig"]["facts_with_knowledge_neurons"] == 2
 
-    aggregate(out, AggregateParams(t=0.25, methods=("ig",)))
+    aggregate(out, AggregateParams(t=0.25, methods=("ig",), levels=LEVELS))
     assert neuron_set(knowledge_neurons(out), "A") == {(5, 1)}
-    aggregate(out, AggregateParams(p=0.5, min_prompts=2, methods=("ig",)))
+    aggregate(out, AggregateParams(p=0.5, min_prompts=2, methods=("ig",), levels=LEVELS))
     kn = knowledge_neurons(out)
     assert neuron_set(kn, "A") == {(5, 1), (3, 7), (2, 2)} and neuron_set(kn, "B") == {(5, 1)}
 
@@ -104,7 +107,7 @@ def test_adaptive_p_per_relation(tmp_path):
         # only (5,1), never reaches 2: six evaluations, p = 0.7 - 5 x 0.05
         "NEVER": ("R_never", _fact_with_counts({}), 0),
     })
-    summary = aggregate(out, AggregateParams(adaptive=True, methods=("ig",)))
+    summary = aggregate(out, AggregateParams(adaptive=True, methods=("ig",), levels=LEVELS))
     chosen = summary["p_per_relation"]["ig"]
     assert chosen["R_high"] == {"p": 0.75, "mean_per_fact": 2.0, "evaluations": 2, "in_target": True}
     assert chosen["R_low"] == {"p": 0.65, "mean_per_fact": 3.0, "evaluations": 2, "in_target": True}
@@ -181,20 +184,88 @@ def synthetic_run(tmp_path_factory):
     return out
 
 
+def reference_levels(kn: pd.DataFrame, run_facts: int, relations: int = 2, min_facts: int = 2,
+                     share: float = 0.5) -> pd.DataFrame:
+    """The level rule in plain pandas: per (method, layer, neuron) of the candidates."""
+    g = kn.groupby(["method", "layer", "neuron"]).agg(n_facts=("fact_id", "nunique"),
+                                                       n_relations=("relation", "nunique")).reset_index()
+    generic = (g.n_relations >= relations) | ((g.n_facts >= min_facts) & (g.n_facts >= share * run_facts - 1e-9))
+    g["level"] = np.where(generic, "generic", np.where(g.n_facts >= min_facts, "relation", "fact"))
+    return g
+
+
+def reference_consistency(out, method: str, column: str, table: str, t: float) -> dict:
+    """{fact_id: mean pairwise Jaccard of its usable prompts' coarse sets}, Python sets and loops."""
+    prompts = pd.read_parquet(out / "prompts")
+    usable = prompts[prompts.status == "ok"]
+    rows = pd.read_parquet(out / table)
+    rows = rows[rows.prompt_id.isin(usable.prompt_id)]
+    coarse = rows[rows[column] >= t * rows.groupby("prompt_id")[column].transform("max")]
+    sets = {p: set(zip(g.layer, g.neuron)) for p, g in coarse.groupby("prompt_id")}
+    result = {}
+    for fact_id, g in usable.groupby("fact_id"):
+        values = [len(sets.get(a, set()) & sets.get(b, set())) / len(sets.get(a, set()) | sets.get(b, set()))
+                  for a, b in itertools.combinations(sorted(g.prompt_id), 2) if sets.get(a) or sets.get(b)]
+        result[fact_id] = float(np.mean(values)) if len(g) >= 2 and values else None
+    return result
+
+
 def test_streamed_equals_pandas_reference(synthetic_run):
-    aggregate(synthetic_run, AggregateParams(memory_limit="64MB", threads=2))
+    """Every level (--levels fact,relation,generic), then the default (fact-level only), the
+    shared_neurons table and each fact's consistency, against plain pandas and Python."""
+    aggregate(synthetic_run, AggregateParams(memory_limit="64MB", threads=2, levels=LEVELS))
     relation = pq.read_table(synthetic_run / "relation_neurons").to_pandas()
+    n_facts = pd.read_parquet(synthetic_run / "prompts").query("status == 'ok'").fact_id.nunique()
+    everything = {}
     for method, column, table, t in [("ig", "score", "neurons", 0.2), ("activation", "activation", "activations", 0.5)]:
         expected, expected_rel = reference(synthetic_run, method, column, table, t)
+        levels = reference_levels(expected, n_facts)
+        expected = expected.merge(levels[["layer", "neuron", "level"]], on=["layer", "neuron"])
+        expected = expected.sort_values(KEYS).reset_index(drop=True)
+        everything[method] = (expected, levels)
         got = knowledge_neurons(synthetic_run, method)
         assert len(got) > 100
-        pd.testing.assert_frame_equal(got[KEYS + ["relation", "n_prompts"]], expected[KEYS + ["relation", "n_prompts"]],
-                                      check_dtype=False)
+        pd.testing.assert_frame_equal(got[KEYS + ["relation", "n_prompts", "level"]],
+                                      expected[KEYS + ["relation", "n_prompts", "level"]], check_dtype=False)
         assert_same_numbers(got.share, expected.share, dtype="float64", what="share")
         assert_same_numbers(got.mean_score, expected.mean_score, what="mean_score")
         got_rel = relation[relation.method == method]
         assert set(zip(got_rel.relation, got_rel.layer, got_rel.neuron, got_rel.n_facts)) == \
             set(zip(expected_rel.relation, expected_rel.layer, expected_rel.neuron, expected_rel.n_facts))
+        assert set(levels.level) == {"fact", "relation", "generic"}, method  # the run has all three
+
+    summary = aggregate(synthetic_run, AggregateParams(memory_limit="64MB", threads=2))
+    shared = pd.read_parquet(synthetic_run / "shared_neurons")
+    consistency = pd.read_parquet(synthetic_run / "fact_consistency")
+    for method, column, table, t in [("ig", "score", "neurons", 0.2), ("activation", "activation", "activations", 0.5)]:
+        expected, levels = everything[method]
+        got = knowledge_neurons(synthetic_run, method)
+        fact_level = expected[expected.level == "fact"].reset_index(drop=True)
+        pd.testing.assert_frame_equal(got[KEYS + ["n_prompts", "level"]], fact_level[KEYS + ["n_prompts", "level"]],
+                                      check_dtype=False)
+        counts = summary["counts"][method]
+        assert counts["knowledge_neurons"] == len(fact_level) and counts["candidates"] == len(expected)
+        assert counts["knowledge_neurons_per_level"] == expected.level.value_counts().reindex(LEVELS, fill_value=0).to_dict()
+        assert counts["max_relations_of_a_fact_level_neuron"] == 1
+        want = levels[levels.level != "fact"]
+        got_shared = shared[shared.method == method]
+        assert set(zip(got_shared.layer, got_shared.neuron, got_shared.level, got_shared.n_facts, got_shared.n_relations)) \
+            == set(zip(want.layer, want.neuron, want.level, want.n_facts, want.n_relations))
+        assert all(list(r) == sorted(set(expected[(expected.layer == l) & (expected.neuron == n)].relation))
+                   for l, n, r in zip(got_shared.layer, got_shared.neuron, got_shared.relations))
+        assert_same_numbers(got_shared.share.to_numpy(), (got_shared.n_facts / n_facts).to_numpy(), dtype="float64",
+                            what="share")
+
+        want_j = reference_consistency(synthetic_run, method, column, table, t)
+        got_j = consistency[consistency.method == method].set_index("fact_id").jaccard
+        assert set(got_j.index) == set(want_j) and sum(v is None for v in want_j.values()) > 0  # some single-prompt facts
+        assert [f for f, v in want_j.items() if v is None] == sorted(got_j[got_j.isna()].index)
+        known = sorted(f for f, v in want_j.items() if v is not None)
+        assert_same_numbers(got_j.loc[known].to_numpy(), np.array([want_j[f] for f in known]), dtype="float64",
+                            what="jaccard")
+        per_relation = summary["consistency"][method]
+        assert per_relation["ALL"]["mean"] == pytest.approx(np.mean([want_j[f] for f in known]))
+        assert per_relation["ALL"]["median"] == pytest.approx(np.median([want_j[f] for f in known]))
 
 
 def test_output_schemas_and_atomic_replace(synthetic_run):
