@@ -32,7 +32,7 @@ from kn_ray.pipeline.layout import SHARD_KINDS, part_file, shard_name
 from kn_ray.pipeline.record import RunRecord
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.pipeline.neuron_tables import ACTIVATIONS, KINDS, NEURONS, PROMPTS
-from kn_ray.stages.aggregate.schemas import KNOWLEDGE_NEURONS, RELATION_NEURONS
+from kn_ray.stages.aggregate.schemas import FACT_CONSISTENCY, KNOWLEDGE_NEURONS, RELATION_NEURONS, SHARED_NEURONS
 from kn_ray.stages.edit.outcomes import EDITS, as_table, metric_rows, prompt_row
 
 RELATION_IDS = ["P17", "P19", "P20", "P27", "P30", "P36", "P37", "P39", "P101", "P103",
@@ -43,7 +43,8 @@ RELATION_NEURONS_PER_RELATION = 3
 ALWAYS_ON_NEURONS = 24  # activation-only neurons that fire for any prompt
 ATTEMPT = "synthetic"  # the attempt id of every synthetic part
 TABLES = {"prompts": PROMPTS, "neurons": NEURONS, "activations": ACTIVATIONS, "edits": EDITS,
-          "knowledge_neurons": KNOWLEDGE_NEURONS, "relation_neurons": RELATION_NEURONS}
+          "knowledge_neurons": KNOWLEDGE_NEURONS, "relation_neurons": RELATION_NEURONS,
+          "shared_neurons": SHARED_NEURONS, "fact_consistency": FACT_CONSISTENCY}
 
 
 @dataclass

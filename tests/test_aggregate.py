@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from kn_ray.interfaces.cli import main as cli
 from kn_ray.stages.aggregate import KNOWLEDGE_NEURONS, RELATION_NEURONS, AggregateParams, aggregate
+from kn_ray.stages.aggregate.params import LEVELS
 from tests.numerics import assert_same_numbers
 from kn_ray.pipeline.rundir import RunDirectory
-from tests.synthetic import SyntheticSpec, write_run, write_synthetic_run, write_tables
+from kn_ray.pipeline.neuron_tables import NEURONS, PROMPTS
+from tests.synthetic import SyntheticSpec, _as_table, write_run, write_synthetic_run, write_tables
 
 SYNTHETIC = SyntheticSpec(facts=400, relations=5, facts_per_part=90, seed=3)  # 5 shards
 KEYS = ["method", "fact_id", "layer", "neuron"]
@@ -54,7 +59,7 @@ def test_coarse_threshold_and_sharing_rule(tmp_path):
         "B": ("R1", [MAX, MAX], 0),  # 2 usable prompts: below the floor of 3
         "C": ("R1", [MAX | {(4, 4): 0.9, (4, 5): 0.9}] * 6 + [MAX | {(4, 4): 0.9}] + [MAX] * 3, 0),
     })
-    summary = aggregate(out, AggregateParams(methods=("ig",)))
+    summary = aggregate(out, AggregateParams(methods=("ig",), levels=LEVELS))  # the rule's every neuron
     kn = knowledge_neurons(out)
     # A: (5,1) in 4/4; (3,7) at exactly 0.2 x max in 3/4 >= 2.8 (>=, as the authors); (2,2) 2/4
     assert neuron_set(kn, "A") == {(5, 1), (3, 7)}
@@ -67,9 +72,9 @@ def test_coarse_threshold_and_sharing_rule(tmp_path):
     assert summary["counts"]["facts_below_min_prompts"] == 1
     assert summary["counts"]["ig"]["facts_with_knowledge_neurons"] == 2
 
-    aggregate(out, AggregateParams(t=0.25, methods=("ig",)))
+    aggregate(out, AggregateParams(t=0.25, methods=("ig",), levels=LEVELS))
     assert neuron_set(knowledge_neurons(out), "A") == {(5, 1)}
-    aggregate(out, AggregateParams(p=0.5, min_prompts=2, methods=("ig",)))
+    aggregate(out, AggregateParams(p=0.5, min_prompts=2, methods=("ig",), levels=LEVELS))
     kn = knowledge_neurons(out)
     assert neuron_set(kn, "A") == {(5, 1), (3, 7), (2, 2)} and neuron_set(kn, "B") == {(5, 1)}
 
@@ -104,7 +109,7 @@ def test_adaptive_p_per_relation(tmp_path):
         # only (5,1), never reaches 2: six evaluations, p = 0.7 - 5 x 0.05
         "NEVER": ("R_never", _fact_with_counts({}), 0),
     })
-    summary = aggregate(out, AggregateParams(adaptive=True, methods=("ig",)))
+    summary = aggregate(out, AggregateParams(adaptive=True, methods=("ig",), levels=LEVELS))
     chosen = summary["p_per_relation"]["ig"]
     assert chosen["R_high"] == {"p": 0.75, "mean_per_fact": 2.0, "evaluations": 2, "in_target": True}
     assert chosen["R_low"] == {"p": 0.65, "mean_per_fact": 3.0, "evaluations": 2, "in_target": True}
@@ -181,20 +186,88 @@ def synthetic_run(tmp_path_factory):
     return out
 
 
+def reference_levels(kn: pd.DataFrame, run_facts: int, relations: int = 2, min_facts: int = 2,
+                     share: float = 0.5) -> pd.DataFrame:
+    """The level rule in plain pandas: per (method, layer, neuron) of the candidates."""
+    g = kn.groupby(["method", "layer", "neuron"]).agg(n_facts=("fact_id", "nunique"),
+                                                       n_relations=("relation", "nunique")).reset_index()
+    generic = (g.n_relations >= relations) | ((g.n_facts >= min_facts) & (g.n_facts >= share * run_facts - 1e-9))
+    g["level"] = np.where(generic, "generic", np.where(g.n_facts >= min_facts, "relation", "fact"))
+    return g
+
+
+def reference_consistency(out, method: str, column: str, table: str, t: float) -> dict:
+    """{fact_id: mean pairwise Jaccard of its usable prompts' coarse sets}, Python sets and loops."""
+    prompts = pd.read_parquet(out / "prompts")
+    usable = prompts[prompts.status == "ok"]
+    rows = pd.read_parquet(out / table)
+    rows = rows[rows.prompt_id.isin(usable.prompt_id)]
+    coarse = rows[rows[column] >= t * rows.groupby("prompt_id")[column].transform("max")]
+    sets = {p: set(zip(g.layer, g.neuron)) for p, g in coarse.groupby("prompt_id")}
+    result = {}
+    for fact_id, g in usable.groupby("fact_id"):
+        values = [len(sets.get(a, set()) & sets.get(b, set())) / len(sets.get(a, set()) | sets.get(b, set()))
+                  for a, b in itertools.combinations(sorted(g.prompt_id), 2) if sets.get(a) or sets.get(b)]
+        result[fact_id] = float(np.mean(values)) if len(g) >= 2 and values else None
+    return result
+
+
 def test_streamed_equals_pandas_reference(synthetic_run):
-    aggregate(synthetic_run, AggregateParams(memory_limit="64MB", threads=2))
+    """Every level (--levels fact,relation,generic), then the default (fact-level only), the
+    shared_neurons table and each fact's consistency, against plain pandas and Python."""
+    aggregate(synthetic_run, AggregateParams(memory_limit="64MB", threads=2, levels=LEVELS))
     relation = pq.read_table(synthetic_run / "relation_neurons").to_pandas()
+    n_facts = pd.read_parquet(synthetic_run / "prompts").query("status == 'ok'").fact_id.nunique()
+    everything = {}
     for method, column, table, t in [("ig", "score", "neurons", 0.2), ("activation", "activation", "activations", 0.5)]:
         expected, expected_rel = reference(synthetic_run, method, column, table, t)
+        levels = reference_levels(expected, n_facts)
+        expected = expected.merge(levels[["layer", "neuron", "level"]], on=["layer", "neuron"])
+        expected = expected.sort_values(KEYS).reset_index(drop=True)
+        everything[method] = (expected, levels)
         got = knowledge_neurons(synthetic_run, method)
         assert len(got) > 100
-        pd.testing.assert_frame_equal(got[KEYS + ["relation", "n_prompts"]], expected[KEYS + ["relation", "n_prompts"]],
-                                      check_dtype=False)
+        pd.testing.assert_frame_equal(got[KEYS + ["relation", "n_prompts", "level"]],
+                                      expected[KEYS + ["relation", "n_prompts", "level"]], check_dtype=False)
         assert_same_numbers(got.share, expected.share, dtype="float64", what="share")
         assert_same_numbers(got.mean_score, expected.mean_score, what="mean_score")
         got_rel = relation[relation.method == method]
         assert set(zip(got_rel.relation, got_rel.layer, got_rel.neuron, got_rel.n_facts)) == \
             set(zip(expected_rel.relation, expected_rel.layer, expected_rel.neuron, expected_rel.n_facts))
+        assert set(levels.level) == {"fact", "relation", "generic"}, method  # the run has all three
+
+    summary = aggregate(synthetic_run, AggregateParams(memory_limit="64MB", threads=2))
+    shared = pd.read_parquet(synthetic_run / "shared_neurons")
+    consistency = pd.read_parquet(synthetic_run / "fact_consistency")
+    for method, column, table, t in [("ig", "score", "neurons", 0.2), ("activation", "activation", "activations", 0.5)]:
+        expected, levels = everything[method]
+        got = knowledge_neurons(synthetic_run, method)
+        fact_level = expected[expected.level == "fact"].reset_index(drop=True)
+        pd.testing.assert_frame_equal(got[KEYS + ["n_prompts", "level"]], fact_level[KEYS + ["n_prompts", "level"]],
+                                      check_dtype=False)
+        counts = summary["counts"][method]
+        assert counts["knowledge_neurons"] == len(fact_level) and counts["candidates"] == len(expected)
+        assert counts["knowledge_neurons_per_level"] == expected.level.value_counts().reindex(LEVELS, fill_value=0).to_dict()
+        assert counts["max_relations_of_a_fact_level_neuron"] == 1
+        want = levels[levels.level != "fact"]
+        got_shared = shared[shared.method == method]
+        assert set(zip(got_shared.layer, got_shared.neuron, got_shared.level, got_shared.n_facts, got_shared.n_relations)) \
+            == set(zip(want.layer, want.neuron, want.level, want.n_facts, want.n_relations))
+        assert all(list(r) == sorted(set(expected[(expected.layer == l) & (expected.neuron == n)].relation))
+                   for l, n, r in zip(got_shared.layer, got_shared.neuron, got_shared.relations))
+        assert_same_numbers(got_shared.share.to_numpy(), (got_shared.n_facts / n_facts).to_numpy(), dtype="float64",
+                            what="share")
+
+        want_j = reference_consistency(synthetic_run, method, column, table, t)
+        got_j = consistency[consistency.method == method].set_index("fact_id").jaccard
+        assert set(got_j.index) == set(want_j) and sum(v is None for v in want_j.values()) > 0  # some single-prompt facts
+        assert [f for f, v in want_j.items() if v is None] == sorted(got_j[got_j.isna()].index)
+        known = sorted(f for f, v in want_j.items() if v is not None)
+        assert_same_numbers(got_j.loc[known].to_numpy(), np.array([want_j[f] for f in known]), dtype="float64",
+                            what="jaccard")
+        per_relation = summary["consistency"][method]
+        assert per_relation["ALL"]["mean"] == pytest.approx(np.mean([want_j[f] for f in known]))
+        assert per_relation["ALL"]["median"] == pytest.approx(np.median([want_j[f] for f in known]))
 
 
 def test_output_schemas_and_atomic_replace(synthetic_run):
@@ -312,3 +385,141 @@ def test_neuron_run_without_knowledge_neurons_is_a_clear_error(tmp_path):
     write_run(tmp_path / "neurons", None, [])
     with pytest.raises(ValueError, match="kn-ray aggregate"):
         aggregate(tmp_path / "circuits", AggregateParams(neuron_run=str(tmp_path / "neurons")))
+
+
+# ---- levels, usable prompts, consistency ------------------------------------------------------
+GENERIC, RELATION, FACT = (5, 1), (7, 7), (8, 8)
+
+
+def test_levels_generic_relation_and_fact(tmp_path, capsys):
+    """(5,1) is a knowledge neuron of every fact of three relations (generic), (7,7) of both facts
+    of R1 (relation), (8,8) of fact A1 only (fact): the default table keeps (8,8) alone, and
+    shared_neurons lists the other two with their counts."""
+    facts = {"A1": ("R1", [MAX | {RELATION: 0.5, FACT: 0.5}] * 3, 0), "A2": ("R1", [MAX | {RELATION: 0.5}] * 3, 0),
+             "B1": ("R2", [MAX] * 3, 0), "B2": ("R2", [MAX] * 3, 0), "C1": ("R3", [MAX] * 3, 0),
+             "C2": ("R3", [MAX] * 3, 0)}
+    out = build(tmp_path, facts)
+    summary = aggregate(out, AggregateParams(methods=("ig",)))
+    kn = pq.read_table(out / "knowledge_neurons").to_pandas()
+    assert list(zip(kn.fact_id, kn.layer, kn.neuron, kn.level)) == [("A1", *FACT, "fact")]
+    shared = pq.read_table(out / "shared_neurons").to_pandas().set_index(["layer", "neuron"])
+    assert shared.index.tolist() == [GENERIC, RELATION]  # ordered by level, then facts
+    assert shared.loc[GENERIC, ["level", "n_facts", "n_relations", "share"]].tolist() == ["generic", 6, 3, 1.0]
+    assert list(shared.loc[GENERIC, "relations"]) == ["R1", "R2", "R3"]
+    assert shared.loc[RELATION, ["level", "n_facts", "n_relations"]].tolist() == ["relation", 2, 1]
+    assert shared.loc[RELATION, "share"] == pytest.approx(2 / 6) and list(shared.loc[RELATION, "relations"]) == ["R1"]
+    counts = summary["counts"]["ig"]
+    assert counts["knowledge_neurons_per_level"] == {"fact": 1, "relation": 2, "generic": 6}
+    assert counts["neurons_per_level"] == {"fact": 1, "relation": 1, "generic": 1}
+    assert (counts["knowledge_neurons"], counts["facts_with_knowledge_neurons"], counts["candidates"]) == (1, 1, 9)
+    # the paper's 10% rule over every level: (5,1) in R1, R2, R3; (7,7) and, 1 of R1's 2 facts, (8,8) in R1
+    assert counts["relation_neurons"] == 5
+    assert "levels_note" not in summary
+
+    assert cli(["aggregate", str(out), "--no-activation", "--levels", "fact,relation,generic"]) == 0
+    capsys.readouterr()
+    kn = pq.read_table(out / "knowledge_neurons").to_pandas()
+    assert sorted(zip(kn.fact_id, kn.layer, kn.neuron, kn.level)) == sorted(
+        [(f, *GENERIC, "generic") for f in facts] + [("A1", *RELATION, "relation"), ("A2", *RELATION, "relation"),
+                                                     ("A1", *FACT, "fact")])
+    assert json.loads((out / "aggregate.json").read_text())["parameters"]["levels"] == list(LEVELS)
+    # generic_relations 4, more than the run has: the note says so, and (5,1) is generic by its share of the facts
+    note = aggregate(out, AggregateParams(methods=("ig",), generic_relations=4))["levels_note"]
+    assert "3 relations, fewer than generic_relations (4)" in note
+    assert pq.read_table(out / "shared_neurons").column("level").to_pylist() == ["generic", "relation"]
+    with pytest.raises(ValueError, match="levels"):
+        aggregate(out, AggregateParams(levels=("fact", "everything")))
+
+
+def test_single_relation_run_notes_what_levels_cannot_tell(tmp_path):
+    """One relation: generic only by share of the facts ((5,1), all 5 facts), relation (7,7) (2 of
+    5 < 0.5), fact (8,8); aggregate.json says so."""
+    facts = {f"F{i}": ("R1", [MAX | ({RELATION: 0.5} if i < 2 else {}) | ({FACT: 0.5} if i == 0 else {})] * 3, 0)
+             for i in range(5)}
+    out = build(tmp_path, facts)
+    summary = aggregate(out, AggregateParams(methods=("ig",)))
+    assert "1 relation" in summary["levels_note"] and "generic_share" in summary["levels_note"]
+    assert json.loads((out / "aggregate.json").read_text())["levels_note"] == summary["levels_note"]
+    shared = pq.read_table(out / "shared_neurons").to_pandas()
+    assert sorted(zip(shared.layer, shared.neuron, shared.level)) == [(*GENERIC, "generic"), (*RELATION, "relation")]
+    assert neuron_set(knowledge_neurons(out)) == {FACT}
+    assert summary["consistency"]["ig"]["R1"]["facts"] == 5
+
+
+def _with_known(prompts: list[dict], known: list) -> pa.Table:
+    """The prompts table as the probe stage writes it: PROMPTS plus `known` (bool, null = never probed)."""
+    table = _as_table(pd.DataFrame(prompts), PROMPTS)
+    return table.append_column("known", pa.array(known, pa.bool_()))
+
+
+def _as_prompts(prompts: list[dict]) -> pa.Table:
+    return _as_table(pd.DataFrame(prompts), PROMPTS)
+
+
+def _as_table_neurons(rows: list[dict]) -> pa.Table:
+    return _as_table(pd.DataFrame(rows), NEURONS)
+
+
+def _prompt(fact_id: str, k: int, relation: str = "R1", status: str = "ok") -> dict:
+    return {"prompt_id": f"{fact_id}/{k}", "fact_id": fact_id, "relation": relation, "status": status, "seconds": 1.0}
+
+
+def _rows(prompt_id: str, scores: dict, relation: str = "R1") -> list[dict]:
+    return [{"prompt_id": prompt_id, "fact_id": prompt_id.split("/")[0], "relation": relation, "layer": layer,
+             "neuron": neuron, "score": score} for (layer, neuron), score in scores.items()]
+
+
+def test_unknown_prompts_are_not_usable_unless_asked(tmp_path, capsys):
+    """Fact A: 3 known prompts with (3,3) and 2 the model does not know (known = false, status ok:
+    attributed with the flag) without it; B: never probed (known null) in a part without the
+    column at all (an older shard), still usable. Default: (3,3) in 3/3; --include-unknown: 3/5 < 0.7."""
+    prompts = [_prompt("A", k) for k in range(5)]
+    rows = [r for k in range(5) for r in _rows(f"A/{k}", MAX | ({(3, 3): 0.5} if k < 3 else {}))]
+    shard = {"prompts": _with_known(prompts, [True, True, True, False, False]),
+             "neurons": _as_table_neurons(rows)}
+    older = {"prompts": _as_prompts([_prompt("B", k) for k in range(3)]),
+             "neurons": _as_table_neurons([r for k in range(3) for r in _rows(f"B/{k}", MAX)])}
+    out = tmp_path / "run"
+    write_run(out, None, [shard, older])
+    summary = aggregate(out, AggregateParams(methods=("ig",), levels=LEVELS))
+    counts = summary["counts"]
+    assert (counts["usable_prompts"], counts["unknown_prompts"], counts["facts_with_unknown_prompts"]) == (6, 2, 1)
+    assert counts["unknown_prompts_usable"] is False
+    kn = knowledge_neurons(out)
+    assert neuron_set(kn, "A") == {(5, 1), (3, 3)} and neuron_set(kn, "B") == {(5, 1)}
+    assert kn[(kn.fact_id == "A") & (kn.layer == 3)].share.tolist() == [1.0]
+    consistency = pd.read_parquet(out / "fact_consistency").set_index("fact_id")
+    assert consistency.loc["A", ["n_prompts", "n_pairs"]].tolist() == [3, 3]
+
+    assert cli(["aggregate", str(out), "--no-activation", "--levels", "fact,relation,generic",
+                "--include-unknown"]) == 0
+    counts = json.loads(capsys.readouterr().out)["counts"]
+    assert (counts["usable_prompts"], counts["unknown_prompts"], counts["unknown_prompts_usable"]) == (8, 2, True)
+    assert neuron_set(knowledge_neurons(out), "A") == {(5, 1)}
+    assert pd.read_parquet(out / "fact_consistency").set_index("fact_id").loc["A", "n_prompts"] == 5
+
+
+def test_consistency_by_hand(tmp_path):
+    """Mean pairwise Jaccard of each fact's usable prompts' coarse sets (>= 0.2 x the prompt's max)."""
+    facts = {
+        # {11,12,13}, {11,12} ((1,9) at 0.1 < 0.2 x max is not coarse), {22}: (2/3 + 0 + 0) / 3
+        "X": ("R1", [{(1, 1): 1.0, (1, 2): 0.5, (1, 3): 0.5}, {(1, 1): 1.0, (1, 2): 0.5, (1, 9): 0.1},
+                     {(2, 2): 1.0}], 0),
+        "Y": ("R2", [{(1, 1): 1.0}], 1),  # one usable prompt: null
+        "Z": ("R1", [{(1, 1): 1.0}, {(1, 1): 1.0, (1, 4): 0.3}], 0),  # 1/2
+        "W": ("R1", [{}, {}], 0),  # two prompts without coarse neurons: no pair has a Jaccard
+        "V": ("R1", [{(1, 1): 1.0}, {}, {}], 0),  # 0, 0 and one pair of two empty sets left out
+    }
+    out = build(tmp_path, facts)
+    summary = aggregate(out, AggregateParams(methods=("ig",)))
+    got = pd.read_parquet(out / "fact_consistency").set_index("fact_id")
+    assert got.loc[["X", "Y", "Z", "W", "V"], "n_prompts"].tolist() == [3, 1, 2, 2, 3]
+    assert got.loc[["X", "Y", "Z", "W", "V"], "n_pairs"].tolist() == [3, 0, 1, 0, 2]
+    assert got.jaccard["X"] == pytest.approx(2 / 9) and got.jaccard["Z"] == pytest.approx(0.5)
+    assert got.jaccard["V"] == 0.0 and pd.isna(got.jaccard["Y"]) and pd.isna(got.jaccard["W"])
+    r1 = summary["consistency"]["ig"]["R1"]
+    values = [2 / 9, 0.5, 0.0]
+    assert r1["facts"] == 3 and r1["mean"] == pytest.approx(np.mean(values))
+    assert [r1["q1"], r1["median"], r1["q3"]] == pytest.approx(list(np.quantile(values, [0.25, 0.5, 0.75])))
+    assert summary["consistency"]["ig"]["R2"] == {"facts": 0, "mean": None, "q1": None, "median": None, "q3": None}
+    assert summary["consistency"]["ig"]["ALL"]["facts"] == 3

@@ -6,7 +6,7 @@
     OUT/{edges,nodes,faithfulness}/part-NNNNN-ATTEMPT.parquet   --mode circuits, instead of neurons/activations
     OUT/probe/part-probe-NNNNN-ATTEMPT.parquet     the probe stage's shards (what the model knows)
     OUT/_shards/part-NNNNN.json                    done marker: names the committed attempt's parts
-    OUT/{knowledge_neurons,relation_neurons}/part-NNNNN.parquet   aggregate
+    OUT/{knowledge_neurons,relation_neurons,shared_neurons,fact_consistency}/part-NNNNN.parquet   aggregate
     OUT/edits/part-OP-NNNNN.parquet                edit, one group of parts per op
     OUT/probe.json, OUT/aggregate.json, OUT/edits.json   stages' summaries, beside their tables
     OUT/report/                                    the HTML report and its figures
@@ -38,6 +38,7 @@ CIRCUITS_AGGREGATE = "aggregate (a circuits run)"
 # every table folder of OUT, and the command that writes it
 TABLES: dict[str, str] = {"probe": "attribute (or --probe-only)", **{kind: "attribute" for kind in KINDS}, **{kind: CIRCUITS for kind in CIRCUIT_KINDS[1:]},
                           "knowledge_neurons": "aggregate", "relation_neurons": "aggregate",
+                          "shared_neurons": "aggregate", "fact_consistency": "aggregate",
                           "relation_circuits": CIRCUITS_AGGREGATE, "edits": "edit"}
 SUMMARIES: dict[str, str] = {"probe": "probe.json", "aggregate": "aggregate.json", "edit": "edits.json"}
 

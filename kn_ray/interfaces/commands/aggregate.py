@@ -1,7 +1,8 @@
 """`kn-ray aggregate OUT`: knowledge neurons per fact and relation from an attribute run.
 
-Reads OUT/prompts, OUT/neurons and OUT/activations; writes OUT/knowledge_neurons,
-OUT/relation_neurons and their summary beside them. On a circuits run (--mode circuits) it
+Reads OUT/prompts, OUT/neurons and OUT/activations; writes OUT/knowledge_neurons (fact-level
+by default, --levels), OUT/relation_neurons, OUT/shared_neurons (relation and generic levels),
+OUT/fact_consistency and their summary beside them. On a circuits run (--mode circuits) it
 writes OUT/relation_circuits instead."""
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ class Method:
 
 METHODS = (Method("ig", "neurons", "score"), Method("activation", "activations", "activation"))
 METHOD_NAMES = tuple(m.name for m in METHODS)
+LEVELS = ("fact", "relation", "generic")  # the `level` of a knowledge neuron (docs/downstream.md, rule 6)
 
 
 @dataclass
@@ -41,6 +42,14 @@ class AggregateParams:
     min_prompts: int = option(3, "and at least this many prompts")
     adaptive: bool = option(False, "tune p per relation to 2..5 knowledge neurons per fact")
     relation_share: float = option(0.1, "share of a relation's facts a relation neuron must have")
+    levels: tuple[str, ...] = option(("fact",), "levels of knowledge neurons the knowledge_neurons table keeps "
+                                               "(the others are listed in shared_neurons)", choices=LEVELS)
+    relation_min_facts: int = option(2, "a knowledge neuron of at least this many facts (of fewer than "
+                                        "--generic-relations relations) is relation-level, not fact-level")
+    generic_relations: int = option(2, "a knowledge neuron of facts of at least this many relations is generic")
+    generic_share: float = option(0.5, "a knowledge neuron of at least this share of the run's facts is generic")
+    include_unknown: bool = option(False, "count prompts the model does not know (prompts.known = false, attributed "
+                                          "with the attribute stage's flag) as usable")
     circuit_share: float = option(0.5, "circuits run: share of a relation's facts whose circuit an edge of the "
                                        "relation circuit is in")
     circuit_top: int = option(100, "circuits run: a fact's circuit, its top edges by |score| (at most the run's "
@@ -58,8 +67,9 @@ class AggregateParams:
         """The parameters an aggregate summary recorded (defaults for any it lacks, or without one)."""
         saved = (summary or {}).get("parameters", {})
         values = {f.name: saved[f.name] for f in fields(cls) if saved.get(f.name) is not None}
-        if "methods" in values:
-            values["methods"] = tuple(values["methods"])
+        for name in ("methods", "levels"):
+            if name in values:
+                values[name] = tuple(values[name])
         return cls(**values)
 
     def threshold(self, method: str) -> float:
@@ -88,3 +98,28 @@ class AggregateParams:
             raise ValueError("p and relation share must lie in (0, 1]")
         if self.min_prompts < 1:
             raise ValueError("min_prompts must be at least 1")
+        self.check_levels()
+
+    def check_levels(self) -> None:
+        if not self.levels or set(self.levels) - set(LEVELS):
+            raise ValueError(f"levels must be some of {', '.join(LEVELS)}, got {', '.join(self.levels) or 'none'}")
+        if self.relation_min_facts < 2 or self.generic_relations < 2:
+            raise ValueError("relation_min_facts and generic_relations must be at least 2 (one fact or one relation "
+                             "is what a fact-level neuron has)")
+        if not 0 < self.generic_share <= 1:
+            raise ValueError("generic_share must lie in (0, 1]")
+
+    def usable(self, known: bool) -> str:
+        """SQL condition on a `prompts` row: usable for aggregation. `known`: the table has the
+        probe's `known` column (null, e.g. an error row or an older part, counts as known)."""
+        if known and not self.include_unknown:
+            return "status = 'ok' AND coalesce(known, true)"
+        return "status = 'ok'"
+
+    def level(self, n_facts: str, n_relations: str, run_facts: str) -> str:
+        """SQL: the level of a knowledge neuron of `n_facts` facts of `n_relations` relations, of a
+        run of `run_facts` facts (with a usable prompt)."""
+        shared = f"{n_facts} >= {int(self.relation_min_facts)}"  # never one fact alone, however small the run
+        return (f"CASE WHEN {n_relations} >= {int(self.generic_relations)} OR ({shared} AND {n_facts} >= "
+                f"CAST({float(self.generic_share)!r} AS DOUBLE) * {run_facts} - {EPS}) THEN 'generic' "
+                f"WHEN {shared} THEN 'relation' ELSE 'fact' END")

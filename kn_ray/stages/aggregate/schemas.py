@@ -16,6 +16,28 @@ KNOWLEDGE_NEURONS = pa.schema([
     ("share", pa.float64()),  # n_prompts / usable prompts of the fact
     ("mean_score", pa.float32()),  # mean score (ig) or activation (activation) over those prompts
     ("method", pa.string()),  # ig | activation
+    ("level", pa.string()),  # fact | relation | generic (the neuron's, over the run: shared_neurons)
+])
+
+SHARED_NEURONS = pa.schema([  # one row per (method, neuron) of level relation or generic
+    ("method", pa.string()),
+    ("layer", pa.int16()),
+    ("neuron", pa.int32()),
+    ("level", pa.string()),  # relation | generic
+    ("n_facts", pa.int32()),  # facts it is a knowledge neuron of
+    ("n_relations", pa.int32()),  # their relations
+    ("relations", pa.list_(pa.string())),  # those relations, sorted
+    ("share", pa.float64()),  # n_facts / the run's facts with a usable prompt
+    ("mean_score", pa.float32()),  # mean of its knowledge-neuron rows' mean_score
+])
+
+FACT_CONSISTENCY = pa.schema([  # one row per (method, fact with a usable prompt)
+    ("method", pa.string()),
+    ("fact_id", pa.string()),
+    ("relation", pa.string()),
+    ("n_prompts", pa.int32()),  # usable prompts
+    ("n_pairs", pa.int32()),  # pairs of them with a Jaccard (not both without coarse neurons)
+    ("jaccard", pa.float64()),  # mean pairwise Jaccard of their coarse-neuron sets; null below 2 prompts
 ])
 
 RELATION_CIRCUITS = pa.schema([  # a circuits run: edges shared by the circuits of a relation's facts

@@ -225,7 +225,9 @@ class EditCorpus:
     def neurons_from(self, fact_ids, seen: dict[str, list[PromptRef]]) -> dict[str, Neurons]:
         """Knowledge neurons of each fact from its `seen` prompts only: the aggregate stage's rule
         and recorded parameters (`AggregateParams`), except that a fact with fewer than
-        min_prompts seen prompts (the seen half of a few templates) needs all of them."""
+        min_prompts seen prompts (the seen half of a few templates) needs all of them. Neurons the
+        aggregate classed at a level its knowledge_neurons table leaves out (`shared_neurons`,
+        e.g. relation and generic ones by default) are left out here too."""
         params = AggregateParams.recorded(self.run.summary("aggregate"))
         ids = {ref.prompt_id: f for f, refs in seen.items() for ref in refs}
         if not ids or not self.run.parts("neurons"):
@@ -248,7 +250,18 @@ class EditCorpus:
                 JOIN seen_n s ON c.fact_id = s.fact_id
                 WHERE {params.knowledge("c.n_prompts", "s.n", at_least=f"least({int(params.min_prompts)}, s.n)")}
                 ORDER BY c.fact_id, c.layer, c.neuron""").df()
+        dropped = self._other_levels(params)
+        kept = kept[[key not in dropped for key in zip(kept.layer.astype(int), kept.neuron.astype(int))]]
         return {f: list(zip(g.layer.astype(int), g.neuron.astype(int))) for f, g in kept.groupby("fact_id")}
+
+    def _other_levels(self, params: AggregateParams) -> set[tuple[int, int]]:
+        """(layer, neuron) of the ig neurons `shared_neurons` lists at a level not in params.levels
+        (none for a run aggregated before levels existed)."""
+        if not self.run.parts("shared_neurons"):
+            return set()
+        shared = read_parts(self.run, "shared_neurons", ["method", "layer", "neuron", "level"])
+        shared = shared[(shared.method == "ig") & ~shared.level.isin(params.levels)]
+        return set(zip(shared.layer.astype(int), shared.neuron.astype(int)))
 
     def update_items(self, settings: EditSettings) -> list[FactItem]:
         """Update: new-object candidates per fact (a seeded order of its relation's other objects)
