@@ -134,7 +134,17 @@ def test_edit_summaries_equal_a_pandas_reference(synthetic):
     expected = scale.groupby(["op", "condition", "relation"]).agg(
         n=("rel_change", "size"), mean_rel_change=("rel_change", "mean"), median_rel_change=("rel_change", "median"),
         mean_prob_before=("prob_before", "mean"), mean_prob_after=("prob_after", "mean")).reset_index()
+    prompts = rows[rows.op.isin(["suppress", "amplify"]) & rows.prompt_id.notna()]  # the predictions: every prompt
+    prompts = pd.concat([prompts, prompts.assign(relation=ALL)])
+    known, after = prompts.correct_before.astype(bool), prompts.correct_after.astype(bool)
+    rates = prompts.assign(known=known, flip=(~after).where(known).astype(float),
+                           gain=after.where(~known).astype(float), gain_all=(after & ~known).astype(float))
+    rates = rates.groupby(["op", "condition", "relation"]).agg(
+        n_prompts=("known", "size"), n_known=("known", "sum"), flip_rate=("flip", "mean"), gain_rate=("gain", "mean"),
+        gain_rate_all=("gain_all", "mean")).reset_index()
+    expected = expected.merge(rates, on=["op", "condition", "relation"])
     got = a.edit_summary().sort_values(["op", "condition", "relation"], ignore_index=True)
+    assert 0 < got.n_known.sum() < got.n_prompts.sum()  # both kinds of prompt occur
     pd.testing.assert_frame_equal(got, expected, check_dtype=False)
     metrics = rows[rows.metric.notna()]
     metrics = pd.concat([metrics, metrics.assign(relation=ALL)])

@@ -251,8 +251,17 @@ def test_cli_writes_the_documented_edits_table(run_dir, capsys):
     assert {"reliability", "locality_same_relation", "locality_other_relation"} <= set(criteria.metric)
     assert {"kn", "random", "activation"} <= set(criteria[criteria.op == "suppress"].condition)
     valued = criteria[criteria.n_edits > 0]  # (a criterion with no prompt that counts has no value)
-    assert len(valued) and (valued.ci_low <= valued["mean"] + 1e-12).all() and (valued["mean"] <= valued.ci_high + 1e-12).all()
-    assert "criteria, mean over edits" in printed
+    assert len(valued) and (valued.too_few == (valued.n_edits < 5)).all()  # 2 facts x 2 relations: too few edits
+    assert valued[valued.too_few].ci_low.isna().all() and valued[valued.too_few].ci_high.isna().all()
+    ranged = valued[~valued.too_few].astype({"ci_low": float, "ci_high": float})
+    assert (ranged.ci_low <= ranged["mean"] + 1e-12).all() and (ranged["mean"] <= ranged.ci_high + 1e-12).all()
+    assert summary["intervals"]["min_units"] == 5
+    assert "criteria, mean over edits" in printed and "too few for an interval" in printed
+    kn_all = summary["results"]["suppress"]["kn"]["ALL"]
+    assert {"n_known", "n_prompts", "flip_rate", "gain_rate", "gain_rate_all"} <= set(kn_all) and "flip_rate" in printed
+    update_all = summary["results"]["update"]["kn"]["ALL"]
+    assert {"destructive", "n_destructive", "collateral_ppl_ratio", "success_rate_raw"} <= set(update_all)
+    assert summary["runs"]["update"]["settings"]["destructive_ppl_ratio"] == 10.0
     assert set(summary["results"]["suppress"]) == {"kn", "activation", "random", "other_relation"}
     assert {"ALL", "P36", "P37"} <= set(summary["results"]["suppress"]["kn"])
     assert summary["runs"]["update"]["settings"]["lambda2"] == 8.0

@@ -387,3 +387,33 @@ def test_text_from_the_run_is_escaped(tmp_path):
     client = TestClient(create_app(str(out)), raise_server_exceptions=False)
     for page in (client.get(fact_url(fact_id)), client.get("/search", params={"q": "script"})):
         assert page.status_code == 200 and "&lt;script&gt;alert(" in page.text and "<script>alert(" not in page.text
+
+
+def test_destructive_edits_and_too_few_units_are_shown_as_such(tmp_path):
+    """A run of 4 edited facts (fewer than 5 per relation: no interval) and three update edits, one
+    of which multiplies other facts' perplexity by 100 (destructive at the default bound)."""
+    from kn_ray.pipeline.layout import part_file
+    from kn_ray.stages.edit.criteria import criteria_summary
+    from kn_ray.stages.edit.outcomes import as_table, edit_metric_rows
+    from tests.test_edit_predictions import update_edit
+
+    out = write_explorable_run(tmp_path / "run", facts=30, edited_facts=4, seed=2)
+    update = pd.DataFrame(update_edit("broken", 100.0) + update_edit("clean", 2.0) + update_edit("edge", 10.0))
+    metrics = edit_metric_rows(update, 10.0)
+    edits = pd.concat([_read(out, "edits"), update, metrics], ignore_index=True)
+    run = RunDirectory(out)
+    with run.staged("edits") as staging:
+        pq.write_table(as_table(edits), staging / part_file(0))
+    criteria = criteria_summary(metrics).drop(columns="too_few")  # as an edits.json from before `too_few`
+    run.write_summary("edit", {"runs": {"update": {"settings": {"destructive_ppl_ratio": 10.0}}},
+                               "criteria": criteria.astype(object).where(criteria.notna(), None).to_dict("records")})
+    client = TestClient(create_app(str(out), refresh=0), raise_server_exceptions=False)
+    overview = client.get("/").text
+    table = re.search(r'<table id="destructive">(.*?)</table>', overview, re.S)[1]
+    assert re.search(r"<td class=\"l\">update</td><td class=\"l\">kn</td><td>3</td><td>1</td><td>0.333</td>"
+                     r"<td>&times;10</td>", table), table
+    criteria_table = re.search(r'<table id="criteria">(.*?)</table>', overview, re.S)[1]
+    assert "n=3, too few for an interval" in criteria_table and "[" not in criteria_table
+    assert "flip rate" in overview
+    relations = client.get("/relations").text
+    assert "too few for an interval" in relations  # 4 edited facts over 3 relations

@@ -51,6 +51,9 @@ def test_report_with_edits(run):
     assert {p.name for p in index.parent.glob("*.png")} == CORE_FIGURES | EDIT_FIGURES
     assert html.count("data:image/png;base64,") == len(CORE_FIGURES | EDIT_FIGURES)
     assert "Update and erase metrics" in html and "success_rate" in html
+    flips = re.search(r"<td>suppress: known prompts whose top-1 leaves the gold \(flip_rate\)</td>\s*<td>([^<]*)</td>", html)
+    assert flips and re.fullmatch(r"\d+\.\d% \[\d+\.\d%, \d+\.\d%\]", flips[1]), flips  # a share, with its interval
+    assert "(gain_rate)" in html and "flip_rate" in html
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # atomic swap left nothing behind
 
 

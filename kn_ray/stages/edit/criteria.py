@@ -18,7 +18,9 @@ target's first token:
   change of P.
 
 The summary gives, per (op, condition, criterion), the mean over edits and a 95% bootstrap
-confidence interval over edits (facts; relations for erase).
+confidence interval over edits (facts; relations for erase); over fewer than MIN_UNITS edits
+it gives no interval and says so (`too_few`). It also carries `destructive` (update / erase:
+the share of edits whose collateral perplexity grew past the bound, kn_ray.stages.edit.outcomes).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ SYMMETRIC_RELATIONS = ("P190", "P47", "P530", "P3373", "P26")  # twinned city, s
 KEYS = ["op", "relation", "fact_id", "condition"]
 CRITERIA = ("reliability", "generalization", "locality_same_relation", "locality_other_relation",
             "symmetry", "symmetry_rel_change")
+SUMMARISED = CRITERIA + ("destructive",)  # the per-edit metrics summarised with an interval
+MIN_UNITS = 5  # fewer units (edits, facts, relations) than this: no interval, "too few" instead
 SCOPE_OF = {"reliability": "target", "generalization": "heldout", "symmetry": "reverse",
             "symmetry_rel_change": "reverse", "locality_same_relation": "same_relation",
             "locality_other_relation": "other_relation"}
@@ -81,20 +85,38 @@ def criteria_rows(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)[columns].sort_values(KEYS + ["metric"], ignore_index=True)
 
 
-def bootstrap_ci(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean (NaNs dropped; (nan, nan) if none are left)."""
+def too_few(n) -> bool:
+    """True where n units are too few for an interval (fewer than MIN_UNITS)."""
+    return int(n) < MIN_UNITS
+
+
+def bootstrap_ci(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
+                 min_units: int = MIN_UNITS) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean (NaNs dropped); (nan, nan) if fewer than
+    `min_units` values are left: a resample of 2 values says nothing (both [1, 1] and [0, 1]
+    come out of it), so it is marked too few instead (`too_few`, `interval_text`)."""
     v = np.asarray(values, dtype=float)
     v = v[~np.isnan(v)]
-    if not len(v):
+    if not len(v) or len(v) < min_units:
         return float("nan"), float("nan")
     means = np.random.default_rng(seed).choice(v, (n_boot, len(v))).mean(1)
     return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
 
 
+def interval_text(low, high, n, show=lambda v: f"{v:.2f}") -> str:
+    """'[low, high]', or 'n=N, too few for an interval' (fewer than MIN_UNITS units), or '' (no value)."""
+    if n is not None and not pd.isna(n) and too_few(n):
+        return f"n={int(n)}, too few for an interval"
+    if low is None or high is None or pd.isna(low) or pd.isna(high):
+        return ""
+    return f"[{show(low)}, {show(high)}]"
+
+
 def criteria_summary(metrics: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
-    """op, condition, metric, n_edits, mean, ci_low, ci_high over the edits with a value."""
-    columns = ["op", "condition", "metric", "n_edits", "mean", "ci_low", "ci_high"]
-    metrics = metrics[metrics.metric.isin(CRITERIA)] if len(metrics) else metrics
+    """op, condition, metric, n_edits, mean, ci_low, ci_high, too_few over the edits with a value
+    (too_few: fewer than MIN_UNITS edits; the interval is then null)."""
+    columns = ["op", "condition", "metric", "n_edits", "mean", "ci_low", "ci_high", "too_few"]
+    metrics = metrics[metrics.metric.isin(SUMMARISED)] if len(metrics) else metrics
     if metrics.empty:
         return pd.DataFrame(columns=columns)
     out = []
@@ -102,22 +124,30 @@ def criteria_summary(metrics: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
         values = group.value.dropna().astype(float)
         low, high = bootstrap_ci(values, seed=seed)
         out.append(dict(op=op, condition=condition, metric=metric, n_edits=len(values),
-                        mean=float(values.mean()) if len(values) else float("nan"), ci_low=low, ci_high=high))
+                        mean=float(values.mean()) if len(values) else float("nan"), ci_low=low, ci_high=high,
+                        too_few=too_few(len(values))))
     return pd.DataFrame(out, columns=columns)
 
 
 def criteria_text(summary: pd.DataFrame) -> str:
-    """One table per op: rows condition, columns criterion, cells 'mean [low, high] (n)'."""
+    """One table per op: rows condition, columns criterion, cells 'mean [low, high] (n)', or
+    'mean (n=N, too few for an interval)'."""
     if summary.empty:
         return ""
-    cell = summary.assign(text=[f"{m:.2f} [{lo:.2f}, {hi:.2f}] ({n})" if n else "n/a"
-                                for m, lo, hi, n in zip(summary["mean"], summary.ci_low, summary.ci_high,
-                                                        summary.n_edits)])
+
+    def text(m, lo, hi, n):
+        if not n:
+            return "n/a"
+        return f"{m:.2f} ({interval_text(lo, hi, n)})" if too_few(n) else f"{m:.2f} {interval_text(lo, hi, n)} ({n})"
+
+    cell = summary.assign(text=[text(m, lo, hi, n) for m, lo, hi, n in zip(summary["mean"], summary.ci_low,
+                                                                          summary.ci_high, summary.n_edits)])
     parts = []
     for op, group in cell.groupby("op", sort=False):
         table = group.pivot(index="condition", columns="metric", values="text")
-        table = table[[c for c in CRITERIA if c in table]]
-        parts.append(f"{op}: criteria, mean over edits [95% bootstrap CI] (edits)\n{table.to_string()}")
+        table = table[[c for c in SUMMARISED if c in table]]
+        parts.append(f"{op}: criteria, mean over edits [95% bootstrap CI] (edits; no interval under "
+                     f"{MIN_UNITS})\n{table.to_string()}")
     return "\n\n".join(parts)
 
 

@@ -21,9 +21,8 @@ from kn_ray.engine import LoadedModel, Prober, SkipPrompt
 from kn_ray.engine.editing import add_to_value_slots, edited, set_value_slots, value_slot, word_embedding
 from kn_ray.engine.probe import Probe
 from kn_ray.placement import Placement
-from kn_ray.stages.edit.outcomes import metric_rows, prompt_row
+from kn_ray.stages.edit.outcomes import edit_metric_rows, prompt_row
 from kn_ray.stages.edit.corpus import FactItem, Neurons, PromptRef, RelationItem, WorkUnit, retarget, rng_for
-from kn_ray.stages.edit.criteria import criteria_rows
 
 FACTORS = {"suppress": 0.0, "amplify": 2.0}
 
@@ -101,13 +100,14 @@ class EditRunner:
                     lambda1=settings.lambda1, lambda2=settings.lambda2)
 
     def run(self, unit: WorkUnit) -> pd.DataFrame:
-        """Prompt rows of the unit, followed by its metric rows (update / erase)."""
+        """Prompt rows of the unit, followed by its per-edit metric rows (outcomes.edit_metric_rows:
+        update / erase metrics, the criteria, destructive edits under the settings' bound)."""
         experiment = {"update": self.update, "erase": self.erase}.get(unit.op, self.scale)
         rows = pd.DataFrame.from_records(experiment(unit))
         if not len(rows):
             return rows
-        metrics = [m for m in (metric_rows(rows), criteria_rows(rows)) if len(m)]
-        return pd.concat([rows, *metrics], ignore_index=True)
+        metrics = edit_metric_rows(rows, unit.settings.destructive_ppl_ratio)
+        return pd.concat([rows, metrics], ignore_index=True) if len(metrics) else rows
 
     def probe(self, refs: Sequence[PromptRef], targets: Sequence[str] | None = None, *,
               neurons=None, factor: float = 1.0) -> list[Probe]:

@@ -10,6 +10,7 @@ from kn_ray.placement import names as placement_names
 
 OPS = ("suppress", "amplify", "update", "erase")
 ERASE_VALUES = ("zero", "unk")
+DESTRUCTIVE_PPL_RATIO = 10.0  # update / erase: the default bound of a destructive edit (docs/experiments.md: why 10)
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,10 @@ class EditSettings:
                                              "--keep-shared-neurons: keep all)")
     erase_top: int = option(20, "erase: top relation neurons per relation")
     erase_other_prompts: int = option(500, "erase: other relations' prompts checked per relation")
+    destructive_ppl_ratio: float = option(DESTRUCTIVE_PPL_RATIO,
+                                          "update/erase: an edit whose perplexity on the prompts it should leave "
+                                          "alone (other facts) grows more than this factor is destructive, and never "
+                                          "counted a success")
     erase_value: str = option("zero", "erase: set value slots to zero or to the unknown token's embedding",
                               choices=ERASE_VALUES)
 
@@ -36,6 +41,8 @@ class EditSettings:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.shared_share is not None and not 0 <= self.shared_share <= 1:
             raise ValueError(f"shared share must lie in [0, 1], got {self.shared_share}")
+        if not self.destructive_ppl_ratio >= 1:
+            raise ValueError(f"destructive ppl ratio must be >= 1, got {self.destructive_ppl_ratio}")
         if self.max_facts is not None and self.max_facts < 1:
             raise ValueError(f"max_facts must be >= 1, got {self.max_facts}")
         check_choices(self)

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from kn_ray.stages.edit.criteria import CRITERIA
+from kn_ray.stages.edit.criteria import CRITERIA, criteria_rows
+from kn_ray.stages.edit.options import DESTRUCTIVE_PPL_RATIO
 
 ALL = "ALL"
 EDITS = pa.schema([
@@ -45,8 +46,14 @@ EDITS = pa.schema([
 EDIT_KEYS = ["op", "relation", "fact_id", "condition"]
 SCALE_OPS = ("suppress", "amplify")  # scale activations; summarised by their rel_change
 SCALE_COLUMNS = ["op", "condition", "relation", "n", "mean_rel_change", "median_rel_change", "mean_prob_before",
-                 "mean_prob_after"]
+                 "mean_prob_after", "n_prompts", "n_known", "flip_rate", "gain_rate", "gain_rate_all"]
 METRIC_COLUMNS = ["op", "condition", "relation", "metric", "n_edits", "mean"]
+# Destructive edits (update / erase): the prompts an edit should leave alone, per op; an edit whose
+# perplexity on them grows by more than EditSettings.destructive_ppl_ratio is destructive, and every
+# metric in GUARDED (those that reward a changed prediction) counts it as a failure (0).
+COLLATERAL_SCOPES = {"update": ("same_relation", "other_relation"), "erase": ("other_relation",)}
+GUARDED = {"update": ("success_rate", "change_rate", "success_rate_all", "reliability", "symmetry"),
+           "erase": ("reliability",)}
 
 
 def prompt_row(op: str, relation: str, fact_id: str | None, condition: str, scope: str, n_neurons: int,
@@ -105,6 +112,55 @@ def _update_rates(target: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return rates.melt(id_vars=keys, var_name="metric", value_name="value")
 
 
+def collateral_rows(rows: pd.DataFrame, bound: float = DESTRUCTIVE_PPL_RATIO) -> pd.DataFrame:
+    """Per update / erase edit with collateral prompts (COLLATERAL_SCOPES): `collateral_ppl_ratio`,
+    the largest over those scopes of corpus_ppl(after) / corpus_ppl(before), and `destructive`:
+    1.0 where it exceeds `bound`, 0.0 where not, null where it cannot be told (inf / inf)."""
+    keys = EDIT_KEYS + ["n_neurons"]
+    columns = keys + ["metric", "value"]
+    wanted = pd.Series(False, index=rows.index)
+    for op, scopes in COLLATERAL_SCOPES.items():
+        wanted |= (rows.op == op) & rows.scope.isin(scopes)
+    part = rows[wanted & rows.prompt_id.notna()] if "prompt_id" in rows else rows[wanted]
+    if part.empty:
+        return pd.DataFrame(columns=columns)
+    per_scope = part.groupby(keys + ["scope"], dropna=False).agg(before=("ppl_before", corpus_ppl),
+                                                                after=("ppl_after", corpus_ppl)).reset_index()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_scope["ratio"] = per_scope.after.to_numpy(float) / per_scope.before.to_numpy(float)
+    ratio = per_scope.groupby(keys, dropna=False).ratio.max().reset_index()  # NaN only if every scope is
+    flag = np.where(ratio.ratio.isna(), np.nan, (ratio.ratio > bound).astype(float))
+    return pd.concat([ratio.assign(metric="collateral_ppl_ratio", value=ratio.ratio),
+                      ratio.assign(metric="destructive", value=flag)], ignore_index=True)[columns]
+
+
+def guard_destructive(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Metric rows with each GUARDED metric of a destructive edit set to 0 (a failure; a null
+    stays null: nothing counted), and the unguarded value kept as `<metric>_raw` for every edit."""
+    if metrics.empty or not (metrics.metric == "destructive").any():
+        return metrics
+    keys = EDIT_KEYS + ["n_neurons"]
+    tag = lambda frame: list(zip(*(frame[k].astype(object).where(frame[k].notna(), None) for k in keys)))  # noqa: E731
+    flags = metrics[metrics.metric == "destructive"]
+    destroyed = {key for key, value in zip(tag(flags), flags.value) if value == 1.0}
+    guarded = pd.Series([m in GUARDED.get(op, ()) for op, m in zip(metrics.op, metrics.metric)], index=metrics.index)
+    raw = metrics[guarded].assign(metric=lambda f: f.metric + "_raw")
+    hit = guarded & pd.Series([key in destroyed for key in tag(metrics)], index=metrics.index) & metrics.value.notna()
+    out = metrics.copy()
+    out.loc[hit, "value"] = 0.0
+    return pd.concat([out, raw], ignore_index=True)
+
+
+def edit_metric_rows(rows: pd.DataFrame, bound: float = DESTRUCTIVE_PPL_RATIO) -> pd.DataFrame:
+    """Every per-edit metric row of a unit's prompt rows: update / erase metrics (metric_rows),
+    the criteria (edit.criteria), the collateral perplexity and destructive flag, with the
+    metrics that would reward a destructive edit counted as failures (guard_destructive)."""
+    parts = [m for m in (metric_rows(rows), criteria_rows(rows), collateral_rows(rows, bound)) if len(m)]
+    if not parts:
+        return pd.DataFrame(columns=EDIT_KEYS + ["n_neurons", "metric", "value"])
+    return guard_destructive(pd.concat(parts, ignore_index=True))
+
+
 def as_table(frame: pd.DataFrame) -> pa.Table:
     """The frame in the EDITS schema; absent columns are null."""
     n = len(frame)
@@ -120,15 +176,30 @@ def _relation_or_all() -> str:
 
 def scale_summary(con, source: str) -> pd.DataFrame:
     """Suppress / amplify: n, mean / median rel_change and mean probabilities per op, condition
-    and relation (ALL = overall). Update / erase rows carry rel_change too, over prompt scopes
-    whose mean would mix the edited fact with collateral prompts: see metric_summary()."""
+    and relation (ALL = overall), and what the edit did to the predictions: of the `n_known`
+    prompts whose top-1 was the gold object before (correct_before), the share whose top-1 is no
+    longer the gold after (`flip_rate`); of the others, the share whose top-1 became the gold
+    (`gain_rate`), and that share over all `n_prompts` prompts (`gain_rate_all`). Update / erase
+    rows carry rel_change too, over prompt scopes whose mean would mix the edited fact with
+    collateral prompts: see metric_summary()."""
+    valid = "rel_change IS NOT NULL AND NOT isnan(rel_change)"
+    flags = "correct_before IS NOT NULL AND correct_after IS NOT NULL"
     frame = con.execute(f"""
-        SELECT op, condition, {_relation_or_all()}, count(*) AS n,
-               avg(rel_change) AS mean_rel_change, median(rel_change) AS median_rel_change,
-               avg(prob_before) AS mean_prob_before, avg(prob_after) AS mean_prob_after
-        FROM {source} WHERE op IN {SCALE_OPS} AND rel_change IS NOT NULL AND NOT isnan(rel_change)
+        SELECT op, condition, {_relation_or_all()}, count(*) FILTER (WHERE {valid}) AS n,
+               avg(rel_change) FILTER (WHERE {valid}) AS mean_rel_change,
+               median(rel_change) FILTER (WHERE {valid}) AS median_rel_change,
+               avg(prob_before) FILTER (WHERE {valid}) AS mean_prob_before,
+               avg(prob_after) FILTER (WHERE {valid}) AS mean_prob_after,
+               count(*) FILTER (WHERE {flags}) AS n_prompts,
+               count(*) FILTER (WHERE {flags} AND correct_before) AS n_known,
+               avg(CASE WHEN correct_after THEN 0.0 ELSE 1.0 END) FILTER (WHERE {flags} AND correct_before) AS flip_rate,
+               avg(CASE WHEN correct_after THEN 1.0 ELSE 0.0 END) FILTER (WHERE {flags} AND NOT correct_before) AS gain_rate,
+               avg(CASE WHEN correct_after AND NOT correct_before THEN 1.0 ELSE 0.0 END) FILTER (WHERE {flags})
+                   AS gain_rate_all
+        FROM {source} WHERE op IN {SCALE_OPS} AND prompt_id IS NOT NULL
           AND (coalesce(scope, 'target') = 'target' OR condition = 'other_relation')  -- the paper's rows, not the criteria's
         GROUP BY GROUPING SETS ((op, condition, relation), (op, condition))
+        HAVING count(*) FILTER (WHERE {valid}) > 0 OR count(*) FILTER (WHERE {flags}) > 0
         ORDER BY op, condition, grouping(relation) DESC, relation""").df()
     return frame[SCALE_COLUMNS] if len(frame) else pd.DataFrame(columns=SCALE_COLUMNS)
 
@@ -150,11 +221,16 @@ def summary_dict(scale: pd.DataFrame, metrics: pd.DataFrame) -> dict:
     for row in scale.itertuples(index=False):
         out.setdefault(row.op, {}).setdefault(row.condition, {})[row.relation] = {
             "n": int(row.n), **{k: json_number(getattr(row, k)) for k in ("mean_rel_change", "median_rel_change",
-                                                                         "mean_prob_before", "mean_prob_after")}}
+                                                                         "mean_prob_before", "mean_prob_after")},
+            "n_prompts": int(row.n_prompts), "n_known": int(row.n_known),
+            **{k: json_number(getattr(row, k)) for k in ("flip_rate", "gain_rate", "gain_rate_all")}}
     for row in metrics.itertuples(index=False):
         cell = out.setdefault(row.op, {}).setdefault(row.condition, {}).setdefault(row.relation, {})
         cell[row.metric] = json_number(row.mean)
         cell["n_edits"] = max(cell.get("n_edits", 0), int(row.n_edits))
+        if row.metric == "destructive":  # a share of 0/1 flags: the count is exact
+            cell["n_destructive"] = int(round(float(row.mean) * int(row.n_edits))) if row.n_edits else 0
+            cell["n_judged"] = int(row.n_edits)
     return out
 
 
@@ -165,6 +241,12 @@ def summary_text(scale: pd.DataFrame, metrics: pd.DataFrame) -> str:
     for op, group in scale.groupby("op", sort=False):
         table = group.pivot(index="relation", columns="condition", values="mean_rel_change")
         parts.append(f"{op}: mean relative change of P(gold)\n{_ordered(table).to_string(float_format='{:+.3f}'.format)}")
+        rate, what = SCALE_HEADLINE.get(op, ("flip_rate", ""))
+        every = group.gain_rate_all if op == "amplify" else pd.Series(np.nan, index=group.index)
+        share = group.assign(text=[_rate_text(r, k, n, a) for r, k, n, a in
+                                   zip(group[rate], group.n_known, group.n_prompts, every)])
+        table = share.pivot(index="relation", columns="condition", values="text")
+        parts.append(f"{op}: {what}\n{_ordered(table).to_string()}")
     for op, group in metrics.groupby("op", sort=False):
         table = group.pivot(index=["relation", "condition"], columns="metric", values="mean")
         parts.append(f"{op}: mean over edits\n{_ordered(_before_after(table, HEADLINE[op])).to_string()}")
@@ -172,10 +254,23 @@ def summary_text(scale: pd.DataFrame, metrics: pd.DataFrame) -> str:
 
 
 HEADLINE = {  # plain metrics, and metrics shown as "before -> after"
-    "update": ["success_rate", "change_rate", "success_rate_all", "target_ppl", "same_relation_ppl",
-               "other_relation_ppl"],
-    "erase": ["target_accuracy", "target_ppl", "other_relation_accuracy", "other_relation_ppl"],
+    "update": ["success_rate", "change_rate", "success_rate_all", "destructive", "collateral_ppl_ratio", "target_ppl",
+               "same_relation_ppl", "other_relation_ppl"],
+    "erase": ["target_accuracy", "target_ppl", "other_relation_accuracy", "other_relation_ppl", "destructive",
+              "collateral_ppl_ratio"],
 }
+SCALE_HEADLINE = {  # the prediction rate shown beside each scaling op's relative change
+    "suppress": ("flip_rate", "flip_rate, of the known prompts (top-1 = gold before) the share whose top-1 leaves the "
+                              "gold (known prompts)"),
+    "amplify": ("gain_rate", "gain_rate, of the prompts not known before the share whose top-1 becomes the gold "
+                             "(known prompts; gain_rate_all: over all prompts)"),
+}
+
+
+def _rate_text(rate, n_known, n_prompts, rate_all) -> str:
+    cell = "n/a" if pd.isna(rate) else f"{rate:.3f}"
+    return f"{cell} ({int(n_known)} of {int(n_prompts)} known)" + ("" if pd.isna(rate_all) else
+                                                                   f", all {rate_all:.3f}")
 
 
 def _before_after(table: pd.DataFrame, names: list[str]) -> pd.DataFrame:
@@ -183,7 +278,7 @@ def _before_after(table: pd.DataFrame, names: list[str]) -> pd.DataFrame:
     columns = {}
     for name in names:
         if name in table:
-            columns[name] = table[name].map("{:.3f}".format)
+            columns[name] = table[name].map("{:.3g}".format if name == "collateral_ppl_ratio" else "{:.3f}".format)
         elif f"{name}_before" in table:
             columns[name] = table[f"{name}_before"].map("{:.3g}".format) + " -> " + \
                 table[f"{name}_after"].map("{:.3g}".format)

@@ -24,7 +24,7 @@ from kn_ray.stages.edit.options import EditOptions
 from kn_ray.placement import Placement
 from kn_ray.stages.edit.experiments import EditRunner
 from kn_ray.stages.edit.nothing import nothing_to_edit, notes_text
-from kn_ray.stages.edit.criteria import criteria_summary, criteria_text
+from kn_ray.stages.edit.criteria import MIN_UNITS, criteria_summary, criteria_text
 from kn_ray.stages.edit.outcomes import (EDITS, as_table, json_number, metric_summary, scale_summary, summary_dict,
                                        summary_text)
 
@@ -90,8 +90,10 @@ def write_summary(run: RunDirectory, options: EditOptions, placement: Placement,
         per_edit = con.execute(f"SELECT op, condition, metric, value FROM {edits} WHERE metric IS NOT NULL").df()
     criteria = criteria_summary(per_edit, seed=options.settings.seed)
     summary = dict(runs=runs, results=summary_dict(scale, metrics),
-                   criteria=[{k: json_number(v) if isinstance(v, float) else v for k, v in r.items()}
-                             for r in criteria.to_dict("records")])
+                   criteria=[{k: bool(v) if k == "too_few" else json_number(v) if isinstance(v, float) else v
+                              for k, v in r.items()} for r in criteria.to_dict("records")],
+                   intervals=dict(method="percentile bootstrap over edits", level=0.95, resamples=2000,
+                                  min_units=MIN_UNITS))
     run.write_summary("edit", summary)
     text = "\n\n".join(t for t in (notes_text(notes), summary_text(scale, metrics), criteria_text(criteria)) if t)
     if notes and not any(units.values()):

@@ -31,6 +31,7 @@ from starlette.templating import Jinja2Templates
 from kn_ray.choices import MEMORY_LIMIT
 from kn_ray.pipeline.layout import MARKERS, RUN_FILE, SUMMARIES
 from kn_ray.pipeline.rundir import RunDirectory
+from kn_ray.stages.edit.criteria import MIN_UNITS
 from kn_ray.stages.explore.queries import MEASURES, OPS, PAGE_SIZE, VIEW_RATIO, Listing, RunQueries, overall
 from kn_ray.stages.report import figures
 from kn_ray.stages.report.html import describe
@@ -154,7 +155,7 @@ def _templates() -> Jinja2Templates:
                       trim_blocks=True, lstrip_blocks=True)
     env.filters.update(num=_number, signed=_signed)
     env.globals.update(fact_url=fact_url, relation_url=relation_url, neuron_url=neuron_url, ops=OPS,
-                       view_ratio=VIEW_RATIO, measures=MEASURES)
+                       view_ratio=VIEW_RATIO, measures=MEASURES, min_units=MIN_UNITS)
     return Jinja2Templates(env=env)
 
 
@@ -380,7 +381,19 @@ def _edit_overview(q: RunQueries) -> dict:
         return {}
     scale = overall(q.edit_summary())
     metrics = overall(q.edit_metrics())
-    return dict(scale=_records(scale), criteria=_records(q.edit_criteria()), metrics=_records(metrics))
+    return dict(scale=_records(scale), criteria=_records(q.edit_criteria()), metrics=_records(metrics),
+                destructive=_destructive(q, metrics))
+
+
+def _destructive(q: RunQueries, metrics: pd.DataFrame) -> list[dict]:
+    """Update / erase (ALL): per op and condition, the edits judged and the destructive ones (their
+    collateral perplexity grew past the bound they ran with, edits.json's settings)."""
+    flags = metrics[metrics.metric == "destructive"]
+    runs = (q.run.summary("edit") or {}).get("runs", {}) if len(flags) else {}
+    return [dict(op=r.op, condition=r.condition, judged=int(r.n_edits),
+                 destructive=int(round(float(r["mean"]) * int(r.n_edits))) if r.n_edits else 0, share=r["mean"],
+                 bound=runs.get(r.op, {}).get("settings", {}).get("destructive_ppl_ratio"))
+            for _, r in flags.iterrows()]
 
 
 def _erase_table(frame: pd.DataFrame) -> list[dict]:

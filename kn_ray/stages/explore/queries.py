@@ -20,7 +20,7 @@ from kn_ray.choices import MEMORY_LIMIT
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.stages.aggregate.params import METHOD_NAMES, AggregateParams
 from kn_ray.stages.duck import source
-from kn_ray.stages.edit.criteria import CRITERIA
+from kn_ray.stages.edit.criteria import CRITERIA, MIN_UNITS
 from kn_ray.stages.report.analytics import ALL, Analytics
 
 VIEW_RATIO = 0.1  # the fact view shows a prompt's neurons scoring >= this share of its max (either layout)
@@ -156,7 +156,8 @@ class RunQueries(Analytics):
     def relations(self, listing: Listing) -> pd.DataFrame:
         """Per relation: facts, prompts, mean P(gold), knowledge neurons per fact, relation
         neurons, and the suppress / amplify effect of the facts' knowledge neurons: mean over
-        edited facts of the per-fact mean relative change, with a 95% normal interval over facts."""
+        edited facts of the per-fact mean relative change, with a 95% normal interval over facts
+        (null over fewer than MIN_UNITS facts: too few for an interval)."""
         order = listing.order(self.RELATION_SORT, "relation")
         return self.df(f"""
             WITH s AS (SELECT relation, count(DISTINCT fact_id) AS facts, count(*) AS prompts,
@@ -169,9 +170,11 @@ class RunQueries(Analytics):
                  k AS (SELECT relation, count(*) AS n_kn FROM {self._kn()} WHERE method = 'ig' GROUP BY relation),
                  r AS (SELECT relation, count(*) AS relation_neurons FROM {self._rn()} WHERE method = 'ig' GROUP BY relation),
                  e AS (SELECT relation, count(suppress) AS suppress_facts, avg(suppress) AS suppress,
-                              {Z95} * stddev_samp(suppress) / sqrt(count(suppress)) AS suppress_ci,
+                              CASE WHEN count(suppress) >= {MIN_UNITS}  -- fewer facts: too few for an interval
+                                   THEN {Z95} * stddev_samp(suppress) / sqrt(count(suppress)) END AS suppress_ci,
                               count(amplify) AS amplify_facts, avg(amplify) AS amplify,
-                              {Z95} * stddev_samp(amplify) / sqrt(count(amplify)) AS amplify_ci
+                              CASE WHEN count(amplify) >= {MIN_UNITS}
+                                   THEN {Z95} * stddev_samp(amplify) / sqrt(count(amplify)) END AS amplify_ci
                        FROM {self._fact_effects()} GROUP BY relation)
             SELECT s.*, k.n_kn / nullif(s.usable_facts, 0) AS kn_per_fact, r.relation_neurons,
                    e.suppress, e.suppress_ci, e.suppress_facts, e.amplify, e.amplify_ci, e.amplify_facts

@@ -17,6 +17,7 @@ import pandas as pd
 from kn_ray.choices import MEMORY_LIMIT
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.stages.duck import connect, source
+from kn_ray.stages.edit.criteria import MIN_UNITS
 from kn_ray.stages.edit.outcomes import ALL, METRIC_COLUMNS, SCALE_COLUMNS, metric_summary, scale_summary
 from kn_ray.stages.report.overlap import MAX_PAIRS, overlap_of
 
@@ -141,7 +142,13 @@ class Analytics:
     def edit_criteria(self) -> pd.DataFrame:
         """Today's criteria per (op, condition, metric) with bootstrap CIs: OUT/edits.json."""
         rows = (self.run.summary("edit") or {}).get("criteria", []) if self.has_edits() else []
-        return pd.DataFrame(rows, columns=["op", "condition", "metric", "n_edits", "mean", "ci_low", "ci_high"])
+        frame = pd.DataFrame(rows, columns=["op", "condition", "metric", "n_edits", "mean", "ci_low", "ci_high",
+                                            "too_few"])
+        if len(frame):  # an edits.json from before `too_few`: the same rule, applied here
+            few = frame.n_edits.fillna(0).astype(int) < MIN_UNITS
+            frame["too_few"] = few
+            frame[["ci_low", "ci_high"]] = frame[["ci_low", "ci_high"]].astype(float).where(~few)
+        return frame
 
     def context(self) -> dict:
         """What the figures came from: model, corpus slice and aggregation thresholds."""

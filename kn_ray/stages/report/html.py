@@ -17,6 +17,7 @@ import pandas as pd
 
 from kn_ray.choices import MEMORY_LIMIT
 from kn_ray.pipeline.layout import REPORT, SUMMARIES
+from kn_ray.stages.edit.criteria import MIN_UNITS, interval_text
 from kn_ray.stages.edit.nothing import notes_text
 from kn_ray.stages.edit.options import OPS
 from kn_ray.stages.report import figures
@@ -73,7 +74,10 @@ def build_sections(analytics: Analytics, context: str) -> list[tuple[Section, ob
 
 PAPER_NOTE = ("Mean [95% bootstrap CI over facts; update and erase: over edits] beside Dai et al. (2022) for "
               "BERT-base; suppress / amplify: mean over facts of the mean relative change of P over the fact's "
-              "prompts (kn_ray.stages.report.paper).")
+              "prompts, and the share of prompts whose top-1 prediction leaves (flip_rate: of those the model knew) "
+              "or becomes (gain_rate: of those it did not) the gold object; update success counts a destructive "
+              "edit (collateral perplexity grown past the bound) as a failure; fewer than "
+              f"{MIN_UNITS} facts or edits give no interval (kn_ray.stages.report.paper).")
 
 
 def _chosen_p(analytics: Analytics) -> pd.DataFrame:
@@ -102,8 +106,14 @@ def _edit_sections(analytics: Analytics, context: str) -> list[tuple[Section, ob
     if len(criteria):
         note = ("Per edit: reliability (the argmax flips as the op intends), generalization (the same on held-out "
                 "templates, neurons from the others), locality (other facts' argmax unchanged), symmetry (the "
-                "reversed fact of a symmetric relation); mean over edits with a 95% bootstrap CI (docs/experiments.md).")
-        sections.append((Section("Edits judged by today's criteria", note=note, tables=(criteria,)), None))
+                "reversed fact of a symmetric relation), destructive (update / erase: the perplexity of other "
+                "facts' prompts grew past the bound; such an edit counts as a failure in reliability and success); "
+                f"mean over edits with a 95% bootstrap CI, none over fewer than {MIN_UNITS} edits "
+                "(docs/experiments.md).")
+        shown = criteria.assign(interval=[interval_text(lo, hi, n, "{:.3g}".format) for lo, hi, n in
+                                          zip(criteria.ci_low, criteria.ci_high, criteria.n_edits)])
+        shown = shown.drop(columns=["ci_low", "ci_high", "too_few"]).rename(columns={"interval": "95% CI"})
+        sections.append((Section("Edits judged by today's criteria", note=note, tables=(shown,)), None))
     if not sections:  # an edits table without rows: the edit stage found nothing to edit
         runs = (analytics.run.summary("edit") or {}).get("runs", {})
         why = notes_text({op: runs[op]["note"] for op in sorted(runs, key=_op_order) if runs[op].get("note")})

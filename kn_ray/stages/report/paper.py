@@ -1,7 +1,7 @@
 """The paper's headline table for a run, with 95% bootstrap intervals over facts, beside
 the figures Dai et al. (2022) report for BERT-base on PARAREL.
 
-    rows = paper_table("OUT")               # [{key, label, value, ci_low, ci_high, n}, ...]
+    rows = paper_table("OUT")               # [{key, label, value, ci_low, ci_high, n, too_few}, ...]
     paper_markdown({"smollm2": OUT_A, "gemma3-270m": OUT_B})
 
 Every interval resamples facts (erase: relations) with replacement, 2000 times, seeded:
@@ -12,7 +12,12 @@ Every interval resamples facts (erase: relations) with replacement, 2000 times, 
 * shared neurons and Jaccard of fact pairs within / across relations: over facts with any,
   pairs of distinct facts of the resample (as the report's overlap, kn_ray.stages.report.overlap);
 * suppress / amplify: the mean relative change of P over each fact's prompts, then over facts;
-* update / erase: the edit stage's criteria (kn_ray.stages.edit.criteria), CIs over edits.
+  and what they did to the predictions (outcomes.scale_summary's flip_rate / gain_rate: shares
+  of prompts, pooled over facts, resampled by fact);
+* update / erase: the edit stage's criteria (kn_ray.stages.edit.criteria), CIs over edits;
+  success counts a destructive edit as a failure, and the destructive share is its own row.
+
+Over fewer than 5 units (criteria.MIN_UNITS) a row has no interval and says so (`too_few`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from kn_ray.choices import MEMORY_LIMIT
-from kn_ray.stages.edit.criteria import bootstrap_ci
+from kn_ray.stages.edit.criteria import bootstrap_ci, interval_text, too_few
 from kn_ray.stages.report.analytics import Analytics
 
 N_BOOT, SEED = 2000, 0
@@ -61,13 +66,26 @@ ROWS = (  # key, label, format
     ("amplify_random", "amplify: random neurons, same layers", "pct"),
     ("amplify_activation", "amplify: activation baseline", "pct"),
     ("amplify_other", "amplify: other relations' prompts", "pct"),
-    ("update_success", "update: success (new object top-1)", "pct"),
+    ("suppress_kn_flip", "suppress: known prompts whose top-1 leaves the gold (flip_rate)", "rate"),
+    ("suppress_random_flip", "suppress: flip_rate, random neurons", "rate"),
+    ("suppress_activation_flip", "suppress: flip_rate, activation baseline", "rate"),
+    ("suppress_other_flip", "suppress: flip_rate, other relations' prompts", "rate"),
+    ("amplify_kn_gain", "amplify: unknown prompts whose top-1 becomes the gold (gain_rate)", "rate"),
+    ("amplify_kn_gain_all", "amplify: gain over all prompts (gain_rate_all)", "rate"),
+    ("amplify_random_gain", "amplify: gain_rate, random neurons", "rate"),
+    ("amplify_activation_gain", "amplify: gain_rate, activation baseline", "rate"),
+    ("amplify_other_gain", "amplify: gain_rate, other relations' prompts", "rate"),
+    ("update_success", "update: success (new object top-1; a destructive edit counts as a failure)", "pct"),
     ("update_success_random", "update: success, random neurons", "pct"),
+    ("update_destructive", "update: destructive edits (collateral perplexity grows past the bound)", "pct"),
+    ("update_destructive_random", "update: destructive edits, random neurons", "pct"),
     ("update_locality_same", "update: locality, same relation", "pct"),
     ("update_locality_other", "update: locality, other relations", "pct"),
     ("erase_reliability", "erase: reliability (correct prompts no longer correct)", "pct"),
     ("erase_locality_other", "erase: locality, other relations", "pct"),
     ("erase_reliability_random", "erase: reliability, random neurons", "pct"),
+    ("erase_destructive", "erase: destructive edits (other relations' perplexity grows past the bound)", "pct"),
+    ("erase_destructive_random", "erase: destructive edits, random neurons", "pct"),
 )
 
 
@@ -75,12 +93,28 @@ def _row(key: str, values, *, n=None) -> dict:
     v = np.asarray(values, dtype=float)
     v = v[~np.isnan(v)]
     low, high = bootstrap_ci(v, N_BOOT, SEED)
-    return dict(key=key, value=float(v.mean()) if len(v) else math.nan, ci_low=low, ci_high=high,
-                n=int(len(v) if n is None else n))
+    return _stat(key, float(v.mean()) if len(v) else math.nan, low, high, int(len(v) if n is None else n))
 
 
 def _stat(key: str, value: float, low: float, high: float, n: int) -> dict:
-    return dict(key=key, value=value, ci_low=low, ci_high=high, n=n)
+    """A row; over fewer than MIN_UNITS units its interval is dropped and it is marked `too_few`."""
+    few = too_few(n)
+    return dict(key=key, value=value, ci_low=math.nan if few else low, ci_high=math.nan if few else high, n=n,
+                too_few=few)
+
+
+def _ratio_row(key: str, numerator: pd.Series, denominator: pd.Series) -> dict:
+    """sum(numerator) / sum(denominator) over units (facts with a denominator), with a bootstrap
+    interval that resamples the units (as _share_row)."""
+    keep = denominator > 0
+    num, den = numerator[keep].to_numpy(float), denominator[keep].to_numpy(float)
+    if not len(den):
+        return _stat(key, math.nan, math.nan, math.nan, 0)
+    low = high = math.nan
+    if not too_few(len(den)):
+        draws = np.random.default_rng(SEED).integers(0, len(den), (N_BOOT, len(den)))
+        low, high = np.quantile(num[draws].sum(1) / den[draws].sum(1), (0.025, 0.975))
+    return _stat(key, float(num.sum() / den.sum()), float(low), float(high), len(den))
 
 
 def pair_stats(kn: pd.DataFrame, seed: int = SEED, n_boot: int = N_BOOT) -> list[dict]:
@@ -152,6 +186,23 @@ def _scale_rows(edits: pd.DataFrame) -> list[dict]:
             part = target[(target.op == op) & (target.condition == condition) & (target.scope == scope)]
             per_fact = part.groupby("fact_id").rel_change.mean()
             rows.append(_row(f"{op}_{key}", per_fact.to_numpy()))
+            rows += _prediction_rows(op, key, part)
+    return rows
+
+
+def _prediction_rows(op: str, key: str, part: pd.DataFrame) -> list[dict]:
+    """suppress: flip_rate (known prompts whose top-1 leaves the gold); amplify: gain_rate
+    (unknown prompts whose top-1 becomes the gold) and, for the knowledge neurons, gain_rate_all;
+    pooled shares of prompts as outcomes.scale_summary, intervals over facts."""
+    part = part[part.correct_before.notna() & part.correct_after.notna()]
+    before, after = part.correct_before.astype(bool), part.correct_after.astype(bool)
+    per_fact = part.assign(known=before, flip=before & ~after, unknown=~before, gain=~before & after,
+                           one=1).groupby("fact_id")[["known", "flip", "unknown", "gain", "one"]].sum()
+    if op == "suppress":
+        return [_ratio_row(f"{op}_{key}_flip", per_fact.flip, per_fact.known)]
+    rows = [_ratio_row(f"{op}_{key}_gain", per_fact.gain, per_fact.unknown)]
+    if key == "kn":
+        rows.append(_ratio_row(f"{op}_{key}_gain_all", per_fact.gain, per_fact.one))
     return rows
 
 
@@ -161,13 +212,18 @@ def _criteria_rows(criteria: pd.DataFrame) -> list[dict]:
               ("update", "kn", "locality_other_relation"): "update_locality_other",
               ("erase", "kn", "reliability"): "erase_reliability",
               ("erase", "kn", "locality_other_relation"): "erase_locality_other",
-              ("erase", "random", "reliability"): "erase_reliability_random"}
+              ("erase", "random", "reliability"): "erase_reliability_random",
+              ("update", "kn", "destructive"): "update_destructive",
+              ("update", "random", "destructive"): "update_destructive_random",
+              ("erase", "kn", "destructive"): "erase_destructive", ("erase", "random", "destructive"): "erase_destructive_random"}
     rows = []
     for (op, condition, metric), key in wanted.items():
         hit = criteria[(criteria.op == op) & (criteria.condition == condition) & (criteria.metric == metric)]
         if len(hit):
             r = hit.iloc[0]
-            rows.append(_stat(key, float(r["mean"]), float(r.ci_low), float(r.ci_high), int(r.n_edits)))
+            value = math.nan if pd.isna(r["mean"]) else float(r["mean"])
+            low, high = (math.nan if pd.isna(v) else float(v) for v in (r.ci_low, r.ci_high))
+            rows.append(_stat(key, value, low, high, int(r.n_edits)))
     return rows
 
 
@@ -206,6 +262,8 @@ def paper_frame(rows: list[dict]) -> pd.DataFrame:
 
 
 def _show(key: str, fmt: str):
+    if fmt == "rate":  # a share of prompts, not a change: unsigned
+        return lambda v: f"{100 * v:.1f}%"
     if fmt == "pct":
         signed = key.startswith(("suppress", "amplify"))
         return (lambda v: f"{100 * v:+.1f}%") if signed else (lambda v: f"{100 * v:.1f}%")
@@ -221,6 +279,8 @@ def _cell(row: dict | None, key: str, fmt: str) -> str:
     if value is None or math.isnan(value):
         return "n/a"
     show = _show(key, fmt)
+    if row.get("too_few"):
+        return f"{show(value)} ({interval_text(None, None, row.get('n'))})"
     ci = "" if math.isnan(row.get("ci_low", math.nan)) else f" [{show(row['ci_low'])}, {show(row['ci_high'])}]"
     return f"{show(value)}{ci}"
 
