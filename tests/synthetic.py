@@ -32,7 +32,8 @@ from kn_ray.pipeline.layout import SHARD_KINDS, part_file, shard_name
 from kn_ray.pipeline.record import RunRecord
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.pipeline.neuron_tables import ACTIVATIONS, KINDS, NEURONS, PROMPTS
-from kn_ray.stages.aggregate.schemas import FACT_CONSISTENCY, KNOWLEDGE_NEURONS, RELATION_NEURONS, SHARED_NEURONS
+from kn_ray.stages.aggregate.schemas import (FACT_CONSISTENCY, KNOWLEDGE_NEURONS, RELATION_NEURONS,
+                                             SHARED_NEURON_FACTS, SHARED_NEURONS)
 from kn_ray.stages.edit.outcomes import EDITS, as_table, metric_rows, prompt_row
 
 RELATION_IDS = ["P17", "P19", "P20", "P27", "P30", "P36", "P37", "P39", "P101", "P103",
@@ -44,7 +45,8 @@ ALWAYS_ON_NEURONS = 24  # activation-only neurons that fire for any prompt
 ATTEMPT = "synthetic"  # the attempt id of every synthetic part
 TABLES = {"prompts": PROMPTS, "neurons": NEURONS, "activations": ACTIVATIONS, "edits": EDITS,
           "knowledge_neurons": KNOWLEDGE_NEURONS, "relation_neurons": RELATION_NEURONS,
-          "shared_neurons": SHARED_NEURONS, "fact_consistency": FACT_CONSISTENCY}
+          "shared_neurons": SHARED_NEURONS, "shared_neuron_facts": SHARED_NEURON_FACTS,
+          "fact_consistency": FACT_CONSISTENCY}
 
 
 @dataclass
@@ -62,6 +64,8 @@ class SyntheticSpec:
     facts_per_part: int = 2000
     seed: int = 0
     model: str = "synthetic/bert-base-like"
+    known_share: float | None = None  # probe: a probed prompt is known with this chance (None: no probe, an older run)
+    attribute_unknown: bool = False  # probe: unknown prompts stay 'ok' (attributed, known = false), as the flag
 
     @property
     def rows_per_fact(self) -> float:
@@ -166,9 +170,10 @@ def _row_table(rows: dict, prompt_ids: pa.Array, fact_ids: pa.Array, relations: 
 
 
 def _prompt_table(rng, spec: SyntheticSpec, fact_index: np.ndarray, prompt_fact: np.ndarray,
-                  status: np.ndarray, max_score: np.ndarray) -> pa.Table:
+                  status: np.ndarray, max_score: np.ndarray, probe: dict | None = None) -> pa.Table:
     n = prompt_fact.size
     ok = status == "ok"
+    probed = probe["probed"] if probe else ok
     global_fact = fact_index[prompt_fact]
     k = _within(np.bincount(prompt_fact, minlength=fact_index.size))
     relation = [relation_name(g % spec.relations) for g in global_fact]
@@ -176,6 +181,8 @@ def _prompt_table(rng, spec: SyntheticSpec, fact_index: np.ndarray, prompt_fact:
     template = [f"[X] {r} template {i} [Y]." for r, i in zip(relation, k)]
     reason = np.where(status == "skipped", rng.choice(SKIP_REASONS, n),
                       np.where(status == "error", rng.choice(ERROR_REASONS, n), None))
+    if probe:
+        reason = np.where(probed & ~ok, [f"not known (gold rank {r})" for r in probe["gold_rank"]], reason)
     gold = rng.beta(2, 3, n)
     top_prob = np.maximum(gold, rng.uniform(0, 1, n))
     completeness = pa.array([list(rng.exponential(1e-3, spec.layers).astype(np.float32)) if good else None
@@ -191,7 +198,9 @@ def _prompt_table(rng, spec: SyntheticSpec, fact_index: np.ndarray, prompt_fact:
         "target": [f" object-{g % 211}" for g in global_fact],
         "status": status,
         "error": reason,
-        "gold_prob": np.where(ok, gold, np.nan),
+        "gold_prob": np.where(probed, gold, np.nan),
+        "gold_rank": pa.array(probe["gold_rank"], mask=~probed, type=pa.int32()) if probe else pa.nulls(n, pa.int32()),
+        "known": pa.array(probe["known"], mask=~probed, type=pa.bool_()) if probe else pa.nulls(n, pa.bool_()),
         "top_token": np.where(ok, np.where(top_prob > gold, "the", [f"object-{g % 211}" for g in global_fact]), None),
         "top_prob": np.where(ok, top_prob, np.nan),
         "max_score": np.where(ok, max_score, np.nan).astype(np.float32),
@@ -207,6 +216,14 @@ def _part(rng, spec: SyntheticSpec, fact_index: np.ndarray, relation_neurons, al
     prompt_fact = np.repeat(np.arange(fact_index.size), rng.integers(spec.min_prompts, spec.max_prompts + 1, fact_index.size))
     draw = rng.random(prompt_fact.size)
     status = np.where(draw < spec.error_rate, "error", np.where(draw < spec.error_rate + spec.skip_rate, "skipped", "ok"))
+    probe = None
+    if spec.known_share is not None:  # its own generator: without a probe, the same rows as before
+        probe_rng = np.random.default_rng([spec.seed, 7, int(fact_index[0])])
+        known = probe_rng.random(prompt_fact.size) < spec.known_share
+        probe = dict(probed=status == "ok", known=known,
+                     gold_rank=np.where(known, 1, probe_rng.integers(2, 500, prompt_fact.size)))
+        if not spec.attribute_unknown:
+            status = np.where(probe["probed"] & ~known, "skipped", status)  # the probe stage skips them
     ok = np.flatnonzero(status == "ok")
     score_max = rng.uniform(0.2, 3.0, prompt_fact.size)
     scores = _finish_rows(spec, [_planted_rows(rng, planted, prompt_fact, ok, 1.0, 0.1),
@@ -217,7 +234,7 @@ def _part(rng, spec: SyntheticSpec, fact_index: np.ndarray, relation_neurons, al
                                rng.uniform(1.0, 6.0, prompt_fact.size))
     row_max = np.zeros(prompt_fact.size, np.float32)
     np.maximum.at(row_max, scores["prompt"], scores["value"])
-    prompts = _prompt_table(rng, spec, fact_index, prompt_fact, status, row_max)
+    prompts = _prompt_table(rng, spec, fact_index, prompt_fact, status, row_max, probe)
     keys = [prompts["prompt_id"].combine_chunks(), prompts["fact_id"].combine_chunks(), prompts["relation"].combine_chunks()]
     return (prompts, _row_table(scores, *keys, "score", NEURONS),
             _row_table(activations, *keys, "activation", ACTIVATIONS))
@@ -270,8 +287,23 @@ def write_synthetic_run(out: str | Path, spec: SyntheticSpec | None = None, comm
     for first in range(0, spec.facts, spec.facts_per_part):
         fact_index = np.arange(first, min(first + spec.facts_per_part, spec.facts))
         shards.append(dict(zip(KINDS, _part(rng, spec, fact_index, relation_neurons, always_on))))
-    write_run(out, run_config(spec, len(shards)), shards, committed=committed)
+    run = write_run(out, run_config(spec, len(shards)), shards, committed=committed)
+    if spec.known_share is not None:
+        _write_probe_summary(run, spec, pa.concat_tables([shard["prompts"] for shard in shards]))
     return {kind: sum(shard[kind].num_rows for shard in shards) for kind in KINDS}
+
+
+def _write_probe_summary(run: RunDirectory, spec: SyntheticSpec, prompts: pa.Table) -> None:
+    """probe.json as the pipeline writes it (kn_ray.pipeline.known.relation_summary): the probed
+    prompts are those with a `known` verdict; the chosen facts, those with a known prompt."""
+    from kn_ray.pipeline.known import relation_summary
+
+    probed = prompts.to_pandas()
+    probed["status"] = np.where(probed.known.notna(), "ok", probed.status)
+    chosen = set(probed[probed.known.fillna(False).astype(bool)].fact_id)
+    run.write_summary("probe", dict(rule="top:1", min_known_prompts=1, attribute_unknown=spec.attribute_unknown,
+                                    max_facts_per_relation=None, shards=1, failed=[],
+                                    relations=relation_summary(pa.Table.from_pandas(probed), 1, chosen)))
 
 
 def _as_table(frame: pd.DataFrame | pa.Table, schema: pa.Schema) -> pa.Table:
@@ -335,11 +367,12 @@ def _probe(rng, gold_prob: float) -> Probe:
     return Probe("", "", gold_prob=float(gold_prob), n_target_tokens=1, top_id=0 if correct else 1, first_target_id=0)
 
 
-def write_explorable_run(out: str | Path, facts: int, edited_facts: int, seed: int) -> Path:
-    """A synthetic run with every stage the explorer shows: attribution, aggregation and edits."""
+def write_explorable_run(out: str | Path, facts: int, edited_facts: int, seed: int, **spec) -> Path:
+    """A synthetic run with every stage the explorer shows: attribution, aggregation and edits
+    (`spec`: more SyntheticSpec fields, e.g. known_share for a probed run)."""
     from kn_ray.stages.aggregate import aggregate
 
-    write_synthetic_run(out, SyntheticSpec(facts=facts, relations=3, layers=6, neurons=256, seed=seed))
+    write_synthetic_run(out, SyntheticSpec(facts=facts, relations=3, layers=6, neurons=256, seed=seed, **spec))
     aggregate(out)
     write_synthetic_edits(out, facts=edited_facts)
     return Path(out)

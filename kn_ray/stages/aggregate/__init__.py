@@ -2,7 +2,7 @@
 
 params   AggregateParams, the declared options
 stage    aggregate(out, params): DuckDB over the attribute tables
-schemas  the Arrow schemas of knowledge_neurons/, relation_neurons/, shared_neurons/,
+schemas  the Arrow schemas of knowledge_neurons/, relation_neurons/, shared_neurons/, shared_neuron_facts/,
          fact_consistency/, relation_circuits/ and circuit_neurons/
 
 Names are imported on first use, so the CLI reads AggregateParams without importing DuckDB.
@@ -11,7 +11,8 @@ Names are imported on first use, so the CLI reads AggregateParams without import
 import importlib
 
 _NAMES = {"AggregateParams": "params", "aggregate": "stage", "KNOWLEDGE_NEURONS": "schemas",
-          "RELATION_NEURONS": "schemas", "SHARED_NEURONS": "schemas", "FACT_CONSISTENCY": "schemas"}
+          "RELATION_NEURONS": "schemas", "SHARED_NEURONS": "schemas",
+          "SHARED_NEURON_FACTS": "schemas", "FACT_CONSISTENCY": "schemas"}
 __all__ = list(_NAMES)
 
 

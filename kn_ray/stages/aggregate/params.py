@@ -109,12 +109,20 @@ class AggregateParams:
         if not 0 < self.generic_share <= 1:
             raise ValueError("generic_share must lie in (0, 1]")
 
-    def usable(self, known: bool) -> str:
+    def usable(self, known: bool, alias: str = "") -> str:
         """SQL condition on a `prompts` row: usable for aggregation. `known`: the table has the
-        probe's `known` column (null, e.g. an error row or an older part, counts as known)."""
+        probe's `known` column (null, e.g. an error row or an older part, counts as known);
+        `alias`: the row's table alias in the query ("p": p.status, p.known)."""
+        at = f"{alias}." if alias else ""
         if known and not self.include_unknown:
-            return "status = 'ok' AND coalesce(known, true)"
-        return "status = 'ok'"
+            return f"{at}status = 'ok' AND coalesce({at}known, true)"
+        return f"{at}status = 'ok'"
+
+    def usable_in(self, con, prompts: str, alias: str = "") -> str:
+        """`usable` for the prompts relation `prompts` (SQL: a table or a read_parquet(...)) of the
+        DuckDB connection `con`: the one rule of usable prompts that aggregate, report, explore
+        and edit all apply (older runs' prompts have no `known` column: every ok prompt)."""
+        return self.usable(has_column(con, prompts, "known"), alias)
 
     def level(self, n_facts: str, n_relations: str, run_facts: str) -> str:
         """SQL: the level of a knowledge neuron of `n_facts` facts of `n_relations` relations, of a
@@ -123,3 +131,8 @@ class AggregateParams:
         return (f"CASE WHEN {n_relations} >= {int(self.generic_relations)} OR ({shared} AND {n_facts} >= "
                 f"CAST({float(self.generic_share)!r} AS DOUBLE) * {run_facts} - {EPS}) THEN 'generic' "
                 f"WHEN {shared} THEN 'relation' ELSE 'fact' END")
+
+
+def has_column(con, relation: str, name: str) -> bool:
+    """Whether the SQL relation `relation` of DuckDB connection `con` has column `name`."""
+    return name in [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {relation}").fetchall()]

@@ -31,6 +31,11 @@ SHARED_NEURONS = pa.schema([  # one row per (method, neuron) of level relation o
     ("mean_score", pa.float32()),  # mean of its knowledge-neuron rows' mean_score
 ])
 
+# the (fact, neuron) rows of shared_neurons' neurons: with knowledge_neurons (fact level by
+# default) every candidate of the paper's rule, which the report's overlap within vs across
+# relations (the paper's Table 2) needs; same columns as knowledge_neurons
+SHARED_NEURON_FACTS = KNOWLEDGE_NEURONS
+
 FACT_CONSISTENCY = pa.schema([  # one row per (method, fact with a usable prompt)
     ("method", pa.string()),
     ("fact_id", pa.string()),

@@ -34,9 +34,9 @@ from dataclasses import asdict
 import duckdb
 import pandas as pd
 
-from kn_ray.stages.aggregate.params import EPS, LEVELS, METHODS, AggregateParams, Method
+from kn_ray.stages.aggregate.params import EPS, LEVELS, METHODS, AggregateParams, Method, has_column
 from kn_ray.stages.aggregate.schemas import (CIRCUIT_NEURONS, FACT_CONSISTENCY, KNOWLEDGE_NEURONS, RELATION_CIRCUITS,
-                                             RELATION_NEURONS, SHARED_NEURONS)
+                                             RELATION_NEURONS, SHARED_NEURON_FACTS, SHARED_NEURONS)
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.pipeline.neuron_tables import KINDS as ATTRIBUTE_TABLES
 from kn_ray.stages.duck import connect, source, write_query
@@ -147,6 +147,10 @@ def _aggregate(con, run: RunDirectory, methods: list[Method], params: AggregateP
     with run.staged("shared_neurons") as tmp:
         write_query(con, "SELECT * FROM neuron_levels WHERE level <> 'fact' ORDER BY method, level, n_facts DESC, "
                          "layer, neuron", SHARED_NEURONS, tmp)
+    with run.staged("shared_neuron_facts") as tmp:
+        write_query(con, "SELECT k.*, l.level FROM kn k JOIN neuron_levels l USING (method, layer, neuron) "
+                         "WHERE l.level <> 'fact' ORDER BY method, relation, fact_id, layer, neuron",
+                    SHARED_NEURON_FACTS, tmp)
     with run.staged("fact_consistency") as tmp:
         write_query(con, "SELECT * FROM consistency ORDER BY method, relation, fact_id", FACT_CONSISTENCY, tmp)
     for method in methods:
@@ -173,7 +177,7 @@ def _load_facts(con, run: RunDirectory, params: AggregateParams, scratch) -> Non
     duplicated = con.execute(f"SELECT count(*) - count(DISTINCT prompt_id) FROM {prompts}").fetchall()[0][0]
     if duplicated:
         raise ValueError(f"{run.location('prompts')}: {duplicated} repeated prompt_id rows (a shard written twice?)")
-    known = "known" in [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {prompts}").fetchall()]
+    known = has_column(con, prompts, "known")
     con.execute(f"CREATE TEMP TABLE usable AS SELECT prompt_id, fact_id, relation FROM {prompts} "
                 f"WHERE {params.usable(known)}")
     con.execute(f"CREATE TEMP TABLE unknown AS SELECT prompt_id, fact_id FROM {prompts} "

@@ -83,13 +83,20 @@ def neurons_per_fact(frame: pd.DataFrame, caption: str | None = None):
 
 
 def overlap(frame: pd.DataFrame, caption: str | None = None):
-    """Intra- vs inter-relation sharing of knowledge neurons (the paper's Table 2)."""
+    """Intra- vs inter-relation sharing of knowledge neurons (the paper's Table 2). A `neurons`
+    column (the report's: every level vs fact level) splits each method's bars by it."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
     colors = {"intra": "#0165fc", "inter": "#f5a623"}
+    if "neurons" in frame and len(frame):
+        frame = frame.assign(group=frame.method + "\n" + frame.neurons)
+        order = list(dict.fromkeys(frame.sort_values("method", key=lambda m: m != "ig", kind="stable").group))
+    else:
+        frame, order = frame.assign(group=frame.method), _methods(frame)
     for ax, column, label in [(axes[0], "mean_shared", "mean shared knowledge neurons"),
                               (axes[1], "mean_jaccard", "mean Jaccard of the neuron sets")]:
-        _grouped_bars(ax, frame, "method", "pairs", column, colors, x_order=_methods(frame), hue_order=["intra", "inter"])
+        _grouped_bars(ax, frame, "group", "pairs", column, colors, x_order=order, hue_order=["intra", "inter"])
         ax.set_ylabel(label)
+        ax.tick_params(axis="x", labelsize=7)
         ax.set_title("fact pairs within (intra) / across (inter) relations", fontsize=9)
     return _finish(fig, "Overlap of facts' knowledge neurons", caption)
 

@@ -34,6 +34,7 @@ class Section:
     caption: str = ""
     tables: tuple[pd.DataFrame, ...] = ()
     note: str = ""
+    items: tuple[str, ...] = ()  # a list under the note
 
 
 def describe(context: dict) -> str:
@@ -53,16 +54,21 @@ def describe(context: dict) -> str:
 def build_sections(analytics: Analytics, context: str) -> list[tuple[Section, object]]:
     """(section, matplotlib figure or None) in report order."""
     stats, reasons = analytics.run_stats(), analytics.skip_reasons()
-    overlap, per_fact = analytics.overlap(), analytics.neurons_per_fact()
+    overlap, per_fact = overlap_comparison(analytics), analytics.neurons_per_fact()
     per_fact_caption = context + " Facts with a usable prompt; those with fewer than the minimum have none."
-    overlap_caption = context + " All pairs of facts with at least one knowledge neuron."
+    overlap_caption = context + (" All pairs of facts with at least one knowledge neuron of the kind: every level "
+                                 "(every candidate of the paper's rule, its Table 2) and fact level (the "
+                                 "knowledge_neurons table by default).")
     return [
+        (known_section(analytics), None),
         (Section("Knowledge neurons per layer", "layers.png", context),
          figures.layer_histogram(analytics.layer_histogram())),
         (Section("Knowledge neurons per fact", "per_fact.png", per_fact_caption,
                  (per_fact.groupby("method").n_neurons.describe().reset_index(),)),
          figures.neurons_per_fact(per_fact)),
-        (Section("Overlap within vs across relations", "overlap.png", overlap_caption, (overlap,)),
+        (levels_section(analytics), None),
+        (consistency_section(analytics), None),
+        (Section("Overlap within vs across relations", "overlap.png", overlap_caption, (overlap,), OVERLAP_NOTE),
          figures.overlap(overlap)),
         (Section("Run statistics", "run.png", context, (stats, reasons)),
          figures.run_statistics(stats, reasons)),
@@ -78,6 +84,74 @@ PAPER_NOTE = ("Mean [95% bootstrap CI over facts; update and erase: over edits] 
               "or becomes (gain_rate: of those it did not) the gold object; update success counts a destructive "
               "edit (collateral perplexity grown past the bound) as a failure; fewer than "
               f"{MIN_UNITS} facts or edits give no interval (kn_ray.stages.report.paper).")
+
+
+OVERLAP_NOTE = ("The paper's Table 2 compares every knowledge neuron of its rule; a fact-level neuron (rule 6, "
+                "docs/downstream.md) is a knowledge neuron of one fact only, so fact-level sharing is 0 by "
+                "construction. 'every level' counts every candidate (knowledge_neurons with shared_neuron_facts): "
+                "the comparison with the paper. 'fact level' shows what the knowledge_neurons table shares.")
+EVERY_LEVEL, FACT_LEVEL = "every level (the paper's rule)", "fact level"
+
+
+def overlap_comparison(analytics: Analytics) -> pd.DataFrame:
+    """The overlap of every candidate and of the fact-level neurons, side by side (column
+    `neurons`); a run that cannot tell them apart shows knowledge_neurons as written."""
+    parts = [analytics.overlap(neurons="all").assign(neurons=EVERY_LEVEL),
+             analytics.overlap(neurons="fact").assign(neurons=FACT_LEVEL)]
+    parts = [p for p in parts if len(p)] or [analytics.overlap().assign(neurons="knowledge_neurons as written")]
+    frame = pd.concat(parts, ignore_index=True)
+    return frame[["neurons"] + [c for c in frame.columns if c != "neurons"]]
+
+
+def known_section(analytics: Analytics) -> Section:
+    """What the model knows (probe.json), or why the run cannot say."""
+    title = "What the model knows"
+    probe, table = analytics.probe_summary(), analytics.probe()
+    if table is None:
+        return Section(title, note=f"This run has no {SUMMARIES['probe']}: it was made before the probe stage (or "
+                                   "written by hand), so what the model knows was not measured and every ok prompt "
+                                   "counts as usable.")
+    unknown = "attributed too (--attribute-unknown)" if probe.get("attribute_unknown") else "not attributed"
+    counted = ("counts them as usable too (--include-unknown)" if analytics.params.include_unknown else
+               "leaves them out")
+    note = (f"Every prompt was probed first (one forward pass). A prompt is known if {probe.get('rule')} (gold_rank: "
+            f"1 = the model's top prediction); a fact is known with >= {probe.get('min_known_prompts')} known "
+            f"prompts. Unknown prompts were {unknown}; aggregation {counted}. median P: the median P(gold) of the "
+            f"relation's probed prompts; facts chosen: the known facts attributed.")
+    return Section(title, note=note, tables=(table,))
+
+
+def levels_section(analytics: Analytics) -> Section:
+    """Knowledge neurons per level and the generic neurons of the most facts."""
+    title = "Levels: fact, relation, generic"
+    levels = analytics.levels()
+    if levels.empty:
+        return Section(title, note="This run was aggregated before levels existed; re-run `kn-ray aggregate` "
+                                   "to class its knowledge neurons.")
+    summary = analytics.run.summary("aggregate") or {}
+    kept = ", ".join(analytics.params.levels)
+    note = (f"Each candidate neuron of the paper's rule is generic (a knowledge neuron of facts of several "
+            f"relations, or of a large share of the run's facts), relation-level (of several facts of one relation) "
+            f"or fact-level (of its fact alone) (rule 6, docs/downstream.md). knowledge_neurons keeps: {kept}; "
+            f"shared_neurons lists the others." + (f" Note: {summary['levels_note']}." if summary.get("levels_note")
+                                                     else ""))
+    generic = analytics.generic_neurons()
+    items = tuple(f"L{r.layer} N{r.neuron}: knowledge neuron of {r.n_facts} facts in {r.n_relations} relation"
+                  f"{'s' if r.n_relations != 1 else ''} ({', '.join(r.relations)})" for r in generic.itertuples())
+    if items:
+        note += " The generic neurons (ig) of the most facts:"
+    return Section(title, note=note, tables=(levels,), items=items)
+
+
+def consistency_section(analytics: Analytics) -> Section:
+    title = "Consistency of a fact's prompts"
+    frame = analytics.consistency()
+    if frame.empty:
+        return Section(title, note="This run was aggregated before consistency existed; re-run `kn-ray aggregate`.")
+    note = ("Per relation (ALL: the run): a fact's consistency is the mean Jaccard index of its usable prompts' "
+            "coarse-neuron sets over pairs of prompts (1: every paraphrase lights the same neurons); facts: those "
+            "with a consistency (2 or more usable prompts), the table fact_consistency (rule 7).")
+    return Section(title, note=note, tables=(frame,))
 
 
 def _chosen_p(analytics: Analytics) -> pd.DataFrame:
@@ -141,6 +215,8 @@ def _section_html(section: Section, png: bytes | None) -> str:
                      f"<figcaption>{html.escape(section.caption)} (also {html.escape(section.figure)})</figcaption></figure>")
     if section.note:
         parts.append(f'<p class="note">{html.escape(section.note)}</p>')
+    if section.items:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in section.items) + "</ul>")
     parts += [table.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0) for table in section.tables]
     return "\n".join(parts) + "</section>"
 

@@ -10,7 +10,10 @@ Every interval resamples facts (erase: relations) with replacement, 2000 times, 
 * layer share: knowledge neurons in the top third of the layers (when every layer was
   attributed) and in the upper half of the attributed layers, over facts with any;
 * shared neurons and Jaccard of fact pairs within / across relations: over facts with any,
-  pairs of distinct facts of the resample (as the report's overlap, kn_ray.stages.report.overlap);
+  pairs of distinct facts of the resample (as the report's overlap, kn_ray.stages.report.overlap),
+  of every candidate of the paper's rule whatever its level (`Analytics.candidates()`: the
+  paper's Table 2 counts them all), and beside it the fact-level neurons' (`_fact` rows: a
+  fact-level neuron is one fact's, so these are 0 whenever the level rule ran);
 * suppress / amplify: the mean relative change of P over each fact's prompts, then over facts;
   and what they did to the predictions (outcomes.scale_summary's flip_rate / gain_rate: shares
   of prompts, pooled over facts, resampled by fact);
@@ -54,10 +57,12 @@ ROWS = (  # key, label, format
     ("top_third", "knowledge neurons in the top third of the layers", "pct"),
     ("upper_half", "knowledge neurons in the upper half of the attributed layers", "pct"),
     ("top_layer", "most frequent layer (share of knowledge neurons)", "text"),
-    ("shared_intra", "shared neurons, same relation", "num"),
-    ("shared_inter", "shared neurons, different relations", "num"),
-    ("jaccard_intra", "Jaccard, same relation", "num"),
-    ("jaccard_inter", "Jaccard, different relations", "num"),
+    ("shared_intra", "shared neurons, same relation (every level: the paper's rule)", "num"),
+    ("shared_inter", "shared neurons, different relations (every level: the paper's rule)", "num"),
+    ("jaccard_intra", "Jaccard, same relation (every level)", "num"),
+    ("jaccard_inter", "Jaccard, different relations (every level)", "num"),
+    ("shared_intra_fact", "shared fact-level neurons, same relation (0 by construction)", "num"),
+    ("shared_inter_fact", "shared fact-level neurons, different relations (0 by construction)", "num"),
     ("suppress_kn", "suppress (x0): knowledge neurons", "pct"),
     ("suppress_random", "suppress: random neurons, same layers", "pct"),
     ("suppress_activation", "suppress: activation baseline", "pct"),
@@ -149,6 +154,21 @@ def pair_stats(kn: pd.DataFrame, seed: int = SEED, n_boot: int = N_BOOT) -> list
     low, high = np.nanquantile(boot, 0.025, axis=0), np.nanquantile(boot, 0.975, axis=0)
     keys = ("shared_intra", "shared_inter", "jaccard_intra", "jaccard_inter")
     return [_stat(k, float(point[i]), float(low[i]), float(high[i]), len(facts)) for i, k in enumerate(keys)]
+
+
+PAIR_KEYS = ("shared_intra", "shared_inter", "jaccard_intra", "jaccard_inter")
+
+
+def _pair_rows(analytics: Analytics) -> list[dict]:
+    """pair_stats of every candidate (ig), and the shared counts of the fact-level neurons
+    (`shared_*_fact`); rows without a value where the run cannot tell (see Analytics.candidates)."""
+    every, fact = analytics.candidates(), analytics.fact_level()
+    rows = (pair_stats(every[every.method == "ig"]) if every is not None else
+            [_stat(k, math.nan, math.nan, math.nan, 0) for k in PAIR_KEYS])
+    if fact is not None:
+        rows += [dict(r, key=f"{r['key']}_fact") for r in pair_stats(fact[fact.method == "ig"])
+                 if r["key"].startswith("shared_")]
+    return rows
 
 
 def _share_row(key: str, kn: pd.DataFrame, first: int) -> dict:
@@ -247,7 +267,7 @@ def paper_rows(analytics: Analytics) -> list[dict]:
             _row("kn_per_fact", ig.n_neurons), _row("facts_with_kn", ig.n_neurons > 0),
             _row("activation_per_fact", act.n_neurons)]
     ig_kn = kn[kn.method == "ig"]
-    rows += _layer_rows(ig_kn, n_layers, analytics.attributed_layers()) + pair_stats(ig_kn)
+    rows += _layer_rows(ig_kn, n_layers, analytics.attributed_layers()) + _pair_rows(analytics)
     if edits is not None:
         rows += _scale_rows(edits) + _criteria_rows(analytics.edit_criteria())
     return rows
