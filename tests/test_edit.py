@@ -16,6 +16,7 @@ from kn_ray.engine.editing import add_to_value_slots, edited, value_slot, word_e
 from kn_ray.interfaces.cli import build_parser, main
 from kn_ray.interfaces.commands.attribute import spec_from_args
 from kn_ray.interfaces.jobs import options_from_spec
+from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.placement import Placement
 from kn_ray.stages.edit.corpus import EditCorpus, rng_for
 from kn_ray.stages.edit.options import EditOptions, EditSettings
@@ -443,3 +444,30 @@ def test_corpus_builds_the_prompts_of_the_criteria(tmp_path):
     seen = next(i for i, r in enumerate(paris.prompts) if r not in paris.heldout)
     assert paris.seen_kn == sorted([(1, 7), (2, 9 + seen)])  # the seen prompt's coarse neurons (n = 1)
     assert {r.prompt_id for r in paris.same_relation} == {"P190-berlin-0", "P190-berlin-1"}
+
+
+def test_edits_measure_the_known_prompts_only(run_dir, runner, tmp_path):
+    """A prompt the model does not know (attributed with --attribute-unknown: status 'ok', known
+    false) is not usable, as in aggregation: the edits leave it out, and count it once the run was
+    aggregated with --include-unknown; it changes the fact's numbers."""
+    prompts = _prompts().assign(known=lambda f: f.status.eq("ok").where(f.status.eq("ok")))
+    unknown = dict(prompts[prompts.prompt_id == "P36-france-1"].iloc[0], prompt_id="P36-france-unknown",
+                   prompt="in short , in short , the capital of france is", known=False)
+    kn, rn = _neurons(prompts)
+    config = {"identity": {"model": str(run_dir.parent / "model")}, "options": {"placement": {"precision": "fp32"}}}
+    out = write_tables(tmp_path / "out", config, prompts=pd.concat([prompts, pd.DataFrame([unknown])]),
+                       knowledge_neurons=kn, relation_neurons=rn)
+
+    def suppress(include_unknown: bool) -> pd.DataFrame:
+        RunDirectory(out).write_summary("aggregate", {"parameters": {"include_unknown": include_unknown}})
+        corpus = EditCorpus(out, fact_ids=["P36-france"])
+        rows = pd.concat([runner.run(u) for u in corpus.units("suppress", EditSettings(control_prompts=2))])
+        return rows[(rows.fact_id == "P36-france") & (rows.condition == "kn") & (rows.scope == "target")]
+
+    known_only, every = suppress(False), suppress(True)
+    assert sorted(known_only.prompt_id) == ["P36-france-0", "P36-france-1"]
+    assert sorted(every.prompt_id) == ["P36-france-0", "P36-france-1", "P36-france-unknown"]
+    assert not np.isclose(known_only.rel_change.mean(), every.rel_change.mean())
+    # the known prompts' own rows do not depend on the unknown one
+    pd.testing.assert_series_equal(known_only.set_index("prompt_id").rel_change,
+                                   every.set_index("prompt_id").rel_change.drop("P36-france-unknown"))

@@ -93,7 +93,7 @@ def refuse_unknown(run: RunDirectory, prompts: pd.DataFrame, **asked) -> None:
 
 
 class EditCorpus:
-    """The ok prompts and the aggregated neurons of one run, indexed once for building work units
+    """The usable prompts (AggregateParams.usable) and the aggregated neurons of one run, indexed once for building work units
     (per-fact lookups are dictionary hits, control draws are rejection samples: no scans per fact)."""
 
     def __init__(self, out, *, relations=None, fact_ids=None):
@@ -101,9 +101,9 @@ class EditCorpus:
         if not self.run.parts("knowledge_neurons"):
             raise missing_aggregate(self.run, "knowledge_neurons")
         prompts = read_parts(self.run, "prompts", ["prompt_id", "fact_id", "relation", "subject", "object", "template",
-                                              "prompt", "target", "status", "max_score"])
+                                              "prompt", "target", "status", "max_score"] + self._known_column())
         refuse_unknown(self.run, prompts, relations=relations, fact_ids=fact_ids)
-        prompts = prompts[prompts.status == "ok"].drop(columns="status")
+        prompts = self._usable(prompts)
         kn = read_parts(self.run, "knowledge_neurons", ["fact_id", "relation", "layer", "neuron", "method"])
         if relations:
             prompts, kn = prompts[prompts.relation.isin(relations)], kn[kn.relation.isin(relations)]
@@ -120,6 +120,21 @@ class EditCorpus:
         self._by_fact = {f: _refs(g) for f, g in self.prompts.groupby("fact_id", sort=False)}
         self._relation_of = dict(zip(self.all_facts.fact_id, self.all_facts.relation))
         self._relation_rn: pd.DataFrame | None = None
+
+    def _known_column(self) -> list[str]:
+        """["known"] when the run's prompts have the probe's column (runs before the probe do not)."""
+        return ["known"] if "known" in self.run.dataset("prompts").schema.names else []
+
+    def _usable(self, prompts: pd.DataFrame) -> pd.DataFrame:
+        """The usable prompts, by the aggregation's own rule and recorded parameters
+        (AggregateParams.usable: status 'ok' and known, unless aggregated with --include-unknown):
+        the edits measure the prompts the knowledge neurons were found from."""
+        params = AggregateParams.recorded(self.run.summary("aggregate"))
+        with connect() as con:
+            con.register("prompts", prompts)
+            kept = con.execute(f"SELECT prompt_id FROM prompts WHERE {params.usable_in(con, 'prompts')}").df()
+        usable = prompts[prompts.prompt_id.isin(set(kept.prompt_id))]
+        return usable.drop(columns=["status"] + self._known_column())
 
     # ---- lookups ----------------------------------------------------------------------------
     @property

@@ -35,12 +35,14 @@ def _reason(corpus: EditCorpus, op: str, settings: EditSettings) -> str:
     if corpus.fact_ids is not None:
         chosen = chosen[chosen.fact_id.isin(corpus.fact_ids)]
     if chosen.empty and (corpus.relations or corpus.fact_ids):
-        return (f"the selection has no usable prompt (status 'ok') in {out.location('prompts')}. "
+        return (f"the selection has no usable prompt (status 'ok' and known) in {out.location('prompts')}. "
                 "Select other relations or facts (--relation, --fact-id).")
     if chosen.empty:
         status = read_parts(out, "prompts", ["status"]).status.value_counts()
+        none = ("none 'ok'" if not status.get("ok", 0) else
+                "none of its ok prompts known (prompts.known; `kn-ray aggregate --include-unknown` counts them)")
         return (f"no prompt of the run is usable: {out.location('prompts')} holds "
-                f"{', '.join(f'{n} {s}' for s, n in status.items()) or 'no rows'} and none 'ok'. Their `error` "
+                f"{', '.join(f'{n} {s}' for s, n in status.items()) or 'no rows'} and {none}. Their `error` "
                 "column (or `kn-ray report`'s run statistics) says why; fix the input or the model and attribute again.")
     selected = len(corpus.facts(settings))
     with_neurons = ig.get("facts_with_knowledge_neurons", corpus.facts_with_neurons)  # the run's, else the selection's
