@@ -314,6 +314,7 @@ class Pages:
         start = (page - 1) * PAGE_SIZE
         context = dict(title=f"Neuron L{layer} N{neuron}", state=state, layer=layer, neuron=neuron, shape=(layers, width),
                        by_relation=_records(q.by_relation(facts)), relations=relations, only=only, page=page,
+                       levels=q.neuron_level(layer, neuron),
                        pages=max(1, -(-len(chosen) // PAGE_SIZE)), total=len(chosen),
                        facts=_records(chosen.iloc[start:start + PAGE_SIZE]), tables=q.tables, t=q.t)
         return render(request, "neuron.html", context)

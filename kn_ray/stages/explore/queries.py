@@ -118,6 +118,15 @@ class RunQueries(Analytics):
             "NULL::VARCHAR AS fact_id, NULL::VARCHAR AS relation, NULL::SMALLINT AS layer, NULL::INTEGER AS neuron, "
             "NULL::INTEGER AS n_prompts, NULL::DOUBLE AS share, NULL::FLOAT AS mean_score, NULL::VARCHAR AS method")
 
+    def _candidates(self) -> str:
+        """Every knowledge neuron whatever its level: knowledge_neurons (the kept levels) with
+        shared_neuron_facts (the others' (fact, neuron) rows), as (fact_id, relation, layer,
+        neuron, share, method)."""
+        columns = "fact_id, relation, layer, neuron, share, method"
+        if not self.run.parts("shared_neuron_facts"):
+            return f"(SELECT {columns} FROM {self._kn()})"
+        return f"(SELECT {columns} FROM {self._kn()} UNION SELECT {columns} FROM {self.src('shared_neuron_facts')})"
+
     def _rn(self) -> str:
         return self.src("relation_neurons") if self.has("relation_neurons") else self._empty(
             "NULL::VARCHAR AS relation, NULL::SMALLINT AS layer, NULL::INTEGER AS neuron, NULL::INTEGER AS n_facts, "
@@ -150,11 +159,13 @@ class RunQueries(Analytics):
 
     # ---- relations ----------------------------------------------------------------------------
     RELATION_SORT = {"relation": "s.relation", "facts": "s.facts", "prompts": "s.prompts", "ok": "s.ok",
+                     "known": "known_share",
                      "gold": "s.mean_gold_prob", "kn": "kn_per_fact", "relation_neurons": "relation_neurons",
                      "suppress": "suppress", "amplify": "amplify"}
 
     def relations(self, listing: Listing) -> pd.DataFrame:
-        """Per relation: facts, prompts, mean P(gold), knowledge neurons per fact, relation
+        """Per relation: facts, prompts (usable: by the aggregation's rule; probed / known: the
+        probe's verdicts, known_share their ratio), mean P(gold), knowledge neurons per fact, relation
         neurons, and the suppress / amplify effect of the facts' knowledge neurons: mean over
         edited facts of the per-fact mean relative change, with a 95% normal interval over facts
         (null over fewer than MIN_UNITS facts: too few for an interval)."""
@@ -165,7 +176,9 @@ class RunQueries(Analytics):
                               count(*) FILTER (WHERE status = 'skipped') AS skipped,
                               count(*) FILTER (WHERE status = 'error') AS error,
                               avg(gold_prob) FILTER (WHERE status = 'ok') AS mean_gold_prob,
-                              count(DISTINCT fact_id) FILTER (WHERE status = 'ok') AS usable_facts
+                              count(*) FILTER (WHERE {self.usable()}) AS usable,
+                              count(DISTINCT fact_id) FILTER (WHERE {self.usable()}) AS usable_facts,
+                              {self._known_counts()}
                        FROM {self.src('prompts')} GROUP BY relation),
                  k AS (SELECT relation, count(*) AS n_kn FROM {self._kn()} WHERE method = 'ig' GROUP BY relation),
                  r AS (SELECT relation, count(*) AS relation_neurons FROM {self._rn()} WHERE method = 'ig' GROUP BY relation),
@@ -176,7 +189,8 @@ class RunQueries(Analytics):
                               CASE WHEN count(amplify) >= {MIN_UNITS}
                                    THEN {Z95} * stddev_samp(amplify) / sqrt(count(amplify)) END AS amplify_ci
                        FROM {self._fact_effects()} GROUP BY relation)
-            SELECT s.*, k.n_kn / nullif(s.usable_facts, 0) AS kn_per_fact, r.relation_neurons,
+            SELECT s.*, s.known / nullif(s.probed, 0) AS known_share, k.n_kn / nullif(s.usable_facts, 0) AS kn_per_fact,
+                   r.relation_neurons,
                    e.suppress, e.suppress_ci, e.suppress_facts, e.amplify, e.amplify_ci, e.amplify_facts
             FROM s LEFT JOIN k USING (relation) LEFT JOIN r USING (relation) LEFT JOIN e USING (relation)
             WHERE $q = '' OR strpos(lower(s.relation), lower($q)) > 0
@@ -236,16 +250,38 @@ class RunQueries(Analytics):
 
     # ---- one fact -----------------------------------------------------------------------------
     def fact(self, fact_id: str) -> dict | None:
+        """The fact: prompts, `ok` (its usable prompts, by the aggregation's rule), probed and known
+        prompts, and its consistency (ig: `jaccard` over `n_pairs` pairs of usable prompts; null
+        without fact_consistency or below 2 usable prompts)."""
         frame = self.df(f"""SELECT fact_id, any_value(relation) AS relation, any_value(subject) AS subject,
                                    any_value(object) AS object, count(*) AS prompts,
-                                   count(*) FILTER (WHERE status = 'ok') AS ok
+                                   count(*) FILTER (WHERE {self.usable()}) AS ok, {self._known_counts()}
                             FROM {self.src('prompts')} WHERE fact_id = $fact GROUP BY fact_id""", {"fact": fact_id})
-        return frame.iloc[0].to_dict() if len(frame) else None
+        if not len(frame):
+            return None
+        fact = frame.iloc[0].to_dict()
+        fact.update(self.fact_consistency(fact_id))
+        return fact
+
+    def fact_consistency(self, fact_id: str) -> dict:
+        """{jaccard, n_pairs, consistency_prompts} of the fact (ig) from fact_consistency; None
+        values without the table or a row."""
+        empty = {"jaccard": None, "n_pairs": None, "consistency_prompts": None}
+        if not self.run.parts("fact_consistency"):
+            return empty
+        frame = self.df(f"""SELECT jaccard, n_pairs, n_prompts AS consistency_prompts
+                            FROM {self.src('fact_consistency')} WHERE fact_id = $fact AND method = 'ig'""",
+                        {"fact": fact_id})
+        return {k: (None if pd.isna(v) else v) for k, v in frame.iloc[0].to_dict().items()} if len(frame) else empty
 
     def fact_prompts(self, fact_id: str) -> pd.DataFrame:
-        return self.df(f"""SELECT prompt_id, template, prompt, target, status, error, gold_prob, top_token, top_prob,
-                                  max_score FROM {self.src('prompts')} WHERE fact_id = $fact ORDER BY prompt_id""",
-                       {"fact": fact_id})
+        """The fact's prompts with the probe's gold_rank and known (null for a run without a
+        probe) and `usable` (the aggregation's rule)."""
+        probe = ("gold_rank, known" if self.has_column("prompts", "known") else
+                 "NULL::INTEGER AS gold_rank, NULL::BOOLEAN AS known")
+        return self.df(f"""SELECT prompt_id, template, prompt, target, status, error, gold_prob, {probe}, top_token,
+                                  top_prob, max_score, {self.usable()} AS usable
+                           FROM {self.src('prompts')} WHERE fact_id = $fact ORDER BY prompt_id""", {"fact": fact_id})
 
     def fact_scores(self, fact_id: str) -> pd.DataFrame:
         """The fact's (prompt, layer, neuron, score) rows scoring >= VIEW_RATIO x the prompt's max,
@@ -260,7 +296,7 @@ class RunQueries(Analytics):
             SELECT n.prompt_id, n.layer, n.neuron, n.score, n.score / p.max_score AS rel,
                    {self.params.coarse("ig", "n.score", "p.max_score")} AS coarse
             FROM {rows} n JOIN (SELECT prompt_id, max_score FROM {self.src('prompts')}
-                                WHERE fact_id = $fact AND status = 'ok' AND max_score > 0) p USING (prompt_id)
+                                WHERE fact_id = $fact AND {self.usable()} AND max_score > 0) p USING (prompt_id)
             WHERE n.score > 0 AND n.score >= $view * p.max_score
             ORDER BY n.prompt_id, n.layer, n.neuron""", {"fact": fact_id, "view": min(VIEW_RATIO, self.t)})
 
@@ -329,8 +365,8 @@ class RunQueries(Analytics):
         return 0 <= layer < (layers or 2 ** 15) and 0 <= neuron < (width or 2 ** 31)
 
     def neuron_facts(self, layer: int, neuron: int) -> pd.DataFrame:
-        """Every fact where (layer, neuron) is a knowledge neuron (ig or activation) or a coarse
-        neuron of a usable prompt: its prompts where coarse, the mean score and mean share of
+        """Every fact where (layer, neuron) is a knowledge neuron (ig or activation, at any level:
+        knowledge_neurons with shared_neuron_facts) or a coarse neuron of a usable prompt: its prompts where coarse, the mean score and mean share of
         the prompt's max over the prompts that stored it; by relation, knowledge neurons first."""
         if self.dense:
             rows = f"""(SELECT prompt_id, fact_id, CAST(list_extract(scores, $neuron + 1) AS FLOAT) AS score
@@ -342,14 +378,14 @@ class RunQueries(Analytics):
                                  count(*) FILTER (WHERE {self.params.coarse("ig", "n.score", "p.max_score")}) AS coarse_prompts,
                                  avg(n.score) AS mean_score, avg(n.score / p.max_score) AS mean_rel
                           FROM {rows} n JOIN {self.src('prompts')} p USING (prompt_id)
-                          WHERE p.status = 'ok' AND p.max_score > 0 AND n.score > 0 AND n.score >= $view * p.max_score
+                          WHERE {self.usable("p")} AND p.max_score > 0 AND n.score > 0 AND n.score >= $view * p.max_score
                           GROUP BY n.fact_id),
                  kn AS (SELECT fact_id, bool_or(method = 'ig') AS kn_ig, bool_or(method = 'activation') AS kn_activation,
                                max(share) FILTER (WHERE method = 'ig') AS kn_share
-                        FROM {self._kn()} WHERE layer = $layer AND neuron = $neuron GROUP BY fact_id),
+                        FROM {self._candidates()} WHERE layer = $layer AND neuron = $neuron GROUP BY fact_id),
                  found AS (SELECT fact_id FROM hits WHERE coarse_prompts > 0 UNION SELECT fact_id FROM kn),
                  info AS (SELECT fact_id, any_value(relation) AS relation, any_value(subject) AS subject,
-                                 any_value(object) AS object, count(*) FILTER (WHERE status = 'ok') AS usable_prompts
+                                 any_value(object) AS object, count(*) FILTER (WHERE {self.usable()}) AS usable_prompts
                           FROM {self.src('prompts')} WHERE fact_id IN (SELECT fact_id FROM found) GROUP BY fact_id)
             SELECT i.relation, i.fact_id, i.subject, i.object, i.usable_prompts,
                    coalesce(h.coarse_prompts, 0) AS coarse_prompts, h.mean_score, h.mean_rel,
@@ -357,6 +393,16 @@ class RunQueries(Analytics):
             FROM found JOIN info i USING (fact_id) LEFT JOIN hits h USING (fact_id) LEFT JOIN kn k USING (fact_id)
             ORDER BY i.relation, kn_ig DESC, coarse_prompts DESC, i.fact_id""",
             {"layer": layer, "neuron": neuron, "view": min(VIEW_RATIO, self.t)})
+
+    def neuron_level(self, layer: int, neuron: int) -> list[dict]:
+        """The neuron's level per method where it is relation-level or generic (shared_neurons:
+        level, n_facts, n_relations, relations); [] otherwise (fact level, or no knowledge neuron)."""
+        if not self.run.parts("shared_neurons"):
+            return []
+        frame = self.df(f"""SELECT method, level, n_facts, n_relations, relations, share FROM {self.src('shared_neurons')}
+                            WHERE layer = $layer AND neuron = $neuron ORDER BY method DESC""",
+                        {"layer": layer, "neuron": neuron})
+        return [dict(row, relations=list(row["relations"])) for row in frame.to_dict("records")]
 
     def neuron_relations(self, layer: int, neuron: int) -> pd.DataFrame:
         return self.df(f"""SELECT relation, n_facts, share, method FROM {self._rn()}

@@ -30,8 +30,8 @@ COLUMNS = {
     "layer_histogram": ["method", "layer", "n_neurons", "share"],
     "neurons_per_fact": ["method", "fact_id", "relation", "usable_prompts", "n_neurons"],
     "overlap": ["method", "pairs", "n_facts", "n_pairs", "mean_shared", "mean_jaccard", "jaccard_pairs"],
-    "run_stats": ["relation", "facts", "prompts", "ok", "usable", "skipped", "error", "compute_seconds",
-                  "ok_per_compute_second", "mean_gold_prob"],
+    "run_stats": ["relation", "facts", "prompts", "ok", "usable", "skipped", "error", "probed", "known",
+                  "compute_seconds", "ok_per_compute_second", "mean_gold_prob"],
     "probe": ["relation", "prompts", "known", "known_share", "median_gold_prob", "facts", "known_facts",
               "facts_chosen"],
     "levels": ["method", "level", "neurons", "knowledge_neuron_rows", "facts"],
@@ -159,18 +159,26 @@ class Analytics:
 
     def run_stats(self) -> pd.DataFrame:
         """Prompts by status per relation plus an 'ALL' row; `usable`: the ok prompts aggregation
-        counts (known ones, by its rule). compute_seconds sums the per-prompt
+        counts (known ones, by its rule); `probed` and `known`: prompts with the probe's verdict and
+        the known ones among them (0 without a probe). compute_seconds sums the per-prompt
         `seconds` (worker time, not wall time); ok_per_compute_second is the throughput from it."""
         return self._frame("run_stats", f"""
             SELECT coalesce(relation, '{ALL}') AS relation, count(DISTINCT fact_id) AS facts, count(*) AS prompts,
                    count(*) FILTER (WHERE status = 'ok') AS ok, count(*) FILTER (WHERE {self.usable()}) AS usable,
-                   count(*) FILTER (WHERE status = 'skipped') AS skipped,
+                   count(*) FILTER (WHERE status = 'skipped') AS skipped, {self._known_counts()},
                    count(*) FILTER (WHERE status = 'error') AS error, sum(seconds) AS compute_seconds,
                    count(*) FILTER (WHERE status = 'ok') / nullif(sum(seconds), 0) AS ok_per_compute_second,
                    avg(gold_prob) FILTER (WHERE status = 'ok') AS mean_gold_prob
             FROM {self._source('prompts')}
             GROUP BY ROLLUP (relation)
             ORDER BY relation IS NULL DESC, relation""")
+
+    def _known_counts(self) -> str:
+        """SQL select items `probed` (prompts with the probe's verdict) and `known` (0 both for a
+        run without a probe: none probed)."""
+        if self.has_column("prompts", "known"):
+            return "count(known) AS probed, count(*) FILTER (WHERE known) AS known"
+        return "0::BIGINT AS probed, 0::BIGINT AS known"
 
     def skip_reasons(self) -> pd.DataFrame:
         return self._frame("skip_reasons", f"""
