@@ -121,6 +121,9 @@ def known_section(analytics: Analytics) -> Section:
     return Section(title, note=note, tables=(table,))
 
 
+GENERIC_SHOWN = 10
+
+
 def levels_section(analytics: Analytics) -> Section:
     """Knowledge neurons per level and the generic neurons of the most facts."""
     title = "Levels: fact, relation, generic"
@@ -135,11 +138,12 @@ def levels_section(analytics: Analytics) -> Section:
             f"or fact-level (of its fact alone) (rule 6, docs/downstream.md). knowledge_neurons keeps: {kept}; "
             f"shared_neurons lists the others." + (f" Note: {summary['levels_note']}." if summary.get("levels_note")
                                                      else ""))
-    generic = analytics.generic_neurons()
+    generic = pd.concat([analytics.generic_neurons(GENERIC_SHOWN, method) for method in ("ig", "activation")])
     items = tuple(f"L{r.layer} N{r.neuron}: knowledge neuron of {r.n_facts} facts in {r.n_relations} relation"
-                  f"{'s' if r.n_relations != 1 else ''} ({', '.join(r.relations)})" for r in generic.itertuples())
+                  f"{'s' if r.n_relations != 1 else ''} ({', '.join(r.relations)}; {r.method})"
+                  for r in generic.itertuples())
     if items:
-        note += " The generic neurons (ig) of the most facts:"
+        note += f" The generic neurons of the most facts (at most {GENERIC_SHOWN} per method):"
     return Section(title, note=note, tables=(levels,), items=items)
 
 
