@@ -417,3 +417,70 @@ def test_destructive_edits_and_too_few_units_are_shown_as_such(tmp_path):
     assert "flip rate" in overview
     relations = client.get("/relations").text
     assert "too few for an interval" in relations  # 4 edited facts over 3 relations
+
+
+# ---- what the model knows, levels, consistency ----------------------------------------------------
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory):
+    """A probed run whose unknown prompts were attributed (status 'ok', known false)."""
+    return write_explorable_run(tmp_path_factory.mktemp("probed") / "run", facts=60, edited_facts=20, seed=5,
+                                known_share=0.7, attribute_unknown=True)
+
+
+def test_known_shares_per_relation_and_usable_prompts_by_the_aggregation_rule(probed):
+    prompts = _read(probed, "prompts")
+    client = TestClient(create_app(str(probed), refresh=0), raise_server_exceptions=False)
+    q = RunQueries(RunDirectory(probed))
+    try:
+        frame = q.relations(Listing()).set_index("relation")
+    finally:
+        q.close()
+    probed_rows = prompts[prompts.known.notna()]
+    share = probed_rows.known.astype(bool).groupby(probed_rows.relation).mean()
+    np.testing.assert_allclose(frame.known_share.sort_index(), share.sort_index(), rtol=0, atol=1e-12)
+    usable = prompts[(prompts.status == "ok") & prompts.known.fillna(True).astype(bool)]
+    assert frame.usable.sort_index().tolist() == usable.groupby("relation").size().sort_index().tolist()
+    assert (frame.usable < frame.ok).any()  # the attributed unknown prompts are not usable
+    page = client.get("/relations").text
+    for relation, value in share.items():
+        known = int(probed_rows[probed_rows.relation == relation].known.astype(bool).sum())
+        assert f"{100 * value:.1f}% <span class=\"muted small\">({known} / " in page
+    overview = client.get("/").text
+    assert f"<b>{int(probed_rows.known.astype(bool).sum())}</b><span>known of {len(probed_rows)} probed" in overview
+
+
+def test_fact_page_shows_known_prompts_consistency_and_edits_before_neurons(probed):
+    consistency = _read(probed, "fact_consistency")
+    edits = _read(probed, "edits")
+    prompts = _read(probed, "prompts")
+    unknown = set(prompts[prompts.known.eq(False) & prompts.status.eq("ok")].fact_id)
+    fact_id = sorted(set(edits[edits.op == "suppress"].fact_id.dropna()) & set(consistency.fact_id) & unknown)[0]
+    row = consistency[(consistency.fact_id == fact_id) & (consistency.method == "ig")].iloc[0]
+    client = TestClient(create_app(str(probed), refresh=0), raise_server_exceptions=False)
+    page = client.get(fact_url(fact_id)).text
+    assert f"of its {row.n_prompts} usable prompts ({row.n_pairs} pairs" in page
+    assert re.search(rf"Consistency: <b>{row.jaccard:.3g}", page)
+    assert page.index("<h2>Edit outcomes</h2>") < page.index('<table id="neurons">')
+    mine = prompts[prompts.fact_id == fact_id].sort_values("prompt_id")
+    cells = re.findall(r'<td class="known">([^<]*)</td><td>([^<]*)</td>', page)
+    assert cells == [("yes" if k else "no", str(int(r))) for k, r in zip(mine.known, mine.gold_rank)]
+    usable = int((mine.status.eq("ok") & mine.known).sum())
+    assert f"{usable} usable of {len(mine)} prompts; the model knows {int(mine.known.sum())} of the {len(mine)} probed" \
+        in page
+
+
+def test_neuron_page_shows_the_level(probed):
+    shared = _read(probed, "shared_neurons")
+    generic = shared[shared.level == "generic"].sort_values(["n_facts", "layer", "neuron"], ascending=[False, True, True])
+    top = generic.iloc[0]
+    client = TestClient(create_app(str(probed), refresh=0), raise_server_exceptions=False)
+    page = client.get(f"/neuron/{top.layer}/{top.neuron}").text
+    assert re.search(rf'<span class="tag[^"]*">generic</span> knowledge neuron of {top.n_facts} facts in '
+                     rf'{top.n_relations} relations', page)
+    facts = _read(probed, "shared_neuron_facts")
+    mine = facts[(facts.layer == top.layer) & (facts.neuron == top.neuron) & (facts.method == top.method)]
+    assert len(mine) == top.n_facts  # its facts are listed as the knowledge neuron's, though not in knowledge_neurons
+    kn = _read(probed, "knowledge_neurons")
+    fact_level = kn[kn.method == "ig"].iloc[0]
+    page = client.get(f"/neuron/{fact_level.layer}/{fact_level.neuron}").text
+    assert '<span class="tag">fact</span> knowledge neuron of its fact alone' in page
