@@ -448,8 +448,8 @@ def test_single_relation_run_notes_what_levels_cannot_tell(tmp_path):
 
 def _with_known(prompts: list[dict], known: list) -> pa.Table:
     """The prompts table as the probe stage writes it: PROMPTS plus `known` (bool, null = never probed)."""
-    table = _as_table(pd.DataFrame(prompts), PROMPTS)
-    return table.append_column("known", pa.array(known, pa.bool_()))
+    table = _as_table(pd.DataFrame(prompts), PROMPTS)  # PROMPTS has `known` now (null): set it, never a second one
+    return table.set_column(table.schema.get_field_index("known"), "known", pa.array(known, pa.bool_()))
 
 
 def _as_prompts(prompts: list[dict]) -> pa.Table:
