@@ -54,7 +54,7 @@ def recorded_rows(run: RunDirectory, table: str) -> int:
     """What kn-ray recorded: the shard markers' counts (attribute), else aggregate.json's (aggregate)
     or kn-ray's own reader (the rest)."""
     if TABLES[table] == "attribute":
-        return sum(marker["rows"][table] for marker in run.markers().values())
+        return sum(marker["rows"].get(table, 0) for marker in run.markers().values())
     if table in ("knowledge_neurons", "relation_neurons"):
         counts = run.summary("aggregate")["counts"]
         return sum(counts[method][table] for method in ("ig", "activation"))

@@ -20,9 +20,8 @@ from kn_ray.pipeline.driver import run_pipeline
 from kn_ray.pipeline.faults import ENV as FAULTS
 from kn_ray.pipeline.options import Resources, RunOptions
 from kn_ray.placement import Placement
-from kn_ray.pipeline.layout import MARKERS
+from kn_ray.pipeline.layout import MARKERS, SHARD_KINDS
 from kn_ray.pipeline.rundir import RunDirectory
-from kn_ray.pipeline.neuron_tables import KINDS
 from tests.numerics import assert_same_frames
 from tests.pipeline_fixtures import EVERY_PROMPT, EVERY_PROMPT_FLAGS, save_tiny_model
 from tests.s3_server import BUCKET, s3_server  # noqa: F401  (a fixture)
@@ -81,8 +80,8 @@ def objects(run: RunDirectory) -> dict[str, object]:
 def assert_only_committed_parts(run: RunDirectory) -> None:
     markers = run.markers()
     named = sorted(f for m in markers.values() for f in m["files"].values())
-    assert sorted(n for n in objects(run) if n.split("/")[0] in KINDS) == named
-    assert len(named) == 3 * run.record().identity["plan"]["shards"]
+    assert sorted(n for n in objects(run) if n.split("/")[0] in SHARD_KINDS) == named
+    assert len(named) == 3 * run.summary("probe")["attribution_plan"]["shards"] + run.summary("probe")["shards"]
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +128,7 @@ def test_killed_driver_resumes_on_s3_without_rewriting_finished_parts(world, loc
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     done = run.markers()
-    assert 2 <= len(done) < run.record().identity["plan"]["shards"]
+    assert 2 <= len(done) < run.summary("probe")["attribution_plan"]["shards"]
     committed = {f for m in done.values() for f in m["files"].values()}
     before = {name: mtime for name, mtime in objects(run).items() if name in committed}
     markers_before = {name: json.dumps(m, sort_keys=True) for name, m in done.items()}

@@ -154,13 +154,13 @@ def run_pipeline(options: RunOptions, *, progress: bool = True) -> RunSummary:
         probe = run_probe(run, record.config_hash, options, prompts.prompts, input_order,
                           lambda shards: dispatch(shards, "probing", probe=True))
         selected, chosen = chosen_prompts(prompts.prompts, probe, options, input_order)
-        run.write_summary("probe", probe_summary(options, probe, chosen))
         if options.probe.probe_only or probe.failed:
             shards: list[Shard] = []
         else:
             if options.mode == "circuits":
                 selected = with_candidates(selected)
             shards = plan_shards(selected, options.shard_size or auto_shard_size(len(selected)))
+        run.write_summary("probe", probe_summary(options, probe, chosen, shards))
         done = run.commits.finished([s.name for s in shards], record.config_hash)
         todo = [s for s in shards if s.name not in done]
         dispatch_start = time.perf_counter()
@@ -171,17 +171,21 @@ def run_pipeline(options: RunOptions, *, progress: bool = True) -> RunSummary:
     counts = run.read("prompts", ["status"]).column("status").value_counts().to_pylist()
     failed = {**probe.failed, **result.failed}
     return RunSummary(str(run), len(shards), len(shards) - len(todo), len(result.written), failed,
-                      result.retries, result.actors_lost, result.prompts, time.perf_counter() - start, dispatch_seconds,
-                      {c["values"]: c["counts"] for c in counts}, pool.plan, stale, result.actors_back,
+                      probe.retries + result.retries, probe.actors_lost + result.actors_lost, result.prompts,
+                      time.perf_counter() - start, dispatch_seconds, {c["values"]: c["counts"] for c in counts}, pool.plan,
+                      stale, probe.actors_back + result.actors_back,
                       probe=probe_counts(probe, chosen, len(selected) if shards else 0))
 
 
-def probe_summary(options: RunOptions, probe: ProbeResult, chosen: set[str]) -> dict:
-    """probe.json: the rule, and per relation what the model knows."""
+def probe_summary(options: RunOptions, probe: ProbeResult, chosen: set[str], shards: list[Shard]) -> dict:
+    """probe.json: the rule, per relation what the model knows, and the attribution plan that
+    follows from it (empty for --probe-only or a failed probe)."""
+    plan = dict(shards=len(shards), prompts=sum(map(len, shards)), facts=len(chosen) if shards else 0,
+                shard_size=options.shard_size or "auto", fingerprint=fingerprint(shards))
     return dict(rule=str(options.probe.rule), min_known_prompts=options.probe.min_known_prompts,
                 attribute_unknown=options.probe.attribute_unknown,
                 max_facts_per_relation=options.filters.max_facts_per_relation,
-                shards=len(probe.shards), failed=sorted(probe.failed),
+                shards=len(probe.shards), failed=sorted(probe.failed), attribution_plan=plan,
                 relations=relation_summary(probe.table, options.probe.min_known_prompts, chosen))
 
 

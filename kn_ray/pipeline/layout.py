@@ -36,7 +36,7 @@ CIRCUITS = "attribute --mode circuits"
 CIRCUITS_AGGREGATE = "aggregate (a circuits run)"
 
 # every table folder of OUT, and the command that writes it
-TABLES: dict[str, str] = {"probe": "attribute (or --probe-only)", **{kind: "attribute" for kind in KINDS}, **{kind: CIRCUITS for kind in CIRCUIT_KINDS[1:]},
+TABLES: dict[str, str] = {"probe": "attribute", **{kind: "attribute" for kind in KINDS}, **{kind: CIRCUITS for kind in CIRCUIT_KINDS[1:]},
                           "knowledge_neurons": "aggregate", "relation_neurons": "aggregate",
                           "shared_neurons": "aggregate", "shared_neuron_facts": "aggregate",
                           "fact_consistency": "aggregate",

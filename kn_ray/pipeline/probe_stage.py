@@ -28,6 +28,9 @@ class ProbeResult:
     written: int = 0  # probe shards computed by this run
     prompts_computed: int = 0
     failed: dict[str, str] = field(default_factory=dict)
+    retries: int = 0
+    actors_lost: int = 0
+    actors_back: int = 0
     seconds: float = 0.0
 
 
@@ -72,6 +75,9 @@ def run_probe(run: RunDirectory, run_hash: str, options: RunOptions, specs: list
         result.written += len(computed.written)
         result.prompts_computed += computed.prompts
         result.failed.update(computed.failed)
+        result.retries += computed.retries
+        result.actors_lost += computed.actors_lost
+        result.actors_back += computed.actors_back
         result.table = read_probe(run, run_hash, result.shards)
         if result.failed or limit is None:
             break
