@@ -62,7 +62,7 @@ def pages(out: str) -> list[tuple[str, str]]:
 
 def measure(out: str, repeats: int) -> list[dict]:
     targets = pages(out)
-    client = TestClient(create_app(out, refresh=3600))
+    client = TestClient(create_app(out, refresh=3600), base_url="http://127.0.0.1")
     results = []
     for label, url in targets:
         times, cpu = [], []
