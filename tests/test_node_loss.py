@@ -75,10 +75,11 @@ class SimulatedCluster:
         """Kill one worker node's processes (no graceful drain: a lost machine)."""
         self.cluster.remove_node(next(iter(self.cluster.worker_nodes)), allow_graceful=False)
 
-    def restarted(self) -> bool:
-        """An actor that Ray restarted is alive again (its model loaded)."""
+    def restarted(self) -> int | None:
+        """The process id of an actor that Ray restarted and that is alive again (its model
+        loaded), or None."""
         alive = self.cluster.global_state.actor_table(None, actor_state_name="ALIVE").values()
-        return any(actor["NumRestarts"] >= 1 for actor in alive)
+        return next((actor["Pid"] for actor in alive if actor["NumRestarts"] >= 1), None)
 
     def env(self, hold) -> dict:
         return dict(os.environ, RAY_ADDRESS=self.cluster.address, RAY_TMPDIR=str(self.tmp),
@@ -123,24 +124,33 @@ def world(tmp_path_factory, ray_local):
     return dict(root=root, facts=facts, model=model, local=local)
 
 
-def lose_a_node(sim: SimulatedCluster, proc: subprocess.Popen, started, replaced: bool, hold) -> None:
+def lose_a_node(sim: SimulatedCluster, proc: subprocess.Popen, started, replaced: bool, hold) -> bool:
     """Once `started()` (a task finished: both actors have work in flight), remove a worker node.
     Replaced: the run is held (`hold`: KN_RAY_FAULTS' hold file) while a new node joins and Ray
-    restarts the lost actor there, so the restarted actor still finds work when it goes on."""
+    restarts the lost actor there, until the restarted actor waits at the hold with a task of its
+    own: the driver's ping to it was answered (the actor counts as back) and it got work. Returns
+    whether it did (False if not replaced)."""
     deadline = time.time() + 120
     while not started() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     assert proc.poll() is None, "the run ended before a node could be lost"
-    if replaced:
-        hold.touch()
+    if not replaced:
+        sim.remove()
+        return False
+    hold.touch()
     sim.remove()
-    if replaced:
-        time.sleep(REPLACE_AFTER)
-        sim.add()
-        while not sim.restarted() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
-        time.sleep(1.0)  # the driver's ping gets its answer, the actor its next tasks
-        hold.unlink()
+    time.sleep(REPLACE_AFTER)
+    sim.add()
+    # No fixed sleep: under load the driver may take seconds to see the restarted actor's ping
+    # answered, and a run let go before that ends on the survivor alone ("0 back").
+    pid = None
+    while proc.poll() is None and time.time() < deadline:
+        pid = pid or sim.restarted()
+        if pid is not None and hold.with_name(f"{hold.name}.held-by-{pid}").exists():
+            break
+        time.sleep(0.2)
+    hold.unlink()
+    return pid is not None and hold.with_name(f"{hold.name}.held-by-{pid}").exists()
 
 
 def finish(proc: subprocess.Popen) -> str:
@@ -172,8 +182,9 @@ def test_attribute_survives_a_lost_node(sim, world, tmp_path, replaced):
            "--shard-size", str(SHARD), "--precision", "fp32", "--no-progress"]
     hold = tmp_path / "hold"
     proc = subprocess.Popen(cmd, env=sim.env(hold), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lose_a_node(sim, proc, lambda: len(list((out / MARKERS).glob("*.json"))) >= 1, replaced, hold)
+    back = lose_a_node(sim, proc, lambda: len(list((out / MARKERS).glob("*.json"))) >= 1, replaced, hold)
     summary = finish(proc)
+    assert back == replaced, f"the restarted actor never got a task:\n{summary}"
     assert "2 actors x 1 CPU" in summary and " 0 failed (" in summary and " 0 workers lost" not in summary
     assert f"workers lost, {int(replaced)} back)" in summary  # replaced: the lost actor rejoined the pool
     got, want = frames(out), frames(world["local"])
@@ -234,3 +245,28 @@ def test_with_no_actor_left_the_rest_fails_after_restart_wait(ray_local, tmp_pat
     with pytest.raises(TasksFailed) as failed:
         list(run_tasks(ActorSpec(Vanishing, (str(tmp_path / "gone"),)), res, ["a", "b", "c"], key=str))
     assert str(failed.value) == "; ".join(f"{t}: no worker came back within 1 s" for t in "abc")
+
+
+def test_a_call_from_before_a_loss_failing_late_is_not_a_new_loss(monkeypatch):
+    """An actor with two calls in flight is lost: the first failure pings it; if its ping answers
+    (the actor back) before the second call's failure is read, that failure belongs to the loss
+    already counted: no second loss, no second ping, and its load stays the new actor's."""
+    from types import SimpleNamespace
+
+    from kn_ray.pipeline import pool as pool_module
+    from kn_ray.pipeline.pool import ActorPool
+
+    monkeypatch.setattr(pool_module, "_ping", lambda actor: f"ping-{actor}")
+    monkeypatch.setattr(pool_module, "ray", SimpleNamespace(get=lambda ref: {"revision": "r"}))
+    pool = ActorPool.__new__(ActorPool)
+    pool.limit, pool._load, pool.pings, pool.lost, pool.back, pool.info, pool._generation = 2, {"a": 0}, {}, set(), 0, None, {}
+    first, second = pool.reserve(), pool.reserve()
+    assert pool.reserve() is None and pool.failed(first) and pool.pings == {"ping-a": "a"}
+    pool.answer("ping-a")
+    assert pool.back == 1 and pool._load == {"a": 0}
+    assert not pool.failed(second) and not pool.pings and pool.back == 1 and pool._load == {"a": 0}
+    pool.release(second)  # a late success of the old call: not the new actor's load
+    third = pool.reserve()
+    assert pool._load == {"a": 1} and third == ("a", 1)
+    pool.release(third)
+    assert pool._load == {"a": 0}
