@@ -53,7 +53,8 @@ def run(args) -> int:
               "address; there is no authentication", file=sys.stderr)
     sock = bind(options)
     app = create_app(args.out, options.memory_limit, options.refresh, host=options.host)
-    note = f" (run in progress: {state.committed} of {state.planned} shards committed)" if state.in_progress else ""
+    note = (f" (run in progress: {state.committed} of {state.planned} shard{'s' * (state.planned != 1)} committed)"
+            if state.in_progress else "")
     print(f"kn-ray explore: {state.location}{note}\n{url(sock)}", flush=True)
     # h11 reads request heads up to MAX_REQUEST bytes, so a long URL is answered (414 from the app)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, http="h11",
