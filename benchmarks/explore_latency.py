@@ -11,6 +11,13 @@ and DuckDB reading the Parquet footers), then the median and max of `--repeats` 
 and the median CPU time of the process per request (all threads: what the page costs whatever
 else shares the machine).
 Prints a Markdown table and the run's size.
+
+    python benchmarks/explore_latency.py OUT --browser [--repeats 10]
+
+`--browser`: the overview's load time in the system's headless Chromium (what a user waits
+for: the page, its stylesheet and its figures, over HTTP from `kn-ray explore OUT` in a
+subprocess): the first load after the server started, then the median and max of `--repeats`
+reloads (`performance` navigation timing, start to the load event).
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ def pages(out: str) -> list[tuple[str, str]]:
 
 def measure(out: str, repeats: int) -> list[dict]:
     targets = pages(out)
-    client = TestClient(create_app(out, refresh=3600))
+    client = TestClient(create_app(out, refresh=3600), base_url="http://127.0.0.1")
     results = []
     for label, url in targets:
         times, cpu = [], []
@@ -70,11 +77,53 @@ def measure(out: str, repeats: int) -> list[dict]:
     return results
 
 
+def browser_loads(out: str, repeats: int) -> list[float]:
+    """Seconds from navigation start to the load event of the overview, first load then reloads."""
+    import subprocess
+
+    from tests.test_explore_browser import CHROMEDRIVER, CHROMIUM, FLAGS
+
+    os.environ["SE_OFFLINE"] = "true"
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    server = subprocess.Popen([sys.executable, "-m", "kn_ray.interfaces.cli", "explore", out],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in FLAGS + ["--disk-cache-size=1"]:
+        options.add_argument(flag)
+    driver = None
+    try:
+        lines = [server.stdout.readline() for _ in range(2)]
+        url = next(line.strip() for line in lines if line.startswith("http://"))
+        driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
+        times = []
+        for _ in range(repeats + 1):
+            driver.get(url)
+            times.append(driver.execute_script(
+                "const n = performance.getEntriesByType('navigation')[0]; return n.loadEventEnd - n.startTime;") / 1e3)
+        return times
+    finally:
+        if driver is not None:
+            driver.quit()
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--browser", action="store_true", help="the overview's load time in headless Chromium")
     args = parser.parse_args()
+    if args.browser:
+        times = browser_loads(args.out, args.repeats)
+        print(f"overview in Chromium: first load {times[0]:.3f} s, median of {args.repeats} reloads "
+              f"{statistics.median(times[1:]):.3f} s, max {max(times[1:]):.3f} s; load average {os.getloadavg()[0]:.1f}")
+        return 0
     results = measure(args.out, args.repeats)
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs; load average "
           f"{os.getloadavg()[0]:.1f}")

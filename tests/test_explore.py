@@ -24,6 +24,7 @@ from tests.s3_server import BUCKET, s3_server  # noqa: F401  (a fixture)
 from tests.synthetic import SyntheticSpec, write_explorable_run, write_synthetic_run, write_tables
 
 T = AggregateParams.t
+LOCAL = "http://127.0.0.1:8765"  # the app answers loopback host names only
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def queries(run):
 
 @pytest.fixture(scope="module")
 def client(run):
-    return TestClient(create_app(str(run), refresh=0), raise_server_exceptions=False)
+    return TestClient(create_app(str(run), refresh=0), raise_server_exceptions=False, base_url=LOCAL)
 
 
 def _read(run, table) -> pd.DataFrame:
@@ -171,7 +172,7 @@ def test_dense_layout_shows_what_the_sparse_one_shows(run, queries, tmp_path):
     pd.testing.assert_frame_equal(dense.neuron_facts(layer, neuron)[columns], queries.neuron_facts(layer, neuron)[columns])
     assert dense.neuron_rows() == queries.shape[0] * queries.shape[1] * (_read(run, "prompts").status == "ok").sum()
     dense.close()
-    client = TestClient(create_app(str(tmp_path)), raise_server_exceptions=False)
+    client = TestClient(create_app(str(tmp_path)), raise_server_exceptions=False, base_url=LOCAL)
     assert client.get(fact_url(fact_id)).status_code == 200
     assert client.get(f"/neuron/{layer}/{neuron}").status_code == 200
 
@@ -211,7 +212,7 @@ def test_every_page_renders_with_links(run, client):
 
 def test_run_without_aggregate_or_edits_names_the_commands(tmp_path):
     write_synthetic_run(tmp_path, SyntheticSpec(facts=20, relations=2, layers=4, neurons=64, seed=4))
-    client = TestClient(create_app(str(tmp_path)), raise_server_exceptions=False)
+    client = TestClient(create_app(str(tmp_path)), raise_server_exceptions=False, base_url=LOCAL)
     overview = client.get("/")
     assert overview.status_code == 200
     assert f"kn-ray aggregate {tmp_path}" in overview.text and f"kn-ray edit {tmp_path}" in overview.text
@@ -225,7 +226,7 @@ def test_run_without_aggregate_or_edits_names_the_commands(tmp_path):
 def test_run_in_progress_shows_committed_shards_only(tmp_path):
     out, spec = tmp_path / "run", SyntheticSpec(facts=10, relations=2, layers=4, neurons=64, facts_per_part=5, seed=5)
     write_synthetic_run(out, spec, committed=0)  # both shards' parts written, neither committed
-    client = TestClient(create_app(str(out), refresh=0), raise_server_exceptions=False)
+    client = TestClient(create_app(str(out), refresh=0), raise_server_exceptions=False, base_url=LOCAL)
     empty = client.get("/")
     assert empty.status_code == 503 and "nothing committed yet" in empty.text
     write_synthetic_run(out, spec, committed=1)
@@ -245,7 +246,7 @@ def test_run_in_progress_shows_committed_shards_only(tmp_path):
     (lambda p: (p / "run.json").write_text("{not json") and p, "Not a kn-ray run"),
 ])
 def test_not_a_run_gets_a_clear_page(tmp_path, make, title):
-    client = TestClient(create_app(str(make(tmp_path))), raise_server_exceptions=False)
+    client = TestClient(create_app(str(make(tmp_path))), raise_server_exceptions=False, base_url=LOCAL)
     for url in ("/", "/relations", "/fact/x", "/neuron/1/2"):
         page = client.get(url)
         assert page.status_code == 404 and title in page.text and "Traceback" not in page.text
@@ -270,7 +271,7 @@ SECRET = "kn-ray-explore-test-secret"
 def guarded(run, tmp_path_factory):
     """A file beside the run that no page may reveal."""
     (run.parent / "secret.txt").write_text(SECRET)
-    return TestClient(create_app(str(run)), raise_server_exceptions=False)
+    return TestClient(create_app(str(run)), raise_server_exceptions=False, base_url=LOCAL)
 
 
 @pytest.mark.parametrize("url", [
@@ -308,7 +309,7 @@ def test_sql_in_parameters_is_data(run, guarded):
 
 
 def test_a_failing_page_shows_no_traceback(run, monkeypatch):
-    client = TestClient(create_app(str(run)), raise_server_exceptions=False)
+    client = TestClient(create_app(str(run)), raise_server_exceptions=False, base_url=LOCAL)
 
     def broken(self, listing):
         raise RuntimeError("the disk went away")
@@ -334,7 +335,7 @@ def test_a_run_on_s3_shows_what_the_local_copy_shows(run, queries, s3_server):
     pd.testing.assert_frame_equal(remote.neuron_facts(layer, neuron), queries.neuron_facts(layer, neuron))
     pd.testing.assert_frame_equal(remote.relations(Listing()), queries.relations(Listing()))
     remote.close()
-    client = TestClient(create_app(uri), raise_server_exceptions=False)
+    client = TestClient(create_app(uri), raise_server_exceptions=False, base_url=LOCAL)
     page = client.get(fact_url(fact_id))
     assert page.status_code == 200 and f'href="/neuron/{layer}/{neuron}"' in page.text
     assert uri in client.get("/").text
@@ -344,7 +345,7 @@ def test_pages_requested_at_once_all_answer(run):
     """A browser loads a page's figures in parallel: every one answers (one DuckDB connection)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    client = TestClient(create_app(str(run)), raise_server_exceptions=False)
+    client = TestClient(create_app(str(run)), raise_server_exceptions=False, base_url=LOCAL)
     urls = ["/figures/layers.svg", "/figures/suppress.svg", "/figures/amplify.svg", "/relations", "/"] * 2
     with ThreadPoolExecutor(len(urls)) as pool:
         codes = list(pool.map(lambda url: client.get(url).status_code, urls))
@@ -384,7 +385,7 @@ def test_text_from_the_run_is_escaped(tmp_path):
     prompts = prompts.set_column(prompts.schema.get_field_index("subject"), "subject", subject)
     out = write_tables(tmp_path / "run", source.config.as_dict(), prompts=prompts, neurons=source.read("neurons"),
                        activations=source.read("activations"))
-    client = TestClient(create_app(str(out)), raise_server_exceptions=False)
+    client = TestClient(create_app(str(out)), raise_server_exceptions=False, base_url=LOCAL)
     for page in (client.get(fact_url(fact_id)), client.get("/search", params={"q": "script"})):
         assert page.status_code == 200 and "&lt;script&gt;alert(" in page.text and "<script>alert(" not in page.text
 
@@ -484,3 +485,140 @@ def test_neuron_page_shows_the_level(probed):
     fact_level = kn[kn.method == "ig"].iloc[0]
     page = client.get(f"/neuron/{fact_level.layer}/{fact_level.neuron}").text
     assert '<span class="tag">fact</span> knowledge neuron of its fact alone' in page
+
+
+# ---- strict numbers, hosts, headers, long URLs, caching, concurrency ---------------------------------
+@pytest.mark.parametrize("url", ["/neuron/%C2%B2/1", "/neuron/1/%C2%B2", "/neuron/%D9%A3/1", "/neuron/%EF%BC%91/1",
+                                 "/neuron/+1/1", "/neuron/%201/1", "/neuron/1_0/1"])
+def test_neuron_numbers_are_ascii_digits_only(client, url):
+    """A superscript two passes str.isdigit() and fails int(); an Arabic-Indic three passes both."""
+    page = client.get(url)
+    assert page.status_code == 404 and "Unknown neuron" in page.text and "Traceback" not in page.text
+
+
+def test_page_numbers_and_searched_neurons_are_ascii_digits_only(client):
+    assert client.get("/relation/P17", params={"page": "\u00b2"}).status_code == 200
+    assert client.get("/relations", params={"page": "\u0663"}).status_code == 200
+    page = client.get("/search", params={"q": "L\u0663 N1"})
+    assert page.status_code == 200 and 'href="/neuron/' not in page.text
+    assert 'href="/neuron/3/1"' in client.get("/search", params={"q": "L3 N1"}).text
+
+
+def test_only_loopback_hosts_are_answered(run):
+    app = create_app(str(run))
+    for base in ("http://127.0.0.1:8765", "http://localhost:8765", "http://[::1]:8765", "http://127.0.0.2"):
+        assert TestClient(app, base_url=base).get("/").status_code == 200, base
+    for host in ("evil.example", "evil.example:8765", "127.0.0.1.evil.example", "localhost.evil.example", "",
+                 "10.1.2.3:8765"):
+        page = TestClient(app, base_url=LOCAL).get("/", headers={"host": host})
+        assert page.status_code == 400 and "Unknown host" in page.text and "facts" not in page.text, host
+    bound = create_app(str(run), host="10.1.2.3")  # `--host 10.1.2.3`: that name too
+    assert TestClient(bound, base_url="http://10.1.2.3:8765").get("/").status_code == 200
+    assert TestClient(bound, base_url=LOCAL).get("/", headers={"host": "evil.example"}).status_code == 400
+
+
+def test_every_response_forbids_framing_and_foreign_content(client):
+    for url in ("/", "/relations", "/nothing-here", "/static/style.css", "/figures/layers.svg"):
+        page = client.get(url)
+        csp = page.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in csp and "default-src 'none'" in csp, url
+        assert page.headers["x-frame-options"] == "DENY" and page.headers["x-content-type-options"] == "nosniff"
+    assert "script-src 'self'" in client.get("/").headers["content-security-policy"]
+    assert "unsafe" not in client.get("/").headers["content-security-policy"]
+    assert 'style="' not in client.get(fact_url(_edited_fact_id(client))).text  # no inline style for the CSP to block
+
+
+def _edited_fact_id(client) -> str:
+    return re.search(r'href="/fact/([^"]+)"', client.get("/search", params={"q": "P"}).text)[1]
+
+
+def test_links_do_not_echo_a_long_query(client):
+    q = "x" * 8000
+    page = client.get("/search", params={"q": q, "sort": "gold"})
+    assert page.status_code == 200 and len(page.text) < 40_000 and "x" * 201 not in page.text
+    page = client.get("/relations", params={"q": q[:4000], "junk": q[:4000]})
+    assert page.status_code == 200 and "x" * 201 not in page.text and "junk" not in page.text
+    page = client.get("/search", params={"q": "y" * 60_000})  # httpx allows 64 KB; 200 KB: next test
+    assert page.status_code == 414 and len(page.text) < 1000
+
+
+def test_a_served_run_answers_a_200_kb_url_with_414(run):
+    """Through uvicorn (h11): a long request line is read and answered, not reset."""
+    import http.client
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {"PYTHONPATH": str(root), **{k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}}
+    process = subprocess.Popen([sys.executable, "-m", "kn_ray.interfaces.cli", "explore", str(run)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        url = next(line.strip() for line in iter(process.stdout.readline, "") if line.startswith("http://"))
+        host, port = url[len("http://"):].rstrip("/").rsplit(":", 1)
+        for size, status in ((200_000, 414), (100, 200)):
+            connection = http.client.HTTPConnection(host, int(port), timeout=30)
+            connection.request("GET", "/search?q=" + "z" * size)
+            response = connection.getresponse()
+            assert response.status == status and b"z" * 201 not in response.read()
+            connection.close()
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        connection.request("GET", "/", headers={"Host": "evil.example"})
+        assert connection.getresponse().status == 400
+        connection.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_overview_names_the_attribution_rule(client):
+    page = client.get("/")
+    assert re.search(r'<dd id="attribution">rule left, 20 steps', page.text), page.text[:3000]
+
+
+def test_figures_and_overview_are_computed_once_per_snapshot(run, monkeypatch):
+    from kn_ray.stages.report import figures
+
+    drawn, stats = [], []
+    real_svg, real_stats = figures.svg, RunQueries.run_stats
+    monkeypatch.setattr(figures, "svg", lambda figure: drawn.append(1) or real_svg(figure))
+    monkeypatch.setattr(RunQueries, "run_stats", lambda self: stats.append(1) or real_stats(self))
+    client = TestClient(create_app(str(run), refresh=3600), base_url=LOCAL)
+    for _ in range(3):
+        assert client.get("/").status_code == 200
+        assert client.get("/figures/layers.svg").status_code == 200
+        assert client.get("/figures/suppress.svg").status_code == 200
+    assert len(drawn) == 2 and len(stats) == 2  # two figures; run_stats for the overview and the captions
+
+
+def test_pages_are_served_concurrently(run, monkeypatch):
+    """Two slow pages at once: each waits for the other inside its query, which only passes if
+    they are not served one at a time."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    meeting = threading.Barrier(2, timeout=20)
+    real = RunQueries.relations
+
+    def meet(self, listing):
+        meeting.wait()
+        return real(self, listing)
+
+    monkeypatch.setattr(RunQueries, "relations", meet)
+    client = TestClient(create_app(str(run), refresh=3600), raise_server_exceptions=False, base_url=LOCAL)
+    with ThreadPoolExecutor(2) as pool:
+        codes = list(pool.map(lambda url: client.get(url).status_code, ["/relations", "/relations?sort=kn"]))
+    assert codes == [200, 200]
+
+
+def test_a_replaced_snapshot_is_closed_after_its_last_page(run):
+    from kn_ray.stages.explore.app import Explorer
+
+    explorer = Explorer(str(run), refresh=3600)
+    with explorer.lease() as (_, first):
+        explorer._open(("changed",))  # a new snapshot while a page reads the old one
+        assert first.df("SELECT 1 AS x").x.iloc[0] == 1  # still open
+        assert explorer.queries is not first
+    with pytest.raises(Exception):
+        first.df("SELECT 1")
+    explorer.queries.close()

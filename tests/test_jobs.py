@@ -408,3 +408,48 @@ def test_default_cpu_plan_is_one_actor_per_group_of_up_to_8_cores(monkeypatch):
     assert ray_cluster.actor_resources(Resources(workers=1))[1]["num_cpus"] == 3  # never more than a node's group
     monkeypatch.setattr(ray_cluster.ray, "cluster_resources", lambda: dict(CPU=19, GPU=2))
     assert ray_cluster.actor_resources(Resources()) == (2, ray_cluster.actor_resources(Resources(cpus_per_worker=1))[1])
+
+
+def test_the_old_attribution_method_key_names_the_new_one(tmp_path):
+    spec = tmp_path / "old.yaml"
+    spec.write_text("model: m\nfacts: f.jsonl\noutput: out\nattribution:\n  method: left\n")
+    with pytest.raises(SpecError, match=r"'attribution\.method' is now 'attribution\.rule'"):
+        load_job(spec)
+
+
+def test_attribute_help_names_both_modes_first():
+    description = build_parser()._subparsers._group_actions[0].choices["attribute"].description
+    first = description.splitlines()[0]
+    assert "knowledge neurons" in first and "circuit" in first
+
+
+def test_a_local_ray_chooses_token_auth_explicitly(monkeypatch):
+    """Ray warns on every run when it turns token auth on by default; set explicitly, it is quiet."""
+    from kn_ray.pipeline import ray_env
+
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", ray_env.LOOPBACK_ONLY[0]):
+        monkeypatch.delenv(name, raising=False)
+    ray_env.prepare()
+    import os
+
+    assert os.environ["RAY_AUTH_MODE"] == "token" and os.environ[ray_env.LOOPBACK_ONLY[0]] == "0"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the user's choice stands
+    ray_env.prepare()
+    assert os.environ["RAY_AUTH_MODE"] == "disabled"
+
+
+def test_no_progress_switches_off_library_bars(monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    from kn_ray.interfaces.commands import Progress
+    from kn_ray.pipeline import ray_env
+
+    monkeypatch.delenv(ray_env.NO_PROGRESS_BARS, raising=False)
+    try:
+        assert Progress.apply(argparse.Namespace(no_progress=True)) is False
+        assert not hf_logging.is_progress_bar_enabled()
+        import os
+
+        assert os.environ[ray_env.NO_PROGRESS_BARS] == "1" and ray_env.NO_PROGRESS_BARS in ray_env.FORWARDED
+    finally:
+        hf_logging.enable_progress_bar()

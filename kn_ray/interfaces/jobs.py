@@ -21,6 +21,7 @@ from kn_ray.interfaces.declared import SpecError, from_spec
 from kn_ray.pipeline.options import RunOptions
 
 BUILTIN = "builtin:"
+RENAMED = {("attribution", "method"): "attribution.rule"}  # (section, old key) -> the key it became
 __all__ = ["SpecError", "load_job", "options_from_spec", "resolve_facts", "run_and_summarise"]
 
 
@@ -44,6 +45,10 @@ def load_job(path: str | Path, overrides: dict | None = None) -> RunOptions:
 
 def options_from_spec(spec: dict) -> RunOptions:
     """Validate a spec mapping (RunOptions' declared keys) and build the run's options."""
+    for (section, old), new in RENAMED.items():
+        if isinstance(spec.get(section), dict) and old in spec[section]:
+            raise SpecError(f"'{section}.{old}' is now '{new}' (the integration rule: left, gausslegendre, ...); "
+                            f"rename the key in section '{section}'")
     options = from_spec(RunOptions, spec)
     try:
         return replace(options, facts=resolve_facts(options.facts)).check()

@@ -51,10 +51,10 @@ class Dispatcher:
         self.queue.extend(tasks)
         pending = {}
         while self.queue or pending:
-            while self.queue and (actor := self.pool.reserve()) is not None:
+            while self.queue and (lease := self.pool.reserve()) is not None:
                 task = self.queue.popleft()
-                ref, context = self.call(actor, task)
-                pending[ref] = (task, actor, context)
+                ref, context = self.call(lease[0], task)
+                pending[ref] = (task, lease, context)
             # nothing in flight: only lost actors coming back could take the queue; wait for them, bounded
             waiting = list(pending) + list(self.pool.pings)
             ready = ray.wait(waiting, num_returns=1, timeout=None if pending else self.pool.restart_wait)[0] \
@@ -68,13 +68,13 @@ class Dispatcher:
                 self.pool.answer(ref)
                 self.result.actors_back = self.pool.back
                 continue
-            task, actor, context = pending.pop(ref)
+            task, lease, context = pending.pop(ref)
             try:
                 value = ray.get(ref)
             except RayError as error:
-                self.retry(task, actor, error)
+                self.retry(task, lease, error)
                 continue
-            self.pool.release(actor)
+            self.pool.release(lease)
             yield task, value, context
 
     def fail_queue(self, why: str) -> None:
@@ -88,13 +88,14 @@ class Dispatcher:
         self.result.prompts += self.size(task)
         self._advance(task)
 
-    def retry(self, task, actor, error: Exception) -> None:
-        """Count a failed attempt (the actor's call died or its result was rejected): requeue the
-        task, or fail it after `max_attempts`."""
+    def retry(self, task, lease, error: Exception) -> None:
+        """Count a failed attempt (the actor's call died or its result was rejected; `lease`: the
+        pool's `(actor, generation)` of the call, None for a rejected result): requeue the task,
+        or fail it after `max_attempts`."""
         if isinstance(error, RayActorError):
-            self.result.actors_lost += self.pool.failed(actor)
-        elif actor is not None:
-            self.pool.release(actor)
+            self.result.actors_lost += self.pool.failed(lease)
+        elif lease is not None:
+            self.pool.release(lease)
         key = self.key(task)
         n = self.attempts[key] = self.attempts.get(key, 0) + 1
         if n >= self.max_attempts:

@@ -8,7 +8,9 @@ attribution shard or an edit work unit, N its shard id or unit index:
 * `fail_shard=N`: every attempt at task N raises: a task that can never succeed.
 * `delay=SECONDS`: sleep before each task: time to interrupt a run midway.
 * `hold=PATH`: each task waits while a file exists at PATH: a test holds a run at a point
-  of its choosing (a node lost and replaced) and lets it go on by deleting PATH.
+  of its choosing (a node lost and replaced) and lets it go on by deleting PATH. A process
+  waiting there says so by creating `PATH.held-by-PID` (a test knows then that the driver gave
+  that actor work: a restarted actor's ping was answered).
 """
 
 from __future__ import annotations
@@ -25,12 +27,17 @@ def settings() -> dict[str, str]:
     return dict(item.split("=", 1) for item in text.split(",") if "=" in item)
 
 
-def before_task(task_id: int) -> None:
+def before_task(task_id: int | str) -> None:
+    """`task_id`: a shard id or unit index; "probe-N" for the probe stage's shard N, which only
+    `fail_shard=probe-N` reaches (delays and holds are for interrupting the attribution)."""
     faults = settings()
-    if "delay" in faults:
+    numbered = isinstance(task_id, int)
+    if "delay" in faults and numbered:
         time.sleep(float(faults["delay"]))
-    while "hold" in faults and os.path.exists(faults["hold"]):
-        time.sleep(0.05)
+    if "hold" in faults and numbered and os.path.exists(faults["hold"]):
+        Path(f"{faults['hold']}.held-by-{os.getpid()}").touch()
+        while os.path.exists(faults["hold"]):
+            time.sleep(0.05)
     if faults.get("fail_shard") == str(task_id):
         raise RuntimeError(f"injected failure of task {task_id} ({ENV})")
 

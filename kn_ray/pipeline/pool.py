@@ -54,6 +54,9 @@ class ActorPool:
         self._load: dict = {}
         self.pings = {_ping(a): a for a in self.actors}  # ref -> actor not yet known healthy
         self.lost: set = set()  # actors whose call died with them, not yet back
+        # how often each actor was found lost: a call submitted before a loss that reports after
+        # the actor came back (its failure, or its release) belongs to the actor's past, not its present
+        self._generation: dict = {}
         self.back = 0  # how often a lost actor came back
         self.info: dict | None = None
 
@@ -88,25 +91,34 @@ class ActorPool:
         return None
 
     def reserve(self):
-        """The least-busy healthy actor with room for another task, counted as busy with it; or None."""
+        """The least-busy healthy actor with room for another task, counted as busy with it, as a
+        lease `(actor, generation)` to hand back to `release` or `failed`; or None."""
         ready = [a for a, n in self._load.items() if n < self.limit]
         if not ready:
             return None
         actor = min(ready, key=self._load.get)
         self._load[actor] += 1
-        return actor
+        return actor, self._generation.get(actor, 0)
 
-    def release(self, actor) -> None:
-        """A task of `actor` ended (its actor alive)."""
-        if actor in self._load:
-            self._load[actor] -= 1
+    def _current(self, lease) -> bool:
+        actor, generation = lease
+        return actor in self._load and generation == self._generation.get(actor, 0)
 
-    def failed(self, actor) -> bool:
+    def release(self, lease) -> None:
+        """A task of the lease ended (its actor alive)."""
+        if self._current(lease):
+            self._load[lease[0]] -= 1
+
+    def failed(self, lease) -> bool:
         """A call died with its actor: ping it before giving it more work (a dead actor fails the
-        ping and is dropped). False if the actor was already being checked."""
-        if actor not in self._load:
+        ping and is dropped). False if the actor was already being checked, or if the call was
+        made before a loss already counted (the actor may be back since: the call's late failure
+        is not a new loss)."""
+        if not self._current(lease):
             return False
+        actor = lease[0]
         del self._load[actor]
+        self._generation[actor] = self._generation.get(actor, 0) + 1
         self.lost.add(actor)
         self.pings[_ping(actor)] = actor
         return True

@@ -5,6 +5,11 @@ every process it starts. With clusters "disabled" a local Ray resolves its node 
 127.0.0.1 instead of the machine's public IP, so it binds to loopback only. `prepare()` sets it,
 before the first `import ray` of a command (`driver.run_pipeline`, the edit stage), and only
 when kn-ray starts the Ray itself (no $RAY_ADDRESS); nothing changes the environment on import.
+
+It also sets `RAY_AUTH_MODE=token` (unless the user set it): the local Ray keeps Ray's token
+authentication (its token in ~/.ray/auth_token, made on first use), which Ray would turn on by
+default anyway but with a warning on every run. Loopback alone does not keep other users of a
+shared machine out; the token does. Ray is quiet when the mode is set explicitly.
 """
 
 from __future__ import annotations
@@ -14,18 +19,34 @@ import os
 from . import faults
 
 LOOPBACK_ONLY = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+TOKEN_AUTH = ("RAY_AUTH_MODE", "token")
+NO_PROGRESS_BARS = "HF_HUB_DISABLE_PROGRESS_BARS"  # huggingface_hub's and transformers' bars ("Loading weights")
 
 # Forwarded to the actors, so they reach the output filesystem as the driver does (Ray's
 # runtime_env; never written to run.json or Parquet).
-FORWARDED = (faults.ENV, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+FORWARDED = (faults.ENV, NO_PROGRESS_BARS, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
              "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE",
              "AWS_SHARED_CREDENTIALS_FILE", "GOOGLE_APPLICATION_CREDENTIALS")
 
 
 def prepare() -> None:
-    """Before Ray is imported: a local Ray to be started binds to loopback only."""
+    """Before Ray is imported: a local Ray to be started binds to loopback only, with token
+    authentication chosen explicitly (so Ray does not warn about its default)."""
     if not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault(*LOOPBACK_ONLY)
+        os.environ.setdefault(*TOKEN_AUTH)
+
+
+def no_progress_bars() -> None:
+    """`--no-progress`: no library progress bars either (transformers' "Loading weights", the
+    hub's downloads), here and in the actors (`FORWARDED`)."""
+    os.environ[NO_PROGRESS_BARS] = "1"
+    import sys
+
+    if "transformers" in sys.modules:  # read on import; switch it off if already imported
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def forwarded() -> dict[str, str]:

@@ -13,6 +13,11 @@ from .neuron_tables import sparse_rows
 _LOCATION = re.compile(r"^\S+:\d+: ")  # 'facts/P17.jsonl:3: ' in front of input errors
 
 
+def plural(n: int, one: str, many: str | None = None) -> str:
+    """'1 fact', '2 facts' ('1 retry', '2 retries' with `many`)."""
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
 def summary_text(summary) -> str:
     c = summary.counts
     lines = [
@@ -20,9 +25,10 @@ def summary_text(summary) -> str:
         f"prompts     {sum(c.values())}: {c.get('ok', 0)} done, {c.get('skipped', 0)} skipped, {c.get('error', 0)} errors",
         f"workers     {summary.workers}",
         f"shards      {summary.shards}: {summary.written} written now, {summary.resumed} already done, "
-        f"{len(summary.failed)} failed ({summary.retries} retries, {summary.actors_lost} workers lost, "
+        f"{len(summary.failed)} failed ({plural(summary.retries, 'retry', 'retries')}, "
+        f"{plural(summary.actors_lost, 'worker')} lost, "
         f"{summary.actors_back} back)",
-        f"time        {summary.seconds:.1f} s; {summary.prompts_computed} prompts in {summary.dispatch_seconds:.1f} s "
+        f"time        {summary.seconds:.1f} s; {plural(summary.prompts_computed, 'prompt')} in {summary.dispatch_seconds:.1f} s "
         f"= {summary.throughput:.2f} prompts/s",
     ]
     p = summary.probe

@@ -22,7 +22,16 @@ class RunDir:
 class Progress:
     """One spelling for every long-running command."""
 
-    no_progress: bool = option(False, "no progress bar")
+    no_progress: bool = option(False, "no progress bar (nor the libraries': no 'Loading weights')")
+
+    @staticmethod
+    def apply(args) -> bool:
+        """Whether to show progress; with --no-progress, library progress bars are switched off too."""
+        if getattr(args, "no_progress", False):
+            from kn_ray.pipeline.ray_env import no_progress_bars
+
+            no_progress_bars()
+        return not getattr(args, "no_progress", False)
 
 
 def add_command(sub, name: str, run, *, help: str, description: str | None = None):

@@ -1,4 +1,4 @@
-"""`kn-ray attribute`: find knowledge neurons for a fact set, sharded on Ray, into Parquet.
+"""`kn-ray attribute`: find knowledge neurons (or, with --mode circuits, circuit edges) for a fact set, sharded on Ray, into Parquet.
 
 Runs on $RAY_ADDRESS when set, else on a fresh local Ray bound to 127.0.0.1. Re-running the same
 command resumes; another configuration on the same --output is refused. The flags are
@@ -15,7 +15,8 @@ GROUPS = {"filters": "filters", "probe": "what the model knows (probed first)", 
 
 def register(sub) -> None:
     p = add_command(sub, "attribute", run, description=__doc__,
-                    help="attribute facts to FFN neurons on Ray; write Parquet (resumable)")
+                    help="attribute facts to FFN neurons (knowledge neurons) or circuit edges (--mode circuits) "
+                         "on Ray; write Parquet (resumable)")
     declared.add_flags(p, RunOptions, GROUPS)
     declared.add_flags(p, Progress)
 
@@ -28,4 +29,4 @@ def spec_from_args(args) -> dict:
 def run(args) -> int:
     from kn_ray.interfaces.jobs import options_from_spec, run_and_summarise
 
-    return run_and_summarise(options_from_spec(spec_from_args(args)), progress=not args.no_progress)
+    return run_and_summarise(options_from_spec(spec_from_args(args)), progress=Progress.apply(args))

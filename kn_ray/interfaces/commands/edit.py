@@ -46,6 +46,6 @@ def run(args) -> int:
         edit = save_edit(args.out, options, args.save)
         print(json.dumps(dict(saved=str(args.save), **edit), indent=2))
         return 0
-    summary = run_edits(args.out, options, progress=not args.no_progress)
+    summary = run_edits(args.out, options, progress=Progress.apply(args))
     print(summary["text"])
     return 0

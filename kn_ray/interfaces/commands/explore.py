@@ -42,7 +42,7 @@ def run(args) -> int:
     import uvicorn
 
     from kn_ray.pipeline.rundir import RunDirectory
-    from kn_ray.stages.explore.app import create_app, inspect
+    from kn_ray.stages.explore.app import MAX_REQUEST, create_app, inspect
 
     options = declared.from_args(ExploreOptions, args).check()
     state = inspect(RunDirectory(args.out))
@@ -52,9 +52,12 @@ def run(args) -> int:
         print(f"kn-ray explore: warning: binding {options.host} serves this run to anyone who can reach the "
               "address; there is no authentication", file=sys.stderr)
     sock = bind(options)
-    app = create_app(args.out, options.memory_limit, options.refresh)
-    note = f" (run in progress: {state.committed} of {state.planned} shards committed)" if state.in_progress else ""
+    app = create_app(args.out, options.memory_limit, options.refresh, host=options.host)
+    note = (f" (run in progress: {state.committed} of {state.planned} shard{'s' * (state.planned != 1)} committed)"
+            if state.in_progress else "")
     print(f"kn-ray explore: {state.location}{note}\n{url(sock)}", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    # h11 reads request heads up to MAX_REQUEST bytes, so a long URL is answered (414 from the app)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, http="h11",
+                                           h11_max_incomplete_event_size=MAX_REQUEST))
     server.run(sockets=[sock])
     return 0

@@ -34,4 +34,4 @@ def run(args) -> int:
 
     job = declared.from_args(JobRun, args)
     options = load_job(job.spec, job.overrides() or None)
-    return run_and_summarise(options, progress=not args.no_progress)
+    return run_and_summarise(options, progress=Progress.apply(args))

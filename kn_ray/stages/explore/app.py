@@ -4,13 +4,23 @@ figures drawn by the report's matplotlib definitions as SVG; no JavaScript, noth
 Every page is a set of `RunQueries` (DuckDB over the parts the run's markers name, parameters
 bound). The app re-lists the run at most every `refresh` seconds and opens a new snapshot when
 shards were committed or a later stage wrote its tables, so a run in progress can be watched.
+Pages are served concurrently (a DuckDB cursor per thread); what a snapshot's pages share (the
+overview's numbers, the figures) is computed once per snapshot.
+
+Hardening (`Guard`): only requests naming a loopback host (or the host bound) are answered, so a
+page of another site cannot read the run through DNS rebinding; every response carries a
+Content-Security-Policy (nothing but this server's own scripts, styles and images; no framing);
+URLs longer than MAX_URL get 414; numbers in URLs are ASCII digits only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import ipaddress
 import logging
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -23,7 +33,8 @@ from jinja2 import Environment, FileSystemLoader, Undefined, select_autoescape
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
+from starlette.middleware import Middleware
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -40,7 +51,91 @@ HERE = Path(__file__).parent
 LOG = logging.getLogger("kn_ray.explore")
 MAX_QUERY = 200  # characters of search text
 WATCHED = (MARKERS, "prompts", "knowledge_neurons", "relation_neurons", "edits")  # listings that change a snapshot
-NEURON_QUERY = re.compile(r"^\s*L?\s*(\d+)\s*(?:[,:/ ]|\s*N)\s*N?\s*(\d+)\s*$", re.IGNORECASE)
+NEURON_QUERY = re.compile(r"^\s*L?\s*([0-9]{1,5})\s*(?:[,:/ ]|\s*N)\s*N?\s*([0-9]{1,9})\s*$", re.IGNORECASE | re.ASCII)
+MAX_URL = 8192  # bytes of path and query string; longer requests get 414
+MAX_REQUEST = 1 << 20  # bytes uvicorn reads of a request's head, so that long URLs are answered 414, not reset
+KEPT = {"q": MAX_QUERY, "sort": 40, "desc": 1, "page": 9, "relation": 200}  # parameters links carry, and their lengths
+LOOPBACK_NAMES = ("localhost",)
+WILDCARDS = ("", "0.0.0.0", "::")
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+FIGURE_CSP = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"  # matplotlib's SVG has a <style>
+SECURITY_HEADERS = {"x-content-type-options": "nosniff", "x-frame-options": "DENY", "referrer-policy": "no-referrer"}
+
+
+def ascii_int(text: str | None, most: int) -> int | None:
+    """The number written in `text` with 1 to `most` ASCII digits, else None (`str.isdigit` and
+    `int` accept other scripts' digits and superscripts; URLs take 0-9 only)."""
+    if text is None or not 0 < len(text) <= most or any(c not in "0123456789" for c in text):
+        return None
+    return int(text)
+
+
+# ---- hosts, headers, URL length ------------------------------------------------------------------
+def host_name(header: str) -> str:
+    """The host of a Host header, without its port, lower case, no trailing dot."""
+    header = header.strip().lower()
+    if header.startswith("["):  # [v6]:port
+        name = header[1:header.find("]")] if "]" in header else ""
+    else:
+        name = header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+    return name.rstrip(".")
+
+
+def allowed_hosts(bound: str) -> frozenset[str]:
+    """Host names the app answers to besides loopback ones: the host bound, and for a wildcard
+    bind (0.0.0.0, ::) this machine's name and addresses."""
+    names = {host_name(bound) if ":" not in bound else bound.strip("[]").lower()} - set(WILDCARDS)
+    if bound in WILDCARDS:
+        with contextlib.suppress(OSError):
+            hostname = socket.gethostname()
+            names |= {hostname.lower(), socket.getfqdn().lower()}
+            names |= set(socket.gethostbyname_ex(hostname)[2])
+    return frozenset(names)
+
+
+def is_loopback(name: str) -> bool:
+    if name in LOOPBACK_NAMES or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class Guard:
+    """ASGI middleware: refuses unknown Host headers (400) and over-long URLs (414), and adds
+    the security headers to every response."""
+
+    def __init__(self, app, hosts: frozenset[str] = frozenset()):
+        self.app, self.hosts = app, hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        name = host_name(headers.get(b"host", b"").decode("latin-1"))
+        if not name or not (is_loopback(name) or name in self.hosts):
+            LOG.warning("explore: refused a request for host %r", name[:100])
+            return await self._send(PlainTextResponse("Unknown host: kn-ray explore answers loopback names only "
+                                                      "(and the --host it binds).", 400), scope, receive, send)
+        if len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") > MAX_URL:
+            return await self._send(PlainTextResponse(f"URL too long (over {MAX_URL} bytes).", 414),
+                                    scope, receive, send)
+
+        async def secured(message):
+            if message["type"] == "http.response.start":
+                given = {k.lower() for k, _ in message.get("headers", [])}
+                extra = [(k.encode(), v.encode()) for k, v in
+                         {"content-security-policy": CSP, **SECURITY_HEADERS}.items() if k.encode() not in given]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, secured)
+
+    async def _send(self, response, scope, receive, send):
+        response.headers.update({"content-security-policy": CSP, **SECURITY_HEADERS})
+        await response(scope, receive, send)
 
 
 # ---- URLs (one place: templates and figures link through these) ---------------------------------
@@ -98,11 +193,12 @@ class Explorer:
     def __init__(self, out: str, memory_limit: str = MEMORY_LIMIT, refresh: float = 5.0):
         self.run = RunDirectory(out)
         self.memory_limit, self.refresh = memory_limit, refresh
-        self.lock = threading.RLock()  # one page at a time on the snapshot's DuckDB connection
+        self.lock = threading.RLock()  # the snapshot's replacement and its readers' count
         self._checked = -float("inf")
         self._signature = None
         self.state: RunState | None = None
         self.queries: RunQueries | None = None
+        self._readers: dict = {}  # snapshot -> pages reading it
 
     def _listing_signature(self) -> tuple:
         files = []
@@ -122,9 +218,28 @@ class Explorer:
                     self._open(signature)
             return self.state, self.queries
 
+    @contextlib.contextmanager
+    def lease(self):
+        """(state, queries) for one page: a snapshot replaced meanwhile is closed only once the
+        pages reading it are done."""
+        with self.lock:
+            state, queries = self.current()
+            if queries is not None:
+                self._readers[queries] = self._readers.get(queries, 0) + 1
+        try:
+            yield state, queries
+        finally:
+            if queries is not None:
+                with self.lock:
+                    self._readers[queries] -= 1
+                    if not self._readers[queries]:
+                        del self._readers[queries]
+                        if queries is not self.queries:
+                            queries.close()
+
     def _open(self, signature) -> None:
-        if self.queries is not None:
-            self.queries.close()
+        if self.queries is not None and not self._readers.get(self.queries):
+            self.queries.close()  # else its last reader closes it
         self.state, self.queries, self._signature = inspect(self.run), None, signature
         if self.state.kind == "ready":
             self.queries = RunQueries(self.run, self.memory_limit)
@@ -164,8 +279,8 @@ TEMPLATES = _templates()
 
 def _link(request: Request, **changes) -> str:
     """This page's URL with some query parameters changed (None removes one)."""
-    params = {**request.query_params, **{k: v for k, v in changes.items()}}
-    params = {k: v for k, v in params.items() if v not in (None, "")}
+    params = {k: v[:KEPT[k]] for k, v in request.query_params.items() if k in KEPT}  # never echo a long URL
+    params = {k: v for k, v in {**params, **changes}.items() if v not in (None, "")}
     return request.url.path + ("?" + urlencode(params) if params else "")
 
 
@@ -195,7 +310,7 @@ def _listing(request: Request, default_sort: str = "", default_desc: bool = Fals
 
 
 def _positive(text: str | None) -> int:
-    return int(text) if text and text.isdigit() and 0 < len(text) < 9 and int(text) > 0 else 1
+    return ascii_int(text, 8) or 1
 
 
 def _records(frame: pd.DataFrame) -> list[dict]:
@@ -206,14 +321,17 @@ def _records(frame: pd.DataFrame) -> list[dict]:
 # ---- pages -------------------------------------------------------------------------------------
 def _on_run(handler):
     """A page of the run: called with the current snapshot (state, queries), unless the run has
-    nothing to show, which gets the page saying why. Pages run one at a time, so a snapshot is
-    never replaced (and its DuckDB connection closed) under a page that reads it."""
+    nothing to show, which gets the page saying why. Pages run concurrently; a snapshot is never
+    closed under a page that reads it (`Explorer.lease`)."""
 
     @functools.wraps(handler)
     def page(self, request: Request) -> Response:
-        with self.explorer.lock:
-            got = self._snapshot(request)
-            return got if isinstance(got, Response) else handler(self, request, *got)
+        with self.explorer.lease() as (state, queries):
+            got = self._snapshot(request, state)
+            if got is not None:
+                return got
+            with queries.serial:
+                return handler(self, request, state, queries)
 
     return page
 
@@ -224,9 +342,8 @@ class Pages:
     def __init__(self, explorer: Explorer):
         self.explorer = explorer
 
-    def _snapshot(self, request: Request):
-        """(state, queries), or a Response explaining why there is nothing to show."""
-        state, queries = self.explorer.current()
+    def _snapshot(self, request: Request, state: RunState) -> Response | None:
+        """A Response explaining why there is nothing to show, or None."""
         if state.kind == "missing":
             return problem(request, 404, "No such run directory", state.message,
                            "Start `kn-ray explore` on the OUT of `kn-ray attribute` or `kn-ray run`.", state)
@@ -238,18 +355,12 @@ class Pages:
             return problem(request, 503, "Run in progress: nothing committed yet",
                            f"{state.message} 0 of {state.planned or '?'} shards are committed; this page shows them "
                            f"as they are committed (it checks every {self.explorer.refresh:g} s).", state=state)
-        return state, queries
+        return None
 
     @_on_run
     def overview(self, request: Request, state: RunState, q: RunQueries) -> Response:
-        stats = q.run_stats()
-        total = overall(stats)
-        context = dict(
-            title="Overview", state=state, record=q.record, location=state.location, run=q.run,
-            filters=", ".join(f"{k} {v}" for k, v in (q.record.lookup("input", "filters") or {}).items() if v),
-            total=total.iloc[0].to_dict() if len(total) else {}, relations=int((stats.relation != "ALL").sum()),
-            neuron_rows=q.neuron_rows(), tables=q.tables, aggregate=q.aggregate_summary, t=q.t,
-            layers=_layer_counts(q), edits=_edit_overview(q))
+        context = dict(title="Overview", state=state, record=q.record, location=state.location, run=q.run,
+                       tables=q.tables, aggregate=q.aggregate_summary, t=q.t, **q.cached("overview", lambda: _overview(q)))
         return render(request, "overview.html", context)
 
     @_on_run
@@ -292,7 +403,7 @@ class Pages:
         kn_ig = {(int(r.layer), int(r.neuron)) for r in kn[kn.method == "ig"].itertuples()}
         context = dict(title=f"Fact {fact_id}", state=state, fact=fact, prompts=_records(prompts), coarse=coarse,
                        kn_ig=kn_ig, cells=_records(cells.head(200)), n_cells=len(cells), kn=_records(kn),
-                       map_data=_map_data(cells, layers, width, int(fact["ok"])), ramp=_ramp(), model=q.record.model_label,
+                       map_data=_map_data(cells, layers, width, int(fact["ok"])), model=q.record.model_label,
                        edits=edits, tables=q.tables, t=q.t)
         return render(request, "fact.html", context)
 
@@ -301,11 +412,10 @@ class Pages:
         layer_text, neuron_text = request.path_params["layer"], request.path_params["neuron"]
         layers, width = q.shape
         shape = f"{layers} layers x {width} neurons" if layers and width else "the model's shape is not in run.json"
-        if not (layer_text.isdigit() and neuron_text.isdigit() and len(layer_text) < 6 and len(neuron_text) < 10
-                and q.neuron_in_range(int(layer_text), int(neuron_text))):
-            return problem(request, 404, "Unknown neuron", f"No neuron at layer {layer_text!r}, index {neuron_text!r} "
-                           f"({shape}; both count from 0).", state=state)
-        layer, neuron = int(layer_text), int(neuron_text)
+        layer, neuron = ascii_int(layer_text, 5), ascii_int(neuron_text, 9)
+        if layer is None or neuron is None or not q.neuron_in_range(layer, neuron):
+            return problem(request, 404, "Unknown neuron", f"No neuron at layer {layer_text[:20]!r}, index "
+                           f"{neuron_text[:20]!r} ({shape}; both count from 0).", state=state)
         only = request.query_params.get("relation") or None
         page = _positive(request.query_params.get("page"))
         facts = q.neuron_facts(layer, neuron)
@@ -333,16 +443,30 @@ class Pages:
     @_on_run
     def figure(self, request: Request, state: RunState, q: RunQueries) -> Response:
         name = request.path_params["name"]
-        caption = describe(q.context())
-        if name == "layers" and q.has("knowledge_neurons"):
-            frame, draw = q.layer_histogram(), figures.layer_histogram
-        elif name in ("suppress", "amplify") and q.has("edits"):
-            frame, draw = q.edit_summary(), lambda f, c: figures.edit_effects(f, name, c)
-        else:
-            raise HTTPException(404, f"no figure {name!r} for this run")
-        with figures.DRAWING:
-            text = figures.svg(draw(frame, caption))
-        return Response(text, media_type="image/svg+xml")
+        if not (name == "layers" and q.has("knowledge_neurons") or name in ("suppress", "amplify") and q.has("edits")):
+            raise HTTPException(404, "no such figure for this run")
+        text = q.cached(("figure", name), lambda: _draw(q, name))
+        return Response(text, media_type="image/svg+xml", headers={"content-security-policy": FIGURE_CSP})
+
+
+def _draw(q: RunQueries, name: str) -> str:
+    """A figure of the run as SVG (the report's matplotlib definitions)."""
+    caption = q.cached("caption", lambda: describe(q.context()))
+    if name == "layers":
+        frame, draw = q.cached("layer_histogram", q.layer_histogram), figures.layer_histogram
+    else:
+        frame, draw = q.cached("edit_summary", q.edit_summary), lambda f, c: figures.edit_effects(f, name, c)
+    with figures.DRAWING:
+        return figures.svg(draw(frame, caption))
+
+
+def _overview(q: RunQueries) -> dict:
+    """The overview's numbers (a snapshot's: computed once)."""
+    stats = q.run_stats()
+    total = overall(stats)
+    return dict(filters=", ".join(f"{k} {v}" for k, v in (q.record.lookup("input", "filters") or {}).items() if v),
+                total=total.iloc[0].to_dict() if len(total) else {}, relations=int((stats.relation != "ALL").sum()),
+                neuron_rows=q.neuron_rows(), layers=_layer_counts(q), edits=_edit_overview(q))
 
 
 COLOURS = matplotlib.colormaps["viridis"]  # the fact map's colour scale (the report's default colour map)
@@ -367,7 +491,7 @@ def _ramp(stops: int = 6) -> str:
 
 
 def _layer_counts(q: RunQueries) -> list[dict]:
-    frame = q.kn_per_layer()
+    frame = q.cached("layer_histogram", q.layer_histogram) if q.has("knowledge_neurons") else pd.DataFrame()
     if frame.empty:
         return []
     table = frame.pivot_table(index="layer", columns="method", values="n_neurons", aggfunc="first")
@@ -380,7 +504,7 @@ def _edit_overview(q: RunQueries) -> dict:
     CIs (edits.json), update / erase headline metrics (ALL)."""
     if not q.has("edits"):
         return {}
-    scale = overall(q.edit_summary())
+    scale = overall(q.cached("edit_summary", q.edit_summary))
     metrics = overall(q.edit_metrics())
     return dict(scale=_records(scale), criteria=_records(q.edit_criteria()), metrics=_records(metrics),
                 destructive=_destructive(q, metrics))
@@ -405,7 +529,9 @@ def _erase_table(frame: pd.DataFrame) -> list[dict]:
 
 
 # ---- the app -----------------------------------------------------------------------------------
-def create_app(out: str, memory_limit: str = MEMORY_LIMIT, refresh: float = 5.0) -> Starlette:
+def create_app(out: str, memory_limit: str = MEMORY_LIMIT, refresh: float = 5.0, host: str = "127.0.0.1") -> Starlette:
+    """The app over run directory `out`; `host`: the address it is bound to (requests naming it
+    or a loopback name are answered, others refused)."""
     pages = Pages(Explorer(out, memory_limit, refresh))
 
     async def not_found(request: Request, exc: HTTPException) -> Response:
@@ -429,6 +555,7 @@ def create_app(out: str, memory_limit: str = MEMORY_LIMIT, refresh: float = 5.0)
         Route("/figures/{name}.svg", pages.figure, name="figure"),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: failed})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: failed},
+                    middleware=[Middleware(Guard, hosts=allowed_hosts(host))])
     app.state.explorer = pages.explorer
     return app

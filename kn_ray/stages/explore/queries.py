@@ -11,7 +11,9 @@ per-relation, per-fact and per-neuron views.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from dataclasses import dataclass, replace
 
 import pandas as pd
@@ -67,11 +69,54 @@ class RunQueries(Analytics):
     """One snapshot of a run (the parts committed when it was opened)."""
 
     def __init__(self, run: RunDirectory, memory_limit: str = MEMORY_LIMIT):
+        self._local = threading.local()  # this thread's cursor (local runs)
+        self._cursors: list = []
+        self._guard = threading.Lock()  # the cursor list, the cache's locks
+        self._cache: dict = {}
+        self._cache_locks: dict = {}
         super().__init__(run.uri, memory_limit)
         self.run = run
+        # Local parts are read by SQL text alone, so each thread queries through a cursor of its own
+        # (DuckDB: one cursor per thread is safe) and pages are served concurrently. A run elsewhere
+        # is a pyarrow dataset registered on the main connection: its pages take turns (`serial`).
+        self.serial = contextlib.nullcontext() if run.local else threading.Lock()
         self.record = run.config
         self.tables = {t: bool(run.parts(t)) for t in ("prompts", "neurons", "knowledge_neurons", "relation_neurons", "edits")}
         self.aggregate_summary = run.summary("aggregate") or {}
+
+    # ---- connections and the snapshot's cache ------------------------------------------------
+    @property
+    def _con(self):
+        """The DuckDB connection of this thread: its own cursor of the snapshot's database (local
+        runs), else the main connection."""
+        if not self.run.local:
+            return self._main
+        cursor = getattr(self._local, "cursor", None)
+        if cursor is None:
+            with self._guard:
+                cursor = self._local.cursor = self._main.cursor()
+                self._cursors.append(cursor)
+        return cursor
+
+    @_con.setter
+    def _con(self, con) -> None:
+        self._main = con
+
+    def cached(self, key, compute):
+        """`compute()` once per snapshot (its parts do not change): figures, overview numbers."""
+        with self._guard:
+            lock = self._cache_locks.setdefault(key, threading.Lock())
+        with lock:
+            if key not in self._cache:
+                self._cache[key] = compute()
+            return self._cache[key]
+
+    def close(self) -> None:
+        with self._guard:
+            for cursor in self._cursors:
+                cursor.close()
+            self._cursors.clear()
+        self._main.close()
 
     # ---- helpers ------------------------------------------------------------------------------
     def df(self, query: str, params: dict | None = None) -> pd.DataFrame:
