@@ -184,9 +184,15 @@ def test_auto_steps_meet_tolerance_and_match_a_fine_rule(family, tmp_path):
         bound = tol * np.maximum(change, FLOOR * a.gold_prob)
         assert np.all((a.completeness <= bound * (1 + 1e-3)) | capped), (a.completeness, bound, a.evaluations)
         assert set(a.evaluations.tolist()) <= {5, 9, 17, 33, 65} and not capped.all()
+        assert np.all((a.score_error <= tol) | capped), (a.score_error, a.evaluations)
+        # the score error, relative to max(||s||, FLOOR P), bounds each layer's real error (pessimistic)
+        real = np.linalg.norm(a.scores - f.scores, axis=1) / np.maximum(np.linalg.norm(f.scores, axis=1),
+                                                                       FLOOR * a.gold_prob)
+        assert np.all(real <= np.maximum(a.score_error, 1e-5)), (real, a.score_error)
         assert rel_err(a.scores, f.scores) <= 5e-3
         assert_same_numbers(a.baseline_prob, f.baseline_prob, what="baseline_prob")
     assert set(fine[0].evaluations.tolist()) == {49}  # 48 nodes + the baseline row
+    assert all(np.isnan(f.score_error).all() for f in fine)  # a fixed rule estimates no error
 
 
 def test_evaluations_count_the_rows_of_each_rule(tmp_path):

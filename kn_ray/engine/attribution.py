@@ -66,6 +66,8 @@ class Attribution:
     baseline_prob: np.ndarray | None = None  # [len(layers)] P with that layer's activation at the baseline
     completeness: np.ndarray | None = None  # [len(layers)] |sum(scores) - (P - P_baseline)|
     evaluations: np.ndarray | None = None  # [len(layers)] forward/backward rows spent per layer (quadrature nodes)
+    # [len(layers)] n_steps="auto": the estimated relative L2 error of each layer's scores (`adaptive`); else NaN
+    score_error: np.ndarray | None = None
     seconds: float = 0.0
     site: str = "mlp.hook_post"  # the attributed site (adapters.SITES): neurons or "attn.hook_z" heads
 
@@ -241,19 +243,20 @@ class Attributor(ModelRunner):
             alphas, weights = alphas.float().to(self.device), weights.float().to(self.device)
         acts_d = torch.stack([clean.acts[layer] for layer in layers], 1)  # [B, L, F]
         if adaptive:  # every layer at once: open (prompt, layer) pairs share passes (`pass_plan`)
-            grad_d, base_d, evaluations = integrate_adaptive(self, batch, clean, layers, baseline, tolerance)
+            grad_d, base_d, evaluations, error_d = integrate_adaptive(self, batch, clean, layers, baseline, tolerance)
         else:
             sums = [self._integrate(batch, clean, layer, alphas, weights, zero_step, baseline) for layer in layers]
             grad_d, base_d = torch.stack([g for g, _ in sums], 1), torch.stack([p for _, p in sums], 1)
             evaluations = torch.full((batch.size, len(layers)), len(alphas), dtype=torch.int32)
+            error_d = torch.full((batch.size, len(layers)), float("nan"), device=self.device)
         scores_d = (acts_d - baseline) * grad_d  # everything stays on the device; one copy to the host per batch
         completeness_d = (scores_d.sum(-1) - (clean.gold_prob[:, None] - base_d)).abs()
         if self._site == "attn.hook_z":  # a head's score: the sum over its units
             heads = attention_shape(self.model.config)[0]
             scores_d = scores_d.unflatten(-1, (heads, -1)).sum(-1)
             acts_d = acts_d.unflatten(-1, (heads, -1)).norm(dim=-1)
-        scores, acts, base_prob, completeness, gold, top_prob = (
-            t.cpu() for t in (scores_d, acts_d, base_d, completeness_d, clean.gold_prob, clean.top_prob))
+        scores, acts, base_prob, completeness, gold, top_prob, score_error = (
+            t.cpu() for t in (scores_d, acts_d, base_d, completeness_d, clean.gold_prob, clean.top_prob, error_d))
         tops = self.token_texts(clean.top_ids.tolist())
         return [
             dict(
@@ -265,6 +268,7 @@ class Attributor(ModelRunner):
                 baseline_prob=base_prob[b].numpy(),
                 completeness=completeness[b].numpy(),
                 evaluations=evaluations[b].numpy(),
+                score_error=score_error[b].numpy(),
             )
             for b in range(batch.size)
         ]
