@@ -12,8 +12,13 @@ NOISED_WEIGHTS = ("all", "above")
 POST_NORMS = ("frozen", "live")  # NoiseGrad: every weight, or from the scaled layer's block up
 
 # defaults of the engine's keywords, which the declared options take over
-N_STEPS, RULE = 20, "left"  # the paper's Riemann sum
-TOLERANCE = 0.01  # n_steps=auto: completeness residual <= TOLERANCE x |P - P(layer at baseline)|
+# n_steps: adaptive, each (prompt, layer) until its scores converge (docs/quadrature.md: fixed rules miss
+# the steps that real models' P(alpha) takes); `rule` applies to a fixed n_steps: left with PAPER_STEPS
+# steps is the paper's Riemann sum (Dai et al. 2022, m = 20)
+N_STEPS, RULE = AUTO, "left"
+PAPER_STEPS = 20
+TOLERANCE = 0.01  # n_steps=auto: per (prompt, layer), the scores' estimated relative L2 error and the
+#                   completeness residual (x |P - P(layer at baseline)|) <= TOLERANCE
 STDEVS = 0.1  # input noise per token, x its embedding's RMS (0 would make noisy copies all alike)
 POST_NORM = "frozen"  # where the adapter names a post-FFN norm (docs/quadrature.md); elsewhere no effect
 WEIGHT_STDEVS = 0.2  # NoiseGrad: each weight x N(1, WEIGHT_STDEVS)

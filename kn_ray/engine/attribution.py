@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kn_ray.choices import N_STEPS, POST_NORM, POST_NORMS, RULE, STDEVS, TOLERANCE, WEIGHT_STDEVS
+from kn_ray.choices import N_STEPS, POST_NORM, POST_NORMS, RULE, RULES, STDEVS, TOLERANCE, WEIGHT_STDEVS
 
 from .encoding import Batch
 from .adapters import attention_shape
@@ -148,8 +148,10 @@ class Attributor(ModelRunner):
 
         Score_i = (a_i - b) * sum_k w_k dP/dx_i at x = b + alpha_k (a - b), the quadrature rule
         `rule` (see `quadrature`) over `n_steps` steps; b = `baselines` (the paper: 0).
-        `n_steps="auto"`: per prompt and layer, Romberg on nested trapezoid rules, doubled until
-        the completeness residual <= `tolerance` x |P - P(layer at baseline)| (`adaptive`).
+        `n_steps="auto"` (the default): per prompt and layer, Romberg on nested trapezoid rules,
+        doubled until the layer's estimated relative score error <= `tolerance` and its completeness
+        residual <= `tolerance` x |P - P(layer at baseline)| (`adaptive`; `score_error` reports the
+        estimate). `n_steps=20, rule="left"` is the paper's Riemann sum.
         `nt_samples` > 0: the mean over that many copies with noisy input embeddings, noise
         `stdevs` x each embedding's RMS, seeded by `nt_seed` (`smoothing`). `noise`: what the
         copies perturb: `input` (SmoothGrad), `weights` (NoiseGrad: each weight x N(1,
@@ -163,6 +165,8 @@ class Attributor(ModelRunner):
         """
         if site not in ATTRIBUTED_SITES:
             raise ValueError(f"site must be one of {ATTRIBUTED_SITES}, got {site!r}")
+        if rule not in RULES:  # checked even where n_steps="auto" ignores it
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
         if post_norm not in POST_NORMS:
             raise ValueError(f"post_norm must be one of {POST_NORMS}, got {post_norm!r}")
         self._site, self._post_norm = site, post_norm
