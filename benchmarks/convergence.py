@@ -80,6 +80,44 @@ def curve(attr: Attributor, layer: int, post_norm: str, n: int = 64) -> tuple[np
     return alphas[order], probs[order]
 
 
+def timing(models: list[str]) -> None:
+    """Seconds per prompt (best of 2 runs of the 3 prompts, every layer) and evaluations."""
+    prompts, targets = map(list, zip(*PROMPTS))
+    print("| model | rule | s per prompt | evaluations per (prompt, layer) | per layer, first prompt |")
+    print("|---|---|---|---|---|")
+    for key in models:
+        attr = Attributor(load_model(key), precision="fp32")
+        attr.attribute(prompts[:1], targets[:1], n_steps=2, rule="gausslegendre", layers=[0])  # warm up
+        for kw in (dict(n_steps=20, rule="left"), dict(n_steps=6, rule="gausslegendre"), dict(n_steps="auto")):
+            seconds = []
+            for _ in range(2):
+                start = time.perf_counter()
+                res = attr.attribute(prompts, targets, **kw)
+                seconds.append((time.perf_counter() - start) / len(prompts))
+            evals = np.stack([r.evaluations for r in res])
+            label = "auto (default)" if kw["n_steps"] == "auto" else f"{kw['rule']} {kw['n_steps']}"
+            print(f"| {MODELS.get(key, key)} | {label} | {min(seconds):.2f} | {evals.mean():.1f} | "
+                  f"{' '.join(map(str, evals[0]))} |", flush=True)
+
+
+def compare_paths(key: str, nodes: int) -> None:
+    """What the frozen post-norm path changes: its converged scores against the live path's."""
+    attr = Attributor(load_model(key), precision="fp32")
+    prompts, targets = map(list, zip(*PROMPTS))
+    frozen, live = (attr.attribute(prompts, targets, n_steps=nodes, rule="gausslegendre", post_norm=p)
+                    for p in ("frozen", "live"))
+    print(f"{MODELS.get(key, key)}, GL-{nodes} on each path: frozen against live")
+    print("| prompt | rel. L2 | coarse-set Jaccard | coarse neurons (frozen, live) | top-10 overlap | "
+          "coarse neurons' layers, frozen | live |")
+    print("|---|---|---|---|---|---|---|")
+    for (prompt, _), f, g in zip(PROMPTS, frozen, live):
+        c, a, b = compare(f.scores, g.scores), coarse(f.scores), coarse(g.scores)
+        top = lambda s: set(np.argsort(s, axis=None)[-10:].tolist())  # noqa: E731
+        layers = lambda s: sorted({i // s.shape[1] for i in coarse(s)})  # noqa: E731
+        print(f"| {prompt} | {c['l2']:.0%} | {c['jaccard']:.2f} | {len(a)}, {len(b)} | "
+              f"{len(top(f.scores) & top(g.scores))}/10 | {layers(f.scores)} | {layers(g.scores)} |", flush=True)
+
+
 def cpu_name() -> str:
     with contextlib.suppress(Exception):
         for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
@@ -95,8 +133,26 @@ def main() -> None:
     ap.add_argument("--rules", default=",".join(f"{r}:{s}" for r, s in RULES))
     ap.add_argument("--live", action="store_true", help="Gemma 3: the live post-norm path too")
     ap.add_argument("--curve", default="", help="model:layer:post_norm,... P(alpha) at 65 trapezoid nodes")
+    ap.add_argument("--timing", action="store_true", help="only seconds per prompt (best of 2), left 20, GL-6, auto")
+    ap.add_argument("--compare-paths", default="", help="model: frozen against live, each its GL-N reference")
+    ap.add_argument("--check-reference", default="", help="model:layer,... GL-2N against GL-N (N: --reference-nodes)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.timing:
+        return timing(args.models.split(","))
+    for spec in filter(None, args.check_reference.split(",")):
+        key, layer = spec.split(":")
+        attr = Attributor(load_model(key), precision="fp32")
+        prompts, targets = map(list, zip(*PROMPTS))
+        n = args.reference_nodes
+        fine, ref = (attr.attribute(prompts, targets, n_steps=m, rule="gausslegendre", layers=[int(layer)])
+                     for m in (2 * n, n))
+        print(f"{MODELS.get(key, key)} layer {layer}: GL-{n} is " + ", ".join(
+            f"{compare(r.scores, f.scores)['l2']:.1e}" for r, f in zip(ref, fine)) + f" from GL-{2 * n}")
+    if args.check_reference:
+        return None
+    if args.compare_paths:
+        return compare_paths(args.compare_paths, args.reference_nodes)
     rules = [(r, float(s) if r == "auto" else int(s)) for r, s in (x.split(":") for x in args.rules.split(","))]
     print(f"fp32, 1 thread, {cpu_name()}; torch {torch.__version__}; prompts: "
           + "; ".join(f"{p!r} -> {t!r}" for p, t in PROMPTS) + "\n")
