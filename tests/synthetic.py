@@ -207,6 +207,8 @@ def _prompt_table(rng, spec: SyntheticSpec, fact_index: np.ndarray, prompt_fact:
         "completeness": completeness,
         "seconds": np.where(ok, rng.uniform(0.3, 1.5, n), rng.uniform(0.0, 0.05, n)),
         "evaluations": pa.array([[20] * spec.layers if good else None for good in ok], type=pa.list_(pa.int32())),
+        "score_error": pa.array([[float("nan")] * spec.layers if good else None for good in ok],
+                                type=pa.list_(pa.float32())),
     }, schema=PROMPTS)
 
 

@@ -8,7 +8,7 @@ import pytest
 from kn_ray.engine import RULES, Attributor, quadrature
 from kn_ray.engine.adaptive import FLOOR
 from numerics import assert_same_numbers, relative_error as rel_err
-from reference import float64, reference_ig
+from reference import POST_FFN_NORM, float64, reference_ig
 from tiny_models import CONFIGS, MASKED, cases, tiny_model
 
 pytestmark = pytest.mark.numerics  # comparisons of two computations: `make test-numerics` reruns them
@@ -26,10 +26,93 @@ def test_scores_match_float64_reference(family, rule, tmp_path):
     for prompt, target, res in zip(prompts, targets, results):
         assert res.ok, res.reason
         for layer in range(model.config.num_hidden_layers):
-            want, p_clean, p_zero = reference_ig(model64, family, tok, prompt, target, layer, alphas, weights, family in MASKED)
+            want, p_clean, p_zero = reference_ig(model64, family, tok, prompt, target, layer, alphas, weights,
+                                                 family in MASKED, post_norm="frozen" if family in POST_FFN_NORM else "live")
             assert rel_err(res.scores[layer], want) <= 1e-4
             assert res.gold_prob == pytest.approx(p_clean, rel=1e-4)
             assert res.baseline_prob[layer] == pytest.approx(p_zero, rel=1e-4)
+
+
+def post_normed_model(family, tmp_path):
+    """A tiny random model with a norm on the FFN output: Gemma 3 (gain 1 + w), or OLMo 2 and
+    Gemma 2 built here (gain w; 1 + w), their norm gains randomised so that they matter."""
+    import torch
+    from transformers import AutoModelForCausalLM, Gemma2Config, Olmo2Config
+
+    if family == "gemma3_text":
+        model, tok = tiny_model(family, tmp_path)
+    else:
+        from tiny_models import VOCAB, word_tokenizer
+
+        torch.manual_seed(0)
+        common = dict(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64, pad_token_id=0)
+        config = (Olmo2Config(initializer_range=0.3, **common) if family == "olmo2" else
+                  Gemma2Config(head_dim=8, sliding_window=3, query_pre_attn_scalar=8, initializer_range=0.1, **common))
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+        tok = word_tokenizer()
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.post_feedforward_layernorm.weight.add_(0.3 * torch.randn(32))
+    return model, tok
+
+
+@pytest.mark.parametrize("family", sorted(POST_FFN_NORM))
+@pytest.mark.parametrize("post_norm", ["frozen", "live"])
+def test_post_normed_ffn_paths_match_float64_reference(family, post_norm, tmp_path):
+    """Both paths of a post-normed FFN (Gemma 2/3, OLMo 2) against the reference: `frozen` (the
+    default) divides the normed FFN output at the target by its clean RMS, `live` by its own.
+    On the frozen path 64 Gauss-Legendre nodes meet completeness (its P(baseline): the FFN output
+    removed at the target); the live path's integrand jumps near alpha = 0, where the norm's eps
+    takes over, and 64 nodes miss it by per cents even here."""
+    model, tok = post_normed_model(family, tmp_path)
+    model64 = float64(model)
+    prompts, targets = cases(family)
+    alphas, weights = quadrature(6, "gausslegendre")
+    kw = {} if post_norm == "frozen" else dict(post_norm=post_norm)  # frozen: the default
+    attr = Attributor(model, tok, precision="fp32")
+    results = attr.attribute(prompts, targets, n_steps=6, rule="gausslegendre", **kw)
+    for prompt, target, res in zip(prompts, targets, results):
+        assert res.ok, res.reason
+        for layer in range(model.config.num_hidden_layers):
+            want, p_clean, p_zero = reference_ig(model64, family, tok, prompt, target, layer, alphas, weights, False,
+                                                 post_norm=post_norm)
+            assert rel_err(res.scores[layer], want) <= 1e-4
+            assert res.gold_prob == pytest.approx(p_clean, rel=1e-4)
+            assert res.baseline_prob[layer] == pytest.approx(p_zero, rel=1e-4)
+    if post_norm == "frozen":
+        for res in attr.attribute(prompts, targets, n_steps=64, rule="gausslegendre"):
+            assert rel_err(res.scores.sum(-1), res.gold_prob - res.baseline_prob) <= 1e-3
+        # and it differs from the live path (the gains and the RMS matter)
+        live = attr.attribute(prompts, targets, n_steps=6, rule="gausslegendre", post_norm="live")
+        assert all(rel_err(f.scores, g.scores) > 1e-2 for f, g in zip(results, live))
+
+
+def test_frozen_norm_makes_the_normed_ffn_output_linear_in_alpha(tmp_path, monkeypatch):
+    """On the frozen path the normed FFN output at the target is alpha x its clean value."""
+    import contextlib
+
+    import torch
+
+    from kn_ray.engine import attribution
+
+    model, tok = post_normed_model("gemma3_text", tmp_path)
+    attr = Attributor(model, tok, precision="fp32")
+    outs, engine_hook = [], attribution.output_hook
+
+    @contextlib.contextmanager
+    def and_keep(module, fn):  # the engine's hook, then one that keeps what it returned
+        with engine_hook(module, fn), engine_hook(module, lambda _x, out: outs.append(out[:, -1].clone()) or out):
+            yield
+
+    monkeypatch.setattr(attribution, "output_hook", and_keep)
+    alphas = quadrature(4, "trapezoid")[0].float()
+    attr.attribute(["the city of"], [" rome"], n_steps=4, rule="trapezoid", layers=[1])
+    [out] = outs
+    clean = out[-1]
+    assert torch.allclose(out, alphas[:, None] * clean, atol=1e-6 * float(clean.abs().max()))
+    with pytest.raises(ValueError, match="post_norm"):
+        attr.attribute(["the city of"], [" rome"], post_norm="none")
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
@@ -101,9 +184,15 @@ def test_auto_steps_meet_tolerance_and_match_a_fine_rule(family, tmp_path):
         bound = tol * np.maximum(change, FLOOR * a.gold_prob)
         assert np.all((a.completeness <= bound * (1 + 1e-3)) | capped), (a.completeness, bound, a.evaluations)
         assert set(a.evaluations.tolist()) <= {5, 9, 17, 33, 65} and not capped.all()
+        assert np.all((a.score_error <= tol) | capped), (a.score_error, a.evaluations)
+        # the score error, relative to max(||s||, FLOOR P), bounds each layer's real error (pessimistic)
+        real = np.linalg.norm(a.scores - f.scores, axis=1) / np.maximum(np.linalg.norm(f.scores, axis=1),
+                                                                       FLOOR * a.gold_prob)
+        assert np.all(real <= np.maximum(a.score_error, 1e-5)), (real, a.score_error)
         assert rel_err(a.scores, f.scores) <= 5e-3
         assert_same_numbers(a.baseline_prob, f.baseline_prob, what="baseline_prob")
     assert set(fine[0].evaluations.tolist()) == {49}  # 48 nodes + the baseline row
+    assert all(np.isnan(f.score_error).all() for f in fine)  # a fixed rule estimates no error
 
 
 def test_evaluations_count_the_rows_of_each_rule(tmp_path):

@@ -115,7 +115,11 @@ def test_auto_steps_from_flags_and_spec_enter_the_run_identity(tmp_path):
     options = options_from_spec(spec_from_args(args))
     assert options == options_from_spec(spec)
     assert options.attribution()["tolerance"] == 0.001 and options.engine_extra() == dict(tolerance=0.001)
-    assert "tolerance" not in options_from_spec(BASE).attribution()  # fixed rules keep their old identity
+    assert options_from_spec(BASE).attribution()["n_steps"] == "auto"  # the default
+    paper = options_from_spec(dict(BASE, attribution=dict(n_steps=20, rule="left")))
+    assert paper.attribution() == dict(n_steps=20, rule="left", precision="auto")  # fixed rules keep their old identity
+    live = options_from_spec(dict(BASE, attribution=dict(n_steps=20, post_norm="live")))
+    assert live.engine_extra() == dict(post_norm="live")  # the default post_norm (frozen) keeps the identity
     with pytest.raises(SystemExit):
         build_parser().parse_args(["attribute", "--model", "m", "--facts", "f", "--output", "o", "--n-steps", "many"])
 
@@ -125,7 +129,7 @@ def test_smoothing_flags_and_spec_enter_the_run_identity():
                                       "--nt-samples", "8", "--stdevs", "0.2", "--nt-seed", "3"])
     options = options_from_spec(spec_from_args(args))
     assert options == options_from_spec(dict(BASE, attribution=dict(nt_samples=8, stdevs=0.2, nt_seed=3)))
-    assert options.engine_extra() == dict(nt_samples=8, stdevs=0.2, nt_seed=3)
+    assert options.engine_extra() == dict(tolerance=0.01, nt_samples=8, stdevs=0.2, nt_seed=3)  # n_steps: auto
     assert options.attribution()["nt_samples"] == 8 and "nt_samples" not in options_from_spec(BASE).attribution()
     with pytest.raises(SpecError, match="nt_samples and stdevs must be >= 0"):
         options_from_spec(dict(BASE, attribution=dict(nt_samples=2, stdevs=-1)))
@@ -139,7 +143,7 @@ def test_weight_noise_flags_and_spec_enter_the_run_identity():
     assert options == options_from_spec(dict(BASE, attribution=dict(nt_samples=10, noise="weights", weight_stdevs=0.1,
                                                                      noised_weights="above")))
     # input noise's stdevs does not apply to NoiseGrad; FusionGrad records both
-    assert options.engine_extra() == dict(nt_samples=10, nt_seed=0, noise="weights", weight_stdevs=0.1,
+    assert options.engine_extra() == dict(tolerance=0.01, nt_samples=10, nt_seed=0, noise="weights", weight_stdevs=0.1,
                                           noised_weights="above")
     fusion = options_from_spec(dict(BASE, attribution=dict(nt_samples=4, noise="both")))
     assert fusion.attribution()["stdevs"] == 0.1 and fusion.attribution()["weight_stdevs"] == 0.2
@@ -332,7 +336,7 @@ def test_progress_is_one_flag_on_every_long_command():
 
 def test_help_shows_the_dataclass_defaults():
     text = " ".join(_help_of("attribute").split())
-    assert "(default: 20)" in text and "(default: 0.1)" in text and "(default: auto)" in text
+    assert "see --tolerance; circuits: their own fixed rule) (default: auto)" in text and "(default: 0.1)" in text and "(default: auto)" in text
     assert "(default: 0.7)" in " ".join(_help_of("aggregate").split())
 
 

@@ -49,6 +49,10 @@ class Adapter:
     ln_mlp: str = ""  # inside a block: the same for the MLP
     final_norm: str = ""  # the norm before the LM head
     qkv: tuple[tuple[str, str], ...] = ()  # inside a block: (projection path, kind in QKV_KINDS)
+    # inside a block: an RMSNorm applied to the FFN's output before the residual add (Gemma 2/3,
+    # OLMo 2). IG's path then holds its clean RMS fixed at the target (`post_norm="frozen"`, the
+    # default): the normed output is alpha x its clean value, linear in the neurons (docs/quadrature.md)
+    post_ffn_norm: str = ""
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
@@ -58,6 +62,10 @@ class Adapter:
 
     def attn_out_module(self, model: nn.Module, layer: int) -> nn.Module:
         return self.blocks(model)[layer].get_submodule(self.attn_out)
+
+    def post_ffn_norm_module(self, model: nn.Module, layer: int) -> nn.Module | None:
+        """The norm on `layer`'s FFN output (None: the family has none)."""
+        return self.blocks(model)[layer].get_submodule(self.post_ffn_norm) if self.post_ffn_norm else None
 
     def head_module(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self.head)
@@ -114,11 +122,13 @@ ADAPTERS: tuple[Adapter, ...] = (
     Adapter("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo"), "model.layers", "mlp.down_proj",
             "lm_head", **_LLAMA_LIKE),
     # norms on the sublayer outputs (sandwich): sites work, circuits do not (no sum of node outputs)
-    Adapter("gemma2", ("gemma2", "olmo2"), "model.layers", "mlp.down_proj", "lm_head", **_LLAMA_LIKE | dict(residual="post")),
+    Adapter("gemma2", ("gemma2", "olmo2"), "model.layers", "mlp.down_proj", "lm_head",
+            **_LLAMA_LIKE | dict(residual="post", post_ffn_norm="post_feedforward_layernorm")),
     # Gemma 3: sandwich norms too, the MLP reads through pre_feedforward_layernorm; sliding-window
     # and global layers, a sqrt(hidden)-scaled tied embedding (the engine handles both; README)
     Adapter("gemma3", ("gemma3_text",), "model.layers", "mlp.down_proj", "lm_head",
-            **_LLAMA_LIKE | dict(residual="post", ln_mlp="pre_feedforward_layernorm")),
+            **_LLAMA_LIKE | dict(residual="post", ln_mlp="pre_feedforward_layernorm",
+                                 post_ffn_norm="post_feedforward_layernorm")),
 )
 
 

@@ -3,12 +3,17 @@
 The trapezoid rule on 2^j intervals reuses every node of the rule on 2^(j-1) intervals, so
 doubling it costs only the new midpoints. Romberg (Richardson) extrapolation of those nested
 sums is a high-order rule on the same nodes (`quadrature.romberg_weights` is its fixed-rule
-form). After each doubling, a (prompt, layer) whose completeness residual
+form). After each doubling, a (prompt, layer) stops when both
 
-    |sum_i score_i - (P - P(layer at baseline))| <= tolerance * max(|P - P(baseline)|, FLOOR * P)
+    score error  ||s_j - s_(j-1)||_2 / max(||s_j||_2, FLOOR * P) <= tolerance
+    completeness |sum_i s_j,i - (P - P(layer at baseline))| <= tolerance * max(|P - P(baseline)|, FLOOR * P)
 
-stops; the others go on, up to 2^MAX_LEVEL + 1 nodes. The FLOOR keeps a layer that barely
-moves P (where the residual is all rounding) from running to the cap.
+hold, s_j being the layer's score vector from the Romberg estimate R(j, j) and s_(j-1) the one
+before (R(j-1, j-1)); the others go on, up to 2^MAX_LEVEL + 1 nodes. The score error bounds the
+scores themselves (the completeness residual only bounds their sum: many errors can cancel in
+it); as the difference from the previous, less accurate, estimate it is pessimistic for the
+last one. The FLOOR keeps a layer that barely moves P (whose scores are all rounding) from
+running to the cap. The last score error of each (prompt, layer) is reported (`score_error`).
 
 Time follows evaluations: the nodes up to FIRST_LEVEL for every (prompt, layer), and each later
 doubling's nodes for every (prompt, layer) that has not converged yet, run in passes shared across
@@ -51,8 +56,8 @@ def extend(row: torch.Tensor | None, new_sum: torch.Tensor) -> torch.Tensor:
 
 
 def integrate_adaptive(attributor, batch, clean, layers: list[int], baseline: float, tolerance: float):
-    """(grad_sum [B, L, F], P at baseline [B, L], nodes used [B, L]) for every prompt of the batch
-    and every layer of `layers`.
+    """(grad_sum [B, L, F], P at baseline [B, L], nodes used [B, L], score error [B, L]) for every
+    prompt of the batch and every layer of `layers`.
 
     grad_sum is the Romberg estimate of integral_0^1 dP/dx(b + alpha (a - b)) dalpha, as the
     fixed rules' sum_k w_k dP/dx(alpha_k) is.
@@ -60,17 +65,19 @@ def integrate_adaptive(attributor, batch, clean, layers: list[int], baseline: fl
     B, L, dev = batch.size, len(layers), attributor.device
     estimate = torch.zeros(B, L, attributor._width, device=dev)
     p_zero = torch.zeros(B, L, device=dev)
+    error = torch.full((B, L), float("nan"), device=dev)
     used = torch.full((B, L), 2**FIRST_LEVEL + 1, dtype=torch.int32)
     alphas, weights = first_rule()  # alphas[0] = 0: P at the baseline
     prompt, slot = torch.arange(B).repeat(L), torch.arange(L).repeat_interleave(B)  # host, by layer
     kept, rows = [], []
     for lo, hi, sums, probs in _passes(attributor, batch, clean, layers, prompt, slot, alphas, weights, baseline):
-        row = None
+        row = previous = None
         for j in range(FIRST_LEVEL + 1):
-            row = extend(row, sums[:, j])
+            previous, row = row, extend(row, sums[:, j])
         pi, si = prompt[lo:hi].to(dev), slot[lo:hi].to(dev)
         p_zero[pi, si], estimate[pi, si] = probs[:, 0], row[:, -1]
-        keep = _open(clean, layers, prompt[lo:hi], slot[lo:hi], probs[:, 0], row[:, -1], baseline, tolerance)
+        keep, error[pi, si] = _open(clean, layers, prompt[lo:hi], slot[lo:hi], probs[:, 0], row[:, -1],
+                                    previous[:, -1], baseline, tolerance)
         kept.append(torch.arange(lo, hi)[keep.cpu()])
         rows.append(row[keep])
     keep = torch.cat(kept)
@@ -86,12 +93,13 @@ def integrate_adaptive(attributor, batch, clean, layers: list[int], baseline: fl
             pi, si = prompt[lo:hi].to(dev), slot[lo:hi].to(dev)
             estimate[pi, si] = part[:, -1]
             used[prompt[lo:hi], slot[lo:hi]] = 2**level + 1
-            keep = _open(clean, layers, prompt[lo:hi], slot[lo:hi], p_zero[pi, si], part[:, -1], baseline, tolerance)
+            keep, error[pi, si] = _open(clean, layers, prompt[lo:hi], slot[lo:hi], p_zero[pi, si], part[:, -1],
+                                        row[lo:hi, -1], baseline, tolerance)
             kept.append(torch.arange(lo, hi)[keep.cpu()])
             rows.append(part[keep])
         keep = torch.cat(kept)
         prompt, slot, row = prompt[keep], slot[keep], torch.cat(rows)
-    return estimate, p_zero, used
+    return estimate, p_zero, used, error
 
 
 def _passes(attributor, batch, clean, layers, prompt, slot, alphas, weights, baseline):
@@ -123,21 +131,27 @@ def cost_model(attributor, batch) -> dict:
                 rows_per_pass=max(1, attributor.max_batch_tokens // tokens))
 
 
-def _open(clean, layers, prompt, slot, p0, grad_sum, baseline, tolerance) -> torch.Tensor:
-    """Which pairs (prompt[k], layers[slot[k]]) (host tensors) still miss the tolerance (a bool
-    mask on the device; the check reads each layer's activations)."""
+def _open(clean, layers, prompt, slot, p0, grad_sum, previous, baseline, tolerance):
+    """(which pairs (prompt[k], layers[slot[k]]) (host tensors) still miss the tolerance, their
+    score errors): a bool mask and a float tensor on the device; the check reads each layer's
+    activations."""
     dev = p0.device
     keep = torch.zeros(len(prompt), dtype=torch.bool, device=dev)
+    error = torch.zeros(len(prompt), device=dev)
     for li in slot.unique().tolist():
         mine = slot == li
         md = mine.to(dev)
-        keep[md] = _unconverged(clean, layers[li], prompt[mine].to(dev), p0[md], grad_sum[md], baseline, tolerance)
-    return keep
+        keep[md], error[md] = _unconverged(clean, layers[li], prompt[mine].to(dev), p0[md], grad_sum[md],
+                                           previous[md], baseline, tolerance)
+    return keep, error
 
 
-def _unconverged(clean, layer, prompts, p0, grad_sum, baseline, tolerance) -> torch.Tensor:
-    """Which of `prompts` still miss the tolerance at `layer` (a bool mask)."""
+def _unconverged(clean, layer, prompts, p0, grad_sum, previous, baseline, tolerance):
+    """(which of `prompts` still miss the tolerance at `layer` (a bool mask), their score errors)."""
     gold = clean.gold_prob.float()[prompts]
     change = gold - p0
-    residual = (((clean.acts[layer][prompts] - baseline) * grad_sum).sum(-1) - change).abs()
-    return residual > tolerance * torch.maximum(change.abs(), FLOOR * gold)
+    delta = clean.acts[layer][prompts] - baseline
+    scores = delta * grad_sum
+    residual = (scores.sum(-1) - change).abs()
+    error = (delta * (grad_sum - previous)).norm(dim=-1) / torch.maximum(scores.norm(dim=-1), FLOOR * gold)
+    return (residual > tolerance * torch.maximum(change.abs(), FLOOR * gold)) | (error > tolerance), error

@@ -34,11 +34,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kn_ray.choices import N_STEPS, RULE, STDEVS, TOLERANCE, WEIGHT_STDEVS
+from kn_ray.choices import N_STEPS, POST_NORM, POST_NORMS, RULE, RULES, STDEVS, TOLERANCE, WEIGHT_STDEVS
 
 from .encoding import Batch
 from .adapters import attention_shape
-from .hooks import edit_site, first_arg, gather_head_input, pre_hooks, recompute_offloaded_blocks, start_at_layer
+from .hooks import (edit_site, first_arg, gather_head_input, norm_rms, output_hook, pre_hooks,
+                    recompute_offloaded_blocks, start_at_layer)
 from .precision import autocast
 from .quadrature import AUTO, quadrature
 from .adaptive import FIRST_LEVEL, integrate_adaptive
@@ -65,6 +66,8 @@ class Attribution:
     baseline_prob: np.ndarray | None = None  # [len(layers)] P with that layer's activation at the baseline
     completeness: np.ndarray | None = None  # [len(layers)] |sum(scores) - (P - P_baseline)|
     evaluations: np.ndarray | None = None  # [len(layers)] forward/backward rows spent per layer (quadrature nodes)
+    # [len(layers)] n_steps="auto": the estimated relative L2 error of each layer's scores (`adaptive`); else NaN
+    score_error: np.ndarray | None = None
     seconds: float = 0.0
     site: str = "mlp.hook_post"  # the attributed site (adapters.SITES): neurons or "attn.hook_z" heads
 
@@ -93,6 +96,7 @@ class _Clean:
     hidden_in: dict[int, torch.Tensor]  # layer -> [B, T - start_col, d] block input
     acts: dict[int, torch.Tensor]  # layer -> [B, neurons] fp32 activation at the target
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer prefix keys/values [B, H, start_col, dh]
+    ffn_rms: dict[int, torch.Tensor]  # layer -> [B] fp32 clean RMS of the FFN output at the target (frozen post-norm)
 
 
 ATTRIBUTED_SITES = ("mlp.hook_post", "attn.hook_z")
@@ -107,6 +111,12 @@ class Attributor(ModelRunner):
     """
 
     _site = "mlp.hook_post"  # what `attribute` scores (ATTRIBUTED_SITES)
+    _post_norm = POST_NORM  # POST_NORMS: how a post-FFN norm (adapter.post_ffn_norm) behaves along the path
+
+    @property
+    def _frozen_norm(self) -> bool:
+        """True if the scaled rows hold the post-FFN norm's clean RMS fixed at the target."""
+        return self._post_norm == "frozen" and self._site == "mlp.hook_post" and bool(self.adapter.post_ffn_norm)
 
     @property
     def _width(self) -> int:
@@ -131,31 +141,42 @@ class Attributor(ModelRunner):
         noise: str = "input",
         weight_stdevs: float = WEIGHT_STDEVS,
         noised_weights: str = "all",
+        post_norm: str = POST_NORM,
         progress: Callable[[int], None] | None = None,
     ) -> list[Attribution]:
         """Score every neuron of `layers` (default: all) for each (prompt, target).
 
         Score_i = (a_i - b) * sum_k w_k dP/dx_i at x = b + alpha_k (a - b), the quadrature rule
         `rule` (see `quadrature`) over `n_steps` steps; b = `baselines` (the paper: 0).
-        `n_steps="auto"`: per prompt and layer, Romberg on nested trapezoid rules, doubled until
-        the completeness residual <= `tolerance` x |P - P(layer at baseline)| (`adaptive`).
+        `n_steps="auto"` (the default): per prompt and layer, Romberg on nested trapezoid rules,
+        doubled until the layer's estimated relative score error <= `tolerance` and its completeness
+        residual <= `tolerance` x |P - P(layer at baseline)| (`adaptive`; `score_error` reports the
+        estimate). `n_steps=20, rule="left"` is the paper's Riemann sum.
         `nt_samples` > 0: the mean over that many copies with noisy input embeddings, noise
         `stdevs` x each embedding's RMS, seeded by `nt_seed` (`smoothing`). `noise`: what the
         copies perturb: `input` (SmoothGrad), `weights` (NoiseGrad: each weight x N(1,
         `weight_stdevs`), the `noised_weights` `all`, or `above`: from the scaled layer's block up;
         `noisegrad`) or `both` (FusionGrad).
         `site="attn.hook_z"`: score every attention head instead (the sum over its units).
+        `post_norm`: where the family normalises the FFN output before the residual add (Gemma 2/3,
+        OLMo 2: `adapter.post_ffn_norm`), `frozen` holds that norm's clean RMS fixed at the target
+        along the path, so the normed output is alpha x its clean value (linear in the neurons);
+        `live` recomputes it (the output then hardly moves until alpha ~ 0; docs/quadrature.md).
         """
         if site not in ATTRIBUTED_SITES:
             raise ValueError(f"site must be one of {ATTRIBUTED_SITES}, got {site!r}")
-        self._site = site
+        if rule not in RULES:  # checked even where n_steps="auto" ignores it
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if post_norm not in POST_NORMS:
+            raise ValueError(f"post_norm must be one of {POST_NORMS}, got {post_norm!r}")
+        self._site, self._post_norm = site, post_norm
         if nt_samples:
             if nt_samples < 1 or stdevs < 0:
                 raise ValueError(f"nt_samples must be >= 1 and stdevs >= 0, got {nt_samples}, {stdevs}")
             check_noise(noise, noised_weights, weight_stdevs)
             results = smoothed(lambda group: self.attribute(prompts, targets, n_steps=n_steps, rule=rule,
                                                             tolerance=tolerance, layers=group, baselines=baselines,
-                                                            site=site),
+                                                            site=site, post_norm=post_norm),
                                self.model, self._check_layers(layers), nt_samples, nt_seed,
                                stdevs=None if noise == "weights" else stdevs,
                                weights=None if noise == "input" else self._weight_noise(weight_stdevs, noised_weights))
@@ -226,19 +247,20 @@ class Attributor(ModelRunner):
             alphas, weights = alphas.float().to(self.device), weights.float().to(self.device)
         acts_d = torch.stack([clean.acts[layer] for layer in layers], 1)  # [B, L, F]
         if adaptive:  # every layer at once: open (prompt, layer) pairs share passes (`pass_plan`)
-            grad_d, base_d, evaluations = integrate_adaptive(self, batch, clean, layers, baseline, tolerance)
+            grad_d, base_d, evaluations, error_d = integrate_adaptive(self, batch, clean, layers, baseline, tolerance)
         else:
             sums = [self._integrate(batch, clean, layer, alphas, weights, zero_step, baseline) for layer in layers]
             grad_d, base_d = torch.stack([g for g, _ in sums], 1), torch.stack([p for _, p in sums], 1)
             evaluations = torch.full((batch.size, len(layers)), len(alphas), dtype=torch.int32)
+            error_d = torch.full((batch.size, len(layers)), float("nan"), device=self.device)
         scores_d = (acts_d - baseline) * grad_d  # everything stays on the device; one copy to the host per batch
         completeness_d = (scores_d.sum(-1) - (clean.gold_prob[:, None] - base_d)).abs()
         if self._site == "attn.hook_z":  # a head's score: the sum over its units
             heads = attention_shape(self.model.config)[0]
             scores_d = scores_d.unflatten(-1, (heads, -1)).sum(-1)
             acts_d = acts_d.unflatten(-1, (heads, -1)).norm(dim=-1)
-        scores, acts, base_prob, completeness, gold, top_prob = (
-            t.cpu() for t in (scores_d, acts_d, base_d, completeness_d, clean.gold_prob, clean.top_prob))
+        scores, acts, base_prob, completeness, gold, top_prob, score_error = (
+            t.cpu() for t in (scores_d, acts_d, base_d, completeness_d, clean.gold_prob, clean.top_prob, error_d))
         tops = self.token_texts(clean.top_ids.tolist())
         return [
             dict(
@@ -250,6 +272,7 @@ class Attributor(ModelRunner):
                 baseline_prob=base_prob[b].numpy(),
                 completeness=completeness[b].numpy(),
                 evaluations=evaluations[b].numpy(),
+                score_error=score_error[b].numpy(),
             )
             for b in range(batch.size)
         ]
@@ -269,11 +292,20 @@ class Attributor(ModelRunner):
             inputs = first_arg(args, kwargs)
             acts[i] = inputs[rows.to(inputs.device), batch.target_col.to(inputs.device)].float().to(self.device)
 
+        ffn_rms: dict[int, torch.Tensor] = {}
+        norms = [adapter.post_ffn_norm_module(model, i) for i in sorted(layers)] if self._frozen_norm else []
+
+        def save_rms(k, args, kwargs):  # the clean RMS the frozen path divides by
+            inputs = first_arg(args, kwargs)
+            at = inputs[rows.to(inputs.device), batch.target_col.to(inputs.device)]
+            ffn_rms[sorted(layers)[k]] = norm_rms(norms[k], at).to(self.device)
+
         sites = [adapter.site_module(model, self._site, i)[0] for i in range(self.lm.num_layers)]
         with (
             autocast(self.precision, self.device),
             pre_hooks(list(adapter.blocks(model)), save_hidden),
             pre_hooks(sites, save_act),
+            pre_hooks(norms, save_rms),
             gather_head_input(model, adapter, batch.pred_cols),
         ):
             out = model(**self._inputs(batch, rows, 0), **self._full_cache())
@@ -283,7 +315,7 @@ class Attributor(ModelRunner):
         kv = None
         if not adapter.masked and sc > 0:
             kv = [(lay.keys[:, :, :sc], lay.values[:, :, :sc]) for lay in out.past_key_values.layers]
-        return _Clean(gold, top_ids, top_prob, hidden_in, acts, kv)
+        return _Clean(gold, top_ids, top_prob, hidden_in, acts, kv, ffn_rms)
 
     # ---- one layer ----------------------------------------------------------------------
     def _integrate(self, batch, clean, layer, alphas, weights, zero_step, baseline):
@@ -353,6 +385,20 @@ class Attributor(ModelRunner):
 
             return edit
 
+        def frozen(lay: int, rows: torch.Tensor):  # the post-FFN norm with the clean RMS at the target
+            norm = self.adapter.post_ffn_norm_module(self.model, lay)
+            clean_rms = clean.ffn_rms[lay][pi[rows.to(dev)]]
+
+            def fn(inputs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+                d = out.device
+                r = rows.to(d)
+                t = target.to(d)[r]
+                # norm(y) x rms(y) / rms_clean = gain x y / rms_clean, linear in y (rms(0) = sqrt(eps) > 0)
+                scale = (norm_rms(norm, inputs[r, t]) / clean_rms.to(d))[:, None]
+                return out.index_put((r, t), (out[r, t].float() * scale).to(out.dtype))
+
+            return output_hook(norm, fn)
+
         hidden = clean.hidden_in[start]
         inputs = self._inputs(batch, pi, sc)
         if clean.kv is not None:
@@ -360,6 +406,8 @@ class Attributor(ModelRunner):
         with contextlib.ExitStack() as stack:
             for lay, rows in groups.items():
                 stack.enter_context(edit_site(self.model, self.adapter, self._site, lay, put(rows)))
+                if self._frozen_norm:
+                    stack.enter_context(frozen(lay, rows))
             stack.enter_context(torch.enable_grad())
             stack.enter_context(autocast(self.precision, dev))
             stack.enter_context(start_at_layer(self.model, self.adapter, start, hidden[pi.to(hidden.device)]))

@@ -15,7 +15,7 @@ import psutil
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from kn_ray.choices import N_STEPS
+from kn_ray.choices import PAPER_STEPS
 
 from .attribution import Attributor
 from .loading import LoadedModel
@@ -163,7 +163,7 @@ def benchmark(
     prompts: list[str],
     targets: list[str],
     *,
-    n_steps: int = N_STEPS,
+    n_steps: int = PAPER_STEPS,
     precision: str = "fp32",
     published_prompts: int = 2,
     name: str | None = None,

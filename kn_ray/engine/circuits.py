@@ -48,11 +48,12 @@ from .encoding import Batch, SkipPrompt
 from .graph import Graph
 from .hooks import first_arg, gather_head_input
 from .precision import autocast
-from .quadrature import quadrature
+from .quadrature import AUTO, quadrature
 from .receivers import record_senders, require_circuits, split_receivers
 from .model_runner import ModelRunner, batches, describe, is_oom
 
 METRICS = ("logprob", "logit_diff")
+CIRCUIT_STEPS, CIRCUIT_RULE = 5, "gausslegendre"  # the default rule (n_steps="auto" means it too)
 
 
 @dataclass
@@ -146,8 +147,8 @@ class EdgeAttributor(ModelRunner):
         corrupted: str | Sequence[str],
         *,
         corrupted_targets: Sequence[str] | None = None,
-        n_steps: int = 5,
-        rule: str = "gausslegendre",
+        n_steps: int | str = CIRCUIT_STEPS,
+        rule: str = CIRCUIT_RULE,
         metric: str = "logprob",
         progress: Callable[[int], None] | None = None,
     ) -> list[EdgeAttribution]:
@@ -155,6 +156,8 @@ class EdgeAttributor(ModelRunner):
         (the corrupted facts' objects) are needed for metric="logit_diff"."""
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if n_steps == AUTO:  # no adaptive rule for edges: the fixed default (the pipeline's n_steps default is auto)
+            n_steps, rule = CIRCUIT_STEPS, CIRCUIT_RULE
         alphas, weights = quadrature(n_steps, rule)
         items = self._pairs(prompts, targets, corrupted, corrupted_targets, metric)
         results: list[EdgeAttribution | None] = [None] * len(items[0])

@@ -142,3 +142,22 @@ def recompute_offloaded_blocks(model: nn.Module, adapter: Adapter, layer: int, c
     finally:
         for i, block in wrapped.items():
             blocks[i] = block
+
+
+def norm_rms(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """sqrt(mean(x^2) + eps) over the last dimension, in fp32: what an RMSNorm divides by (its eps
+    is `eps` in Gemma, `variance_epsilon` in Llama-style norms)."""
+    eps = getattr(norm, "eps", None)
+    eps = norm.variance_epsilon if eps is None else eps
+    return (x.float().pow(2).mean(-1) + eps).sqrt()
+
+
+@contextlib.contextmanager
+def output_hook(module: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replace `module`'s output with `fn(its first input, output)` while active."""
+    handle = module.register_forward_hook(lambda _m, args, kwargs, out: fn(first_arg(args, kwargs), out),
+                                          with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()

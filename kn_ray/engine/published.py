@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kn_ray.choices import N_STEPS, RULE
+from kn_ray.choices import PAPER_STEPS, RULE
 
 from .hooks import edit_neurons
 from .precision import autocast
@@ -21,7 +21,7 @@ from .model_runner import ModelRunner
 class PublishedAttributor(ModelRunner):
     """Per-layer integrated gradients with batch = n_steps and no reuse (slow on purpose)."""
 
-    def attribute_one(self, prompt: str, target: str, *, n_steps: int = N_STEPS, rule: str = RULE,
+    def attribute_one(self, prompt: str, target: str, *, n_steps: int = PAPER_STEPS, rule: str = RULE,
                       layers: list[int] | None = None) -> np.ndarray:
         """Scores [layers, neurons] for one prompt (same definition as Attributor); default all layers."""
         enc = self.encode(prompt, target)

@@ -72,7 +72,7 @@ def joined_layers(parts: list):
         return next((p for p in parts if not p.ok), parts[0])
     out = type(parts[0])(**{**parts[0].__dict__})
     out.layers = tuple(layer for p in parts for layer in p.layers)
-    for name in ("scores", "activations", "baseline_prob", "completeness", "evaluations"):
+    for name in ("scores", "activations", "baseline_prob", "completeness", "evaluations", "score_error"):
         setattr(out, name, np.concatenate([getattr(p, name) for p in parts]))
     out.gold_prob = float(np.mean([p.gold_prob for p in parts]))
     out.top_prob = float(np.mean([p.top_prob for p in parts]))
@@ -94,5 +94,7 @@ def mean_attribution(copies: list):
     out.top_prob = float(np.mean([c.top_prob for c in copies]))
     out.completeness = np.abs(out.scores.sum(-1) - (out.gold_prob - out.baseline_prob)).astype(np.float32)
     out.evaluations = np.sum([c.evaluations for c in copies], axis=0).astype(np.int32)
+    # the mean's error is at most the mean of the copies' (each relative to its own scores' norm)
+    out.score_error = mean("score_error")
     out.seconds = float(sum(c.seconds for c in copies))
     return out

@@ -23,8 +23,9 @@ PROMPTS = pa.schema([
     ("prompt_id", pa.string()), ("fact_id", pa.string()), ("relation", pa.string()), ("subject", pa.string()),
     ("object", pa.string()), ("template", pa.string()), ("prompt", pa.string()), ("target", pa.string()),
     ("status", pa.string()), ("error", pa.string()), ("gold_prob", pa.float32()), ("top_token", pa.string()),
-    ("top_prob", pa.float32()), ("gold_rank", pa.int32()), ("known", pa.bool_()), ("max_score", pa.float32()), ("completeness", pa.list_(pa.float32())),
-    ("seconds", pa.float32()), ("evaluations", pa.list_(pa.int32())),
+    ("top_prob", pa.float32()), ("gold_rank", pa.int32()), ("known", pa.bool_()), ("max_score", pa.float32()),
+    ("completeness", pa.list_(pa.float32())), ("seconds", pa.float32()), ("evaluations", pa.list_(pa.int32())),
+    ("score_error", pa.list_(pa.float32())),
 ])
 _NEURON_KEYS = [("prompt_id", pa.string()), ("fact_id", pa.string()), ("relation", pa.string()),
                 ("layer", pa.int16()), ("neuron", pa.int32())]
@@ -99,6 +100,8 @@ def _prompt_row(spec: PromptSpec, res) -> dict:
                    max_score=res.max_score,
                    completeness=None if res.completeness is None else res.completeness.astype(np.float32).tolist(),
                    evaluations=None if res.evaluations is None else res.evaluations.astype(np.int32).tolist())
+        error = getattr(res, "score_error", None)  # circuits' prompt rows have none
+        row.update(score_error=None if error is None else error.astype(np.float32).tolist())
     return row
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from kn_ray.choices import AUTO, N_STEPS, NOISE, NOISED_WEIGHTS, RULE, RULES, STDEVS, TOLERANCE, WEIGHT_STDEVS
+from kn_ray.choices import (AUTO, N_STEPS, NOISE, NOISED_WEIGHTS, POST_NORM, POST_NORMS, RULE, RULES, STDEVS, TOLERANCE,
+                            WEIGHT_STDEVS)
 from kn_ray.fields import check_choices, int_or_auto, option
 from kn_ray.placement import Placement
 
@@ -85,12 +86,18 @@ class RunOptions:
     facts_format: str = option("auto", "facts format", key="format", choices=FORMATS)
     filters: Filters = option(factory=Filters, section="filters")
     probe: ProbePolicy = option(factory=ProbePolicy, section="probe")
-    n_steps: int | str = option(N_STEPS, "integration steps, or auto (adaptive, see --tolerance)", section="attribution",
+    n_steps: int | str = option(N_STEPS, "integration steps, or auto (adaptive until the scores converge, see "
+                                         "--tolerance; circuits: their own fixed rule)", section="attribution",
                                 type=int_or_auto)
-    rule: str = option(RULE, "quadrature rule (left with 20 steps: the paper's)", choices=RULES, section="attribution",
+    rule: str = option(RULE, "quadrature rule of a fixed --n-steps (left with 20 steps: the paper's)", choices=RULES,
+                       section="attribution",
                        aliases=("--method",))
-    tolerance: float = option(TOLERANCE, "--n-steps auto: completeness residual <= T x |P - P(layer at baseline)|",
+    tolerance: float = option(TOLERANCE, "--n-steps auto: each layer's estimated relative score error <= T, and its "
+                                         "completeness residual <= T x |P - P(layer at baseline)|",
                               section="attribution")
+    post_norm: str = option(POST_NORM, "models that normalise the FFN output (Gemma 2/3, OLMo 2): frozen holds its "
+                                       "clean RMS along the path (docs/quadrature.md), live recomputes it",
+                            choices=POST_NORMS, section="attribution")
     nt_samples: int = option(0, "smooth: average over K noisy copies (0: off); --noise says what they perturb",
                              section="attribution")
     noise: str = option("input", "what each copy perturbs: input embeddings (SmoothGrad), weights (NoiseGrad) or "
@@ -124,8 +131,8 @@ class RunOptions:
             raise ValueError(f"nt_samples and stdevs must be >= 0, got {self.nt_samples}, {self.stdevs}")
         if not self.weight_stdevs >= 0:
             raise ValueError(f"weight_stdevs must be >= 0, got {self.weight_stdevs}")
-        if self.mode == "circuits" and (self.n_steps == AUTO or self.nt_samples):
-            raise ValueError("circuits take a fixed n_steps and no smoothing")
+        if self.mode == "circuits" and self.nt_samples:  # n_steps auto: the circuits engine's fixed default
+            raise ValueError("circuits take no smoothing")
         if self.top_edges < 1 or self.faithfulness_random < 0:
             raise ValueError(f"top_edges must be >= 1 and faithfulness_random >= 0, got {self.top_edges}, "
                              f"{self.faithfulness_random}")
@@ -150,6 +157,8 @@ class RunOptions:
             return dict(mode=self.mode, metric=self.metric, top_edges=self.top_edges,
                         faithfulness_random=self.faithfulness_random)
         extra = dict(tolerance=self.tolerance) if self.n_steps == "auto" else {}
+        if self.post_norm != POST_NORM:  # the default keeps the identity it had before the option existed
+            extra.update(post_norm=self.post_norm)
         if self.nt_samples:  # input noise alone keeps the identity it had before weight noise existed
             extra.update(nt_samples=self.nt_samples, **({} if self.noise == "weights" else dict(stdevs=self.stdevs)),
                          nt_seed=self.nt_seed)

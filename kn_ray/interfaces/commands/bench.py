@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from kn_ray.choices import N_STEPS
+from kn_ray.choices import PAPER_STEPS
 from kn_ray.fields import option
 from kn_ray.interfaces import declared
 from kn_ray.interfaces.commands import add_command
@@ -31,7 +31,7 @@ class BenchOptions:
     prompts: int = option(32, "prompts timed for the engine, batched as at corpus scale")
     published_prompts: int = option(8, "the first N of those prompts timed for the published method, one at a time")
     tokens: str = option("8-15", "prompt length window in model tokens, PARAREL-style")
-    n_steps: int = option(N_STEPS, "steps of the left Riemann sum, the same for the engine and the published method")
+    n_steps: int = option(PAPER_STEPS, "steps of the left Riemann sum, the same for the engine and the published method")
     device: str | None = option(None, "cuda or cpu (default: cuda when present)")
     json: str | None = option(None, "also write the rows as JSON here")
 
