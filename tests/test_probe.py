@@ -78,6 +78,7 @@ def test_windows_grow_and_the_choice_keeps_input_order():
     assert windows[0] == {"A": ids["A"][:4], "B": ["b0", "b1"]}  # 2 x N first
     assert windows[1] == {"A": ids["A"][4:11]} and len(windows) == 2  # then twice as many, until none left
     assert list(probe_windows(ids, None)) == [ids]
+    assert list(probe_windows(ids, 2, first=1))[0] == {"A": ids["A"][:2], "B": ["b0", "b1"]}  # `any`: N facts first
     assert choose_facts(ids, {"a9", "a1", "a5", "b1"}, 2) == ["a1", "a5", "b1"]
     assert choose_facts(ids, {"a9", "a1", "a5", "b1"}, None) == ["a1", "a5", "a9", "b1"]
 

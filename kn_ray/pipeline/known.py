@@ -116,14 +116,16 @@ def probe_table(specs: Sequence[PromptSpec], probes: Sequence, rule: KnownRule) 
 
 
 # ---- choosing what to attribute ----------------------------------------------------------------
-def probe_windows(fact_ids: dict[str, list[str]], limit: int | None) -> Iterator[dict[str, list[str]]]:
+def probe_windows(fact_ids: dict[str, list[str]], limit: int | None,
+                  first: int = FIRST_WINDOW) -> Iterator[dict[str, list[str]]]:
     """Per relation, the facts to probe next: every fact at once without a limit, else the first
-    FIRST_WINDOW x N facts, then windows twice as large, until the caller stops asking (enough
-    known facts) or the relation runs out. Deterministic: input order only."""
+    `first` x N facts (1 x N under `any`, where every fact counts), then windows twice as large,
+    until the caller stops asking (enough known facts) or the relation runs out. Deterministic:
+    input order only."""
     if limit is None:
         yield fact_ids
         return
-    start, size = 0, FIRST_WINDOW * limit
+    start, size = 0, first * limit
     while any(start < len(ids) for ids in fact_ids.values()):
         yield {rel: ids[start:start + size] for rel, ids in fact_ids.items() if start < len(ids)}
         start, size = start + size, size * 2

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from .known import PROBE, PROBE_SHARD, known_facts, probe_windows
+from .known import FIRST_WINDOW, PROBE, PROBE_SHARD, known_facts, probe_windows
 from .layout import PROBE_GROUP
 from .options import RunOptions
 from .plan import Shard, plan_shards
@@ -62,7 +62,7 @@ def run_probe(run: RunDirectory, run_hash: str, options: RunOptions, specs: list
     limit, min_known = options.filters.max_facts_per_relation, options.probe.min_known_prompts
     result = ProbeResult(PROBE.empty_table())
     size = PROBE_SHARD  # not --shard-size: a probe shard costs about 1/40 of an attribution shard
-    windows = probe_windows(order, limit)
+    windows = probe_windows(order, limit, 1 if options.probe.rule.kind == "any" else FIRST_WINDOW)
     enough: set[str] = set()  # relations with `limit` known facts
     for window in windows:
         todo = [s for rel, ids in window.items() if rel not in enough for f in ids for s in by_fact[f]]
