@@ -43,9 +43,12 @@ def float64(model):
 
 
 def reference_ig(model64, family, tokenizer, prompt, target, layer, alphas, weights, masked, modules=FFN_OUT,
-                 post_norm="live"):
+                 post_norm=None):
     """(scores [neurons], P(x), P(layer zeroed)) for one prompt and layer; `post_norm="frozen"`:
-    the post-FFN norm (POST_FFN_NORM) at the target divides by the clean run's RMS."""
+    the post-FFN norm (POST_FFN_NORM) at the target divides by the clean run's RMS. None: the
+    engine's default, frozen for the families in POST_FFN_NORM, live for the rest."""
+    if post_norm is None:
+        post_norm = "frozen" if family in POST_FFN_NORM else "live"
     if masked:
         ids = tokenizer(prompt.replace("[MASK]", tokenizer.mask_token))["input_ids"]
         target_pos = ids.index(tokenizer.mask_token_id)

@@ -408,7 +408,7 @@ def test_destructive_edits_and_too_few_units_are_shown_as_such(tmp_path):
     criteria = criteria_summary(metrics).drop(columns="too_few")  # as an edits.json from before `too_few`
     run.write_summary("edit", {"runs": {"update": {"settings": {"destructive_ppl_ratio": 10.0}}},
                                "criteria": criteria.astype(object).where(criteria.notna(), None).to_dict("records")})
-    client = TestClient(create_app(str(out), refresh=0), raise_server_exceptions=False)
+    client = TestClient(create_app(str(out), refresh=0), raise_server_exceptions=False, base_url=LOCAL)
     overview = client.get("/").text
     table = re.search(r'<table id="destructive">(.*?)</table>', overview, re.S)[1]
     assert re.search(r"<td class=\"l\">update</td><td class=\"l\">kn</td><td>3</td><td>1</td><td>0.333</td>"
@@ -430,7 +430,7 @@ def probed(tmp_path_factory):
 
 def test_known_shares_per_relation_and_usable_prompts_by_the_aggregation_rule(probed):
     prompts = _read(probed, "prompts")
-    client = TestClient(create_app(str(probed), refresh=0), raise_server_exceptions=False)
+    client = TestClient(create_app(str(probed), refresh=0), raise_server_exceptions=False, base_url=LOCAL)
     q = RunQueries(RunDirectory(probed))
     try:
         frame = q.relations(Listing()).set_index("relation")
@@ -457,7 +457,7 @@ def test_fact_page_shows_known_prompts_consistency_and_edits_before_neurons(prob
     unknown = set(prompts[prompts.known.eq(False) & prompts.status.eq("ok")].fact_id)
     fact_id = sorted(set(edits[edits.op == "suppress"].fact_id.dropna()) & set(consistency.fact_id) & unknown)[0]
     row = consistency[(consistency.fact_id == fact_id) & (consistency.method == "ig")].iloc[0]
-    client = TestClient(create_app(str(probed), refresh=0), raise_server_exceptions=False)
+    client = TestClient(create_app(str(probed), refresh=0), raise_server_exceptions=False, base_url=LOCAL)
     page = client.get(fact_url(fact_id)).text
     assert f"of its {row.n_prompts} usable prompts ({row.n_pairs} pairs" in page
     assert re.search(rf"Consistency: <b>{row.jaccard:.3g}", page)
@@ -474,7 +474,7 @@ def test_neuron_page_shows_the_level(probed):
     shared = _read(probed, "shared_neurons")
     generic = shared[shared.level == "generic"].sort_values(["n_facts", "layer", "neuron"], ascending=[False, True, True])
     top = generic.iloc[0]
-    client = TestClient(create_app(str(probed), refresh=0), raise_server_exceptions=False)
+    client = TestClient(create_app(str(probed), refresh=0), raise_server_exceptions=False, base_url=LOCAL)
     page = client.get(f"/neuron/{top.layer}/{top.neuron}").text
     assert re.search(rf'<span class="tag[^"]*">generic</span> knowledge neuron of {top.n_facts} facts in '
                      rf'{top.n_relations} relations', page)

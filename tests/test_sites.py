@@ -66,6 +66,6 @@ def test_head_scores_match_float64_reference(family, tmp_path):
         assert res.ok and res.site == "attn.hook_z" and res.scores.shape == (3, heads)
         for layer in range(3):
             units, _, p_zero = reference_ig(model64, family, tok, prompt, target, layer, alphas, weights,
-                                            family in MASKED, modules=ATTN_OUT)
+                                            family in MASKED, modules=ATTN_OUT, post_norm="live")  # heads: no frozen norm
             assert rel_err(res.scores[layer], units.reshape(heads, -1).sum(-1)) <= 1e-4
             assert res.baseline_prob[layer] == pytest.approx(p_zero, rel=1e-4)
