@@ -88,3 +88,26 @@ def test_circuit_tables_equal_the_engine_and_resume(world, ray_local, tmp_path):
 
     again = run_pipeline(options(world, out), progress=False)  # every shard is committed: nothing recomputed
     assert again.ok and again.resumed == first.shards and again.written == 0
+
+
+def test_a_run_whose_prompts_are_all_skipped_ends_with_the_reasons(world, ray_local, tmp_path, capsys):
+    """Ready prompts (a JSONL `prompts` list) have no template to corrupt: every prompt is skipped,
+    and the run ends with the reason, no traceback from the empty tables."""
+    import json
+
+    from kn_ray.interfaces.jobs import run_and_summarise
+
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("\n".join(json.dumps(dict(id=f"f{i}", relation="P17", subject=s, object=o, prompts=[f"{s} is in"]))
+                               for i, (s, o) in enumerate([("Paris", "France"), ("Rome", "Italy")])) + "\n")
+    out = tmp_path / "out"
+    opts = options(world, out)
+    opts = RunOptions(opts.placement, facts=str(facts), output=str(out), probe=EVERY_PROMPT,
+                      resources=Resources(workers=1), mode="circuits", n_steps=2, rule="gausslegendre",
+                      top_edges=15, faithfulness_random=1, shard_size=5)
+    assert run_and_summarise(opts, progress=False) == 0
+    printed = capsys.readouterr()
+    assert "Traceback" not in printed.out + printed.err
+    assert "2 skipped" in printed.out and "circuits need a template to corrupt" in printed.out
+    rows = RunDirectory(out).read("prompts").to_pandas()
+    assert (rows.status == "skipped").all()

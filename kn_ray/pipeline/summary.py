@@ -88,6 +88,8 @@ def top_edges_text(store: RunDirectory, n_facts: int = 3, k: int = 5) -> str:
     faith = store.read("faithfulness").to_pandas()
     prompts = store.read("prompts", ["prompt_id", "subject", "object", "gold_prob"]).to_pandas()
     faith = faith.merge(prompts, on="prompt_id").sort_values(["gold_prob", "prompt_id"], ascending=[False, True]).head(n_facts)
+    if faith.empty:  # every prompt skipped or failed: the reasons say why (an `in` filter on [] cannot bind)
+        return ""
     edges = store.read("edges", filters=[("prompt_id", "in", list(faith.prompt_id)), ("rank", "<", k)]).to_pandas()
     blocks = ["top edges (largest |EAP-IG score|):"]
     for row in faith.itertuples():
