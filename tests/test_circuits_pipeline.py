@@ -111,3 +111,44 @@ def test_a_run_whose_prompts_are_all_skipped_ends_with_the_reasons(world, ray_lo
     assert "2 skipped" in printed.out and "circuits need a template to corrupt" in printed.out
     rows = RunDirectory(out).read("prompts").to_pandas()
     assert (rows.status == "skipped").all()
+
+
+def _spec(pid, prompt, obj, corrupt=()):
+    from kn_ray.pipeline.prompts import PromptSpec
+
+    return PromptSpec(pid, pid, "P17", "s", obj, "[X] is in [Y] .", prompt, " " + obj, corrupt=tuple(corrupt))
+
+
+def test_logit_diff_partners_have_another_first_target_token():
+    """choose_partner: as many tokens, and (given first_token) another first object token; the
+    reason says which check failed."""
+    from kn_ray.pipeline.corrupt import NO_OTHER_FIRST_TOKEN, NO_SAME_LENGTH, choose_partner, partner_target
+
+    length = lambda p: len(p.split())  # noqa: E731
+    first = lambda prompt, target: target.split()[0]  # noqa: E731
+    spec = _spec("a", "paris is in", "paris", [("b", "lyon is in", "paris france"), ("c", "nice is in", "rome"),
+                                               ("d", "new york is in", "usa")])
+    assert choose_partner(spec, length) == (spec.corrupt[0], None)  # logprob: only the length counts
+    assert choose_partner(spec, length, first) == (spec.corrupt[1], None)
+    assert partner_target(spec, spec.corrupt[1]) == " rome"
+    shared = _spec("a", "paris is in", "paris", spec.corrupt[:1] + spec.corrupt[2:])
+    assert choose_partner(shared, length, first) == (None, NO_OTHER_FIRST_TOKEN)
+    assert choose_partner(_spec("a", "paris is in", "paris", spec.corrupt[2:]), length, first) == (None, NO_SAME_LENGTH)
+
+
+def test_the_worker_skips_a_logit_diff_prompt_whose_partners_share_its_first_token(world):
+    from kn_ray.pipeline.corrupt import NO_OTHER_FIRST_TOKEN
+    from kn_ray.pipeline.worker import ShardComputer
+
+    worker = ShardComputer(Placement(str(world["llama"]), precision="fp32"), threads=1)
+    p = "Canada is located in"
+    specs = [_spec("a", p, "Germany", [("b", "Germany is located in", "Germany Canada")]),
+             _spec("c", p, "Germany", [("b", "Germany is located in", "Germany Canada"),
+                                       ("d", "Germany is located in", "Canada")])]
+    tables = worker.compute(0, specs, 2, "gausslegendre", keep=None, mode="circuits", metric="logit_diff",
+                            top_edges=3, faithfulness_random=0).tables
+    rows = tables["prompts"].to_pandas().set_index("prompt_id")
+    assert rows.loc["a", "status"] == "skipped" and rows.loc["a", "error"] == NO_OTHER_FIRST_TOKEN
+    assert rows.loc["c", "status"] == "ok"
+    faith = tables["faithfulness"].to_pandas()
+    assert list(faith.corrupted_prompt_id) == ["d"] and (faith.clean_metric != faith.corrupted_metric).all()

@@ -199,6 +199,9 @@ class EdgeAttributor(ModelRunner):
                     raise SkipPrompt(f"corrupted prompt is {len(enc_c.prompt_ids)} tokens, the clean one "
                                      f"{len(enc.prompt_ids)}: positions must match")
                 other = self.encode(c, corrupted_targets[i]).object_ids[0] if metric == "logit_diff" else 0
+                if metric == "logit_diff" and other == enc.object_ids[0]:
+                    raise SkipPrompt(f"the corrupted object {corrupted_targets[i].strip()!r} starts with the gold's first "
+                                     "token: logit_diff would be 0 (choose a partner whose object starts otherwise)")
                 ready.append((i, (enc, enc_c, other)))
             except SkipPrompt as skip:
                 skipped[i] = str(skip)
