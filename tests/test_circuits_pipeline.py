@@ -14,7 +14,7 @@ from kn_ray.pipeline.driver import run_pipeline
 from kn_ray.pipeline.facts import read_facts
 from kn_ray.pipeline.options import Resources, RunOptions
 from kn_ray.pipeline.prompts import build_prompts
-from kn_ray.pipeline.summary import top_edges_text
+from kn_ray.pipeline.summary import residuals_text, top_edges_text
 from kn_ray.stages.aggregate import AggregateParams, aggregate
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.placement import Placement
@@ -83,6 +83,8 @@ def test_circuit_tables_equal_the_engine_and_resume(world, ray_local, tmp_path):
     assert len(want) and summary["counts"]["relation_circuit_edges"] == len(shared) == len(want)
     assert set(zip(shared.relation, shared.sender, shared.receiver)) == set(zip(want.relation, want.sender, want.receiver))
 
+    assert residuals_text(store, share=1e9) == ""
+    assert residuals_text(store, share=0.0).count("WARNING") == 2  # both residuals, read from the run's rows
     text = top_edges_text(store, n_facts=2, k=3)
     assert text.startswith("top edges") and text.count("->") >= 2 * 4 and "faithfulness with 1% of edges" in text
 
@@ -152,3 +154,60 @@ def test_the_worker_skips_a_logit_diff_prompt_whose_partners_share_its_first_tok
     assert rows.loc["c", "status"] == "ok"
     faith = tables["faithfulness"].to_pandas()
     assert list(faith.corrupted_prompt_id) == ["d"] and (faith.clean_metric != faith.corrupted_metric).all()
+
+
+def _cli_options(*flags):
+    from kn_ray.interfaces.cli import build_parser
+    from kn_ray.interfaces.commands.attribute import spec_from_args
+    from kn_ray.interfaces.jobs import options_from_spec
+
+    args = build_parser().parse_args(["attribute", "--model", "m", "--facts", "f.jsonl", "--output", "out", *flags])
+    return options_from_spec(spec_from_args(args))
+
+
+def test_circuits_defaults_are_the_engines_fp32_and_gauss_legendre():
+    """The CLI's circuits run computes as EdgeAttributor's defaults do: n_steps auto = the engine's
+    fixed rule, a fixed --n-steps without --rule is Gauss-Legendre (the engine's rule, not the
+    neurons' left Riemann sum), precision auto = fp32 unless the weights are half."""
+    import inspect
+
+    from kn_ray.choices import CIRCUIT_RULE, CIRCUIT_STEPS
+
+    engine = inspect.signature(EdgeAttributor.attribute_edges).parameters
+    assert (engine["n_steps"].default, engine["rule"].default) == (CIRCUIT_STEPS, CIRCUIT_RULE) == (5, "gausslegendre")
+    default = _cli_options("--mode", "circuits")
+    assert (default.n_steps, default.rule, default.placement.precision) == ("auto", CIRCUIT_RULE, "fp32")
+    fixed = _cli_options("--mode", "circuits", "--n-steps", "8")
+    assert (fixed.n_steps, fixed.rule) == (8, CIRCUIT_RULE)
+    assert _cli_options("--mode", "circuits", "--n-steps", "8", "--rule", "left").rule == "left"  # asked for
+    assert _cli_options("--mode", "circuits", "--precision", "bf16").placement.precision == "bf16"
+    half = _cli_options("--mode", "circuits", "--dtype", "bf16").placement
+    assert (half.dtype, half.precision) == ("bf16", "auto")  # half weights compute in their dtype
+    neurons = _cli_options()  # unchanged: left rule (with 20 steps the paper's), precision auto
+    assert (neurons.n_steps, neurons.rule, neurons.placement.precision) == ("auto", "left", "auto")
+
+
+def test_edge_attributor_computes_in_fp32_unless_asked(world):
+    import torch
+
+    lm = load_model(str(world["llama"]), device="cpu")
+    assert EdgeAttributor(lm).precision == "fp32"
+    if torch.backends.mkldnn.is_available():
+        assert EdgeAttributor(lm, precision="bf16").precision == "bf16"
+
+
+def test_the_summary_warns_where_a_residual_exceeds_its_share_of_the_change(tmp_path):
+    """5% of |dM| by default, per prompt counts, the worst share; a prompt with no change and
+    a residual counts too; nothing is printed where every residual is small."""
+    from kn_ray.pipeline.summary import residual_warnings
+
+    rows = pd.DataFrame(dict(clean_metric=[0.0, 0.0, 1.0, 2.0], corrupted_metric=[-3.2, -1.0, 1.0, 0.0],
+                             completeness=[0.5, 1e-6, 0.0, 1e-6], input_residual=[0.01, 0.2, 0.1, 0.0]))
+    completeness, residual = residual_warnings(rows).splitlines()
+    assert completeness.startswith("WARNING     completeness above 5% of |M(clean) - M(corrupted)| in 1 of 4 prompts "
+                                   "(worst 16%)")
+    assert "input_residual above 5% of |M(clean) - M(corrupted)| in 2 of 4 prompts (worst 20%; 1 with no change" \
+        in residual and "--n-steps" in residual
+    assert residual_warnings(rows.iloc[[3]]) == ""
+    assert residual_warnings(rows.iloc[[0]].assign(completeness=0.11)) == ""  # 3.4% of 3.2
+    assert "in 1 of 1 prompts (worst 3%)" in residual_warnings(rows.iloc[[0]].assign(completeness=0.11), share=0.02)

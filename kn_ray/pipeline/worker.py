@@ -58,6 +58,7 @@ class ShardComputer:
         self.lm = lm
         self.dtype = dtype_name(lm.dtype)  # the weights, as loaded: fp32 | bf16 | fp16
         self.attributor = Attributor(lm, precision=placement.precision, max_batch_prompts=placement.batch_cap)
+        self.asked_precision = placement.precision  # circuits read `auto` their own way (fp32 on fp32 weights)
         self.edges = None  # EdgeAttributor, made on the first circuits shard
         self.prober = None  # Prober, made on the first probe shard
 
@@ -119,7 +120,7 @@ class ShardComputer:
         from kn_ray.engine.faithfulness import faithfulness_curve
 
         if self.edges is None:
-            self.edges = EdgeAttributor(self.lm, precision=self.attributor.precision,
+            self.edges = EdgeAttributor(self.lm, precision=self.asked_precision,
                                         max_batch_prompts=self.attributor.max_batch_prompts)
         eap, tok = self.edges, self.lm.tokenizer
         results: list = [None] * len(specs)
