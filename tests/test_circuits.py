@@ -122,3 +122,14 @@ def test_faithfulness_curve_keeps_the_top_edges_and_random_ones_of_the_same_size
     again = faithfulness_curve(eap, res, fractions=(0.05, 0.5, 1.0), n_random=2, seed=1)
     np.testing.assert_array_equal(again.random, curve.random)  # seeded
     np.testing.assert_allclose(eap.faithfulness(res, mask[None]), curve.circuit[:1], atol=1e-6)
+
+
+def test_logit_diff_against_an_object_with_the_same_first_token_is_skipped(tmp_path):
+    """" san francisco" against " san" (or " paris" against " paris france"): the metric would be
+    exactly 0 and every edge 0; the engine skips the prompt with the reason instead."""
+    model, tok = tiny_model("llama", tmp_path)
+    eap = EdgeAttributor(model, tok, precision="fp32")
+    same, other = eap.attribute_edges(PROMPTS[1:3], TARGETS[1:3], CORRUPTED[1:3], corrupted_targets=[" san", " france"],
+                                      n_steps=2, metric="logit_diff")
+    assert same.status == "skipped" and "starts with the gold's first token" in same.reason
+    assert other.ok and other.change != 0

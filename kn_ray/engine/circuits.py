@@ -43,6 +43,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kn_ray.choices import CIRCUIT_RULE, CIRCUIT_STEPS  # the default rule (n_steps="auto" means it too)
+
 from .adapters import attention_shape
 from .encoding import Batch, SkipPrompt
 from .graph import Graph
@@ -53,7 +55,6 @@ from .receivers import record_senders, require_circuits, split_receivers
 from .model_runner import ModelRunner, batches, describe, is_oom
 
 METRICS = ("logprob", "logit_diff")
-CIRCUIT_STEPS, CIRCUIT_RULE = 5, "gausslegendre"  # the default rule (n_steps="auto" means it too)
 
 
 @dataclass
@@ -129,8 +130,12 @@ class EdgeAttributor(ModelRunner):
     >>> res.top_edges(eap.graph, 10)
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, precision: str = "auto", **kwargs):
+        # precision auto: fp32 (edge scores are differences of near-equal gradients; bf16 autocast grows
+        # the completeness residual ~4 orders of magnitude), unless the weights are half precision
+        if precision == "auto" and _weights_dtype(args[0]) == torch.float32:
+            precision = "fp32"
+        super().__init__(*args, precision=precision, **kwargs)
         layout = require_circuits(self.model, self.adapter)
         if self.adapter.masked:
             raise ValueError("circuits are for causal LMs")
@@ -199,6 +204,9 @@ class EdgeAttributor(ModelRunner):
                     raise SkipPrompt(f"corrupted prompt is {len(enc_c.prompt_ids)} tokens, the clean one "
                                      f"{len(enc.prompt_ids)}: positions must match")
                 other = self.encode(c, corrupted_targets[i]).object_ids[0] if metric == "logit_diff" else 0
+                if metric == "logit_diff" and other == enc.object_ids[0]:
+                    raise SkipPrompt(f"the corrupted object {corrupted_targets[i].strip()!r} starts with the gold's first "
+                                     "token: logit_diff would be 0 (choose a partner whose object starts otherwise)")
                 ready.append((i, (enc, enc_c, other)))
             except SkipPrompt as skip:
                 skipped[i] = str(skip)
@@ -426,3 +434,8 @@ def _batches(ready, size):
     by_index = dict(ready)
     for chunk in batches(keyed, size):
         yield [(i, by_index[i]) for i, _ in chunk]
+
+
+def _weights_dtype(model) -> torch.dtype:
+    module = getattr(model, "model", model)  # a LoadedModel or the module itself
+    return next(module.parameters()).dtype

@@ -72,7 +72,8 @@ def resolve_facts(facts: str) -> str:
 def run_and_summarise(options: RunOptions, *, progress: bool = True) -> int:
     """Run, print the summary, skip/error reasons and top neurons; 0 if every shard finished, else 1."""
     from kn_ray.pipeline.driver import run_pipeline
-    from kn_ray.pipeline.summary import probe_text, reasons_text, summary_text, top_edges_text, top_neurons_text
+    from kn_ray.pipeline.summary import (probe_text, reasons_text, residuals_text, summary_text, top_edges_text,
+                                         top_neurons_text)
     from kn_ray.pipeline.rundir import RunDirectory
 
     summary = run_pipeline(options, progress=progress)
@@ -81,6 +82,8 @@ def run_and_summarise(options: RunOptions, *, progress: bool = True) -> int:
     texts = [summary_text(summary), probe_text(store)]
     if not options.probe.probe_only:
         texts += [reasons_text(store), top(store, options.summary_facts)]
+        if options.mode == "circuits":
+            texts.append(residuals_text(store))
     for text in texts:
         if text:
             print(text + "\n", flush=True)

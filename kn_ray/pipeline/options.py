@@ -8,9 +8,9 @@ flag and job-spec key and section. `kn-ray attribute`'s flags and the job-spec s
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
-from kn_ray.choices import (AUTO, N_STEPS, NOISE, NOISED_WEIGHTS, POST_NORM, POST_NORMS, RULE, RULES, STDEVS, TOLERANCE,
+from kn_ray.choices import (AUTO, CIRCUIT_RULE, N_STEPS, NOISE, NOISED_WEIGHTS, POST_NORM, POST_NORMS, RULE, RULES, STDEVS, TOLERANCE,
                             WEIGHT_STDEVS)
 from kn_ray.fields import check_choices, int_or_auto, option
 from kn_ray.placement import Placement
@@ -89,7 +89,8 @@ class RunOptions:
     n_steps: int | str = option(N_STEPS, "integration steps, or auto (adaptive until the scores converge, see "
                                          "--tolerance; circuits: their own fixed rule)", section="attribution",
                                 type=int_or_auto)
-    rule: str = option(RULE, "quadrature rule of a fixed --n-steps (left with 20 steps: the paper's)", choices=RULES,
+    rule: str | None = option(None, "quadrature rule of a fixed --n-steps (default: left, with 20 steps the paper's; "
+                                    "circuits: gausslegendre)", choices=RULES,
                        section="attribution",
                        aliases=("--method",))
     tolerance: float = option(TOLERANCE, "--n-steps auto: each layer's estimated relative score error <= T, and its "
@@ -119,6 +120,16 @@ class RunOptions:
     shard_size: int | None = option(None, "prompts per shard (default: about 64 shards of 32 to 64 prompts)", group="workers")
     resources: Resources = option(factory=Resources, section="workers")
     summary_facts: int = option(3, "facts whose top neurons the end-of-run summary prints", aliases=("--report-facts",))
+
+    def __post_init__(self):
+        """The mode's defaults: the rule (left for neurons, Gauss-Legendre for circuits, as the
+        engines' own) and, for circuits, fp32 compute where the precision is auto and the weights
+        are not asked to be half (`choices.CIRCUIT_RULE`)."""
+        if self.rule is None:
+            object.__setattr__(self, "rule", CIRCUIT_RULE if self.mode == "circuits" else RULE)
+        p = self.placement
+        if self.mode == "circuits" and isinstance(p, Placement) and p.precision == AUTO and p.dtype not in ("bf16", "fp16"):
+            object.__setattr__(self, "placement", replace(p, precision="fp32"))
 
     def check(self) -> "RunOptions":
         check_choices(self)  # rule, noise, noised_weights, mode, metric, the keep policy's and placement's

@@ -80,6 +80,45 @@ def top_neurons_text(store: RunDirectory, n_facts: int = 3, k: int = 5) -> str:
     return "\n\n".join(["top neurons (kept in most of the fact's prompts, then by mean score):"] + blocks)
 
 
+def residuals_text(store: RunDirectory, share: float | None = None) -> str:
+    """A circuits run: `residual_warnings` over its `faithfulness` rows."""
+    if not store.parts("faithfulness"):
+        return ""
+    return residual_warnings(store.read("faithfulness", list(RESIDUALS) + ["clean_metric", "corrupted_metric"]).to_pandas(),
+                             share)
+
+
+RESIDUALS = dict(completeness="compute in fp32 (--precision fp32), or more --n-steps",
+                 input_residual="more --n-steps (e.g. --n-steps 12 --rule gausslegendre)")
+
+
+def residual_warnings(rows: pd.DataFrame, share: float | None = None) -> str:
+    """A warning per residual (`completeness`, `input_residual`) above `share` (default
+    `choices.RESIDUAL_SHARE`) of |M(clean) - M(corrupted)| in any prompt: how many prompts, the
+    worst share, what to change (docs/circuits.md, "Reading the residuals"). A residual where the
+    metric did not change at all counts as above."""
+    from kn_ray.choices import RESIDUAL_SHARE
+
+    share = RESIDUAL_SHARE if share is None else share
+    if rows.empty:
+        return ""
+    change = (rows["clean_metric"].astype("float64") - rows["corrupted_metric"].astype("float64")).abs().to_numpy()
+    lines = []
+    for name, fix in RESIDUALS.items():
+        residual = rows[name].astype("float64").fillna(0.0).to_numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(change > 0, residual / change, np.where(residual > 0, np.inf, 0.0))
+        bad = ratio > share
+        if bad.any():
+            finite = ratio[bad & np.isfinite(ratio)]
+            worst = f"worst {finite.max():.0%}" if len(finite) else "none with a finite share"
+            still = int((~np.isfinite(ratio)).sum())
+            worst += f"; {still} with no change of the metric" if still else ""
+            lines.append(f"WARNING     {name} above {share:.0%} of |M(clean) - M(corrupted)| in {int(bad.sum())} of "
+                         f"{len(rows)} prompts ({worst}): the edge scores do not add up to the change; {fix}")
+    return "\n".join(lines)
+
+
 def top_edges_text(store: RunDirectory, n_facts: int = 3, k: int = 5) -> str:
     """A circuits run: the k top edges and the faithfulness at 1% of edges of the n facts the model
     knows best."""
@@ -88,6 +127,8 @@ def top_edges_text(store: RunDirectory, n_facts: int = 3, k: int = 5) -> str:
     faith = store.read("faithfulness").to_pandas()
     prompts = store.read("prompts", ["prompt_id", "subject", "object", "gold_prob"]).to_pandas()
     faith = faith.merge(prompts, on="prompt_id").sort_values(["gold_prob", "prompt_id"], ascending=[False, True]).head(n_facts)
+    if faith.empty:  # every prompt skipped or failed: the reasons say why (an `in` filter on [] cannot bind)
+        return ""
     edges = store.read("edges", filters=[("prompt_id", "in", list(faith.prompt_id)), ("rank", "<", k)]).to_pandas()
     blocks = ["top edges (largest |EAP-IG score|):"]
     for row in faith.itertuples():

@@ -17,7 +17,7 @@ from kn_ray.placement import Placement
 
 from . import faults
 from .circuit_tables import circuit_tables
-from .corrupt import NO_SAME_LENGTH, choose_partner
+from .corrupt import choose_partner, partner_target
 from .options import KeepPolicy
 from .prompts import PromptSpec
 from .commit import Commits, Part
@@ -58,6 +58,7 @@ class ShardComputer:
         self.lm = lm
         self.dtype = dtype_name(lm.dtype)  # the weights, as loaded: fp32 | bf16 | fp16
         self.attributor = Attributor(lm, precision=placement.precision, max_batch_prompts=placement.batch_cap)
+        self.asked_precision = placement.precision  # circuits read `auto` their own way (fp32 on fp32 weights)
         self.edges = None  # EdgeAttributor, made on the first circuits shard
         self.prober = None  # Prober, made on the first probe shard
 
@@ -119,18 +120,19 @@ class ShardComputer:
         from kn_ray.engine.faithfulness import faithfulness_curve
 
         if self.edges is None:
-            self.edges = EdgeAttributor(self.lm, precision=self.attributor.precision,
+            self.edges = EdgeAttributor(self.lm, precision=self.asked_precision,
                                         max_batch_prompts=self.attributor.max_batch_prompts)
         eap, tok = self.edges, self.lm.tokenizer
         results: list = [None] * len(specs)
         todo = []
+        first = self._first_token if metric == "logit_diff" else None
         for i, spec in enumerate(specs):
             if spec.status is None:
-                partner = choose_partner(spec, lambda p: len(tok(p)["input_ids"]))
+                partner, reason = choose_partner(spec, lambda p: len(tok(p)["input_ids"]), first)
                 if partner is None:
-                    results[i] = (EdgeAttribution(spec.prompt, spec.target, "", status="skipped", reason=NO_SAME_LENGTH), None, None)
+                    results[i] = (EdgeAttribution(spec.prompt, spec.target, "", status="skipped", reason=reason), None, None)
                 else:
-                    todo.append((i, partner, spec.target[: len(spec.target) - len(spec.target.lstrip())] + partner[2]))
+                    todo.append((i, partner, partner_target(spec, partner)))
         computed = eap.attribute_edges([specs[i].prompt for i, _, _ in todo], [specs[i].target for i, _, _ in todo],
                                        [p[1] for _, p, _ in todo], corrupted_targets=[t for _, _, t in todo],
                                        n_steps=n_steps, rule=rule, metric=metric) if todo else []
@@ -139,3 +141,12 @@ class ShardComputer:
                 if res.ok and faithfulness_random else None
             results[i] = (res, partner, curve)
         return circuit_tables(specs, results, eap.graph, top_edges)
+
+    def _first_token(self, prompt: str, target: str) -> int | None:
+        """The first token of `target` after `prompt`, as the engine encodes it (None: unencodable)."""
+        from kn_ray.engine.encoding import SkipPrompt
+
+        try:
+            return self.edges.encode(prompt, target).object_ids[0]
+        except SkipPrompt:
+            return None
