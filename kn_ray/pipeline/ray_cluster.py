@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 
 import ray
 
 from .options import Resources
-from .ray_env import forwarded
+from .ray_env import forwarded, start_timeout
 
 MAX_CPU_GROUP = 8  # CPUs per default CPU actor: torch threads scale to about that many on one model
 
@@ -31,12 +32,45 @@ def connected(min_cpus: float = 0):
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus)), include_dashboard=False,
-                 **kwargs)
+        with start_window(start_timeout()):
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus)), include_dashboard=False,
+                     **kwargs)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def start_window(seconds: float | None):
+    """A local Ray started in the block may take `seconds` (None: Ray's own 30 s) to register its
+    node. Ray's `Node` polls `services.get_node` until its raylet has registered, giving up after
+    a fixed 30 s; here each poll retries until `seconds` after the first, so a raylet slowed by
+    a loaded machine has that long. The longer of the two windows applies."""
+    from ray._private import services
+
+    original = getattr(services, "get_node", None)
+    if seconds is None or original is None:  # unset, or a Ray without the hook: Ray's window
+        yield
+        return
+    deadline: list[float] = []
+
+    def get_node(*args, **kwargs):
+        if not deadline:
+            deadline.append(time.monotonic() + seconds)
+        while True:
+            try:
+                return original(*args, **kwargs)
+            except RuntimeError:  # not registered yet
+                if time.monotonic() >= deadline[0]:
+                    raise
+                time.sleep(0.5)
+
+    services.get_node = get_node
+    try:
+        yield
+    finally:
+        services.get_node = original
 
 
 def single_node() -> bool:
