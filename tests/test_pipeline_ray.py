@@ -290,3 +290,43 @@ def test_shards_fill_the_actors_and_a_resume_elsewhere_plans_the_same(world, ray
     assert again.ok and again.shards == first.shards and again.resumed == first.shards and again.written == 0
     replan = RunDirectory(out).summary("probe")["attribution_plan"]
     assert replan["fingerprint"] == plan["fingerprint"] and replan["chosen_by"] == "recorded"
+
+
+def test_ray_start_window_is_configurable(monkeypatch):
+    """$KN_RAY_START_TIMEOUT lengthens the wait for a local Ray's raylet (Ray's own is a fixed
+    30 s, in `Node.__init__`, polling `services.get_node`); unset, nothing changes."""
+    import inspect
+
+    import ray._private.node
+    from ray._private import services
+
+    from kn_ray.pipeline import ray_cluster, ray_env
+
+    source = inspect.getsource(ray._private.node.Node.__init__)
+    assert "services.get_node(" in source and "raylet_start_wait_time_s = 30" in source  # the hook is still there
+    polls = []
+
+    def slow(gcs_address, node_id):  # the raylet registers on the third poll
+        polls.append(node_id)
+        if len(polls) < 3:
+            raise RuntimeError("not registered yet")
+        return {"node_id": node_id}
+
+    monkeypatch.setattr(services, "get_node", slow)
+    monkeypatch.setattr(ray_cluster, "START_POLL", 0.0)
+    with ray_cluster.start_window(60.0):
+        assert services.get_node("gcs", "n1") == {"node_id": "n1"} and len(polls) == 3
+    assert services.get_node is slow
+    polls.clear()
+    with ray_cluster.start_window(1e-6), pytest.raises(RuntimeError, match="not registered"):
+        services.get_node("gcs", "n1")  # past the window: Ray's own error path
+    with ray_cluster.start_window(None):
+        assert services.get_node is slow
+    monkeypatch.delenv(ray_env.START_TIMEOUT, raising=False)
+    assert ray_env.start_timeout() is None
+    monkeypatch.setenv(ray_env.START_TIMEOUT, "120")
+    assert ray_env.start_timeout() == 120.0
+    for bad in ("soon", "0"):
+        monkeypatch.setenv(ray_env.START_TIMEOUT, bad)
+        with pytest.raises(ValueError, match=ray_env.START_TIMEOUT):
+            ray_env.start_timeout()

@@ -91,7 +91,7 @@ class Dispatcher:
         """Count a failed attempt (the actor's call died or its result was rejected; `lease`: the
         pool's `(actor, generation)` of the call, None for a rejected result): requeue the task,
         or fail it after `max_attempts`."""
-        if self.pool.lost(error):
+        if self.pool.died(error):
             self.result.actors_lost += self.pool.failed(lease)
         elif lease is not None:
             self.pool.release(lease)

@@ -9,7 +9,7 @@ retries and resume are one code path whichever executes:
     submit(worker, method, *args)  one call, as a handle for `wait` and `get`
     wait(handles, timeout)         the handles that finished (at most one)
     get(handle)                    its value, or raises one of `task_errors`
-    lost(error) / describe(error)  did the worker die with it; the error in one line
+    died(error) / describe(error)  did the worker die with it; the error in one line
     pings, answer(ref)             workers being health-checked (Ray only; empty locally)
 
 The local executor is for machines where Ray cannot start or should not (a load so high that
@@ -101,7 +101,7 @@ class LocalPool:
     def release(self, lease) -> None:
         self._busy -= 1
 
-    def failed(self, lease) -> bool:  # never called: `lost` is always False
+    def failed(self, lease) -> bool:  # never called: `died` is always False
         self.release(lease)
         return False
 
@@ -123,7 +123,7 @@ class LocalPool:
             raise handle.error
         return handle.value
 
-    def lost(self, error: BaseException) -> bool:
+    def died(self, error: BaseException) -> bool:
         return False
 
     def describe(self, error: BaseException) -> str:

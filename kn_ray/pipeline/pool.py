@@ -127,7 +127,7 @@ class ActorPool:
     def get(self, ref):
         return ray.get(ref)
 
-    def lost(self, error: BaseException) -> bool:
+    def died(self, error: BaseException) -> bool:
         """The call died with its actor (a crash, a lost node)."""
         return isinstance(error, RayActorError)
 

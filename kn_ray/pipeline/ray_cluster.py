@@ -18,6 +18,7 @@ import ray
 from .options import Resources
 from .ray_env import forwarded, start_timeout
 
+START_POLL = 0.5  # seconds between polls for a starting raylet (`start_window`)
 MAX_CPU_GROUP = 8  # CPUs per default CPU actor: torch threads scale to about that many on one model
 
 @contextlib.contextmanager
@@ -64,7 +65,7 @@ def start_window(seconds: float | None):
             except RuntimeError:  # not registered yet
                 if time.monotonic() >= deadline[0]:
                     raise
-                time.sleep(0.5)
+                time.sleep(START_POLL)
 
     services.get_node = get_node
     try:
