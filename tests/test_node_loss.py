@@ -287,7 +287,7 @@ def test_summary_counts_read_in_the_singular_for_one():
 
     one = SimpleNamespace(output="out", counts={"ok": 1}, workers="1 actor x 1 CPU", shards=1, written=1, resumed=0,
                           failed={}, retries=1, actors_lost=1, actors_back=1, seconds=1.0, prompts_computed=1,
-                          dispatch_seconds=1.0, throughput=1.0)
+                          dispatch_seconds=1.0, throughput=1.0, probe={})
     text = summary_text(one)
     assert "(1 retry, 1 worker lost, 1 back)" in text and "; 1 prompt in" in text
     text = summary_text(SimpleNamespace(**{**vars(one), "retries": 2, "actors_lost": 0, "prompts_computed": 2}))

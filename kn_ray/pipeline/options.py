@@ -118,7 +118,7 @@ class RunOptions:
     faithfulness_random: int = option(3, "circuits: random circuits per size on the faithfulness curve (0: no curve)",
                                       section="attribution")
     keep: KeepPolicy = option(factory=KeepPolicy, section="keep")
-    shard_size: int | None = option(None, "prompts per shard (default: about 64 shards of 32 to 64 prompts)", group="workers")
+    shard_size: int | None = option(None, "prompts per shard (default: sized to the input and the actors, 8 to 64; recorded in probe.json and reused on resume)", group="workers")
     resources: Resources = option(factory=Resources, section="workers")
     summary_facts: int = option(3, "facts whose top neurons the end-of-run summary prints", aliases=("--report-facts",))
 
