@@ -112,9 +112,10 @@ def test_auto_shards_hold_one_engine_batch_unless_the_actors_would_idle():
     # one actor: the size depends on the input only, as it always did
     assert [auto_shard_size(n) for n in (1, 6, 2048, 64 * 40, 10**6)] == [32, 32, 32, 40, 64]
     assert all(auto_shard_size(n, 1) == auto_shard_size(n) for n in (1, 6, 100, 2048, 10**6))
-    # several actors and a small input: two shards each, never under MIN_AUTO_SHARD prompts
-    assert [auto_shard_size(n, 2) for n in (6, 24, 100, 128)] == [MIN_AUTO_SHARD, MIN_AUTO_SHARD, 25, 32]
-    assert auto_shard_size(100, 8) == MIN_AUTO_SHARD  # 13 shards for 8 GPU actors (the old rule: 4 of 32)
+    # several actors and a small input: one shard each, never under MIN_AUTO_SHARD prompts
+    assert [auto_shard_size(n, 2) for n in (6, 24, 100, 128)] == [MIN_AUTO_SHARD, 12, 32, 32]
+    assert auto_shard_size(100, 8) == 13  # 8 shards for 8 GPU actors (the input-only rule: 4 of 32)
+    assert auto_shard_size(20, 8) == MIN_AUTO_SHARD
     # a big cluster: at least two shards per actor, each of at least one engine batch
     assert auto_shard_size(4096, 50) == 32 and 4096 // 32 >= 2 * 50
     assert auto_shard_size(10**6, 50) == 64

@@ -103,8 +103,7 @@ def cpu_group(workers: int | None = None, cluster_cpus: float = 1) -> int:
     """The default CPUs of a CPU actor: the smallest node's CPUs, in groups of at most MAX_CPU_GROUP
     (with a number of `workers`, also at most their share of the cluster's CPUs).
     One multi-threaded actor per group holds one copy of the model instead of one per core, and
-    uses every core of a small run, whose few shards (>= 32 prompts each) would leave
-    single-threaded actors idle; on runs of many shards of a small model, one single-threaded
+    uses every core of a small run even with one shard; on runs of many shards of a small model, one single-threaded
     actor per core can be faster (BENCHMARKS.md, "The CPU default plan": SmolLM2, 88% of it)."""
     nodes = [node.get("Resources", {}).get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
     smallest = int(min((n for n in nodes if n >= 1), default=1))
