@@ -104,9 +104,18 @@ def test_every_bad_record_is_a_row_with_its_reason(tmp_path):
     assert [p.prompt_id for p in again] == [p.prompt_id for p in prompts]
 
 
-def test_auto_shards_hold_at_least_one_engine_batch_whatever_the_input():
+def test_auto_shards_hold_one_engine_batch_unless_the_actors_would_idle():
     from kn_ray.engine.model_runner import CPU_BATCH_PROMPTS
-    from kn_ray.pipeline.plan import MIN_AUTO_SHARD, auto_shard_size
+    from kn_ray.pipeline.plan import BATCH_SHARD, MIN_AUTO_SHARD, auto_shard_size
 
-    assert MIN_AUTO_SHARD == CPU_BATCH_PROMPTS  # a small run's prompts share the engine's passes
+    assert BATCH_SHARD == CPU_BATCH_PROMPTS  # a run's prompts share the engine's passes
+    # one actor: the size depends on the input only, as it always did
     assert [auto_shard_size(n) for n in (1, 6, 2048, 64 * 40, 10**6)] == [32, 32, 32, 40, 64]
+    assert all(auto_shard_size(n, 1) == auto_shard_size(n) for n in (1, 6, 100, 2048, 10**6))
+    # several actors and a small input: one shard each, never under MIN_AUTO_SHARD prompts
+    assert [auto_shard_size(n, 2) for n in (6, 24, 100, 128)] == [MIN_AUTO_SHARD, 12, 32, 32]
+    assert auto_shard_size(100, 8) == 13  # 8 shards for 8 GPU actors (the input-only rule: 4 of 32)
+    assert auto_shard_size(20, 8) == MIN_AUTO_SHARD
+    # a big cluster: at least two shards per actor, each of at least one engine batch
+    assert auto_shard_size(4096, 50) == 32 and 4096 // 32 >= 2 * 50
+    assert auto_shard_size(10**6, 50) == 64

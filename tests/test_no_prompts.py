@@ -44,7 +44,7 @@ def test_attribute_and_run_with_no_facts_say_so_before_ray_starts(empty_facts, t
 def test_a_causal_lm_without_usable_templates_has_no_prompts_and_says_why():
     facts = FactSet([Fact("f1", "P19", "Dante", "Florence", templates=("[Y] is where [X] was born .",))])
     built = build_prompts(facts, masked=False)
-    with pytest.raises(ValueError, match=r"no prompts for gpt2: every one of its 1 templates puts \[Y\] before"):
+    with pytest.raises(ValueError, match=r"no prompts for gpt2: its one template puts \[Y\] before"):
         built.require("facts.jsonl", "gpt2")
     assert build_prompts(facts, masked=True).require("facts.jsonl", "bert").prompts
 

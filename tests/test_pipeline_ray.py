@@ -226,3 +226,107 @@ def test_auto_steps_reach_the_engine_through_ray(world, ray_local, tmp_path):
     for spec, res in zip(specs, direct):
         assert list(prompts.loc[spec.prompt_id, "evaluations"]) == res.evaluations.tolist()
         assert_same_numbers(prompts.loc[spec.prompt_id, "max_score"], res.max_score, what="max_score")
+
+
+# ---- --executor local: the same run without Ray ------------------------------------------------
+def local(world, out: Path, **kw) -> RunOptions:
+    return options(world, out, res=dict(executor="local", **kw.pop("res", {})), **kw)
+
+
+@pytest.mark.numerics
+def test_local_executor_gives_the_tables_of_a_ray_run(world, reference, tmp_path):
+    summary = run_pipeline(local(world, tmp_path / "local"), progress=False)
+    assert summary.ok and "local worker" in summary.workers
+    ray_run = RunDirectory(reference)
+    assert summary.shards == ray_run.summary("probe")["attribution_plan"]["shards"]
+    assert RunDirectory(tmp_path / "local").summary("probe")["attribution_plan"]["fingerprint"] == \
+        ray_run.summary("probe")["attribution_plan"]["fingerprint"]
+    assert_each_prompt_once(tmp_path / "local", planned_ids(world))
+    assert_same_results(reference, tmp_path / "local")
+
+
+def test_local_executor_retries_then_resumes(world, reference, tmp_path, monkeypatch):
+    """A shard failing every attempt fails the run (the others committed); a re-run computes
+    only that one, like a Ray run's resume."""
+    monkeypatch.setenv(FAULTS, "fail_shard=1")
+    summary = run_pipeline(local(world, tmp_path / "out", res=dict(max_attempts=2)), progress=False)
+    assert list(summary.failed) == ["part-00001"] and summary.retries == 1
+    assert "failed 2 attempts; last: RuntimeError: injected failure of task 1" in summary.failed["part-00001"]
+    monkeypatch.delenv(FAULTS)
+    again = run_pipeline(local(world, tmp_path / "out", res=dict(max_attempts=2)), progress=False)
+    assert again.ok and again.written == 1 and again.resumed == again.shards - 1
+    assert_same_results(reference, tmp_path / "out")
+
+
+def test_local_executor_never_imports_ray(world, tmp_path):
+    """`kn-ray attribute --executor local` end to end in a fresh process: no Ray module loaded."""
+    script = ("import sys; from kn_ray.interfaces.cli import main; "
+              f"rc = main(['attribute', '--executor', 'local', '--model', {str(world['bert'])!r}, "
+              f"'--facts', {str(world['data'])!r}, '--output', {str(tmp_path / 'out')!r}, '--n-steps', '2', "
+              f"'--max-templates', '1', '--precision', 'fp32', '--no-progress', '--known', 'any']); "
+              "assert rc == 0, rc; assert 'ray' not in sys.modules, 'ray imported'")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert RunDirectory(tmp_path / "out").read("prompts", ["status"]).num_rows == 12  # 3 relations x 4 facts x 1
+
+
+# ---- shards sized to the pool -----------------------------------------------------------------
+def test_shards_fill_the_actors_and_a_resume_elsewhere_plans_the_same(world, ray_local, tmp_path):
+    """24 prompts on 2 actors: several shards (one engine batch, the size before the actor count
+    counted, made one); the size is recorded, and a resume with another actor count (here: the
+    local executor's one) plans the same shards and computes nothing."""
+    from kn_ray.pipeline.facts import Filters
+    from kn_ray.pipeline.plan import auto_shard_size
+
+    out, few = tmp_path / "out", dict(shard_size=None, filters=Filters(max_templates=2))
+    assert auto_shard_size(24) == 32  # one actor: a single shard
+    first = run_pipeline(options(world, out, workers=2, **few), progress=False)
+    plan = RunDirectory(out).summary("probe")["attribution_plan"]
+    assert first.ok and first.shards >= 2 and plan["prompts"] == 24
+    assert plan["shard_size"] == auto_shard_size(24, 2) and plan["chosen_by"] == "auto" and plan["actors"] == 2
+    again = run_pipeline(local(world, out, **few), progress=False)
+    assert again.ok and again.shards == first.shards and again.resumed == first.shards and again.written == 0
+    replan = RunDirectory(out).summary("probe")["attribution_plan"]
+    assert replan["fingerprint"] == plan["fingerprint"] and replan["chosen_by"] == "recorded"
+
+
+def test_ray_start_window_is_configurable(monkeypatch):
+    """$KN_RAY_START_TIMEOUT lengthens the wait for a local Ray's raylet (Ray's own is a fixed
+    30 s, in `Node.__init__`, polling `services.get_node`); unset, nothing changes."""
+    import inspect
+
+    import ray._private.node
+    from ray._private import services
+
+    from kn_ray.pipeline import ray_cluster, ray_env
+
+    source = inspect.getsource(ray._private.node.Node.__init__)
+    assert "services.get_node(" in source and "raylet_start_wait_time_s = 30" in source  # the hook is still there
+    polls = []
+
+    def slow(gcs_address, node_id):  # the raylet registers on the third poll
+        polls.append(node_id)
+        if len(polls) < 3:
+            raise RuntimeError("not registered yet")
+        return {"node_id": node_id}
+
+    monkeypatch.setattr(services, "get_node", slow)
+    monkeypatch.setattr(ray_cluster, "START_POLL", 0.0)
+    with ray_cluster.start_window(60.0):
+        assert services.get_node("gcs", "n1") == {"node_id": "n1"} and len(polls) == 3
+    assert services.get_node is slow
+    polls.clear()
+    with ray_cluster.start_window(1e-6), pytest.raises(RuntimeError, match="not registered"):
+        services.get_node("gcs", "n1")  # past the window: Ray's own error path
+    with ray_cluster.start_window(None):
+        assert services.get_node is slow
+    monkeypatch.delenv(ray_env.START_TIMEOUT, raising=False)
+    assert ray_env.start_timeout() is None
+    monkeypatch.setenv(ray_env.START_TIMEOUT, "120")
+    assert ray_env.start_timeout() == 120.0
+    for bad in ("soon", "0"):
+        monkeypatch.setenv(ray_env.START_TIMEOUT, bad)
+        with pytest.raises(ValueError, match=ray_env.START_TIMEOUT):
+            ray_env.start_timeout()

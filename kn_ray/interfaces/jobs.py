@@ -72,8 +72,8 @@ def resolve_facts(facts: str) -> str:
 def run_and_summarise(options: RunOptions, *, progress: bool = True) -> int:
     """Run, print the summary, skip/error reasons and top neurons; 0 if every shard finished, else 1."""
     from kn_ray.pipeline.driver import run_pipeline
-    from kn_ray.pipeline.summary import (probe_text, reasons_text, residuals_text, summary_text, top_edges_text,
-                                         top_neurons_text)
+    from kn_ray.pipeline.summary import (plural, probe_text, reasons_text, residuals_text, summary_text,
+                                         top_edges_text, top_neurons_text)
     from kn_ray.pipeline.rundir import RunDirectory
 
     summary = run_pipeline(options, progress=progress)
@@ -88,5 +88,5 @@ def run_and_summarise(options: RunOptions, *, progress: bool = True) -> int:
         if text:
             print(text + "\n", flush=True)
     if not summary.ok:
-        print(f"kn-ray: {len(summary.failed)} shard(s) failed; re-run the same command to retry them", flush=True)
+        print(f"kn-ray: {plural(len(summary.failed), 'shard')} failed; re-run the same command to retry them", flush=True)
     return 0 if summary.ok else 1

@@ -14,9 +14,10 @@ rundir   the run directory: run.json, tables and summaries, by the catalogue's n
 worker   computing one shard with the engine (no Ray)
 ray_env  the environment of the Ray processes (loopback-only local Ray, variables for the actors)
 ray_cluster  joining or starting Ray; actors sized to the cluster
-pool     the actor pool (also `kn-ray edit`'s): health pings, tasks in flight; open_pool
-dispatch tasks fed to the pool, driver-side retries; run_tasks
+executor where tasks run: Ray actors (pool) or one worker in this process (--executor local)
+pool     the Ray actor pool (also `kn-ray edit`'s): health pings, tasks in flight; open_pool
+dispatch tasks fed to either pool, driver-side retries; run_tasks
 execute  attribution shards on the pool, committed by the driver
-         (ray_cluster, pool, dispatch and execute import Ray)
+         (ray_cluster and pool import Ray; executor, dispatch and execute do not)
 driver   one run end to end; summary: the end-of-run text; faults: test hooks
 """

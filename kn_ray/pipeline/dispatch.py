@@ -3,6 +3,9 @@
 attempts: after `max_attempts` failures the task is marked failed. When no actor is left, the
 driver waits `restart_wait` seconds for one to come back, then fails the remaining tasks: a
 lost node never hangs a run.
+
+The pool is either executor (`executor`: Ray actors, or one local worker); this module imports
+no Ray.
 """
 
 from __future__ import annotations
@@ -10,11 +13,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-import ray
-from ray.exceptions import RayActorError, RayError
-
+from .executor import ActorSpec, open_executor
 from .options import Resources
-from .pool import ActorPool, ActorSpec, open_pool, short_error
 
 
 class TasksFailed(RuntimeError):
@@ -35,11 +35,11 @@ class Dispatcher:
     """Feeds tasks to the pool and yields what comes back; resubmits what fails, to any live
     actor, up to `max_attempts` attempts per task.
 
-    `call(actor, task) -> (ObjectRef, context)` submits one attempt; `results(tasks)` yields
+    `call(actor, task) -> (handle, context)` submits one attempt (`pool.submit`); `results(tasks)` yields
     (task, value, context) per success. A consumer that rejects a value (a commit that fails)
     calls `retry(task, None, error)`; one attempt per task is ever in flight."""
 
-    def __init__(self, pool: ActorPool, call, *, max_attempts: int, key=lambda task: task.name, size=len,
+    def __init__(self, pool, call, *, max_attempts: int, key=lambda task: task.name, size=len,
                  progress=None):
         self.pool, self.call, self.max_attempts, self.key, self.size = pool, call, max_attempts, key, size
         self.progress = progress
@@ -57,8 +57,7 @@ class Dispatcher:
                 pending[ref] = (task, lease, context)
             # nothing in flight: only lost actors coming back could take the queue; wait for them, bounded
             waiting = list(pending) + list(self.pool.pings)
-            ready = ray.wait(waiting, num_returns=1, timeout=None if pending else self.pool.restart_wait)[0] \
-                if waiting else []
+            ready = self.pool.wait(waiting, timeout=None if pending else self.pool.restart_wait) if waiting else []
             if not ready:
                 self.fail_queue(f"no worker came back within {self.pool.restart_wait:g} s" if waiting
                                 else "no live workers left")
@@ -70,8 +69,8 @@ class Dispatcher:
                 continue
             task, lease, context = pending.pop(ref)
             try:
-                value = ray.get(ref)
-            except RayError as error:
+                value = self.pool.get(ref)
+            except self.pool.task_errors as error:
                 self.retry(task, lease, error)
                 continue
             self.pool.release(lease)
@@ -92,14 +91,14 @@ class Dispatcher:
         """Count a failed attempt (the actor's call died or its result was rejected; `lease`: the
         pool's `(actor, generation)` of the call, None for a rejected result): requeue the task,
         or fail it after `max_attempts`."""
-        if isinstance(error, RayActorError):
+        if self.pool.died(error):
             self.result.actors_lost += self.pool.failed(lease)
         elif lease is not None:
             self.pool.release(lease)
         key = self.key(task)
         n = self.attempts[key] = self.attempts.get(key, 0) + 1
         if n >= self.max_attempts:
-            self.result.failed[key] = f"failed {n} attempts; last: {short_error(error)}"
+            self.result.failed[key] = f"failed {n} attempts; last: {self.pool.describe(error)}"
             self._advance(task)
         else:
             self.result.retries += 1
@@ -113,11 +112,11 @@ class Dispatcher:
 def run_tasks(spec: ActorSpec, res: Resources, tasks, *, method: str = "run", key=lambda task: task.name,
               size=lambda task: 1):
     """Yield (task, result) of `<actor>.<method>(task)` over a pool of `spec`'s actors, as they
-    finish; raises TasksFailed at the end if a task failed on every attempt. Starts a local Ray
-    (or joins $RAY_ADDRESS) if none is running."""
-    with open_pool(spec, res) as pool:
+    finish; raises TasksFailed at the end if a task failed on every attempt. On Ray (a local one
+    started, or $RAY_ADDRESS joined, if none is running), or `res.executor == "local"`: here."""
+    with open_executor(spec, res) as pool:
         pool.model_info()
-        dispatcher = Dispatcher(pool, lambda actor, task: (getattr(actor, method).remote(task), None),
+        dispatcher = Dispatcher(pool, lambda actor, task: (pool.submit(actor, method, task), None),
                                 max_attempts=res.max_attempts, key=key, size=size)
         for task, value, _ in dispatcher.results(list(tasks)):
             dispatcher.succeeded(task)

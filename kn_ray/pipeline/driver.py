@@ -1,7 +1,8 @@
 """One attribution run end to end: facts -> plan -> run.json -> shards on Ray -> summary.
 
-Ray is imported only when the run starts (`ray_env.prepare`, then `pool`, `execute`), so
-facts, plans and the run directory stay usable without it. Re-running the same command
+Ray is imported only when the run starts (`executor.open_executor`: `ray_env.prepare`, then
+`pool`), so facts, plans and the run directory stay usable without it; with `--executor local`
+it is never imported (the shards run in this process, through the same dispatch and commits). Re-running the same command
 resumes: shards whose files are whole are skipped; a different configuration against the same
 output directory is refused. `--facts` and `--output` may be URIs (`uris.filesystem`); facts on
 an object store are copied to a temporary local directory first.
@@ -18,7 +19,6 @@ from pathlib import Path
 
 from kn_ray import __version__
 
-from . import ray_env
 from .facts import FactSet, detect_format, read_facts
 from .known import choose_facts, known_facts, relation_summary, with_probe
 from .options import RunOptions
@@ -28,7 +28,7 @@ from .probe_stage import ProbeResult, fact_order, run_probe
 from .prompts import PromptSet, PromptSpec, build_prompts
 from .record import RunRecord
 from .rundir import RunDirectory
-from .uris import is_local, local_copy, public_uri
+from .uris import local_copy, public_uri
 
 
 @dataclass
@@ -125,13 +125,11 @@ def run_pipeline(options: RunOptions, *, progress: bool = True) -> RunSummary:
     run = RunDirectory(options.output)
     run.refuse_conflict(option_identity(options, fmt))  # before any model loads
 
-    ray_env.prepare()  # before Ray is imported
     from .dispatch import DispatchResult
     from .execute import attribution_actors, run_shards
-    from .pool import open_pool
-    from .ray_cluster import single_node
+    from .executor import open_executor
 
-    with open_pool(attribution_actors(options), options.resources) as pool:
+    with open_executor(attribution_actors(options), options.resources) as pool:
         if progress:
             print(f"workers     {pool.plan}", file=sys.stderr, flush=True)
         info = pool.model_info()
@@ -140,7 +138,7 @@ def run_pipeline(options: RunOptions, *, progress: bool = True) -> RunSummary:
         if options.mode == "circuits" and info["masked"]:
             raise ValueError("--mode circuits needs a causal LM (EAP-IG over pre-LN blocks)")
         record = run.open_run(run_record(options, fmt, info, prompts))
-        workers_write = not is_local(options.output) or single_node()
+        workers_write = pool.shared_output(options.output)
         metadata = file_metadata(record)
 
         def dispatch(shards: list[Shard], desc: str, **kind):
@@ -159,8 +157,10 @@ def run_pipeline(options: RunOptions, *, progress: bool = True) -> RunSummary:
         else:
             if options.mode == "circuits":
                 selected = with_candidates(selected)
-            shards = plan_shards(selected, options.shard_size or auto_shard_size(len(selected)))
-        run.write_summary("probe", probe_summary(options, probe, chosen, shards))
+            size = shard_size(options, run.summary("probe"), record.config_hash, len(selected), pool.count)
+            shards = plan_shards(selected, size.value)
+        run.write_summary("probe", probe_summary(options, probe, chosen, shards,
+                                                 size if shards else None, record.config_hash))
         done = run.commits.finished([s.name for s in shards], record.config_hash)
         todo = [s for s in shards if s.name not in done]
         dispatch_start = time.perf_counter()
@@ -177,11 +177,37 @@ def run_pipeline(options: RunOptions, *, progress: bool = True) -> RunSummary:
                       probe=probe_counts(probe, chosen, len(selected) if shards else 0))
 
 
-def probe_summary(options: RunOptions, probe: ProbeResult, chosen: set[str], shards: list[Shard]) -> dict:
+@dataclass(frozen=True)
+class ShardSize:
+    value: int
+    chosen_by: str  # shard_size (the option) | auto | recorded (an earlier run's, from probe.json)
+    actors: int  # the pool's actors when the size was chosen
+
+
+def shard_size(options: RunOptions, recorded: dict | None, run_hash: str, n_prompts: int, actors: int) -> ShardSize:
+    """The attribution shards' size: --shard-size; else the size an earlier run of this run
+    recorded in probe.json (so a resume on another cluster, with another actor count, plans the
+    same shards); else `auto_shard_size` for the prompts and the pool's actors."""
+    if options.shard_size:
+        return ShardSize(options.shard_size, "shard_size", actors)
+    plan = (recorded or {}).get("attribution_plan") or {}
+    if plan.get("shards") and plan.get("config_hash") == run_hash and isinstance(plan.get("shard_size"), int):
+        return ShardSize(plan["shard_size"], "recorded", plan.get("actors", actors))
+    if plan.get("shards") and plan.get("shard_size") == "auto":
+        # recorded before the actor count counted: the size then depended on the input alone
+        return ShardSize(auto_shard_size(n_prompts), "recorded", 1)
+    return ShardSize(auto_shard_size(n_prompts, actors), "auto", actors)
+
+
+def probe_summary(options: RunOptions, probe: ProbeResult, chosen: set[str], shards: list[Shard],
+                  size: ShardSize | None = None, run_hash: str = "") -> dict:
     """probe.json: the rule, per relation what the model knows, and the attribution plan that
-    follows from it (empty for --probe-only or a failed probe)."""
+    follows from it (empty for --probe-only or a failed probe): the shard size chosen (and by
+    what; `actors`: the pool it was sized for), which a re-run of the run reuses (`shard_size`)."""
     plan = dict(shards=len(shards), prompts=sum(map(len, shards)), facts=len(chosen) if shards else 0,
-                shard_size=options.shard_size or "auto", fingerprint=fingerprint(shards))
+                shard_size=size.value if size else options.shard_size or "auto",
+                chosen_by=size.chosen_by if size else None, actors=size.actors if size else None,
+                config_hash=run_hash, fingerprint=fingerprint(shards))
     return dict(rule=str(options.probe.rule), min_known_prompts=options.probe.min_known_prompts,
                 attribute_unknown=options.probe.attribute_unknown,
                 max_facts_per_relation=options.filters.max_facts_per_relation,

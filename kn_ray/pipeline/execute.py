@@ -1,5 +1,5 @@
-"""Attribution on Ray: shards computed by a pool of `ShardComputer` actors (`pool`, fed by
-`dispatch`), written by the workers and committed by the driver.
+"""Attribution shards: computed by a pool of `ShardComputer` workers (Ray actors, or one in this
+process: `executor`; fed by `dispatch`), written by the workers and committed by the driver.
 
 Each attempt at a shard gets a fresh attempt id; the actor writes the shard's parts under names
 unique to that attempt straight to OUT and returns their names, row counts and sizes
@@ -20,7 +20,7 @@ from .commit import CommitError, new_attempt
 from .dispatch import Dispatcher, DispatchResult
 from .options import RunOptions
 from .plan import Shard
-from .pool import ActorPool, ActorSpec
+from .executor import ActorSpec
 from .rundir import RunDirectory
 from .neuron_tables import KINDS
 from .worker import ShardComputer, ShardOutput, ShardResult
@@ -33,7 +33,7 @@ def attribution_actors(options: RunOptions) -> ActorSpec:
     return ActorSpec(ShardComputer, (p,), gpus=p.gpus_per_worker, threads=p.threads)
 
 
-def run_shards(pool: ActorPool, shards: list[Shard], run: RunDirectory, run_hash: str, options: RunOptions,
+def run_shards(pool, shards: list[Shard], run: RunDirectory, run_hash: str, options: RunOptions,
                metadata: dict, progress=None, workers_write: bool = True, probe: bool = False) -> DispatchResult:
     """Compute `shards` and commit each: the actor writes an attempt's parts (or returns tables
     the driver writes), the driver checks them and writes the marker. Commits run on a few
@@ -48,8 +48,8 @@ def run_shards(pool: ActorPool, shards: list[Shard], run: RunDirectory, run_hash
         meta = dict(metadata, shard=shard.shard_id, attempt=attempt)
         output = ShardOutput(run.uri, shard.name, attempt, meta) if workers_write else None
         o = options
-        return actor.compute.remote(shard.shard_id, list(shard.prompts), o.n_steps, o.rule, o.keep, output,
-                                    **extra), (attempt, meta)
+        return pool.submit(actor, "compute", shard.shard_id, list(shard.prompts), o.n_steps, o.rule, o.keep, output,
+                           **extra), (attempt, meta)
 
     def commit(shard: Shard, result: ShardResult, attempt: str, meta: dict) -> None:
         parts = result.parts if result.parts is not None else \

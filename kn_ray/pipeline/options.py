@@ -37,9 +37,12 @@ class KeepPolicy:
                 raise ValueError(f"keep {name} must be in [0, 1], got {getattr(self, name)}")
 
 
+EXECUTORS = ("ray", "local")  # executor.open_executor
+
+
 @dataclass(frozen=True)
 class Resources:
-    """Actors: one per `Placement.gpus_per_worker` GPUs when the cluster has GPUs (unless that is
+    """Where shards run (`executor`: Ray actors, or one worker in the driver's process). Actors: one per `Placement.gpus_per_worker` GPUs when the cluster has GPUs (unless that is
     0), else CPU actors of `cpus_per_worker` logical CPUs each (default: a node's CPUs in groups
     of at most 8, one multi-threaded actor per group), by default as many as the cluster's CPUs hold."""
 
@@ -51,11 +54,17 @@ class Resources:
     in_flight: int = option(2, "shards queued per actor, so it never waits for the driver")
     max_attempts: int = option(3, "attempts per shard before it is failed")
     max_restarts: int = option(4, "Ray restarts of a crashed actor (reloads the model; -1: unlimited)")
+    executor: str = option("ray", "ray: a pool of Ray actors ($RAY_ADDRESS, or a local Ray); local: one worker in "
+                                  "this process, no Ray (same plan, commits and resume; for machines where Ray "
+                                  "will not start, docs/pipeline.md)", choices=EXECUTORS)
     restart_wait: float = option(1800.0, "seconds to wait for a lost actor to come back (on a node that replaces "
                                          "its own, reloading the model) when no other actor is left; then the "
                                          "remaining shards fail")
 
     def check(self) -> None:
+        check_choices(self)
+        if self.executor == "local" and (self.workers or 1) > 1:
+            raise ValueError(f"--executor local runs one worker, got workers={self.workers}")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
@@ -117,7 +126,7 @@ class RunOptions:
     faithfulness_random: int = option(3, "circuits: random circuits per size on the faithfulness curve (0: no curve)",
                                       section="attribution")
     keep: KeepPolicy = option(factory=KeepPolicy, section="keep")
-    shard_size: int | None = option(None, "prompts per shard (default: about 64 shards of 32 to 64 prompts)", group="workers")
+    shard_size: int | None = option(None, "prompts per shard (default: sized to the input and the actors, 8 to 64; recorded in probe.json and reused on resume)", group="workers")
     resources: Resources = option(factory=Resources, section="workers")
     summary_facts: int = option(3, "facts whose top neurons the end-of-run summary prints", aliases=("--report-facts",))
 

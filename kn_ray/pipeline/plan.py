@@ -30,15 +30,29 @@ class Shard:
 
 MAX_AUTO_SHARD = 64  # prompts; a shard is also the unit of retry
 MIN_AUTO_SHARDS = 64  # enough shards that every actor of a mid-size cluster gets work
-MIN_AUTO_SHARD = 32  # prompts: one CPU engine batch (engine.model_runner.CPU_BATCH_PROMPTS), whose rows share each pass
+SHARDS_PER_ACTOR = 4  # a big cluster: about this many shards per actor, while they hold an engine batch
+BATCH_SHARD = 32  # prompts: one CPU engine batch (engine.model_runner.CPU_BATCH_PROMPTS), whose rows share each pass
+MIN_AUTO_SHARD = 8  # prompts: the floor; an engine call's fixed cost is then ~40% of a shard on a CPU
 
 
-def auto_shard_size(n_prompts: int) -> int:
-    """The default shard size: about n/64 prompts so that there are about 64 shards for the
-    actors to share, but at least one engine batch (a smaller shard pays the per-pass costs of a
-    batch for fewer prompts) and at most 64. It depends on the input only, so a re-run on another
-    cluster plans the same shards."""
-    return max(MIN_AUTO_SHARD, min(MAX_AUTO_SHARD, -(-n_prompts // MIN_AUTO_SHARDS)))
+def auto_shard_size(n_prompts: int, actors: int = 1) -> int:
+    """The default shard size, for `n_prompts` on a pool of `actors`.
+
+    Input for at least two full engine batches per actor (or one actor): about
+    max(64, 4 x actors) shards, of one engine batch (32 prompts, whose rows share every pass) to
+    64 prompts, so at least two per actor. A smaller input gets one shard per actor, of at least
+    8 prompts: an idle actor costs the run a whole shard's time, a smaller shard only one engine
+    call's fixed cost; two or more per actor would buy no balancing (each actor is handed
+    `in_flight` = 2 shards at once) and cost that fixed cost again per shard (BENCHMARKS.md,
+    "Shard size and the actors"). One actor gets the sizes the input alone gave before.
+
+    The size depends on the actor count, so the driver records the size it chose in probe.json
+    (`attribution_plan`) and a re-run reuses it: a resume on another cluster plans the same shards."""
+    actors = max(1, actors)
+    if n_prompts >= 2 * BATCH_SHARD * actors or actors == 1:
+        target = max(MIN_AUTO_SHARDS, SHARDS_PER_ACTOR * actors)
+        return max(BATCH_SHARD, min(MAX_AUTO_SHARD, -(-n_prompts // target)))
+    return max(MIN_AUTO_SHARD, min(BATCH_SHARD, -(-n_prompts // actors)))
 
 
 def plan_shards(prompts: list[PromptSpec], shard_size: int, *, first_id: int = 0, group: str | None = None) -> list[Shard]:

@@ -10,36 +10,22 @@ permanently dead one is dropped. Work is fed to the pool by `dispatch.Dispatcher
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-
 import ray
-from ray.exceptions import RayError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 
+from .executor import ActorSpec, ModelLoadError  # noqa: F401 (ActorSpec: imported from here by callers)
 from .options import Resources
-from .ray_cluster import actor_resources, connected, describe_plan
+from .ray_cluster import actor_resources, connected, describe_plan, single_node
+from .uris import is_local
 
 SAME_MODEL = ("revision", "precision", "dtype")  # what every actor's `info()` must agree on
 
 
-class ModelLoadError(ValueError):
-    """No worker could load the model (a wrong name or path, usually)."""
-
-
-@dataclass(frozen=True)
-class ActorSpec:
-    """The actors of a pool: `actor_class(*args, threads=N, **kwargs)` with N torch threads
-    (`threads`, else its logical CPUs on CPU actors, None on GPU actors), `gpus` each
-    (`Placement.gpus_per_worker` and `.threads`)."""
-
-    actor_class: type
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
-    gpus: float | None = None
-    threads: int | None = None
-
-
 class ActorPool:
-    """The actors, their tasks in flight, and which are waiting on a health ping."""
+    """The actors, their tasks in flight, and which are waiting on a health ping; the Ray
+    executor of `executor` (its calls: submit, wait, get, lost, describe)."""
+
+    task_errors = (RayError,)
 
     def __init__(self, spec: ActorSpec, res: Resources):
         count, opts = actor_resources(res, spec.gpus)
@@ -126,6 +112,32 @@ class ActorPool:
     def drop(self, actor) -> None:
         self._load.pop(actor, None)
         ray.kill(actor, no_restart=True)
+
+    @property
+    def count(self) -> int:
+        """The actors the pool started (the plan's size, lost ones included)."""
+        return len(self.actors)
+
+    def submit(self, actor, method: str, *args, **kwargs):
+        return getattr(actor, method).remote(*args, **kwargs)
+
+    def wait(self, refs, timeout=None) -> list:
+        return ray.wait(list(refs), num_returns=1, timeout=timeout)[0]
+
+    def get(self, ref):
+        return ray.get(ref)
+
+    def died(self, error: BaseException) -> bool:
+        """The call died with its actor (a crash, a lost node)."""
+        return isinstance(error, RayActorError)
+
+    def describe(self, error: BaseException) -> str:
+        return short_error(error)
+
+    def shared_output(self, uri: str) -> bool:
+        """Whether the actors can write to `uri` (else they return tables for the driver to
+        write): a URI, or a local OUT with every actor on the driver's machine."""
+        return not is_local(uri) or single_node()
 
     def shutdown(self) -> None:
         for actor in self.actors:

@@ -51,7 +51,8 @@ class PromptSet:
         """Self, or a ValueError saying why `where` gives `model` no prompt."""
         if self.prompts:
             return self
-        raise ValueError(f"{where}: no prompts for {model}: every one of its {self.dropped_templates} templates puts "
+        raise ValueError(f"{where}: no prompts for {model}: "
+                         f"{'its one template puts' if self.dropped_templates == 1 else f'every one of its {self.dropped_templates} templates puts'} "
                          f"{OBJECT} before the end of the sentence, which a causal LM cannot predict; give templates "
                          f"ending in {OBJECT} (or '{OBJECT}.'), or a masked LM")
 

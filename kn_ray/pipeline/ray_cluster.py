@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 
 import ray
 
 from .options import Resources
-from .ray_env import forwarded
+from .ray_env import forwarded, start_timeout
 
+START_POLL = 0.5  # seconds between polls for a starting raylet (`start_window`)
 MAX_CPU_GROUP = 8  # CPUs per default CPU actor: torch threads scale to about that many on one model
 
 @contextlib.contextmanager
@@ -31,12 +33,45 @@ def connected(min_cpus: float = 0):
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus)), include_dashboard=False,
-                 **kwargs)
+        with start_window(start_timeout()):
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(min_cpus)), include_dashboard=False,
+                     **kwargs)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def start_window(seconds: float | None):
+    """A local Ray started in the block may take `seconds` (None: Ray's own 30 s) to register its
+    node. Ray's `Node` polls `services.get_node` until its raylet has registered, giving up after
+    a fixed 30 s; here each poll retries until `seconds` after the first, so a raylet slowed by
+    a loaded machine has that long. The longer of the two windows applies."""
+    from ray._private import services
+
+    original = getattr(services, "get_node", None)
+    if seconds is None or original is None:  # unset, or a Ray without the hook: Ray's window
+        yield
+        return
+    deadline: list[float] = []
+
+    def get_node(*args, **kwargs):
+        if not deadline:
+            deadline.append(time.monotonic() + seconds)
+        while True:
+            try:
+                return original(*args, **kwargs)
+            except RuntimeError:  # not registered yet
+                if time.monotonic() >= deadline[0]:
+                    raise
+                time.sleep(START_POLL)
+
+    services.get_node = get_node
+    try:
+        yield
+    finally:
+        services.get_node = original
 
 
 def single_node() -> bool:
@@ -68,8 +103,7 @@ def cpu_group(workers: int | None = None, cluster_cpus: float = 1) -> int:
     """The default CPUs of a CPU actor: the smallest node's CPUs, in groups of at most MAX_CPU_GROUP
     (with a number of `workers`, also at most their share of the cluster's CPUs).
     One multi-threaded actor per group holds one copy of the model instead of one per core, and
-    uses every core of a small run, whose few shards (>= 32 prompts each) would leave
-    single-threaded actors idle; on runs of many shards of a small model, one single-threaded
+    uses every core of a small run even with one shard; on runs of many shards of a small model, one single-threaded
     actor per core can be faster (BENCHMARKS.md, "The CPU default plan": SmolLM2, 88% of it)."""
     nodes = [node.get("Resources", {}).get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
     smallest = int(min((n for n in nodes if n >= 1), default=1))

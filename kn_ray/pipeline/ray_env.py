@@ -10,6 +10,11 @@ It also sets `RAY_AUTH_MODE=token` (unless the user set it): the local Ray keeps
 authentication (its token in ~/.ray/auth_token, made on first use), which Ray would turn on by
 default anyway but with a warning on every run. Loopback alone does not keep other users of a
 shared machine out; the token does. Ray is quiet when the mode is set explicitly.
+
+`KN_RAY_START_TIMEOUT` (seconds; `START_TIMEOUT`): how long a local Ray that kn-ray starts may
+take to register its node. Ray waits a fixed 30 s for its raylet (not configurable in Ray 2.x),
+too short on a machine loaded far beyond its cores; unset, Ray's 30 s stand
+(`ray_cluster.start_window`). `--executor local` needs no Ray at all.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from . import faults
 
 LOOPBACK_ONLY = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 TOKEN_AUTH = ("RAY_AUTH_MODE", "token")
+START_TIMEOUT = "KN_RAY_START_TIMEOUT"
 NO_PROGRESS_BARS = "HF_HUB_DISABLE_PROGRESS_BARS"  # huggingface_hub's and transformers' bars ("Loading weights")
 
 # Forwarded to the actors, so they reach the output filesystem as the driver does (Ray's
@@ -35,6 +41,20 @@ def prepare() -> None:
     if not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault(*LOOPBACK_ONLY)
         os.environ.setdefault(*TOKEN_AUTH)
+
+
+def start_timeout() -> float | None:
+    """$KN_RAY_START_TIMEOUT in seconds, or None (unset or empty: Ray's own 30 s)."""
+    text = os.environ.get(START_TIMEOUT, "").strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ValueError(f"${START_TIMEOUT} must be a number of seconds, got {text!r}") from None
+    if not seconds > 0:
+        raise ValueError(f"${START_TIMEOUT} must be > 0, got {text!r}")
+    return seconds
 
 
 def no_progress_bars() -> None:

@@ -22,7 +22,7 @@ def summary_text(summary) -> str:
     c = summary.counts
     lines = [
         f"output      {summary.output}",
-        f"prompts     {sum(c.values())}: {c.get('ok', 0)} done, {c.get('skipped', 0)} skipped, {c.get('error', 0)} errors",
+        f"prompts     {sum(c.values())}: {c.get('ok', 0)} done, {c.get('skipped', 0)} skipped, {plural(c.get('error', 0), 'error')}",
         f"workers     {summary.workers}",
         f"shards      {summary.shards}: {summary.written} written now, {summary.resumed} already done, "
         f"{len(summary.failed)} failed ({plural(summary.retries, 'retry', 'retries')}, "
@@ -34,8 +34,8 @@ def summary_text(summary) -> str:
     p = summary.probe
     if p:
         share = p["known"] / p["prompts"] if p["prompts"] else 0.0
-        lines.insert(1, f"probe       {p['prompts']} prompts probed ({p['prompts_computed']} now, {p['seconds']:.1f} s): "
-                        f"{p['known']} known ({share:.0%}); {p['facts_chosen']} facts chosen")
+        lines.insert(1, f"probe       {plural(p['prompts'], 'prompt')} probed ({p['prompts_computed']} now, {p['seconds']:.1f} s): "
+                        f"{p['known']} known ({share:.0%}); {plural(p['facts_chosen'], 'fact')} chosen")
         if not p["facts_chosen"] and p["prompts"]:
             lines.insert(2, "NOTHING     the model knows none of these facts under the run's --known rule: nothing "
                             "was attributed (see `probe/`; --known any attributes every prompt, as the paper did)")
@@ -143,7 +143,7 @@ def top_edges_text(store: RunDirectory, n_facts: int = 3, k: int = 5) -> str:
 
 
 def _fact_block(fact, neurons: pd.DataFrame, k: int) -> str:
-    head = f"{fact.subject} -> {fact.object}  [{fact.relation}]  mean P(object) {fact.mean:.3f} over {fact.size} prompts"
+    head = f"{fact.subject} -> {fact.object}  [{fact.relation}]  mean P(object) {fact.mean:.3f} over {plural(fact.size, 'prompt')}"
     if neurons.empty:
         return head + "\n  (no neuron kept)"
     top = (neurons.groupby(["layer", "neuron"])["score"].agg(["size", "mean"]).reset_index()

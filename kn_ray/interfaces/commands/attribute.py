@@ -1,7 +1,8 @@
 """`kn-ray attribute`: find knowledge neurons (or, with --mode circuits, circuit edges) for a fact set, sharded on Ray, into Parquet.
 
-Runs on $RAY_ADDRESS when set, else on a fresh local Ray bound to 127.0.0.1. Re-running the same
-command resumes; another configuration on the same --output is refused. The flags are
+Runs on $RAY_ADDRESS when set, else on a fresh local Ray bound to 127.0.0.1 ($KN_RAY_START_TIMEOUT:
+seconds its raylet may take to start); `--executor local` runs the shards in this process, without
+Ray. Re-running the same command resumes (with either executor); another configuration on the same --output is refused. The flags are
 RunOptions' declared options (kn_ray.pipeline.options), the same as a job spec's keys."""
 
 from __future__ import annotations

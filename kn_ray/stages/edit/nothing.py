@@ -3,6 +3,7 @@ counts and the thresholds in force (the aggregate summary), and what to change."
 
 from __future__ import annotations
 
+from kn_ray.pipeline.summary import plural
 from kn_ray.stages.edit.corpus import EditCorpus, read_parts
 from kn_ray.stages.edit.options import EditSettings
 
@@ -10,7 +11,7 @@ from kn_ray.stages.edit.options import EditSettings
 def thresholds(parameters: dict) -> str:
     """'t = 0.2, p = 0.7 and at least 3 prompts' as the aggregate summary recorded them."""
     p = "p adapted per relation" if parameters.get("adaptive") else f"p = {parameters.get('p', '?')}"
-    return f"t = {parameters.get('t', '?')}, {p} and at least {parameters.get('min_prompts', '?')} prompts"
+    return f"t = {parameters.get('t', '?')}, {p} and at least {plural(parameters.get('min_prompts', '?'), 'prompt')}"
 
 
 def nothing_to_edit(corpus: EditCorpus, op: str, settings: EditSettings) -> str:
@@ -48,17 +49,20 @@ def _reason(corpus: EditCorpus, op: str, settings: EditSettings) -> str:
     with_neurons = ig.get("facts_with_knowledge_neurons", corpus.facts_with_neurons)  # the run's, else the selection's
     if not selected and not with_neurons:
         return (f"no fact has knowledge neurons. {out.summary_location('aggregate')} counts "
-                f"{ig.get('knowledge_neurons', 0)} knowledge neurons (ig) over {counts.get('facts', '?')} facts with a "
-                f"usable prompt ({counts.get('facts_below_min_prompts', '?')} of them have fewer than the "
-                f"{parameters.get('min_prompts', '?')} prompts required) under {thresholds(parameters)}. "
+                f"{plural(ig.get('knowledge_neurons', 0), 'knowledge neuron')} (ig) over "
+                f"{plural(counts.get('facts', '?'), 'fact')} with a usable prompt "
+                f"({counts.get('facts_below_min_prompts', '?')} of them "
+                f"{'has' if counts.get('facts_below_min_prompts') == 1 else 'have'} fewer than the "
+                f"{plural(parameters.get('min_prompts', '?'), 'prompt')} required) under {thresholds(parameters)}. "
                 f"To find some, aggregate again with lower thresholds (`kn-ray aggregate {out} --t 0.1 --p 0.5 "
                 "--min-prompts 1`, or --adaptive), or attribute more prompts per fact (templates); a model with "
                 "random weights may have none.")
     if not selected:
-        return (f"none of the {len(chosen)} selected facts has knowledge neurons ({with_neurons} facts of the run "
-                "have some). Select others (--relation, --fact-id).")
+        some = f"{plural(with_neurons, 'fact')} of the run {'has' if with_neurons == 1 else 'have'} some"
+        which = "the selected fact has no" if len(chosen) == 1 else f"none of the {len(chosen)} selected facts has"
+        return f"{which} knowledge neurons ({some}). Select others (--relation, --fact-id)."
     if op == "update":
-        return (f"each of the {selected} facts with knowledge neurons lost them all to the "
+        return (f"{'the fact' if selected == 1 else f'each of the {selected} facts'} with knowledge neurons lost them all to the "
                 f"shared-neuron filter (neurons of more than {settings.shared_share} of the relation's facts), or its "
                 "relation has no other object to write. --keep-shared-neurons keeps the shared neurons.")
     if op == "erase":
@@ -66,4 +70,4 @@ def _reason(corpus: EditCorpus, op: str, settings: EditSettings) -> str:
         return (f"the selected relations have no relation neurons (knowledge neurons of at least {share} of a "
                 f"relation's facts; {out.summary_location('aggregate')} counts {ig.get('relation_neurons', 0)} in "
                 f"the run). Lower that share: `kn-ray aggregate {out} --relation-share 0.05`.")
-    return f"no work unit among the {selected} selected facts."
+    return f"no work unit among the {plural(selected, 'selected fact')}."

@@ -42,6 +42,7 @@ from starlette.templating import Jinja2Templates
 from kn_ray.choices import MEMORY_LIMIT
 from kn_ray.pipeline.layout import MARKERS, RUN_FILE, SUMMARIES
 from kn_ray.pipeline.rundir import RunDirectory
+from kn_ray.pipeline.summary import plural
 from kn_ray.stages.edit.criteria import MIN_UNITS
 from kn_ray.stages.explore.queries import MEASURES, OPS, PAGE_SIZE, VIEW_RATIO, Listing, RunQueries, overall
 from kn_ray.stages.report import figures
@@ -353,7 +354,8 @@ class Pages:
                            state)
         if state.kind == "empty":
             return problem(request, 503, "Run in progress: nothing committed yet",
-                           f"{state.message} 0 of {state.planned or '?'} shards are committed; this page shows them "
+                           f"{state.message} No shard is committed yet (of {plural(state.planned or '?', 'shard')} "
+                           "planned); this page shows them "
                            f"as they are committed (it checks every {self.explorer.refresh:g} s).", state=state)
         return None
 

@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from kn_ray.pipeline.summary import plural  # noqa: E402
 from kn_ray.stages.report.analytics import ALL  # noqa: E402
 
 METHOD_COLORS = {"ig": "#0165fc", "activation": "#9a9a9a"}
@@ -112,8 +113,8 @@ def run_statistics(stats: pd.DataFrame, reasons: pd.DataFrame, caption: str | No
     axes[0].tick_params(axis="x", rotation=90, labelsize=7)
     axes[0].legend(fontsize=8)
     total = stats[stats.relation == ALL].iloc[0]
-    axes[0].set_title(f"{int(total.prompts)} prompts: {int(total.ok)} ok, {int(total.skipped)} skipped, "
-                      f"{int(total.error)} errors; {total.ok_per_compute_second:.2f} ok prompts per compute-second",
+    axes[0].set_title(f"{plural(int(total.prompts), 'prompt')}: {int(total.ok)} ok, {int(total.skipped)} skipped, "
+                      f"{plural(int(total.error), 'error')}; {total.ok_per_compute_second:.2f} ok prompts per compute-second",
                       fontsize=9)
     if len(reasons):
         labels = [textwrap.shorten(f"{s}: {r}", 45) for s, r in zip(reasons.status, reasons.reason)]

@@ -17,6 +17,7 @@ import pandas as pd
 
 from kn_ray.choices import MEMORY_LIMIT
 from kn_ray.pipeline.layout import REPORT, SUMMARIES
+from kn_ray.pipeline.summary import plural
 from kn_ray.stages.edit.criteria import MIN_UNITS, interval_text
 from kn_ray.stages.edit.nothing import notes_text
 from kn_ray.stages.edit.options import OPS
@@ -43,8 +44,8 @@ def describe(context: dict) -> str:
     if not params:
         return f"Model {context['model']}; corpus {context['input']}; no {SUMMARIES['aggregate']} (run `kn-ray aggregate`)."
     adaptive = ", adapted per relation from there (see the chosen p table)" if params.get("adaptive") else ""
-    return (f"Model {context['model']}; corpus {context['input']}: {context['relations']} relations, "
-            f"{context['facts']} facts, {context['usable_prompts']} usable prompts. Coarse neurons: score >= "
+    return (f"Model {context['model']}; corpus {context['input']}: {plural(context['relations'], 'relation')}, "
+            f"{plural(context['facts'], 'fact')}, {plural(context['usable_prompts'], 'usable prompt')}. Coarse neurons: score >= "
             f"{params.get('t')} x the prompt's max (ig), activation >= {params.get('activation_t')} x max "
             f"(activation). Knowledge neurons: coarse in >= max(p x usable prompts, {params.get('min_prompts')}) "
             f"prompts, p = {params.get('p')}{adaptive}. Relation neurons: >= {params.get('relation_share')} of the "
@@ -139,8 +140,8 @@ def levels_section(analytics: Analytics) -> Section:
             f"shared_neurons lists the others." + (f" Note: {summary['levels_note']}." if summary.get("levels_note")
                                                      else ""))
     generic = pd.concat([analytics.generic_neurons(GENERIC_SHOWN, method) for method in ("ig", "activation")])
-    items = tuple(f"L{r.layer} N{r.neuron}: knowledge neuron of {r.n_facts} facts in {r.n_relations} relation"
-                  f"{'s' if r.n_relations != 1 else ''} ({', '.join(r.relations)}; {r.method})"
+    items = tuple(f"L{r.layer} N{r.neuron}: knowledge neuron of {plural(r.n_facts, 'fact')} in "
+                  f"{plural(r.n_relations, 'relation')} ({', '.join(r.relations)}; {r.method})"
                   for r in generic.itertuples())
     if items:
         note += f" The generic neurons of the most facts (at most {GENERIC_SHOWN} per method):"

@@ -1,7 +1,7 @@
 """Circuits of PARAREL facts in SmolLM2 (RESULTS.md): EAP-IG edges, faithfulness against random
 circuits, relation circuits, the link to knowledge neurons, and two figures.
 
-    flock /tmp/kn-bench.lock python benchmarks/circuits_smollm2.py --out benchmarks/circuits
+    flock /tmp/kn-bench.lock python experiments/circuits_smollm2.py --out experiments/circuits
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def main():
     ap.add_argument("--n-steps", type=int, default=10)
     ap.add_argument("--top", type=float, default=0.005, help="circuit size as a fraction of all edges")
     ap.add_argument("--share", type=float, default=0.5, help="relation circuit: edges in >= this share of facts")
-    ap.add_argument("--out", default="benchmarks/circuits")
+    ap.add_argument("--out", default="experiments/circuits")
     ap.add_argument("--check-steps", type=lambda t: [int(x) for x in t.split(",") if x], default=[2, 5, 10, 20],
                     help="rules whose completeness residual is measured on the first 6 facts")
     ap.add_argument("--n-random", type=int, default=3)

@@ -5,7 +5,7 @@ would take (the first N facts, their first K templates a causal LM can use), P(g
 whether the gold object's first token is the model's top-1 prediction. Prints one row per
 relation (usable templates, facts, prompts, top-1 accuracy, mean P) and writes them as JSON.
 
-    PYTHONPATH=. python benchmarks/probe_pararel.py --model gemma3-270m --facts /work/shared/data/pararel \
+    PYTHONPATH=. python experiments/probe_pararel.py --model gemma3-270m --facts /work/shared/data/pararel \
         --facts-per-relation 40 --templates 2 --json out/probe-gemma.json
 """
 

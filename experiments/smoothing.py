@@ -12,8 +12,8 @@ For PARAREL facts with >= 6 usable causal prompts (SmolLM2):
   empty), and the suppress effect: the mean relative change of P over all the fact's prompts
   when the found neurons are zeroed at the target position.
 
-    PYTHONPATH=. python benchmarks/smoothing.py --facts 16 --samples 8 --stdevs 0.05,0.15 --layers 20-29
-    PYTHONPATH=. python benchmarks/smoothing.py --facts 16 --samples 8 --stdevs= --weight-stdevs 0.2,0.1,0.05 \
+    PYTHONPATH=. python experiments/smoothing.py --facts 16 --samples 8 --stdevs 0.05,0.15 --layers 20-29
+    PYTHONPATH=. python experiments/smoothing.py --facts 16 --samples 8 --stdevs= --weight-stdevs 0.2,0.1,0.05 \
         --fusion 0.1:0.15 --above 0.2 --layers 20-29
 
 Each setting attributes every fact's 2 prompts in one call (the engine batches them); the time
