@@ -14,7 +14,7 @@ import pytest
 
 from kn_ray.pipeline.driver import run_pipeline
 from kn_ray.pipeline.options import KeepPolicy
-from kn_ray.pipeline.layout import CIRCUITS, CIRCUITS_AGGREGATE, MARKERS, REPORT, RUN_FILE, SUMMARIES, TABLES
+from kn_ray.pipeline.layout import CIRCUITS, CIRCUITS_AGGREGATE, MARKERS, REPORT, RUN_FILE, SUMMARIES, TABLES, TRACE
 from kn_ray.pipeline.rundir import RunDirectory
 from kn_ray.stages.aggregate import AggregateParams, aggregate
 from kn_ray.stages.edit.options import EditOptions, EditSettings
@@ -33,8 +33,9 @@ STAGES = {  # command -> how this test runs it on OUT (attribute: `layout` is sp
 }
 
 
-# a circuits run writes these instead of neurons/activations: test_circuits_pipeline reads them the same ways
-NEURON_RUN = {table: stage for table, stage in TABLES.items() if stage not in (CIRCUITS, CIRCUITS_AGGREGATE)}
+# a circuits or trace run writes these instead of neurons/activations: test_circuits_pipeline and
+# test_trace_pipeline read them the same ways
+NEURON_RUN = {table: stage for table, stage in TABLES.items() if stage not in (CIRCUITS, CIRCUITS_AGGREGATE, TRACE)}
 
 
 def test_every_catalogued_table_is_written_by_a_stage_this_test_runs():

@@ -316,7 +316,7 @@ def _help_of(command: str) -> str:
 
 def test_declared_choices_hold_for_flags_specs_and_the_python_api():
     """A value outside the declared choices fails the same way however it arrives, item by item for lists."""
-    with pytest.raises(SpecError, match="attribution.mode must be one of neurons, circuits, got 'edges'"):
+    with pytest.raises(SpecError, match="attribution.mode must be one of neurons, circuits, trace, got 'edges'"):
         declared_mod.from_spec(RunOptions, dict(BASE, attribution=dict(mode="edges")))
     with pytest.raises(ValueError, match="mode must be one of"):
         dataclasses.replace(options_from_spec(BASE), mode="edges").check()

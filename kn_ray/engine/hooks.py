@@ -40,6 +40,26 @@ def pre_hooks(modules: list[nn.Module], fn: Callable) -> Iterator[None]:
             handle.remove()
 
 
+@contextlib.contextmanager
+def post_hooks(modules: list[nn.Module], fn: Callable) -> Iterator[None]:
+    """Register `fn(index, output) -> output | None` as a forward hook on each module."""
+    handles = [module.register_forward_hook(lambda _m, _a, out, i=i: fn(i, out)) for i, module in enumerate(modules)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def first_output(output) -> torch.Tensor:
+    """A module's hidden-state output: the tensor itself, or the first item of a tuple (older blocks)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_first_output(output, value: torch.Tensor):
+    return (value, *output[1:]) if isinstance(output, tuple) else value
+
+
 def gather_head_input(model: nn.Module, adapter: Adapter, cols: torch.Tensor):
     """Feed the LM head only the predicting columns `cols` [R, K] (saves V x d per skipped position)."""
 

@@ -73,12 +73,12 @@ def run_and_summarise(options: RunOptions, *, progress: bool = True) -> int:
     """Run, print the summary, skip/error reasons and top neurons; 0 if every shard finished, else 1."""
     from kn_ray.pipeline.driver import run_pipeline
     from kn_ray.pipeline.summary import (plural, probe_text, reasons_text, residuals_text, summary_text,
-                                         top_edges_text, top_neurons_text)
+                                         top_edges_text, top_neurons_text, top_traces_text)
     from kn_ray.pipeline.rundir import RunDirectory
 
     summary = run_pipeline(options, progress=progress)
     store = RunDirectory(options.output)
-    top = top_edges_text if options.mode == "circuits" else top_neurons_text
+    top = {"circuits": top_edges_text, "trace": top_traces_text}.get(options.mode, top_neurons_text)
     texts = [summary_text(summary), probe_text(store)]
     if not options.probe.probe_only:
         texts += [reasons_text(store), top(store, options.summary_facts)]

@@ -23,8 +23,10 @@ from .plan import Shard
 from .executor import ActorSpec
 from .rundir import RunDirectory
 from .neuron_tables import KINDS
+from .trace_tables import TRACE_KINDS
 from .worker import ShardComputer, ShardOutput, ShardResult
 
+MODE_KINDS = {"neurons": KINDS, "circuits": CIRCUIT_KINDS, "trace": TRACE_KINDS}  # the tables a shard commits
 COMMIT_THREADS = 8  # concurrent marker writes (fsync locally, a PUT on object stores)
 
 
@@ -40,7 +42,7 @@ def run_shards(pool, shards: list[Shard], run: RunDirectory, run_hash: str, opti
     driver threads, so a marker's fsync or PUT latency never holds up the dispatch loop; a
     failed commit sends its shard back to the queue. `probe`: the probe stage's forward passes
     instead of the run's mode."""
-    kinds = PROBE_KINDS if probe else CIRCUIT_KINDS if options.mode == "circuits" else KINDS
+    kinds = PROBE_KINDS if probe else MODE_KINDS[options.mode]
     extra = dict(mode="probe", known=str(options.probe.rule)) if probe else options.engine_extra()
 
     def call(actor, shard: Shard):

@@ -4,6 +4,7 @@
     OUT/run.json                                   RunRecord, written once
     OUT/{prompts,neurons,activations}/part-NNNNN-ATTEMPT.parquet   a shard's parts, per attempt
     OUT/{edges,nodes,faithfulness}/part-NNNNN-ATTEMPT.parquet   --mode circuits, instead of neurons/activations
+    OUT/traces/part-NNNNN-ATTEMPT.parquet          --mode trace, instead of neurons/activations
     OUT/probe/part-probe-NNNNN-ATTEMPT.parquet     the probe stage's shards (what the model knows)
     OUT/_shards/part-NNNNN.json                    done marker: names the committed attempt's parts
     OUT/{knowledge_neurons,relation_neurons,shared_neurons,fact_consistency}/part-NNNNN.parquet   aggregate
@@ -22,6 +23,7 @@ import os
 from .circuit_tables import CIRCUIT_KINDS
 from .known import PROBE_KINDS
 from .neuron_tables import KINDS
+from .trace_tables import TRACE_KINDS
 
 RUN_FILE = "run.json"
 MARKERS = "_shards"
@@ -30,13 +32,15 @@ PART = "part-"  # every part file and shard name starts with it
 PARQUET = ".parquet"
 MARKER_SUFFIX = ".json"
 
-SHARD_KINDS = tuple(dict.fromkeys(PROBE_KINDS + KINDS + CIRCUIT_KINDS))  # tables committed shard by shard (any mode)
+SHARD_KINDS = tuple(dict.fromkeys(PROBE_KINDS + KINDS + CIRCUIT_KINDS + TRACE_KINDS))  # tables committed shard by shard (any mode)
 PROBE_GROUP = "probe"  # the probe stage's shards: part-probe-NNNNN
 CIRCUITS = "attribute --mode circuits"
 CIRCUITS_AGGREGATE = "aggregate (a circuits run)"
+TRACE = "attribute --mode trace"
 
 # every table folder of OUT, and the command that writes it
 TABLES: dict[str, str] = {"probe": "attribute", **{kind: "attribute" for kind in KINDS}, **{kind: CIRCUITS for kind in CIRCUIT_KINDS[1:]},
+                          **{kind: TRACE for kind in TRACE_KINDS[1:]},
                           "knowledge_neurons": "aggregate", "relation_neurons": "aggregate",
                           "shared_neurons": "aggregate", "shared_neuron_facts": "aggregate",
                           "fact_consistency": "aggregate",

@@ -26,6 +26,7 @@ PROMPTS = pa.schema([
     ("top_prob", pa.float32()), ("gold_rank", pa.int32()), ("known", pa.bool_()), ("max_score", pa.float32()),
     ("completeness", pa.list_(pa.float32())), ("seconds", pa.float32()), ("evaluations", pa.list_(pa.int32())),
     ("score_error", pa.list_(pa.float32())),
+    ("p_clean", pa.float32()), ("p_corrupted", pa.float32()),  # --mode trace (trace_tables); null otherwise
 ])
 _NEURON_KEYS = [("prompt_id", pa.string()), ("fact_id", pa.string()), ("relation", pa.string()),
                 ("layer", pa.int16()), ("neuron", pa.int32())]
@@ -99,8 +100,9 @@ def _prompt_row(spec: PromptSpec, res) -> dict:
         row.update(gold_prob=res.gold_prob, top_token=res.top_token, top_prob=res.top_prob, seconds=res.seconds,
                    max_score=res.max_score,
                    completeness=None if res.completeness is None else res.completeness.astype(np.float32).tolist(),
-                   evaluations=None if res.evaluations is None else res.evaluations.astype(np.int32).tolist())
-        error = getattr(res, "score_error", None)  # circuits' prompt rows have none
+                   evaluations=None if res.evaluations is None else res.evaluations.astype(np.int32).tolist(),
+                   p_clean=getattr(res, "p_clean", None), p_corrupted=getattr(res, "p_corrupted", None))
+        error = getattr(res, "score_error", None)  # circuits' and traces' prompt rows have none
         row.update(score_error=None if error is None else error.astype(np.float32).tolist())
     return row
 

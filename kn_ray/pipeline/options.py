@@ -83,7 +83,32 @@ class Resources:
         return (self.workers or 1) * (self.cpus_per_worker or 1)
 
 
-MODES = ("neurons", "circuits")
+@dataclass(frozen=True)
+class TraceOptions:
+    """`--mode trace`: causal tracing (ROME; kn_ray.engine.tracing, docs/tracing.md)."""
+
+    samples: int = option(10, "trace: noisy runs per prompt (the restored P is their mean)", flag="--samples")
+    noise: float = option(3.0, "trace: the subject's embedding noise, x the std of the input embeddings (ROME: 3)",
+                          flag="--trace-noise")
+    window: int = option(10, "trace: mlp/attn restored over this many layers around each layer at once (ROME: 10)",
+                         flag="--window")
+    kinds: tuple[str, ...] = option(("resid", "mlp", "attn"), "trace: states restored: resid (block output), "
+                                    "mlp, attn (sublayer outputs)", choices=("resid", "mlp", "attn"), flag="--kinds")
+    seed: int = option(0, "trace: seed of the noise (the same draws for every prompt)", flag="--trace-seed")
+
+    def check(self) -> None:
+        check_choices(self)
+        if self.samples < 1 or self.window < 1 or not self.noise >= 0:
+            raise ValueError(f"trace samples and window must be >= 1 and noise >= 0, got {self.samples}, "
+                             f"{self.window}, {self.noise}")
+        if not self.kinds or len(set(self.kinds)) != len(self.kinds):
+            raise ValueError(f"trace kinds must be distinct and not empty, got {list(self.kinds)}")
+
+    def engine(self) -> dict:
+        return dict(samples=self.samples, noise=self.noise, window=self.window, kinds=list(self.kinds), seed=self.seed)
+
+
+MODES = ("neurons", "circuits", "trace")
 
 
 @dataclass(frozen=True)
@@ -118,13 +143,16 @@ class RunOptions:
                                  choices=NOISED_WEIGHTS, section="attribution")
     nt_seed: int = option(0, "seed of the noise", section="attribution")
     mode: str = option("neurons", "neurons: knowledge neurons (IG over FFN neurons); circuits: EAP-IG edges between "
-                                  "the embeddings, heads, MLPs and logits against a corrupted subject (docs/circuits.md)",
+                                  "the embeddings, heads, MLPs and logits against a corrupted subject (docs/circuits.md); "
+                                  "trace: causal tracing, P(gold) with each state restored in a run with a noised "
+                                  "subject (docs/tracing.md)",
                        section="attribution", choices=MODES)
     metric: str = option("logprob", "circuits: log P(gold), or logit_diff (gold vs the corrupted fact's object)",
                          section="attribution", choices=("logprob", "logit_diff"))
     top_edges: int = option(200, "circuits: edges kept per prompt in `edges` (largest |score|)", section="attribution")
     faithfulness_random: int = option(3, "circuits: random circuits per size on the faithfulness curve (0: no curve)",
                                       section="attribution")
+    trace: TraceOptions = option(factory=TraceOptions, section="trace")
     keep: KeepPolicy = option(factory=KeepPolicy, section="keep")
     shard_size: int | None = option(None, "prompts per shard (default: sized to the input and the actors, 8 to 64; recorded in probe.json and reused on resume)", group="workers")
     resources: Resources = option(factory=Resources, section="workers")
@@ -153,6 +181,8 @@ class RunOptions:
             raise ValueError(f"weight_stdevs must be >= 0, got {self.weight_stdevs}")
         if self.mode == "circuits" and self.nt_samples:  # n_steps auto: the circuits engine's fixed default
             raise ValueError("circuits take no smoothing")
+        if self.mode == "trace" and self.nt_samples:
+            raise ValueError("trace takes no smoothing (--nt-samples): its noise is --samples / --trace-noise")
         if self.top_edges < 1 or self.faithfulness_random < 0:
             raise ValueError(f"top_edges must be >= 1 and faithfulness_random >= 0, got {self.top_edges}, "
                              f"{self.faithfulness_random}")
@@ -163,6 +193,7 @@ class RunOptions:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.keep.check()
+        self.trace.check()
         self.probe.check()
         self.resources.check()
         return self
@@ -173,6 +204,8 @@ class RunOptions:
 
     def engine_extra(self) -> dict:
         """`Attributor.attribute` keywords beyond n_steps and rule, only where they apply."""
+        if self.mode == "trace":
+            return dict(mode=self.mode, **self.trace.engine())
         if self.mode == "circuits":
             return dict(mode=self.mode, metric=self.metric, top_edges=self.top_edges,
                         faithfulness_random=self.faithfulness_random)

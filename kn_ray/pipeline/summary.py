@@ -151,3 +151,27 @@ def _fact_block(fact, neurons: pd.DataFrame, k: int) -> str:
     rows = [f"  {'layer':>5}  {'neuron':>6}  {'prompts':>7}  {'mean score':>10}"]
     rows += [f"  {r.layer:>5}  {r.neuron:>6}  {f'{r.size}/{fact.size}':>7}  {r.mean:>10.4f}" for r in top.itertuples()]
     return "\n".join([head] + rows)
+
+
+def top_traces_text(store: RunDirectory, n_facts: int = 3, k: int = 5) -> str:
+    """A trace run: for the n prompts the model knows best, per kind, the restoration that brings
+    back most of P(gold) (layer, token and its role), as a share of p_clean - p_corrupted."""
+    if n_facts < 1 or not store.parts("traces"):
+        return ""
+    prompts = store.read("prompts", ["prompt_id", "relation", "subject", "object", "prompt", "p_clean", "p_corrupted"],
+                         filters=[("status", "=", "ok")]).to_pandas()
+    prompts = prompts.sort_values(["p_clean", "prompt_id"], ascending=[False, True]).head(n_facts)
+    traces = store.read("traces", filters=[("prompt_id", "in", list(prompts.prompt_id))]).to_pandas()
+    blocks = ["causal traces (the restoration that brings back most of P(object), as a share of clean - corrupted):"]
+    for row in prompts.itertuples():
+        lines = [f"{row.prompt!r} -> {row.object}  [{row.relation}]  P clean {row.p_clean:.3f}, "
+                 f"corrupted {row.p_corrupted:.3f}"]
+        mine = traces[traces.prompt_id == row.prompt_id]
+        gap = row.p_clean - row.p_corrupted
+        for kind, rows in mine.groupby("kind", sort=False):
+            best = rows.loc[rows.p_restored.idxmax()]
+            share = (best.p_restored - row.p_corrupted) / gap if gap else float("nan")
+            lines.append(f"  {kind:>5}  layer {best.layer:>3}  token {best.token:>3} ({best.token_role})  "
+                         f"P {best.p_restored:.3f}  {share:+.0%}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

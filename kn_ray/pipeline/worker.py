@@ -61,6 +61,7 @@ class ShardComputer:
         self.asked_precision = placement.precision  # circuits read `auto` their own way (fp32 on fp32 weights)
         self.edges = None  # EdgeAttributor, made on the first circuits shard
         self.prober = None  # Prober, made on the first probe shard
+        self.tracer = None  # Tracer, made on the first trace shard
 
     def info(self) -> dict:
         """What the run records about the model, as this worker loaded it."""
@@ -74,12 +75,14 @@ class ShardComputer:
                 output: ShardOutput | None = None, mode: str = "neurons", **engine) -> ShardResult:
         """The parts written to `output`, or the tables without one. `engine`: further
         `Attributor.attribute` keywords (RunOptions.engine_extra); `mode="circuits"`: EAP-IG
-        edges instead (`circuits`); `mode="probe"`: the probe stage's forward passes (`probe`)."""
+        edges instead (`circuits`); `mode="trace"`: causal traces (`trace`); `mode="probe"`: the probe stage's forward passes (`probe`)."""
         faults.before_task(f"probe-{shard_id}" if mode == "probe" else shard_id)
         if mode == "probe":
             tables = self.probe(specs, **engine)
         elif mode == "circuits":
             tables = self.circuits(specs, n_steps, rule, **engine)
+        elif mode == "trace":
+            tables = self.trace(specs, **engine)
         else:
             tables = self.neurons(specs, n_steps, rule, keep, **engine)
         result = ShardResult(tables=tables) if output is None else ShardResult(parts=output.write(tables))
@@ -112,6 +115,25 @@ class ShardComputer:
             for i, res in zip(todo, self.prober.probe([specs[i].prompt for i in todo], [specs[i].target for i in todo])):
                 probes[i] = res
         return {"probe": probe_table(specs, probes, KnownRule.parse(known))}
+
+    def trace(self, specs, *, samples: int, noise: float, window: int, kinds, seed: int) -> dict[str, pa.Table]:
+        """Causal traces of every prompt to compute: its subject noised, each state restored."""
+        from kn_ray.engine.tracing import Tracer
+
+        from .trace_tables import trace_tables
+
+        if self.tracer is None:
+            self.tracer = Tracer(self.lm, precision=self.attributor.precision,
+                                 max_batch_prompts=self.attributor.max_batch_prompts)
+        todo = [i for i, spec in enumerate(specs) if spec.status is None]
+        results: list = [None] * len(specs)
+        if todo:
+            computed = self.tracer.trace([specs[i].prompt for i in todo], [specs[i].target for i in todo],
+                                         [specs[i].subject for i in todo], samples=samples, noise=noise,
+                                         window=window, kinds=kinds, seed=seed)
+            for i, res in zip(todo, computed):
+                results[i] = res
+        return trace_tables(specs, results)
 
     def circuits(self, specs, n_steps, rule, *, metric: str, top_edges: int, faithfulness_random: int) -> dict[str, pa.Table]:
         """EAP-IG edges of every prompt against its corrupted partner (`corrupt`), and the

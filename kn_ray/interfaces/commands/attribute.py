@@ -11,7 +11,7 @@ from kn_ray.interfaces import declared
 from kn_ray.interfaces.commands import Progress, add_command
 from kn_ray.pipeline.options import RunOptions
 
-GROUPS = {"filters": "filters", "probe": "what the model knows (probed first)", "attribution": "attribution", "keep": "kept rows", "workers": "workers"}
+GROUPS = {"filters": "filters", "probe": "what the model knows (probed first)", "attribution": "attribution", "trace": "causal tracing (--mode trace)", "keep": "kept rows", "workers": "workers"}
 
 
 def register(sub) -> None:
