@@ -209,6 +209,8 @@ def _prompt_table(rng, spec: SyntheticSpec, fact_index: np.ndarray, prompt_fact:
         "evaluations": pa.array([[20] * spec.layers if good else None for good in ok], type=pa.list_(pa.int32())),
         "score_error": pa.array([[float("nan")] * spec.layers if good else None for good in ok],
                                 type=pa.list_(pa.float32())),
+        "p_clean": pa.nulls(n, pa.float32()),  # --mode trace only
+        "p_corrupted": pa.nulls(n, pa.float32()),
     }, schema=PROMPTS)
 
 
