@@ -90,13 +90,8 @@ class ShardComputer:
         return result
 
     def neurons(self, specs, n_steps, rule, keep: KeepPolicy, **engine) -> dict[str, pa.Table]:
-        todo = [i for i, spec in enumerate(specs) if spec.status is None]
-        results: list = [None] * len(specs)
-        if todo:
-            computed = self.attributor.attribute([specs[i].prompt for i in todo], [specs[i].target for i in todo],
-                                                 n_steps=n_steps, rule=rule, **engine)
-            for i, res in zip(todo, computed):
-                results[i] = res
+        results = each_to_compute(specs, lambda todo: self.attributor.attribute(
+            [s.prompt for s in todo], [s.target for s in todo], n_steps=n_steps, rule=rule, **engine))
         return shard_tables(specs, results, keep, self.lm.num_neurons)
 
     def probe(self, specs, *, known: str) -> dict[str, pa.Table]:
@@ -109,11 +104,7 @@ class ShardComputer:
         if self.prober is None:
             self.prober = Prober(self.lm, precision=self.attributor.precision,
                                  max_batch_prompts=self.attributor.max_batch_prompts)
-        todo = [i for i, spec in enumerate(specs) if spec.status is None]
-        probes: list = [None] * len(specs)
-        if todo:
-            for i, res in zip(todo, self.prober.probe([specs[i].prompt for i in todo], [specs[i].target for i in todo])):
-                probes[i] = res
+        probes = each_to_compute(specs, lambda todo: self.prober.probe([s.prompt for s in todo], [s.target for s in todo]))
         return {"probe": probe_table(specs, probes, KnownRule.parse(known))}
 
     def trace(self, specs, *, samples: int, noise: float, window: int, kinds, seed: int) -> dict[str, pa.Table]:
@@ -125,14 +116,9 @@ class ShardComputer:
         if self.tracer is None:
             self.tracer = Tracer(self.lm, precision=self.attributor.precision,
                                  max_batch_prompts=self.attributor.max_batch_prompts)
-        todo = [i for i, spec in enumerate(specs) if spec.status is None]
-        results: list = [None] * len(specs)
-        if todo:
-            computed = self.tracer.trace([specs[i].prompt for i in todo], [specs[i].target for i in todo],
-                                         [specs[i].subject for i in todo], samples=samples, noise=noise,
-                                         window=window, kinds=kinds, seed=seed)
-            for i, res in zip(todo, computed):
-                results[i] = res
+        results = each_to_compute(specs, lambda todo: self.tracer.trace(
+            [s.prompt for s in todo], [s.target for s in todo], [s.subject for s in todo], samples=samples,
+            noise=noise, window=window, kinds=kinds, seed=seed))
         return trace_tables(specs, results)
 
     def circuits(self, specs, n_steps, rule, *, metric: str, top_edges: int, faithfulness_random: int) -> dict[str, pa.Table]:
@@ -172,3 +158,14 @@ class ShardComputer:
             return self.edges.encode(prompt, target).object_ids[0]
         except SkipPrompt:
             return None
+
+
+def each_to_compute(specs, compute) -> list:
+    """`compute(specs to compute)`'s results at their places among `specs`; None for the rows
+    decided before the model runs (status set)."""
+    todo = [i for i, spec in enumerate(specs) if spec.status is None]
+    results: list = [None] * len(specs)
+    if todo:
+        for i, res in zip(todo, compute([specs[i] for i in todo])):
+            results[i] = res
+    return results
